@@ -1,0 +1,128 @@
+"""What a backend computes, and the choice among backends.
+
+The optimizer splits its parameters into buckets, one per (device, dtype), and hands each bucket to
+one backend as a list of `LambSegment`s (one per param group present in the bucket). A backend
+provides, per bucket and step:
+
+- ``prepare(segments) -> plan``: whatever the backend needs to launch (the triton backend's cached
+  pointer and chunk tables, the per-tensor hyperparameters); called once per step;
+- ``grad_sumsq(plan) -> Tensor``: sum of squares of every grad element (0-d fp32), for the global
+  grad norm of step 1;
+- ``lamb_update_norms_(plan, grad_sumsq) -> Tensor``: steps 1-5 (moments updated in place) and the
+  per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||u||^2), with p taken before the update;
+  ``grad_sumsq`` is None when no group clips;
+- ``lamb_apply_(plan, norms)``: steps 6-7, u recomputed from the moments.
+
+The norm stage and the apply stage are separate calls so the per-tensor sums can be all-reduced
+across ranks between them when parameters are sharded.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+BACKEND_NAMES = ("triton", "torch")
+ENV_VAR = "LAMB_KERNELS_BACKEND"
+
+
+@dataclass
+class LambSegment:
+    """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters."""
+
+    params: list
+    grads: list
+    exp_avgs: list
+    exp_avg_sqs: list
+    bias_correction1: list  # per tensor: 1 - beta1^t (1.0 without bias correction)
+    bias_correction2: list  # per tensor: 1 - beta2^t
+    lr: float
+    beta1: float
+    beta2: float
+    beta3: float  # 1 - beta1 with grad averaging, else 1
+    eps: float
+    weight_decay: float
+    adam_w_mode: bool
+    layer_adaptation: bool
+    max_grad_norm: float  # 0.0 means: no clipping for this group
+    trust_ratio_bounds: tuple = field(default=(0.0, math.inf))
+
+
+def _triton_unavailable_reason(device_type: str) -> str | None:
+    try:
+        from . import triton as triton_backend
+    except ImportError as exc:  # triton missing or broken: the torch backend still works
+        return f"triton cannot be imported ({exc})"
+    if device_type == "cuda":
+        if triton_backend.INTERPRETED:
+            return "TRITON_INTERPRET=1 is set, and the interpreter runs on CPU tensors only"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    if device_type == "cpu":
+        if not triton_backend.INTERPRETED:
+            return "on CPU tensors triton runs only under its interpreter (set TRITON_INTERPRET=1 before import)"
+        return None
+    return f"no triton support for device type {device_type!r}"
+
+
+def _unavailable_reason(name: str, device_type: str) -> str | None:
+    if name == "torch":
+        return None
+    if name == "triton":
+        return _triton_unavailable_reason(device_type)
+    raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKEND_NAMES)}")
+
+
+def _preference(device_type: str) -> tuple:
+    # Under the interpreter triton is far slower than eager torch, so "auto" never picks it on CPU.
+    return ("triton", "torch") if device_type == "cuda" else ("torch", "triton")
+
+
+def available_backends(device="cpu") -> list:
+    """Backends that can run on `device`, fastest first (the order "auto" tries them in)."""
+    device_type = torch.device(device).type
+    return [name for name in _preference(device_type) if _unavailable_reason(name, device_type) is None]
+
+
+def check_backend_name(backend: str) -> str:
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(
+            f"backend={backend!r} is not a backend; choose 'auto' or one of: {', '.join(BACKEND_NAMES)}"
+        )
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend name to use on `device`; raises ValueError naming the available ones."""
+    requested = backend
+    source = "backend"
+    if backend == "auto" and os.environ.get(ENV_VAR):
+        requested, source = os.environ[ENV_VAR], ENV_VAR
+    device_type = torch.device(device).type
+    if requested == "auto":
+        return available_backends(device_type)[0]
+    if requested not in BACKEND_NAMES:
+        raise ValueError(
+            f"{source}={requested!r} is not a backend; choose 'auto' or one of: {', '.join(BACKEND_NAMES)}"
+        )
+    reason = _unavailable_reason(requested, device_type)
+    if reason is not None:
+        raise ValueError(
+            f"{source}={requested!r} is not available on {device_type}: {reason}. "
+            f"Available on {device_type}: {', '.join(available_backends(device_type))}"
+        )
+    return requested
+
+
+def create_backend(name: str):
+    """A fresh backend object; backends with per-bucket caches (triton) get one object per bucket."""
+    if name == "torch":
+        from .reference import TorchBackend
+
+        return TorchBackend()
+    from .triton import TritonBackend
+
+    return TritonBackend()

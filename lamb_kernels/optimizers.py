@@ -1,0 +1,294 @@
+"""The torch.optim.Optimizer subclasses: hyperparameters, state, validation, and the order of the
+stages. No arithmetic on parameters happens here; the backends (ops.py) do it."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ops import LambSegment, check_backend_name, create_backend, resolve_backend
+
+SUPPORTED_DTYPES = (torch.float32,)
+
+
+def _param_label(group_index: int, param_index: int, group: dict) -> str:
+    names = group.get("param_names")
+    label = f"param_groups[{group_index}]['params'][{param_index}]"
+    return f"{label} ({names[param_index]!r})" if names else label
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory, whatever the strides."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda size_stride: size_stride[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_number(name: str, value, where: str, lo: float = 0.0, hi: float = math.inf, hi_open=False):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}{name} must be a number, got {value!r}") from None
+    too_high = number >= hi if hi_open else number > hi
+    if math.isnan(number) or number < lo or too_high:
+        bracket = ")" if hi_open else "]"
+        raise ValueError(f"{where}{name} must be in [{lo}, {hi}{bracket}, got {value!r}")
+
+
+def _validate_lamb_group(group: dict, where: str = "") -> None:
+    """Raise ValueError naming the hyperparameter that is out of range; `where` names the group."""
+    _check_number("lr", group["lr"], where)
+    _check_number("eps", group["eps"], where)
+    _check_number("weight_decay", group["weight_decay"], where)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_number("betas[0]", betas[0], where, hi=1.0, hi_open=True)
+    _check_number("betas[1]", betas[1], where, hi=1.0, hi_open=True)
+    if group["max_grad_norm"] is not None:
+        _check_number("max_grad_norm", group["max_grad_norm"], where)
+    bounds = group.get("trust_ratio_bounds")
+    if bounds is not None:
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise ValueError(f"{where}trust_ratio_bounds must be a pair (lo, hi), got {bounds!r}")
+        _check_number("trust_ratio_bounds[0]", bounds[0], where)
+        _check_number("trust_ratio_bounds[1]", bounds[1], where, lo=float(bounds[0]))
+
+
+def _clip_threshold(max_grad_norm) -> float:
+    """SPEC 2.1: None, 0 and inf all disable clipping, encoded as 0.0 for the backends."""
+    if max_grad_norm is None or not 0 < float(max_grad_norm) < math.inf:
+        return 0.0
+    return float(max_grad_norm)
+
+
+class FusedLAMB(torch.optim.Optimizer):
+    """LAMB (You et al., 2019) with the signature, defaults and math of apex's FusedLAMB.
+
+    Differences from apex: grads are read, never overwritten; the kernels run on CPU and CUDA with
+    no compilation at install (float32 parameters in this release); per-group overrides of every hyperparameter, including
+    ``max_grad_norm``, ``adam_w_mode``, ``use_nvlamb`` and ``layer_adaptation`` (bool: force the
+    trust ratio on or off for a group); optional ``trust_ratio_bounds=(lo, hi)``; per-parameter step
+    counts in ``state[p]["step"]``. ``load_state_dict`` also accepts a state dict saved by apex.
+
+    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton"
+    or "torch"; see ``lamb_kernels.available_backends``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        bias_correction=True,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.01,
+        amsgrad=False,
+        adam_w_mode=True,
+        grad_averaging=True,
+        set_grad_none=True,
+        max_grad_norm=1.0,
+        use_nvlamb=False,
+        *,
+        trust_ratio_bounds=None,
+        backend="auto",
+    ):
+        if amsgrad:
+            raise ValueError("amsgrad=True: FusedLAMB does not support the AMSGrad variant (nor does apex)")
+        defaults = dict(
+            lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
+            grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adam_w_mode=adam_w_mode,
+            use_nvlamb=use_nvlamb, trust_ratio_bounds=trust_ratio_bounds,
+        )
+        _validate_lamb_group(defaults)
+        self.backend = check_backend_name(backend)
+        self.set_grad_none = set_grad_none
+        self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
+        super().__init__(params, defaults)
+
+    # -- groups, state and pickling -------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        where = f"param_groups[{len(self.param_groups)}]: "
+        _validate_lamb_group({**self.defaults, **param_group}, where)
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        group = self.param_groups[-1]
+        try:
+            for param_index, p in enumerate(group["params"]):
+                self._check_param(p, _param_label(group_index, param_index, group))
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _check_param(self, p: torch.Tensor, label: str) -> str:
+        """Checks a parameter on its own; returns the backend name that will step it."""
+        if p.is_complex():
+            raise TypeError(f"{label} is complex; FusedLAMB supports real parameters only")
+        if p.dtype not in SUPPORTED_DTYPES:
+            supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+            raise TypeError(f"{label} has dtype {p.dtype}; supported parameter dtypes: {supported}")
+        name = resolve_backend(self.backend, p.device)
+        if name != "torch" and not _is_dense(p):
+            raise ValueError(
+                f"{label} is not dense in memory (strides {p.stride()}); the {name} backend needs "
+                "dense parameters, backend='torch' takes any layout"
+            )
+        return name
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else set_to_none)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update(backend=self.backend, set_grad_none=self.set_grad_none)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("set_grad_none", True)
+        self._backends = {}
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also accepts apex FusedLAMB's format, whose step count is a per-group int."""
+        super().load_state_dict(_state_dict_from_apex(state_dict))
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _params_to_step(self):
+        """Every (group, params with grads) after checking them all: raises before any change."""
+        work = []
+        for group_index, group in enumerate(self.param_groups):
+            params = []
+            for param_index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                label = _param_label(group_index, param_index, group)
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(f"the grad of {label} is sparse; FusedLAMB does not support sparse gradients")
+                if g.is_complex():
+                    raise TypeError(f"the grad of {label} is complex; FusedLAMB supports real gradients only")
+                name = self._check_param(p, label)
+                if g.dtype != p.dtype:
+                    raise TypeError(f"the grad of {label} has dtype {g.dtype}, the parameter {p.dtype}")
+                if g.device != p.device:
+                    raise ValueError(f"the grad of {label} is on {g.device}, the parameter on {p.device}")
+                if g.shape != p.shape:
+                    raise ValueError(
+                        f"the grad of {label} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}"
+                    )
+                params.append((p, name))
+            if params:
+                work.append((group, params))
+        return work
+
+    def _bucket_segments(self, work) -> dict:
+        """Initialise state, advance step counts, and split into (device, dtype, backend) buckets."""
+        buckets = {}
+        for group, params in work:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            wd = float(group["weight_decay"])
+            adaptation = group.get("layer_adaptation")
+            if adaptation is None:
+                adaptation = bool(group["use_nvlamb"]) or wd != 0
+            bounds = group.get("trust_ratio_bounds") or (0.0, math.inf)
+            segments_of_group = {}
+            for p, name in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                key = (p.device, p.dtype, name)
+                seg = segments_of_group.get(key)
+                if seg is None:
+                    seg = segments_of_group[key] = LambSegment(
+                        params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], bias_correction1=[],
+                        bias_correction2=[], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                        beta3=1.0 - beta1 if group["grad_averaging"] else 1.0, eps=float(group["eps"]),
+                        weight_decay=wd, adam_w_mode=bool(group["adam_w_mode"]),
+                        layer_adaptation=bool(adaptation), max_grad_norm=_clip_threshold(group["max_grad_norm"]),
+                        trust_ratio_bounds=(float(bounds[0]), float(bounds[1])),
+                    )
+                    buckets.setdefault(key, []).append(seg)
+                state["step"] += 1
+                t = float(state["step"])  # a CPU tensor: no device synchronisation
+                seg.params.append(p)
+                seg.grads.append(self._grad_for(p, name))
+                seg.exp_avgs.append(state["exp_avg"])
+                seg.exp_avg_sqs.append(state["exp_avg_sq"])
+                seg.bias_correction1.append(1.0 - beta1**t if group["bias_correction"] else 1.0)
+                seg.bias_correction2.append(1.0 - beta2**t if group["bias_correction"] else 1.0)
+        return buckets
+
+    @staticmethod
+    def _grad_for(p: torch.Tensor, backend_name: str) -> torch.Tensor:
+        # Multi-tensor kernels index p, g, m and v alike; a grad laid out unlike its parameter is
+        # copied into the parameter's layout (reading the user's grad, never writing it).
+        g = p.grad
+        if backend_name != "torch" and g.stride() != p.stride() and g.numel() > 1:
+            return torch.empty_like(p).copy_(g)
+        return g
+
+    def _backend(self, key):
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = self._backends[key] = create_backend(key[2])
+        return backend
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._params_to_step()
+        if not work:
+            return loss
+        buckets = self._bucket_segments(work)
+        plans = [(self._backend(key), key, segments) for key, segments in buckets.items()]
+        plans = [(backend, key, backend.prepare(segments)) for backend, key, segments in plans]
+
+        # 1. Global grad norm over every parameter with a grad, in all groups; skipped when no group
+        # clips. Bucket sums are added in a fixed order, so reruns give the same bits.
+        grad_sumsq = None
+        if any(seg.max_grad_norm > 0 for segments in buckets.values() for seg in segments):
+            sums = [backend.grad_sumsq(plan) for backend, _, plan in plans]
+            grad_sumsq = sums[0]
+            for partial in sums[1:]:
+                grad_sumsq = grad_sumsq + partial.to(grad_sumsq.device)
+
+        for backend, (device, _, _), plan in plans:
+            norms = backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device))
+            backend.lamb_apply_(plan, norms)
+        return loss
+
+
+def _state_dict_from_apex(state_dict: dict) -> dict:
+    """apex keeps one int step per group (``param_groups[i]["step"]``); we keep one per parameter."""
+    groups = state_dict["param_groups"]
+    if not any("step" in group for group in groups):
+        return state_dict
+    state = {key: dict(value) for key, value in state_dict["state"].items()}
+    converted_groups = []
+    for group in groups:
+        group = dict(group)
+        step = group.pop("step", None)
+        if step is not None:
+            for param_id in group["params"]:
+                if param_id in state:
+                    state[param_id].setdefault("step", torch.tensor(float(step)))
+        converted_groups.append(group)
+    return {**state_dict, "state": state, "param_groups": converted_groups}

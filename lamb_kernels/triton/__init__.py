@@ -1,0 +1,33 @@
+"""The "triton" backend: multi-tensor Triton kernels, compiled on CUDA, interpreted on CPU tensors
+when TRITON_INTERPRET=1 was set before import."""
+from __future__ import annotations
+
+from . import lamb
+from .multi_tensor import INTERPRETED, MultiTensorTable
+
+
+class TritonBackend:
+    """One object per (device, dtype) bucket of an optimizer: it owns that bucket's cached tables."""
+
+    name = "triton"
+
+    def __init__(self):
+        self.table = None
+
+    def prepare(self, segments):
+        device = segments[0].params[0].device
+        if self.table is None or self.table.device != device:
+            self.table = MultiTensorTable(device)
+        return lamb.prepare(self.table, segments)
+
+    def grad_sumsq(self, plan):
+        return lamb.grad_sumsq(plan)
+
+    def lamb_update_norms_(self, plan, grad_sumsq):
+        return lamb.lamb_update_norms_(plan, grad_sumsq)
+
+    def lamb_apply_(self, plan, norms):
+        lamb.lamb_apply_(plan, norms)
+
+
+__all__ = ["INTERPRETED", "TritonBackend"]

@@ -1,0 +1,206 @@
+"""LAMB as Triton multi-tensor kernels: SPEC section 2 in three passes over memory.
+
+1. global grad norm: ``MultiTensorTable.column_sumsq`` over the grads (reads g: 4 bytes/param);
+2. `_lamb_moments_kernel`: steps 1-5, writes m and v and per-chunk partial sums of ||p||^2 and
+   ||u||^2 (reads p g m v, writes m v: 24 bytes/param);
+3. `_lamb_apply_kernel`: steps 6-7 with u recomputed from m and v (reads p m v, writes p: 16
+   bytes/param).
+
+44 bytes per fp32 parameter, 40 when no group clips (pass 1 is skipped). All arithmetic in fp32.
+Hyperparameters come per tensor from a small table, so one launch serves every param group of a
+(device, dtype) bucket.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import BLOCK, CHUNK, NUM_WARPS, MultiTensorTable, _to_device
+
+# Columns of the per-tensor hyperparameter table.
+_LR = tl.constexpr(0)
+_BETA1 = tl.constexpr(1)
+_BETA2 = tl.constexpr(2)
+_BETA3 = tl.constexpr(3)
+_ONE_MINUS_BETA2 = tl.constexpr(4)
+_EPS = tl.constexpr(5)
+_WD_L2 = tl.constexpr(6)  # weight decay added to the grad (L2 mode), else 0
+_WD_DECOUPLED = tl.constexpr(7)  # weight decay added to the update (AdamW mode), else 0
+_BC1 = tl.constexpr(8)
+_BC2 = tl.constexpr(9)
+_MAX_GRAD_NORM = tl.constexpr(10)  # 0: this tensor's group does not clip
+_ADAPT = tl.constexpr(11)  # 1.0: apply the trust ratio
+_RATIO_LO = tl.constexpr(12)
+_RATIO_HI = tl.constexpr(13)
+N_HYPER = 16
+
+_G = 1  # the grads' column of the pointer table (p, g, m, v)
+
+
+@triton.jit
+def _lamb_update(p, m, v, h):
+    """Steps 4-5: u = (m / bc1) / (sqrt(v / bc2) + eps) + wd_decoupled * p."""
+    m_hat = m / tl.load(h + _BC1)
+    v_hat = v / tl.load(h + _BC2)
+    return m_hat / (tl.sqrt(v_hat) + tl.load(h + _EPS)) + tl.load(h + _WD_DECOUPLED) * p
+
+
+@triton.jit
+def _lamb_moments_kernel(
+    ptrs,  # int64 [n_tensors, 4]: addresses of p, g, m, v
+    numels,  # int64 [n_tensors]
+    chunk_tensor,  # int32 [n_chunks]
+    chunk_offset,  # int64 [n_chunks]
+    hyper,  # fp32 [n_tensors, N_HYPER]
+    grad_sumsq,  # fp32 [1]: sum of squares of all grads (read only when CLIP)
+    partials,  # fp32 [n_chunks, 2]: out, sums over the chunk of p^2 and u^2
+    N_HYPER: tl.constexpr,
+    CLIP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Steps 1-5 of SPEC section 2 on one chunk: moments in place, partial sums of p^2 and u^2."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_offset + c)
+    n = tl.minimum(tl.load(numels + t) - start, CHUNK).to(tl.int32)
+    row = ptrs + t * 4
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32)) + start
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32)) + start
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32)) + start
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32)) + start
+    h = hyper + t * N_HYPER
+    beta1 = tl.load(h + _BETA1)
+    beta2 = tl.load(h + _BETA2)
+    beta3 = tl.load(h + _BETA3)
+    one_minus_beta2 = tl.load(h + _ONE_MINUS_BETA2)
+    wd_l2 = tl.load(h + _WD_L2)
+    if CLIP:
+        # 1. c = G / max_grad_norm when G exceeds it; division, not a reciprocal multiply, as apex.
+        grad_norm = tl.sqrt(tl.load(grad_sumsq))
+        max_norm = tl.load(h + _MAX_GRAD_NORM)
+        clip = tl.where((max_norm > 0) & (grad_norm > max_norm), grad_norm / max_norm, 1.0)
+    acc_p = tl.zeros([BLOCK], tl.float32)
+    acc_u = tl.zeros([BLOCK], tl.float32)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        if CLIP:
+            g = g / clip
+        g = g + wd_l2 * p  # 2. L2 mode (wd_l2 is 0 in AdamW mode)
+        m = beta1 * m + beta3 * g  # 3.
+        v = beta2 * v + one_minus_beta2 * g * g
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        u = _lamb_update(p, m, v, h)
+        acc_p += p * p
+        acc_u += tl.where(mask, u * u, 0.0)  # masked lanes give 0/0 when eps is 0
+    tl.store(partials + c * 2 + 0, tl.sum(acc_p, axis=0))
+    tl.store(partials + c * 2 + 1, tl.sum(acc_u, axis=0))
+
+
+@triton.jit
+def _lamb_apply_kernel(
+    ptrs,  # int64 [n_tensors, 4]: addresses of p, g, m, v (g unused)
+    numels,  # int64 [n_tensors]
+    chunk_tensor,  # int32 [n_chunks]
+    chunk_offset,  # int64 [n_chunks]
+    hyper,  # fp32 [n_tensors, N_HYPER]
+    norms,  # fp32 [n_tensors, 2]: ||p||^2 (before the update) and ||u||^2 per tensor
+    N_HYPER: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Steps 6-7 of SPEC section 2 on one chunk: p <- p - lr * r * u, u recomputed from m and v."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_offset + c)
+    n = tl.minimum(tl.load(numels + t) - start, CHUNK).to(tl.int32)
+    row = ptrs + t * 4
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32)) + start
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32)) + start
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32)) + start
+    h = hyper + t * N_HYPER
+    # 6. Trust ratio, on the device: no host round trip for the norms.
+    param_norm = tl.sqrt(tl.load(norms + t * 2 + 0))
+    update_norm = tl.sqrt(tl.load(norms + t * 2 + 1))
+    ratio = tl.minimum(tl.maximum(param_norm / update_norm, tl.load(h + _RATIO_LO)), tl.load(h + _RATIO_HI))
+    adapt = (tl.load(h + _ADAPT) != 0) & (param_norm > 0) & (update_norm > 0)
+    ratio = tl.where(adapt, ratio, 1.0)
+    step_size = tl.load(h + _LR) * ratio
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        u = _lamb_update(p, m, v, h)
+        tl.store(p_ptr + offs, p - step_size * u, mask=mask)  # 7.
+
+
+def lamb_hyper_table(segments) -> np.ndarray:
+    """Per-tensor hyperparameters [n_tensors, N_HYPER] (fp32) from the segments' group values."""
+    rows = np.zeros((sum(len(seg.params) for seg in segments), N_HYPER), dtype=np.float64)
+    first = 0
+    for seg in segments:
+        block = rows[first : first + len(seg.params)]
+        first += len(seg.params)
+        wd = seg.weight_decay
+        columns = (
+            (_LR, seg.lr), (_BETA1, seg.beta1), (_BETA2, seg.beta2), (_BETA3, seg.beta3),
+            (_ONE_MINUS_BETA2, 1.0 - seg.beta2), (_EPS, seg.eps),
+            (_WD_L2, 0.0 if seg.adam_w_mode else wd), (_WD_DECOUPLED, wd if seg.adam_w_mode else 0.0),
+            (_BC1, seg.bias_correction1), (_BC2, seg.bias_correction2),
+            (_MAX_GRAD_NORM, seg.max_grad_norm), (_ADAPT, 1.0 if seg.layer_adaptation else 0.0),
+            (_RATIO_LO, seg.trust_ratio_bounds[0]), (_RATIO_HI, seg.trust_ratio_bounds[1]),
+        )
+        for column, value in columns:
+            block[:, column.value] = value
+    return rows.astype(np.float32)
+
+
+class LambPlan:
+    def __init__(self, table: MultiTensorTable, hyper: torch.Tensor):
+        self.table = table
+        self.hyper = hyper
+
+
+def prepare(table: MultiTensorTable, segments) -> LambPlan:
+    columns = [[t for seg in segments for t in getattr(seg, name)]
+               for name in ("params", "grads", "exp_avgs", "exp_avg_sqs")]
+    table.update(columns)
+    return LambPlan(table, _to_device(lamb_hyper_table(segments), table.device))
+
+
+def grad_sumsq(plan: LambPlan) -> torch.Tensor:
+    return plan.table.column_sumsq(_G)
+
+
+def lamb_update_norms_(plan: LambPlan, grad_sumsq) -> torch.Tensor:
+    table = plan.table
+    partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=table.device)
+    if table.n_chunks:
+        clip = grad_sumsq is not None
+        _lamb_moments_kernel[(table.n_chunks,)](
+            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, plan.hyper,
+            grad_sumsq if clip else plan.hyper, partials,
+            N_HYPER=N_HYPER, CLIP=clip, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+    return table.per_tensor_sum(partials)
+
+
+def lamb_apply_(plan: LambPlan, norms: torch.Tensor) -> None:
+    table = plan.table
+    if table.n_chunks:
+        _lamb_apply_kernel[(table.n_chunks,)](
+            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, plan.hyper,
+            norms.contiguous(),
+            N_HYPER=N_HYPER, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+
