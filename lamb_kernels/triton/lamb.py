@@ -81,7 +81,8 @@ def _lamb_moments_kernel(
         # 1. c = G / max_grad_norm when G exceeds it; division, not a reciprocal multiply, as apex.
         grad_norm = tl.sqrt(tl.load(grad_sumsq))
         max_norm = tl.load(h + _MAX_GRAD_NORM)
-        clip = tl.where((max_norm > 0) & (grad_norm > max_norm), grad_norm / max_norm, 1.0)
+        clips = (max_norm > 0) & (grad_norm > max_norm)
+        clip = tl.where(clips, grad_norm / tl.where(clips, max_norm, 1.0), 1.0)
     acc_p = tl.zeros([BLOCK], tl.float32)
     acc_u = tl.zeros([BLOCK], tl.float32)
     for i in range(0, n, BLOCK):
@@ -130,8 +131,9 @@ def _lamb_apply_kernel(
     # 6. Trust ratio, on the device: no host round trip for the norms.
     param_norm = tl.sqrt(tl.load(norms + t * 2 + 0))
     update_norm = tl.sqrt(tl.load(norms + t * 2 + 1))
-    ratio = tl.minimum(tl.maximum(param_norm / update_norm, tl.load(h + _RATIO_LO)), tl.load(h + _RATIO_HI))
     adapt = (tl.load(h + _ADAPT) != 0) & (param_norm > 0) & (update_norm > 0)
+    ratio = param_norm / tl.where(adapt, update_norm, 1.0)
+    ratio = tl.minimum(tl.maximum(ratio, tl.load(h + _RATIO_LO)), tl.load(h + _RATIO_HI))
     ratio = tl.where(adapt, ratio, 1.0)
     step_size = tl.load(h + _LR) * ratio
     for i in range(0, n, BLOCK):

@@ -1,0 +1,69 @@
+"""Runs FusedLAMB and the float64 reference side by side and compares them (SPEC section 5)."""
+import torch
+
+from lamb_float64 import Float64LAMB
+from lamb_kernels import FusedLAMB
+
+PARAM_RTOL = 2e-5  # params and optimizer states, relative to the float64 reference
+UPDATE_RTOL = 1e-3  # the accumulated update p_t - p_0
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    err = float((actual.detach().cpu().double() - expected).norm())
+    ref = float(expected.norm())
+    return err / ref if ref > 0 else (0.0 if err == 0 else float("inf"))
+
+
+def make_groups(group_specs, seed=1234):
+    """group_specs: dicts with "sizes" (shapes), optional "zero" (indices of all-zero params) and
+    hyperparameter overrides. Returns float32 CPU tensors per group and the overrides."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for spec in group_specs:
+        params = [torch.randn(shape, generator=gen) for shape in spec["sizes"]]
+        for index in spec.get("zero", ()):
+            params[index].zero_()
+        options = {k: v for k, v in spec.items() if k not in ("sizes", "zero")}
+        groups.append({**options, "params": params})
+    return groups, gen
+
+
+def run_both(device, backend, group_specs, steps=7, grad_scale=1.0, has_grad=None, **kwargs):
+    """Steps FusedLAMB and the reference with the same fresh random grads; returns both."""
+    groups, gen = make_groups(group_specs)
+    reference = Float64LAMB(groups, **kwargs)
+    model = [[torch.nn.Parameter(p.to(device, copy=True)) for p in group["params"]] for group in groups]
+    opt = FusedLAMB([{**group, "params": params} for group, params in zip(groups, model)],
+                    backend=backend, **kwargs)
+    for step in range(steps):
+        grads = [[torch.randn(p.shape, generator=gen) * grad_scale
+                  if has_grad is None or has_grad(step, gi, pi) else None
+                  for pi, p in enumerate(params)] for gi, params in enumerate(model)]
+        for params, group_grads in zip(model, grads):
+            for p, g in zip(params, group_grads):
+                p.grad = None if g is None else g.to(device)
+        opt.step()
+        reference.step(grads)
+    return groups, model, opt, reference
+
+
+def assert_matches_reference(groups, model, opt, reference):
+    for gi, (group, params) in enumerate(zip(groups, model)):
+        for pi, (p0, p) in enumerate(zip(group["params"], params)):
+            where = f"group {gi} param {pi} {tuple(p.shape)}"
+            ref_p = reference.groups[gi]["params"][pi]
+            ref_state = reference.state.get((gi, pi))
+            if ref_state is None:
+                assert p not in opt.state or not opt.state[p], f"{where}: state created without a grad"
+                assert torch.equal(p.detach().cpu(), p0), f"{where}: changed without a grad"
+                continue
+            state = opt.state[p]
+            assert float(state["step"]) == ref_state["step"], where
+            if p.numel() == 0:
+                continue
+            assert rel_error(p, ref_p) <= PARAM_RTOL, f"{where}: param error {rel_error(p, ref_p):.2e}"
+            for key in ("exp_avg", "exp_avg_sq"):
+                err = rel_error(state[key], ref_state[key])
+                assert err <= PARAM_RTOL, f"{where}: {key} error {err:.2e}"
+            err = rel_error(p.detach().cpu() - p0, ref_p - p0.double())
+            assert err <= UPDATE_RTOL, f"{where}: update error {err:.2e}"

@@ -1,0 +1,93 @@
+"""The Triton backend's contract (SPEC section 4): a fixed number of launches per step whatever the
+number of tensors, tables built once and reused, reductions in a fixed order."""
+import pytest
+import torch
+
+import lamb_kernels
+from lamb_kernels import FusedLAMB
+
+if "triton" not in lamb_kernels.available_backends("cpu") + lamb_kernels.available_backends("cuda"):
+    pytest.skip("the triton backend is not available here", allow_module_level=True)
+
+from lamb_kernels.triton import lamb, multi_tensor  # noqa: E402
+
+DEVICE = "cpu" if "triton" in lamb_kernels.available_backends("cpu") else "cuda"
+
+
+class CountingKernel:
+    def __init__(self, kernel, launches, name):
+        self.kernel, self.launches, self.name = kernel, launches, name
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    record = []
+    for module, name in ((multi_tensor, "_chunk_sumsq_kernel"), (multi_tensor, "_segment_sum_kernel"),
+                         (lamb, "_lamb_moments_kernel"), (lamb, "_lamb_apply_kernel")):
+        monkeypatch.setattr(module, name, CountingKernel(getattr(module, name), record, name))
+    return record
+
+
+def step_launches(n_tensors, launches, **kwargs):
+    params = [torch.nn.Parameter(torch.randn(7 + i, device=DEVICE)) for i in range(n_tensors)]
+    opt = FusedLAMB(params, backend="triton", **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    launches.clear()
+    opt.step()
+    return list(launches)
+
+
+def test_launches_do_not_grow_with_the_tensor_count(launches):
+    with_clipping = step_launches(3, launches)
+    assert with_clipping == step_launches(60, launches)
+    # Three passes over memory: grad norm, moments + norms, apply; two fixed-order reductions.
+    assert sorted(with_clipping) == sorted(["_chunk_sumsq_kernel", "_segment_sum_kernel",
+                                            "_lamb_moments_kernel", "_segment_sum_kernel",
+                                            "_lamb_apply_kernel"])
+    # Clipping off: no pass over the grads for their norm.
+    without = step_launches(60, launches, max_grad_norm=None)
+    assert sorted(without) == sorted(["_lamb_moments_kernel", "_segment_sum_kernel", "_lamb_apply_kernel"])
+
+
+def test_tables_are_built_once_and_follow_new_addresses():
+    params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (5, 300, 9000)]
+    grads = [torch.randn_like(p) for p in params]
+    opt = FusedLAMB(params, backend="triton")
+    for _ in range(3):
+        for p, g in zip(params, grads):
+            g.normal_()
+            p.grad = g  # the same grad tensors every step, as with zero_grad(set_to_none=False)
+        opt.step()
+    table = next(iter(opt._backends.values())).table
+    assert table.builds == {"chunks": 1, "pointers": 1}
+    params[1].grad = torch.randn_like(params[1])  # a new grad tensor: new address, same sizes
+    opt.step()
+    assert table.builds == {"chunks": 1, "pointers": 2}
+
+
+def test_segment_sum_adds_each_segment_in_a_fixed_order():
+    gen = torch.Generator().manual_seed(0)
+    partials = (torch.randn(3000, 2, generator=gen) * torch.logspace(-8, 8, 3000)[:, None]).to(DEVICE)
+    bounds = torch.tensor([0, 0, 1, 1500, 3000], dtype=torch.int32, device=DEVICE)
+    first = multi_tensor.segment_sum(partials, bounds, 4)
+    for _ in range(3):
+        assert torch.equal(multi_tensor.segment_sum(partials, bounds, 4), first)
+    expected = torch.stack([partials[a:b].double().sum(0) for a, b in [(0, 0), (0, 1), (1, 1500), (1500, 3000)]])
+    torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_chunk_map_covers_every_element_once():
+    sizes = [0, 1, multi_tensor.CHUNK, multi_tensor.CHUNK + 1, 0, 3 * multi_tensor.CHUNK - 5]
+    table = multi_tensor.MultiTensorTable(torch.device(DEVICE))
+    tensors = [torch.ones(n, device=DEVICE) for n in sizes]
+    table.update([tensors])
+    assert table.column_sumsq(0).item() == sum(sizes)
+    assert table.tensor_chunks.tolist() == [0, 0, 1, 2, 4, 4, 7]
+    per_chunk = torch.empty(table.n_chunks, 1, device=DEVICE)
+    per_chunk[:] = 1.0
+    assert table.per_tensor_sum(per_chunk).flatten().tolist() == [0, 1, 1, 2, 0, 3]
