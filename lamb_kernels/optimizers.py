@@ -3,10 +3,11 @@ stages. No arithmetic on parameters happens here; the backends (ops.py) do it.""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from .ops import LambSegment, check_backend_name, create_backend, resolve_backend
+from .ops import ENV_VAR, LambSegment, check_backend_name, create_backend, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32,)
 
@@ -111,6 +112,7 @@ class FusedLAMB(torch.optim.Optimizer):
         self.backend = check_backend_name(backend)
         self.set_grad_none = set_grad_none
         self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
+        self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
         super().__init__(params, defaults)
 
     # -- groups, state and pickling -------------------------------------------------------------
@@ -135,7 +137,10 @@ class FusedLAMB(torch.optim.Optimizer):
         if p.dtype not in SUPPORTED_DTYPES:
             supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
             raise TypeError(f"{label} has dtype {p.dtype}; supported parameter dtypes: {supported}")
-        name = resolve_backend(self.backend, p.device)
+        key = (p.device, os.environ.get(ENV_VAR))
+        name = self._resolved.get(key)
+        if name is None:
+            name = self._resolved[key] = resolve_backend(self.backend, p.device)
         if name != "torch" and not _is_dense(p):
             raise ValueError(
                 f"{label} is not dense in memory (strides {p.stride()}); the {name} backend needs "
@@ -156,6 +161,7 @@ class FusedLAMB(torch.optim.Optimizer):
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("set_grad_none", True)
         self._backends = {}
+        self._resolved = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

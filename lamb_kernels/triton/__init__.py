@@ -2,6 +2,10 @@
 when TRITON_INTERPRET=1 was set before import."""
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from . import lamb
 from .multi_tensor import INTERPRETED, MultiTensorTable
 
@@ -20,14 +24,22 @@ class TritonBackend:
             self.table = MultiTensorTable(device)
         return lamb.prepare(self.table, segments)
 
+    def _on_device(self):
+        # Triton launches on the current CUDA device; parameters may live on another one.
+        device = self.table.device
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
     def grad_sumsq(self, plan):
-        return lamb.grad_sumsq(plan)
+        with self._on_device():
+            return lamb.grad_sumsq(plan)
 
     def lamb_update_norms_(self, plan, grad_sumsq):
-        return lamb.lamb_update_norms_(plan, grad_sumsq)
+        with self._on_device():
+            return lamb.lamb_update_norms_(plan, grad_sumsq)
 
     def lamb_apply_(self, plan, norms):
-        lamb.lamb_apply_(plan, norms)
+        with self._on_device():
+            lamb.lamb_apply_(plan, norms)
 
 
 __all__ = ["INTERPRETED", "TritonBackend"]
