@@ -16,22 +16,44 @@ def _sums_of_squares(tensors) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors)).float().square()
 
 
-def _lamb_updates(seg: LambSegment) -> list:
-    """Steps 4-5: u = (m / bc1) / (sqrt(v / bc2) + eps), plus wd * p in AdamW mode."""
-    m_hat = torch._foreach_div(seg.exp_avgs, seg.bias_correction1)
-    v_hat = torch._foreach_div(seg.exp_avg_sqs, seg.bias_correction2)
-    denom = torch._foreach_sqrt(v_hat)
-    torch._foreach_add_(denom, seg.eps)
-    updates = torch._foreach_div(m_hat, denom)
+def _lamb_updates_(seg: LambSegment, out: list) -> list:
+    """Steps 4-5 into `out`: u = (m / bc1) / (sqrt(v / bc2) + eps), plus wd * p in AdamW mode.
+
+    Every op is in place on `out`: on CPU a freshly allocated param-sized temporary costs about ten
+    times the arithmetic (page faults), so the quotient is formed as m * (1 / denominator).
+    """
+    torch._foreach_copy_(out, seg.exp_avg_sqs)
+    torch._foreach_div_(out, seg.bias_correction2)
+    torch._foreach_sqrt_(out)
+    torch._foreach_add_(out, seg.eps)
+    torch._foreach_reciprocal_(out)
+    torch._foreach_mul_(out, seg.exp_avgs)
+    torch._foreach_div_(out, seg.bias_correction1)
     if seg.adam_w_mode and seg.weight_decay != 0:
-        torch._foreach_add_(updates, seg.params, alpha=seg.weight_decay)
-    return updates
+        torch._foreach_add_(out, seg.params, alpha=seg.weight_decay)
+    return out
 
 
 class TorchBackend:
+    """One object per (device, dtype) bucket; it keeps one param-shaped fp32 scratch tensor per
+    parameter (4 bytes/param), allocated once, for the scaled grads and then the updates."""
+
     name = "torch"
 
+    def __init__(self):
+        self._scratch = {}
+
+    def _scratch_for(self, params) -> list:
+        scratch = [self._scratch.get(id(p)) for p in params]
+        for i, (p, buffer) in enumerate(zip(params, scratch)):
+            if buffer is None or buffer.shape != p.shape or buffer.device != p.device:
+                scratch[i] = self._scratch[id(p)] = torch.empty_like(p, dtype=torch.float32)
+        return scratch
+
     def prepare(self, segments):
+        live = {id(p) for seg in segments for p in seg.params}
+        for key in [key for key in self._scratch if key not in live]:
+            del self._scratch[key]
         return segments
 
     def grad_sumsq(self, segments) -> torch.Tensor:
@@ -40,22 +62,28 @@ class TorchBackend:
     def lamb_update_norms_(self, segments, grad_sumsq) -> torch.Tensor:
         norms = []
         for seg in segments:
+            scratch = self._scratch_for(seg.params)
             grads = seg.grads
-            # 1. Global grad-norm clipping (grad_sumsq is None when no group clips).
-            if grad_sumsq is not None and seg.max_grad_norm > 0:
+            clips = grad_sumsq is not None and seg.max_grad_norm > 0
+            l2 = not seg.adam_w_mode and seg.weight_decay != 0
+            if clips or l2:  # the grad changes: work on a copy, never on p.grad
+                torch._foreach_copy_(scratch, grads)
+                grads = scratch
+            # 1. Global grad-norm clipping.
+            if clips:
                 grad_norm = grad_sumsq.sqrt()
-                clip = torch.where(grad_norm > seg.max_grad_norm, grad_norm / seg.max_grad_norm, 1.0)
-                grads = torch._foreach_div(grads, clip)
+                torch._foreach_div_(grads, torch.where(grad_norm > seg.max_grad_norm,
+                                                       grad_norm / seg.max_grad_norm, 1.0))
             # 2. L2 mode: decay enters the gradient, and so the moments.
-            if not seg.adam_w_mode and seg.weight_decay != 0:
-                grads = torch._foreach_add(grads, seg.params, alpha=seg.weight_decay)
+            if l2:
+                torch._foreach_add_(grads, seg.params, alpha=seg.weight_decay)
             # 3. Moments.
             torch._foreach_mul_(seg.exp_avgs, seg.beta1)
             torch._foreach_add_(seg.exp_avgs, grads, alpha=seg.beta3)
             torch._foreach_mul_(seg.exp_avg_sqs, seg.beta2)
             torch._foreach_addcmul_(seg.exp_avg_sqs, grads, grads, value=1 - seg.beta2)
             # 4-5. The update, only to measure it here; the apply stage recomputes it.
-            updates = _lamb_updates(seg)
+            updates = _lamb_updates_(seg, scratch)
             norms.append(torch.stack([_sums_of_squares(seg.params), _sums_of_squares(updates)], dim=1))
         return torch.cat(norms)
 
@@ -65,7 +93,7 @@ class TorchBackend:
             count = len(seg.params)
             seg_norms = norms[first : first + count].sqrt()
             first += count
-            updates = _lamb_updates(seg)
+            updates = _lamb_updates_(seg, self._scratch_for(seg.params))
             if not seg.layer_adaptation:
                 torch._foreach_add_(seg.params, updates, alpha=-seg.lr)  # 7. with r = 1
                 continue
