@@ -48,3 +48,29 @@ def test_lamb_matches_float64_reference(device, backend, case):
                       grad_scale=spec.get("grad_scale", 1.0), has_grad=spec.get("has_grad"),
                       **spec.get("kwargs", {}))
     assert_matches_reference(*result)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf / inf inside the interpreter
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_grads_propagate_like_the_reference(device, backend, bad_value):
+    """No silent skip (SPEC 2): a NaN makes G NaN, so nothing clips; an inf makes G inf, so every
+    finite grad clips to 0. Params must follow the float64 reference, NaNs in the same places."""
+    import torch
+
+    from lamb_float64 import Float64LAMB
+    from lamb_kernels import FusedLAMB
+
+    gen = torch.Generator().manual_seed(3)
+    params0 = [torch.randn(n, generator=gen) for n in (17, 4097, 33)]
+    grads = [torch.randn(p.shape, generator=gen) for p in params0]
+    grads[1][5] = bad_value
+    reference = Float64LAMB([{"params": params0}])
+    reference.step([grads])
+    params = [torch.nn.Parameter(p.to(device, copy=True)) for p in params0]
+    opt = FusedLAMB(params, backend=backend)
+    for p, g in zip(params, grads):
+        p.grad = g.to(device)
+    opt.step()
+    for p, expected in zip(params, reference.groups[0]["params"]):
+        torch.testing.assert_close(p.detach().cpu().double(), expected, rtol=2e-5, atol=1e-6, equal_nan=True)
+    assert params[1].isnan().any()

@@ -227,3 +227,36 @@ def test_cuda_step_never_synchronises_with_the_host():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_grad_laid_out_unlike_its_parameter(device, backend):
+    """A channels_last parameter with a contiguous grad (and the reverse) steps like the torch
+    backend on plain contiguous copies."""
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(2, 3, 4, 5, generator=gen) for _ in range(2)]
+    grads = [torch.randn(2, 3, 4, 5, generator=gen) for _ in range(2)]
+    params = [torch.nn.Parameter(base[0].to(device, memory_format=torch.channels_last)),
+              torch.nn.Parameter(base[1].to(device, copy=True))]
+    expected = [torch.nn.Parameter(b.clone()) for b in base]
+    opt = FusedLAMB(params, lr=1e-2, backend=backend)
+    opt_expected = FusedLAMB(expected, lr=1e-2, backend="torch")
+    for step in range(3):
+        params[0].grad = grads[0].to(device) * (step + 1)  # contiguous grad, channels_last param
+        params[1].grad = (grads[1] * (step + 1)).to(device, memory_format=torch.channels_last)
+        for p, g in zip(expected, grads):
+            p.grad = g * (step + 1)
+        opt.step()
+        opt_expected.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().cpu(), e.detach(), rtol=1e-6, atol=1e-7)
+        assert p.grad.dtype == e.grad.dtype  # the user's grad tensors were not replaced
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_step_without_any_grad_or_with_only_empty_params(device, backend):
+    params = [torch.nn.Parameter(torch.randn(0, device=device)), torch.nn.Parameter(torch.randn(3, device=device))]
+    opt = FusedLAMB(params, backend=backend)
+    assert opt.step() is None and not opt.state  # no grads at all: nothing happens
+    params[0].grad = torch.randn(0, device=device)
+    opt.step()
+    assert float(opt.state[params[0]]["step"]) == 1 and params[1] not in opt.state

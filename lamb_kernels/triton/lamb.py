@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import BLOCK, CHUNK, NUM_WARPS, MultiTensorTable, _to_device
+from .multi_tensor import BLOCK, CHUNK, NUM_WARPS, MultiTensorTable, _to_device, chunk_extent, column_pointer
 
 # Columns of the per-tensor hyperparameter table.
 _LR = tl.constexpr(0)
@@ -36,7 +36,12 @@ _RATIO_LO = tl.constexpr(12)
 _RATIO_HI = tl.constexpr(13)
 N_HYPER = 16
 
-_G = 1  # the grads' column of the pointer table (p, g, m, v)
+# Columns of the pointer table.
+_N_COLS = tl.constexpr(4)
+_P = tl.constexpr(0)
+_G = tl.constexpr(1)
+_M = tl.constexpr(2)
+_V = tl.constexpr(3)
 
 
 @triton.jit
@@ -62,15 +67,11 @@ def _lamb_moments_kernel(
     BLOCK: tl.constexpr,
 ):
     """Steps 1-5 of SPEC section 2 on one chunk: moments in place, partial sums of p^2 and u^2."""
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_offset + c)
-    n = tl.minimum(tl.load(numels + t) - start, CHUNK).to(tl.int32)
-    row = ptrs + t * 4
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32)) + start
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32)) + start
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32)) + start
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32)) + start
+    t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
+    p_ptr = column_pointer(ptrs, t, start, _N_COLS, _P)
+    g_ptr = column_pointer(ptrs, t, start, _N_COLS, _G)
+    m_ptr = column_pointer(ptrs, t, start, _N_COLS, _M)
+    v_ptr = column_pointer(ptrs, t, start, _N_COLS, _V)
     h = hyper + t * N_HYPER
     beta1 = tl.load(h + _BETA1)
     beta2 = tl.load(h + _BETA2)
@@ -102,6 +103,7 @@ def _lamb_moments_kernel(
         u = _lamb_update(p, m, v, h)
         acc_p += p * p
         acc_u += tl.where(mask, u * u, 0.0)  # masked lanes give 0/0 when eps is 0
+    c = tl.program_id(0)
     tl.store(partials + c * 2 + 0, tl.sum(acc_p, axis=0))
     tl.store(partials + c * 2 + 1, tl.sum(acc_u, axis=0))
 
@@ -119,14 +121,10 @@ def _lamb_apply_kernel(
     BLOCK: tl.constexpr,
 ):
     """Steps 6-7 of SPEC section 2 on one chunk: p <- p - lr * r * u, u recomputed from m and v."""
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_offset + c)
-    n = tl.minimum(tl.load(numels + t) - start, CHUNK).to(tl.int32)
-    row = ptrs + t * 4
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32)) + start
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32)) + start
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32)) + start
+    t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
+    p_ptr = column_pointer(ptrs, t, start, _N_COLS, _P)
+    m_ptr = column_pointer(ptrs, t, start, _N_COLS, _M)
+    v_ptr = column_pointer(ptrs, t, start, _N_COLS, _V)
     h = hyper + t * N_HYPER
     # 6. Trust ratio, on the device: no host round trip for the norms.
     param_norm = tl.sqrt(tl.load(norms + t * 2 + 0))
@@ -181,7 +179,7 @@ def prepare(table: MultiTensorTable, segments) -> LambPlan:
 
 
 def grad_sumsq(plan: LambPlan) -> torch.Tensor:
-    return plan.table.column_sumsq(_G)
+    return plan.table.column_sumsq(_G.value)
 
 
 def lamb_update_norms_(plan: LambPlan, grad_sumsq) -> torch.Tensor:

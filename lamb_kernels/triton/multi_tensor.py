@@ -35,6 +35,21 @@ SEGMENT_BLOCK = 1024
 
 
 @triton.jit
+def chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK: tl.constexpr):
+    """(tensor index, offset of the chunk's first element, elements in the chunk) of this program."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_offset + c)
+    return t, start, tl.minimum(tl.load(numels + t) - start, CHUNK).to(tl.int32)
+
+
+@triton.jit
+def column_pointer(ptrs, t, start, N_COLS: tl.constexpr, COL: tl.constexpr):
+    """fp32 pointer to element `start` (int64) of tensor t of column COL of the pointer table."""
+    return tl.load(ptrs + t * N_COLS + COL).to(tl.pointer_type(tl.float32)) + start
+
+
+@triton.jit
 def _chunk_sumsq_kernel(
     ptrs,  # int64 [n_tensors, N_COLS]: tensor addresses
     numels,  # int64 [n_tensors]
@@ -47,17 +62,14 @@ def _chunk_sumsq_kernel(
     BLOCK: tl.constexpr,
 ):
     """partials[c] = sum(x[i]^2) over chunk c of column COL, in fp32."""
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_offset + c)
-    n = tl.minimum(tl.load(numels + t) - start, CHUNK).to(tl.int32)
-    x_ptr = tl.load(ptrs + t * N_COLS + COL).to(tl.pointer_type(tl.float32)) + start
+    t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
+    x_ptr = column_pointer(ptrs, t, start, N_COLS, COL)
     acc = tl.zeros([BLOCK], tl.float32)
     for i in range(0, n, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
         acc += x * x
-    tl.store(partials + c, tl.sum(acc, axis=0))
+    tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 @triton.jit
