@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 setup(
     name="lamb_kernels",
     version="0.1.0",
-    description="Fused LAMB and LARS optimizers for PyTorch: Triton multi-tensor kernels and a pure-torch fallback",
+    description="Fused LAMB optimizer for PyTorch: Triton multi-tensor kernels and a pure-torch fallback",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lamb_kernels", "lamb_kernels.*"]),

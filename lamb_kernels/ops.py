@@ -53,8 +53,8 @@ class LambSegment:
 def _triton_unavailable_reason(device_type: str) -> str | None:
     try:
         from . import triton as triton_backend
-    except ImportError as exc:  # triton missing or broken: the torch backend still works
-        return f"triton cannot be imported ({exc})"
+    except Exception as exc:  # triton missing or broken in any way: the torch backend still works
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
     if device_type == "cuda":
         if triton_backend.INTERPRETED:
             return "TRITON_INTERPRET=1 is set, and the interpreter runs on CPU tensors only"

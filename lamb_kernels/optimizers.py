@@ -123,30 +123,32 @@ class FusedLAMB(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         group = self.param_groups[-1]
+        env = os.environ.get(ENV_VAR)
         try:
             for param_index, p in enumerate(group["params"]):
-                self._check_param(p, _param_label(group_index, param_index, group))
+                self._check_param(p, env, group_index, param_index, group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
 
-    def _check_param(self, p: torch.Tensor, label: str) -> str:
-        """Checks a parameter on its own; returns the backend name that will step it."""
+    def _check_param(self, p: torch.Tensor, env, group_index: int, param_index: int, group: dict) -> str:
+        """Checks a parameter on its own; returns the backend name that will step it. `env` is the
+        value of $LAMB_KERNELS_BACKEND, read once per step."""
+        name = self._resolved.get((p.device, env))
+        if name is None:
+            name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
+        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or _is_dense(p)):
+            return name
+        label = _param_label(group_index, param_index, group)
         if p.is_complex():
             raise TypeError(f"{label} is complex; FusedLAMB supports real parameters only")
         if p.dtype not in SUPPORTED_DTYPES:
             supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
             raise TypeError(f"{label} has dtype {p.dtype}; supported parameter dtypes: {supported}")
-        key = (p.device, os.environ.get(ENV_VAR))
-        name = self._resolved.get(key)
-        if name is None:
-            name = self._resolved[key] = resolve_backend(self.backend, p.device)
-        if name != "torch" and not _is_dense(p):
-            raise ValueError(
-                f"{label} is not dense in memory (strides {p.stride()}); the {name} backend needs "
-                "dense parameters, backend='torch' takes any layout"
-            )
-        return name
+        raise ValueError(
+            f"{label} is not dense in memory (strides {p.stride()}); the {name} backend needs "
+            "dense parameters, backend='torch' takes any layout"
+        )
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else set_to_none)
@@ -167,34 +169,54 @@ class FusedLAMB(torch.optim.Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Also accepts apex FusedLAMB's format, whose step count is a per-group int."""
-        super().load_state_dict(_state_dict_from_apex(state_dict))
+        """Also accepts apex FusedLAMB's format, whose step count is a per-group int.
+
+        The moments' shapes are checked before anything is loaded; once loaded, each moment takes
+        its parameter's memory layout (a checkpoint of a contiguous model may resume a
+        channels_last one) and step counts live on the CPU, where reading them costs no sync."""
+        state_dict = _state_dict_from_apex(state_dict)
+        self._check_saved_shapes(state_dict)
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and state[key].stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=torch.float32).copy_(state[key])
+
+    def _check_saved_shapes(self, state_dict: dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's load_state_dict explains this mismatch itself
+        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                return
+            for param_index, (p, param_id) in enumerate(zip(group["params"], saved["params"])):
+                for key, value in state_dict["state"].get(param_id, {}).items():
+                    if key != "step" and torch.is_tensor(value) and value.shape != p.shape:
+                        raise ValueError(
+                            f"state_dict['state'][{param_id}][{key!r}] has shape {tuple(value.shape)}, but "
+                            f"{_param_label(group_index, param_index, group)} has shape {tuple(p.shape)}"
+                        )
 
     # -- the step ------------------------------------------------------------------------------
 
     def _params_to_step(self):
         """Every (group, params with grads) after checking them all: raises before any change."""
+        env = os.environ.get(ENV_VAR)
         work = []
         for group_index, group in enumerate(self.param_groups):
             params = []
             for param_index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                label = _param_label(group_index, param_index, group)
                 g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError(f"the grad of {label} is sparse; FusedLAMB does not support sparse gradients")
-                if g.is_complex():
-                    raise TypeError(f"the grad of {label} is complex; FusedLAMB supports real gradients only")
-                name = self._check_param(p, label)
-                if g.dtype != p.dtype:
-                    raise TypeError(f"the grad of {label} has dtype {g.dtype}, the parameter {p.dtype}")
-                if g.device != p.device:
-                    raise ValueError(f"the grad of {label} is on {g.device}, the parameter on {p.device}")
-                if g.shape != p.shape:
-                    raise ValueError(
-                        f"the grad of {label} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}"
-                    )
+                if g is None:
+                    continue
+                if g.is_sparse or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+                    _raise_bad_grad(p, _param_label(group_index, param_index, group))
+                name = self._check_param(p, env, group_index, param_index, group)
+                state = self.state.get(p)
+                if state and not _state_fits(p, state, name):
+                    _raise_bad_state(p, state, _param_label(group_index, param_index, group))
                 params.append((p, name))
             if params:
                 work.append((group, params))
@@ -204,6 +226,16 @@ class FusedLAMB(torch.optim.Optimizer):
         """Initialise state, advance step counts, and split into (device, dtype, backend) buckets."""
         buckets = {}
         for group, params in work:
+            states = [self.state[p] for p, _ in params]
+            for (p, _), state in zip(params, states):
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # Step counts are CPU tensors: one foreach add, and reading them never waits on a device.
+            steps = [state["step"] for state in states]
+            torch._foreach_add_(steps, 1.0)
+            steps = torch.stack(steps).tolist()
             beta1, beta2 = (float(b) for b in group["betas"])
             wd = float(group["weight_decay"])
             adaptation = group.get("layer_adaptation")
@@ -211,12 +243,7 @@ class FusedLAMB(torch.optim.Optimizer):
                 adaptation = bool(group["use_nvlamb"]) or wd != 0
             bounds = group.get("trust_ratio_bounds") or (0.0, math.inf)
             segments_of_group = {}
-            for p, name in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for (p, name), state, t in zip(params, states, steps):
                 key = (p.device, p.dtype, name)
                 seg = segments_of_group.get(key)
                 if seg is None:
@@ -229,8 +256,6 @@ class FusedLAMB(torch.optim.Optimizer):
                         trust_ratio_bounds=(float(bounds[0]), float(bounds[1])),
                     )
                     buckets.setdefault(key, []).append(seg)
-                state["step"] += 1
-                t = float(state["step"])  # a CPU tensor: no device synchronisation
                 seg.params.append(p)
                 seg.grads.append(self._grad_for(p, name))
                 seg.exp_avgs.append(state["exp_avg"])
@@ -280,6 +305,40 @@ class FusedLAMB(torch.optim.Optimizer):
             norms = backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device))
             backend.lamb_apply_(plan, norms)
         return loss
+
+
+def _raise_bad_grad(p: torch.Tensor, label: str):
+    g = p.grad
+    if g.is_sparse:
+        raise RuntimeError(f"the grad of {label} is sparse; FusedLAMB does not support sparse gradients")
+    if g.dtype != p.dtype:
+        raise TypeError(f"the grad of {label} has dtype {g.dtype}, the parameter {p.dtype}")
+    if g.device != p.device:
+        raise ValueError(f"the grad of {label} is on {g.device}, the parameter on {p.device}")
+    raise ValueError(f"the grad of {label} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
+
+
+def _state_fits(p: torch.Tensor, state: dict, backend_name: str) -> bool:
+    """Moments the backend can update in place: the parameter's shape and device, and for the
+    multi-tensor kernels (which index p, m and v alike) fp32 in the parameter's layout."""
+    for key in ("exp_avg", "exp_avg_sq"):
+        m = state.get(key)
+        if m is None or m.shape != p.shape or m.device != p.device:
+            return False
+        if backend_name != "torch" and (m.dtype != torch.float32 or m.stride() != p.stride()):
+            return False
+    return "step" in state
+
+
+def _raise_bad_state(p: torch.Tensor, state: dict, label: str):
+    details = ", ".join(
+        f"{key}: {tuple(m.shape)} {m.dtype} on {m.device}, strides {m.stride()}" if torch.is_tensor(m) else f"{key}: {m!r}"
+        for key, m in ((key, state.get(key)) for key in ("exp_avg", "exp_avg_sq", "step"))
+    )
+    raise ValueError(
+        f"the optimizer state of {label} ({tuple(p.shape)} {p.dtype} on {p.device}, strides {p.stride()}) "
+        f"does not fit it: {details}"
+    )
 
 
 def _state_dict_from_apex(state_dict: dict) -> dict:

@@ -35,6 +35,8 @@ CASES = {
         dict(sizes=[(64,), (1,)], weight_decay=0.02, layer_adaptation=False, lr=2e-3),
     ], grad_scale=0.05),
     "trust_ratio_bounds": dict(specs=[dict(sizes=ODD, trust_ratio_bounds=(0.1, 0.5))]),
+    # Bounds apply only when both norms are > 0: the zero-norm param keeps r = 1, not r = 2.
+    "trust_ratio_bounds_zero_norm": dict(specs=[dict(sizes=ODD, zero=(2,), trust_ratio_bounds=(2.0, 5.0))]),
     # Params 1 and 3 never get a grad; params 2 and 4 only on even steps, so step counts diverge.
     "params_without_grads": dict(specs=[dict(sizes=ODD)],
                                  has_grad=lambda step, gi, pi: pi not in (1, 3) and (pi in (0,) or step % 2 == 0)),

@@ -260,3 +260,92 @@ def test_step_without_any_grad_or_with_only_empty_params(device, backend):
     params[0].grad = torch.randn(0, device=device)
     opt.step()
     assert float(opt.state[params[0]]["step"]) == 1 and params[1] not in opt.state
+
+
+def test_contiguous_checkpoint_resumes_a_channels_last_model(device, backend):
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 3, 4, 5, generator=gen)
+    grads = [torch.randn(2, 3, 4, 5, generator=gen) for _ in range(4)]
+
+    def run(channels_last_after_resume):
+        p = torch.nn.Parameter(base.to(device, copy=True))
+        opt = FusedLAMB([p], lr=1e-2, backend=backend)
+        for g in grads[:2]:
+            p.grad = g.to(device)
+            opt.step()
+        layout = torch.channels_last if channels_last_after_resume else torch.contiguous_format
+        q = torch.nn.Parameter(p.detach().to(memory_format=layout, copy=True))
+        resumed = FusedLAMB([q], lr=1e-2, backend=backend)
+        resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+        assert resumed.state[q]["exp_avg"].stride() == q.stride()
+        for g in grads[2:]:
+            q.grad = g.to(device).to(memory_format=layout)
+            resumed.step()
+        return q.detach().cpu().contiguous()
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_of_other_shapes_is_refused_before_loading(device, backend):
+    params = make_params(device)
+    opt = FusedLAMB(params, backend=backend)
+    train(opt, params, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][1]["exp_avg"] = torch.zeros(10)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[1\]\['exp_avg'\] has shape \(10,\), but "
+                                         r"param_groups\[0\]\['params'\]\[1\] has shape \(4097,\)"):
+        opt.load_state_dict(saved)
+    assert_same_bits(before, snapshot(opt, params))
+
+
+def test_state_that_does_not_fit_its_param_is_refused_before_the_step(device, backend):
+    params = make_params(device)
+    opt = FusedLAMB(params, backend=backend)
+    train(opt, params, 1)
+    opt.state[params[1]]["exp_avg"] = torch.zeros(10, device=device)  # set by hand, wrongly
+    before = [p.detach().clone() for p in params]
+    steps = [float(opt.state[p]["step"]) for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=r"optimizer state of param_groups\[0\]\['params'\]\[1\].*does not fit"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert [float(opt.state[p]["step"]) for p in params] == steps
+
+
+def test_loaded_step_counts_become_cpu_float32():
+    params = make_params("cpu")
+    opt = FusedLAMB(params, backend="torch")
+    train(opt, params, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["step"] = 2  # a plain int, as older checkpoints hold
+    saved["state"][1]["step"] = torch.tensor(2.0, dtype=torch.float64)
+    opt.load_state_dict(saved)
+    for p in params:
+        step = opt.state[p]["step"]
+        assert step.device.type == "cpu" and step.dtype == torch.float32 and float(step) == 2
+
+
+def test_broken_triton_install_leaves_import_working(tmp_path):
+    """A triton that raises something other than ImportError on import must not break us. (torch's
+    own compile machinery imports triton too and fails then, so only our side is checked.)"""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise RuntimeError('driver not found')\n")
+    root = pathlib.Path(__file__).parent.parent
+    code = ("import lamb_kernels, lamb_kernels.ops\n"
+            "assert lamb_kernels.available_backends('cpu') == ['torch'], lamb_kernels.available_backends('cpu')\n"
+            "try:\n"
+            "    lamb_kernels.ops.resolve_backend('triton', 'cpu')\n"
+            "except ValueError as e:\n"
+            "    assert 'RuntimeError: driver not found' in str(e), e\n"
+            "else:\n"
+            "    raise AssertionError('backend=triton should raise')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)]), "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

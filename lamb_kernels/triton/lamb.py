@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import BLOCK, CHUNK, NUM_WARPS, MultiTensorTable, _to_device, chunk_extent, column_pointer
+from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, _to_device, chunk_extent, column_pointer
 
 # Columns of the per-tensor hyperparameter table.
 _LR = tl.constexpr(0)
@@ -46,10 +46,13 @@ _V = tl.constexpr(3)
 
 @triton.jit
 def _lamb_update(p, m, v, h):
-    """Steps 4-5: u = (m / bc1) / (sqrt(v / bc2) + eps) + wd_decoupled * p."""
-    m_hat = m / tl.load(h + _BC1)
-    v_hat = v / tl.load(h + _BC2)
-    return m_hat / (tl.sqrt(v_hat) + tl.load(h + _EPS)) + tl.load(h + _WD_DECOUPLED) * p
+    """Steps 4-5: u = (m / bc1) / (sqrt(v / bc2) + eps) + wd_decoupled * p.
+
+    IEEE-rounded division and square root (div_rn, sqrt_rn): compiled, plain `/` and tl.sqrt
+    become approximate, flush-to-zero instructions, which an optimizer step should not use."""
+    m_hat = tl.div_rn(m, tl.load(h + _BC1))
+    v_hat = tl.div_rn(v, tl.load(h + _BC2))
+    return tl.div_rn(m_hat, tl.sqrt_rn(v_hat) + tl.load(h + _EPS)) + tl.load(h + _WD_DECOUPLED) * p
 
 
 @triton.jit
@@ -80,10 +83,10 @@ def _lamb_moments_kernel(
     wd_l2 = tl.load(h + _WD_L2)
     if CLIP:
         # 1. c = G / max_grad_norm when G exceeds it; division, not a reciprocal multiply, as apex.
-        grad_norm = tl.sqrt(tl.load(grad_sumsq))
+        grad_norm = tl.sqrt_rn(tl.load(grad_sumsq))
         max_norm = tl.load(h + _MAX_GRAD_NORM)
         clips = (max_norm > 0) & (grad_norm > max_norm)
-        clip = tl.where(clips, grad_norm / tl.where(clips, max_norm, 1.0), 1.0)
+        clip = tl.where(clips, tl.div_rn(grad_norm, tl.where(clips, max_norm, 1.0)), 1.0)
     acc_p = tl.zeros([BLOCK], tl.float32)
     acc_u = tl.zeros([BLOCK], tl.float32)
     for i in range(0, n, BLOCK):
@@ -94,7 +97,7 @@ def _lamb_moments_kernel(
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         if CLIP:
-            g = g / clip
+            g = tl.div_rn(g, clip)
         g = g + wd_l2 * p  # 2. L2 mode (wd_l2 is 0 in AdamW mode)
         m = beta1 * m + beta3 * g  # 3.
         v = beta2 * v + one_minus_beta2 * g * g
@@ -127,10 +130,10 @@ def _lamb_apply_kernel(
     v_ptr = column_pointer(ptrs, t, start, _N_COLS, _V)
     h = hyper + t * N_HYPER
     # 6. Trust ratio, on the device: no host round trip for the norms.
-    param_norm = tl.sqrt(tl.load(norms + t * 2 + 0))
-    update_norm = tl.sqrt(tl.load(norms + t * 2 + 1))
+    param_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 0))
+    update_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1))
     adapt = (tl.load(h + _ADAPT) != 0) & (param_norm > 0) & (update_norm > 0)
-    ratio = param_norm / tl.where(adapt, update_norm, 1.0)
+    ratio = tl.div_rn(param_norm, tl.where(adapt, update_norm, 1.0))
     ratio = tl.minimum(tl.maximum(ratio, tl.load(h + _RATIO_LO)), tl.load(h + _RATIO_HI))
     ratio = tl.where(adapt, ratio, 1.0)
     step_size = tl.load(h + _LR) * ratio
@@ -190,7 +193,7 @@ def lamb_update_norms_(plan: LambPlan, grad_sumsq) -> torch.Tensor:
         _lamb_moments_kernel[(table.n_chunks,)](
             table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, plan.hyper,
             grad_sumsq if clip else plan.hyper, partials,
-            N_HYPER=N_HYPER, CLIP=clip, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            N_HYPER=N_HYPER, CLIP=clip, CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
         )
     return table.per_tensor_sum(partials)
 
@@ -201,6 +204,6 @@ def lamb_apply_(plan: LambPlan, norms: torch.Tensor) -> None:
         _lamb_apply_kernel[(table.n_chunks,)](
             table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, plan.hyper,
             norms.contiguous(),
-            N_HYPER=N_HYPER, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            N_HYPER=N_HYPER, CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
         )
 
