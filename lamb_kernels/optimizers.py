@@ -113,6 +113,7 @@ class FusedLAMB(torch.optim.Optimizer):
         self.set_grad_none = set_grad_none
         self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
         self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
+        self._checked_states = {}  # param -> (exp_avg, exp_avg_sq, backend) last found to fit it
         super().__init__(params, defaults)
 
     # -- groups, state and pickling -------------------------------------------------------------
@@ -164,6 +165,7 @@ class FusedLAMB(torch.optim.Optimizer):
         self.__dict__.setdefault("set_grad_none", True)
         self._backends = {}
         self._resolved = {}
+        self._checked_states = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -215,8 +217,14 @@ class FusedLAMB(torch.optim.Optimizer):
                     _raise_bad_grad(p, _param_label(group_index, param_index, group))
                 name = self._check_param(p, env, group_index, param_index, group)
                 state = self.state.get(p)
-                if state and not _state_fits(p, state, name):
-                    _raise_bad_state(p, state, _param_label(group_index, param_index, group))
+                if state:
+                    # Re-checked only when the moment tensors are new objects (a load, a hand edit).
+                    checked = (state.get("exp_avg"), state.get("exp_avg_sq"), name)
+                    known = self._checked_states.get(p)
+                    if known is None or any(a is not b for a, b in zip(known, checked)):
+                        if not _state_fits(p, state, name):
+                            _raise_bad_state(p, state, _param_label(group_index, param_index, group))
+                        self._checked_states[p] = checked
                 params.append((p, name))
             if params:
                 work.append((group, params))
