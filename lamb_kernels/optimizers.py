@@ -179,6 +179,7 @@ class FusedLAMB(torch.optim.Optimizer):
         state_dict = _state_dict_from_apex(state_dict)
         self._check_saved_shapes(state_dict)
         super().load_state_dict(state_dict)
+        self._checked_states.clear()  # holds the replaced moments otherwise
         for p, state in self.state.items():
             if "step" in state:
                 state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
