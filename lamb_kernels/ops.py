@@ -1,17 +1,23 @@
 """What a backend computes, and the choice among backends.
 
-The optimizer splits its parameters into buckets, one per (device, dtype), and hands each bucket to
-one backend as a list of `LambSegment`s (one per param group present in the bucket). A backend
-provides, per bucket and step:
+The optimizers split their parameters into buckets, one per (device, dtype), and hand each bucket to
+one backend object as a list of segments (one per param group present in the bucket). Per bucket and
+step a backend provides:
 
-- ``prepare(segments) -> plan``: whatever the backend needs to launch (the triton backend's cached
-  pointer and chunk tables, the per-tensor hyperparameters); called once per step;
+LAMB (`LambSegment`, SPEC section 2)
+- ``prepare_lamb(segments) -> plan``: whatever the backend needs to launch (the triton backend's
+  cached pointer and chunk tables, the per-tensor hyperparameters); called once per step;
 - ``grad_sumsq(plan) -> Tensor``: sum of squares of every grad element (0-d fp32), for the global
   grad norm of step 1;
 - ``lamb_update_norms_(plan, grad_sumsq) -> Tensor``: steps 1-5 (moments updated in place) and the
   per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||u||^2), with p taken before the update;
   ``grad_sumsq`` is None when no group clips;
 - ``lamb_apply_(plan, norms)``: steps 6-7, u recomputed from the moments.
+
+LARS (`LarsSegment`, SPEC section 3)
+- ``prepare_lars(segments) -> plan``;
+- ``lars_norms(plan) -> Tensor``: per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||g||^2);
+- ``lars_apply_(plan, norms)``: trust ratio, weight decay, momentum and the update.
 
 The norm stage and the apply stage are separate calls so the per-tensor sums can be all-reduced
 across ranks between them when parameters are sharded.
@@ -48,6 +54,25 @@ class LambSegment:
     layer_adaptation: bool
     max_grad_norm: float  # 0.0 means: no clipping for this group
     trust_ratio_bounds: tuple = field(default=(0.0, math.inf))
+
+
+@dataclass
+class LarsSegment:
+    """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters."""
+
+    params: list
+    grads: list
+    momentum_buffers: list  # per tensor: the buffer, or None when the group has no momentum
+    first_step: list  # per tensor: True when its buffer is new (it becomes d, as in torch's SGD)
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    trust_coeff: float
+    eps: float
+    trust_clip: bool
+    adaptation: bool
 
 
 def _triton_unavailable_reason(device_type: str) -> str | None:

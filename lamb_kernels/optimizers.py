@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .ops import ENV_VAR, LambSegment, check_backend_name, create_backend, resolve_backend
+from .ops import ENV_VAR, LambSegment, LarsSegment, check_backend_name, create_backend, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32,)
 
@@ -63,6 +63,17 @@ def _validate_lamb_group(group: dict, where: str = "") -> None:
         _check_number("trust_ratio_bounds[1]", bounds[1], where, lo=float(bounds[0]))
 
 
+def _validate_lars_group(group: dict, where: str = "") -> None:
+    """Raise ValueError naming the hyperparameter that is out of range; `where` names the group."""
+    for name in ("lr", "momentum", "dampening", "weight_decay", "trust_coeff", "eps"):
+        _check_number(name, group[name], where)
+    if group["nesterov"] and (float(group["momentum"]) <= 0 or float(group["dampening"]) != 0):
+        raise ValueError(
+            f"{where}nesterov=True needs momentum > 0 and dampening == 0, got momentum="
+            f"{group['momentum']!r}, dampening={group['dampening']!r}"
+        )
+
+
 def _clip_threshold(max_grad_norm) -> float:
     """SPEC 2.1: None, 0 and inf all disable clipping, encoded as 0.0 for the backends."""
     if max_grad_norm is None or not 0 < float(max_grad_norm) < math.inf:
@@ -70,7 +81,178 @@ def _clip_threshold(max_grad_norm) -> float:
     return float(max_grad_norm)
 
 
-class FusedLAMB(torch.optim.Optimizer):
+class _MultiTensorOptimizer(torch.optim.Optimizer):
+    """What FusedLAMB and FusedLARS share: backend choice per (device, dtype), validation of groups,
+    parameters, grads and state before anything changes, and state dict loading."""
+
+    _STATE_TENSORS = ()  # state entries shaped like their parameter
+    _REQUIRED_STATE = ()  # entries a non-empty state must have
+
+    def __init__(self, params, defaults: dict, backend: str):
+        self._validate_group(defaults)
+        self.backend = check_backend_name(backend)
+        self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
+        self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
+        self._checked_states = {}  # param -> (state tensors..., backend) last found to fit it
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _validate_group(group: dict, where: str = "") -> None:
+        raise NotImplementedError
+
+    # -- groups, state and pickling -------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        where = f"param_groups[{len(self.param_groups)}]: "
+        self._validate_group({**self.defaults, **param_group}, where)
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        group = self.param_groups[-1]
+        env = os.environ.get(ENV_VAR)
+        try:
+            for param_index, p in enumerate(group["params"]):
+                self._check_param(p, env, group_index, param_index, group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _check_param(self, p: torch.Tensor, env, group_index: int, param_index: int, group: dict) -> str:
+        """Checks a parameter on its own; returns the backend name that will step it. `env` is the
+        value of $LAMB_KERNELS_BACKEND, read once per step."""
+        name = self._resolved.get((p.device, env))
+        if name is None:
+            name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
+        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or _is_dense(p)):
+            return name
+        label = _param_label(group_index, param_index, group)
+        if p.is_complex():
+            raise TypeError(f"{label} is complex; {type(self).__name__} supports real parameters only")
+        if p.dtype not in SUPPORTED_DTYPES:
+            supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+            raise TypeError(f"{label} has dtype {p.dtype}; supported parameter dtypes: {supported}")
+        raise ValueError(
+            f"{label} is not dense in memory (strides {p.stride()}); the {name} backend needs "
+            "dense parameters, backend='torch' takes any layout"
+        )
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        self._backends = {}
+        self._resolved = {}
+        self._checked_states = {}
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The state's tensors are checked against their parameters' shapes before anything is
+        loaded; once loaded, each takes its parameter's memory layout (a checkpoint of a contiguous
+        model may resume a channels_last one) and step counts live on the CPU, where reading them
+        costs no sync."""
+        self._check_saved_shapes(state_dict)
+        super().load_state_dict(state_dict)
+        self._checked_states.clear()  # holds the replaced state tensors otherwise
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            for key in self._STATE_TENSORS:
+                if torch.is_tensor(state.get(key)) and state[key].stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=torch.float32).copy_(state[key])
+
+    def _check_saved_shapes(self, state_dict: dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's load_state_dict explains this mismatch itself
+        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                return
+            for param_index, (p, param_id) in enumerate(zip(group["params"], saved["params"])):
+                for key, value in state_dict["state"].get(param_id, {}).items():
+                    if key != "step" and torch.is_tensor(value) and value.shape != p.shape:
+                        raise ValueError(
+                            f"state_dict['state'][{param_id}][{key!r}] has shape {tuple(value.shape)}, but "
+                            f"{_param_label(group_index, param_index, group)} has shape {tuple(p.shape)}"
+                        )
+
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _params_to_step(self):
+        """Every (group, params with grads) after checking them all: raises before any change."""
+        env = os.environ.get(ENV_VAR)
+        work = []
+        for group_index, group in enumerate(self.param_groups):
+            params = []
+            for param_index, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+                    _raise_bad_grad(p, _param_label(group_index, param_index, group), type(self).__name__)
+                name = self._check_param(p, env, group_index, param_index, group)
+                state = self.state.get(p)
+                if state:
+                    # Re-checked only when the moment tensors are new objects (a load, a hand edit).
+                    checked = (*(state.get(key) for key in self._STATE_TENSORS), name)
+                    known = self._checked_states.get(p)
+                    if known is None or any(a is not b for a, b in zip(known, checked)):
+                        if not self._state_fits(p, state, name):
+                            self._raise_bad_state(p, state, _param_label(group_index, param_index, group))
+                        self._checked_states[p] = checked
+                params.append((p, name))
+            if params:
+                work.append((group, params))
+        return work
+
+    def _state_fits(self, p: torch.Tensor, state: dict, backend_name: str) -> bool:
+        """State the backend can update in place: the parameter's shape and device, and for the
+        multi-tensor kernels (which index p and its state alike) fp32 in the parameter's layout."""
+        if any(key not in state for key in self._REQUIRED_STATE):
+            return False
+        for key in self._STATE_TENSORS:
+            t = state.get(key)
+            if t is None and key not in self._REQUIRED_STATE:
+                continue
+            if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device:
+                return False
+            if backend_name != "torch" and (t.dtype != torch.float32 or t.stride() != p.stride()):
+                return False
+        return True
+
+    def _raise_bad_state(self, p: torch.Tensor, state: dict, label: str):
+        details = ", ".join(
+            f"{key}: {tuple(t.shape)} {t.dtype} on {t.device}, strides {t.stride()}" if torch.is_tensor(t)
+            else f"{key}: {t!r}"
+            for key, t in ((key, state.get(key)) for key in (*self._STATE_TENSORS, "step"))
+        )
+        raise ValueError(
+            f"the optimizer state of {label} ({tuple(p.shape)} {p.dtype} on {p.device}, strides "
+            f"{p.stride()}) does not fit it: {details}"
+        )
+
+    @staticmethod
+    def _grad_for(p: torch.Tensor, backend_name: str) -> torch.Tensor:
+        # Multi-tensor kernels index p, g, m and v alike; a grad laid out unlike its parameter is
+        # copied into the parameter's layout (reading the user's grad, never writing it).
+        g = p.grad
+        if backend_name != "torch" and g.stride() != p.stride() and g.numel() > 1:
+            return torch.empty_like(p).copy_(g)
+        return g
+
+    def _backend(self, key):
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = self._backends[key] = create_backend(key[2])
+        return backend
+
+
+class FusedLAMB(_MultiTensorOptimizer):
     """LAMB (You et al., 2019) with the signature, defaults and math of apex's FusedLAMB.
 
     Differences from apex: grads are read, never overwritten; the kernels run on CPU and CUDA with
@@ -82,6 +264,10 @@ class FusedLAMB(torch.optim.Optimizer):
     ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton"
     or "torch"; see ``lamb_kernels.available_backends``.
     """
+
+    _STATE_TENSORS = ("exp_avg", "exp_avg_sq")
+    _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")
+    _validate_group = staticmethod(_validate_lamb_group)
 
     def __init__(
         self,
@@ -108,128 +294,24 @@ class FusedLAMB(torch.optim.Optimizer):
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adam_w_mode=adam_w_mode,
             use_nvlamb=use_nvlamb, trust_ratio_bounds=trust_ratio_bounds,
         )
-        _validate_lamb_group(defaults)
-        self.backend = check_backend_name(backend)
         self.set_grad_none = set_grad_none
-        self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
-        self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
-        self._checked_states = {}  # param -> (exp_avg, exp_avg_sq, backend) last found to fit it
-        super().__init__(params, defaults)
-
-    # -- groups, state and pickling -------------------------------------------------------------
-
-    def add_param_group(self, param_group: dict) -> None:
-        where = f"param_groups[{len(self.param_groups)}]: "
-        _validate_lamb_group({**self.defaults, **param_group}, where)
-        super().add_param_group(param_group)
-        group_index = len(self.param_groups) - 1
-        group = self.param_groups[-1]
-        env = os.environ.get(ENV_VAR)
-        try:
-            for param_index, p in enumerate(group["params"]):
-                self._check_param(p, env, group_index, param_index, group)
-        except (TypeError, ValueError):
-            self.param_groups.pop()
-            raise
-
-    def _check_param(self, p: torch.Tensor, env, group_index: int, param_index: int, group: dict) -> str:
-        """Checks a parameter on its own; returns the backend name that will step it. `env` is the
-        value of $LAMB_KERNELS_BACKEND, read once per step."""
-        name = self._resolved.get((p.device, env))
-        if name is None:
-            name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
-        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or _is_dense(p)):
-            return name
-        label = _param_label(group_index, param_index, group)
-        if p.is_complex():
-            raise TypeError(f"{label} is complex; FusedLAMB supports real parameters only")
-        if p.dtype not in SUPPORTED_DTYPES:
-            supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
-            raise TypeError(f"{label} has dtype {p.dtype}; supported parameter dtypes: {supported}")
-        raise ValueError(
-            f"{label} is not dense in memory (strides {p.stride()}); the {name} backend needs "
-            "dense parameters, backend='torch' takes any layout"
-        )
+        super().__init__(params, defaults, backend)
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else set_to_none)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also accepts apex FusedLAMB's format, whose step count is a per-group int."""
+        super().load_state_dict(_state_dict_from_apex(state_dict))
+
     def __getstate__(self):
         state = super().__getstate__()
-        state.update(backend=self.backend, set_grad_none=self.set_grad_none)
+        state["set_grad_none"] = self.set_grad_none
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("set_grad_none", True)
-        self._backends = {}
-        self._resolved = {}
-        self._checked_states = {}
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Also accepts apex FusedLAMB's format, whose step count is a per-group int.
-
-        The moments' shapes are checked before anything is loaded; once loaded, each moment takes
-        its parameter's memory layout (a checkpoint of a contiguous model may resume a
-        channels_last one) and step counts live on the CPU, where reading them costs no sync."""
-        state_dict = _state_dict_from_apex(state_dict)
-        self._check_saved_shapes(state_dict)
-        super().load_state_dict(state_dict)
-        self._checked_states.clear()  # holds the replaced moments otherwise
-        for p, state in self.state.items():
-            if "step" in state:
-                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state and state[key].stride() != p.stride():
-                    state[key] = torch.empty_like(p, dtype=torch.float32).copy_(state[key])
-
-    def _check_saved_shapes(self, state_dict: dict) -> None:
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            return  # torch's load_state_dict explains this mismatch itself
-        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                return
-            for param_index, (p, param_id) in enumerate(zip(group["params"], saved["params"])):
-                for key, value in state_dict["state"].get(param_id, {}).items():
-                    if key != "step" and torch.is_tensor(value) and value.shape != p.shape:
-                        raise ValueError(
-                            f"state_dict['state'][{param_id}][{key!r}] has shape {tuple(value.shape)}, but "
-                            f"{_param_label(group_index, param_index, group)} has shape {tuple(p.shape)}"
-                        )
-
-    # -- the step ------------------------------------------------------------------------------
-
-    def _params_to_step(self):
-        """Every (group, params with grads) after checking them all: raises before any change."""
-        env = os.environ.get(ENV_VAR)
-        work = []
-        for group_index, group in enumerate(self.param_groups):
-            params = []
-            for param_index, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
-                    _raise_bad_grad(p, _param_label(group_index, param_index, group))
-                name = self._check_param(p, env, group_index, param_index, group)
-                state = self.state.get(p)
-                if state:
-                    # Re-checked only when the moment tensors are new objects (a load, a hand edit).
-                    checked = (state.get("exp_avg"), state.get("exp_avg_sq"), name)
-                    known = self._checked_states.get(p)
-                    if known is None or any(a is not b for a, b in zip(known, checked)):
-                        if not _state_fits(p, state, name):
-                            _raise_bad_state(p, state, _param_label(group_index, param_index, group))
-                        self._checked_states[p] = checked
-                params.append((p, name))
-            if params:
-                work.append((group, params))
-        return work
 
     def _bucket_segments(self, work) -> dict:
         """Initialise state, advance step counts, and split into (device, dtype, backend) buckets."""
@@ -273,21 +355,6 @@ class FusedLAMB(torch.optim.Optimizer):
                 seg.bias_correction2.append(1.0 - beta2**t if group["bias_correction"] else 1.0)
         return buckets
 
-    @staticmethod
-    def _grad_for(p: torch.Tensor, backend_name: str) -> torch.Tensor:
-        # Multi-tensor kernels index p, g, m and v alike; a grad laid out unlike its parameter is
-        # copied into the parameter's layout (reading the user's grad, never writing it).
-        g = p.grad
-        if backend_name != "torch" and g.stride() != p.stride() and g.numel() > 1:
-            return torch.empty_like(p).copy_(g)
-        return g
-
-    def _backend(self, key):
-        backend = self._backends.get(key)
-        if backend is None:
-            backend = self._backends[key] = create_backend(key[2])
-        return backend
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -299,7 +366,7 @@ class FusedLAMB(torch.optim.Optimizer):
             return loss
         buckets = self._bucket_segments(work)
         plans = [(self._backend(key), key, segments) for key, segments in buckets.items()]
-        plans = [(backend, key, backend.prepare(segments)) for backend, key, segments in plans]
+        plans = [(backend, key, backend.prepare_lamb(segments)) for backend, key, segments in plans]
 
         # 1. Global grad norm over every parameter with a grad, in all groups; skipped when no group
         # clips. Bucket sums are added in a fixed order, so reruns give the same bits.
@@ -316,38 +383,15 @@ class FusedLAMB(torch.optim.Optimizer):
         return loss
 
 
-def _raise_bad_grad(p: torch.Tensor, label: str):
+def _raise_bad_grad(p: torch.Tensor, label: str, optimizer: str):
     g = p.grad
     if g.is_sparse:
-        raise RuntimeError(f"the grad of {label} is sparse; FusedLAMB does not support sparse gradients")
+        raise RuntimeError(f"the grad of {label} is sparse; {optimizer} does not support sparse gradients")
     if g.dtype != p.dtype:
         raise TypeError(f"the grad of {label} has dtype {g.dtype}, the parameter {p.dtype}")
     if g.device != p.device:
         raise ValueError(f"the grad of {label} is on {g.device}, the parameter on {p.device}")
     raise ValueError(f"the grad of {label} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
-
-
-def _state_fits(p: torch.Tensor, state: dict, backend_name: str) -> bool:
-    """Moments the backend can update in place: the parameter's shape and device, and for the
-    multi-tensor kernels (which index p, m and v alike) fp32 in the parameter's layout."""
-    for key in ("exp_avg", "exp_avg_sq"):
-        m = state.get(key)
-        if m is None or m.shape != p.shape or m.device != p.device:
-            return False
-        if backend_name != "torch" and (m.dtype != torch.float32 or m.stride() != p.stride()):
-            return False
-    return "step" in state
-
-
-def _raise_bad_state(p: torch.Tensor, state: dict, label: str):
-    details = ", ".join(
-        f"{key}: {tuple(m.shape)} {m.dtype} on {m.device}, strides {m.stride()}" if torch.is_tensor(m) else f"{key}: {m!r}"
-        for key, m in ((key, state.get(key)) for key in ("exp_avg", "exp_avg_sq", "step"))
-    )
-    raise ValueError(
-        f"the optimizer state of {label} ({tuple(p.shape)} {p.dtype} on {p.device}, strides {p.stride()}) "
-        f"does not fit it: {details}"
-    )
 
 
 def _state_dict_from_apex(state_dict: dict) -> dict:
@@ -366,3 +410,96 @@ def _state_dict_from_apex(state_dict: dict) -> dict:
                     state[param_id].setdefault("step", torch.tensor(float(step)))
         converted_groups.append(group)
     return {**state_dict, "state": state, "param_groups": converted_groups}
+
+
+class FusedLARS(_MultiTensorOptimizer):
+    """LARS (You et al., 2017) with the signature, defaults and math of timm's ``Lars``, apex's LARC
+    clipping included (``trust_clip=True``).
+
+    Per parameter: with weight decay (or ``always_adapt``), the trust ratio
+    ``r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps)`` (1 when a norm is 0; ``min(r / lr, 1)``
+    with ``trust_clip``) scales ``g + wd p``; then SGD momentum (``dampening``, ``nesterov``) and
+    ``p <- p - lr d``. A group may set ``layer_adaptation`` (bool) to force the trust ratio and
+    decay on or off, as ``lamb_kernels.param_groups`` does for biases and norm weights. State:
+    ``momentum_buffer`` when ``momentum != 0``, created on a parameter's first step as in
+    ``torch.optim.SGD``; timm checkpoints load as they are. Grads are read, never written.
+
+    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton"
+    or "torch"; see ``lamb_kernels.available_backends``.
+    """
+
+    _STATE_TENSORS = ("momentum_buffer",)
+    _REQUIRED_STATE = ()
+    _validate_group = staticmethod(_validate_lars_group)
+
+    def __init__(
+        self,
+        params,
+        lr=1.0,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        trust_coeff=0.001,
+        eps=1e-8,
+        trust_clip=False,
+        always_adapt=False,
+        *,
+        backend="auto",
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
+        )
+        super().__init__(params, defaults, backend)
+
+    def _bucket_segments(self, work) -> dict:
+        """Create momentum buffers, and split into (device, dtype, backend) buckets."""
+        buckets = {}
+        for group, params in work:
+            momentum = float(group["momentum"])
+            wd = float(group["weight_decay"])
+            adaptation = group.get("layer_adaptation")
+            if adaptation is None:
+                adaptation = wd != 0 or bool(group["always_adapt"])
+            segments_of_group = {}
+            for p, name in params:
+                buffer, first_step = None, False
+                if momentum != 0:
+                    state = self.state[p]
+                    buffer = state.get("momentum_buffer")
+                    if buffer is None:  # filled with d by the first step, as torch's SGD does
+                        buffer = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                        first_step = True
+                key = (p.device, p.dtype, name)
+                seg = segments_of_group.get(key)
+                if seg is None:
+                    seg = segments_of_group[key] = LarsSegment(
+                        params=[], grads=[], momentum_buffers=[], first_step=[], lr=float(group["lr"]),
+                        momentum=momentum, dampening=float(group["dampening"]), weight_decay=wd,
+                        nesterov=bool(group["nesterov"]), trust_coeff=float(group["trust_coeff"]),
+                        eps=float(group["eps"]), trust_clip=bool(group["trust_clip"]),
+                        adaptation=bool(adaptation),
+                    )
+                    buckets.setdefault(key, []).append(seg)
+                seg.params.append(p)
+                seg.grads.append(self._grad_for(p, name))
+                seg.momentum_buffers.append(buffer)
+                seg.first_step.append(first_step)
+        return buckets
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._params_to_step()
+        if not work:
+            return loss
+        for key, segments in self._bucket_segments(work).items():
+            backend = self._backend(key)
+            plan = backend.prepare_lars(segments)
+            norms = backend.lars_norms(plan)  # per-tensor ||p||^2, ||g||^2: all-reducible here
+            backend.lars_apply_(plan, norms)
+        return loss

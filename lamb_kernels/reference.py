@@ -1,4 +1,5 @@
-"""The "torch" backend: LAMB written for reading, in SPEC section 2's step numbering.
+"""The "torch" backend: LAMB and LARS written for reading, in the step numbering of SPEC sections 2
+and 3.
 
 Pure PyTorch (``torch._foreach_*`` over each param group), runs on every device, never calls
 ``.item()`` and never branches on a tensor's value, so it queues work without waiting on the device.
@@ -50,11 +51,18 @@ class TorchBackend:
                 scratch[i] = self._scratch[id(p)] = torch.empty_like(p, dtype=torch.float32)
         return scratch
 
-    def prepare(self, segments):
+    def prepare_lamb(self, segments):
+        self._drop_scratch_of_absent(segments)
+        return segments
+
+    def prepare_lars(self, segments):
+        self._drop_scratch_of_absent(segments)
+        return segments
+
+    def _drop_scratch_of_absent(self, segments):
         live = {id(p) for seg in segments for p in seg.params}
         for key in [key for key in self._scratch if key not in live]:
             del self._scratch[key]
-        return segments
 
     def grad_sumsq(self, segments) -> torch.Tensor:
         return _sums_of_squares([g for seg in segments for g in seg.grads]).sum()
@@ -106,3 +114,49 @@ class TorchBackend:
             # 7. p <- p - lr * r * u
             torch._foreach_mul_(updates, list((ratio * -seg.lr).unbind()))
             torch._foreach_add_(seg.params, updates)
+
+    # -- LARS, SPEC section 3 ------------------------------------------------------------------
+
+    def lars_norms(self, segments) -> torch.Tensor:
+        params = [p for seg in segments for p in seg.params]
+        grads = [g for seg in segments for g in seg.grads]
+        return torch.stack([_sums_of_squares(params), _sums_of_squares(grads)], dim=1)
+
+    def lars_apply_(self, segments, norms: torch.Tensor) -> None:
+        first = 0
+        for seg in segments:
+            count = len(seg.params)
+            seg_norms = norms[first : first + count].sqrt()
+            first += count
+            d = seg.grads  # read only: anything that changes d works on the scratch copy
+            # 1. Trust ratio r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps); d = (g + wd p) r.
+            if seg.adaptation:
+                param_norm, grad_norm = seg_norms[:, 0], seg_norms[:, 1]
+                ratio = seg.trust_coeff * param_norm / (grad_norm + seg.weight_decay * param_norm + seg.eps)
+                ratio = torch.where((param_norm > 0) & (grad_norm > 0), ratio, 1.0)
+                if seg.trust_clip:  # LARC: the effective rate lr * r never exceeds lr
+                    ratio = torch.clamp(ratio / seg.lr, max=1.0)
+                d = self._scratch_for(seg.params)
+                torch._foreach_copy_(d, seg.grads)
+                if seg.weight_decay != 0:
+                    torch._foreach_add_(d, seg.params, alpha=seg.weight_decay)
+                torch._foreach_mul_(d, list(ratio.unbind()))
+            # 2. Momentum: a new buffer is d itself; later buf <- momentum buf + (1 - dampening) d.
+            if seg.momentum != 0:
+                new = [i for i, first_step in enumerate(seg.first_step) if first_step]
+                old = [i for i, first_step in enumerate(seg.first_step) if not first_step]
+                if new:
+                    torch._foreach_copy_([seg.momentum_buffers[i] for i in new], [d[i] for i in new])
+                if old:
+                    old_buffers = [seg.momentum_buffers[i] for i in old]
+                    torch._foreach_mul_(old_buffers, seg.momentum)
+                    torch._foreach_add_(old_buffers, [d[i] for i in old], alpha=1 - seg.dampening)
+                if seg.nesterov:
+                    if d is seg.grads:
+                        d = self._scratch_for(seg.params)
+                        torch._foreach_copy_(d, seg.grads)
+                    torch._foreach_add_(d, seg.momentum_buffers, alpha=seg.momentum)
+                else:
+                    d = seg.momentum_buffers
+            # 3. p <- p - lr d
+            torch._foreach_add_(seg.params, d, alpha=-seg.lr)

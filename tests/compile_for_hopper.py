@@ -7,19 +7,21 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lamb_kernels.triton import lamb, multi_tensor
+from lamb_kernels.triton import lamb, lars, multi_tensor
 
 POINTER_TYPES = {"ptrs": "*i64", "numels": "*i64", "chunk_tensor": "*i32", "chunk_offset": "*i64",
                  "bounds": "*i32", "partials": "*fp32", "hyper": "*fp32", "grad_sumsq": "*fp32",
                  "norms": "*fp32", "out": "*fp32"}
 CHUNKING = dict(CHUNK=multi_tensor.CHUNK, BLOCK=multi_tensor.BLOCK)
 VARIANTS = [
-    (multi_tensor._chunk_sumsq_kernel, dict(N_COLS=4, COL=1, **CHUNKING)),
+    (multi_tensor._chunk_sumsq_kernel, dict(N_COLS=4, COL0=1, COL1=-1, **CHUNKING)),
+    (multi_tensor._chunk_sumsq_kernel, dict(N_COLS=3, COL0=0, COL1=1, **CHUNKING)),
     (multi_tensor._segment_sum_kernel, dict(WIDTH=1, BLOCK=multi_tensor.SEGMENT_BLOCK)),
     (multi_tensor._segment_sum_kernel, dict(WIDTH=2, BLOCK=multi_tensor.SEGMENT_BLOCK)),
     (lamb._lamb_moments_kernel, dict(N_HYPER=lamb.N_HYPER, CLIP=True, **CHUNKING)),
     (lamb._lamb_moments_kernel, dict(N_HYPER=lamb.N_HYPER, CLIP=False, **CHUNKING)),
     (lamb._lamb_apply_kernel, dict(N_HYPER=lamb.N_HYPER, **CHUNKING)),
+    (lars._lars_apply_kernel, dict(N_HYPER=lars.N_HYPER, **CHUNKING)),
 ]
 
 

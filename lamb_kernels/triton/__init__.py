@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from . import lamb
+from . import lamb, lars
 from .multi_tensor import INTERPRETED, MultiTensorTable
 
 
@@ -18,16 +18,19 @@ class TritonBackend:
     def __init__(self):
         self.table = None
 
-    def prepare(self, segments):
+    def _table_for(self, segments) -> MultiTensorTable:
         device = segments[0].params[0].device
         if self.table is None or self.table.device != device:
             self.table = MultiTensorTable(device)
-        return lamb.prepare(self.table, segments)
+        return self.table
 
     def _on_device(self):
         # Triton launches on the current CUDA device; parameters may live on another one.
         device = self.table.device
         return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+    def prepare_lamb(self, segments):
+        return lamb.prepare(self._table_for(segments), segments)
 
     def grad_sumsq(self, plan):
         with self._on_device():
@@ -40,6 +43,17 @@ class TritonBackend:
     def lamb_apply_(self, plan, norms):
         with self._on_device():
             lamb.lamb_apply_(plan, norms)
+
+    def prepare_lars(self, segments):
+        return lars.prepare(self._table_for(segments), segments)
+
+    def lars_norms(self, plan):
+        with self._on_device():
+            return lars.lars_norms(plan)
+
+    def lars_apply_(self, plan, norms):
+        with self._on_device():
+            lars.lars_apply_(plan, norms)
 
 
 __all__ = ["INTERPRETED", "TritonBackend"]

@@ -58,21 +58,33 @@ def _chunk_sumsq_kernel(
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
-    partials,  # fp32 [n_chunks]: out, sum of x^2 over the chunk
+    partials,  # fp32 [n_chunks, 1 or 2]: out, per chunk the sum of x^2 of column COL0 (and COL1)
     N_COLS: tl.constexpr,
-    COL: tl.constexpr,  # which column of the pointer table to reduce
+    COL0: tl.constexpr,
+    COL1: tl.constexpr,  # -1: reduce COL0 only
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """partials[c] = sum(x[i]^2) over chunk c of column COL, in fp32."""
+    """partials[c, k] = sum(x[i]^2) over chunk c of column COL_k, in fp32; one pass reads both."""
     t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
-    x_ptr = column_pointer(ptrs, t, start, N_COLS, COL)
-    acc = tl.zeros([BLOCK], tl.float32)
+    a_ptr = column_pointer(ptrs, t, start, N_COLS, COL0)
+    acc0 = tl.zeros([BLOCK], tl.float32)
+    if COL1 >= 0:
+        b_ptr = column_pointer(ptrs, t, start, N_COLS, COL1)
+        acc1 = tl.zeros([BLOCK], tl.float32)
     for i in range(0, n, BLOCK):
         offs = i + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        acc += x * x
-    tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
+        a = tl.load(a_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        acc0 += a * a
+        if COL1 >= 0:
+            b = tl.load(b_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+            acc1 += b * b
+    c = tl.program_id(0)
+    if COL1 >= 0:
+        tl.store(partials + c * 2, tl.sum(acc0, axis=0))
+        tl.store(partials + c * 2 + 1, tl.sum(acc1, axis=0))
+    else:
+        tl.store(partials + c, tl.sum(acc0, axis=0))
 
 
 @triton.jit
@@ -140,15 +152,23 @@ class MultiTensorTable:
         self._numels = numels
         self.builds["chunks"] += 1
 
-    def column_sumsq(self, column: int) -> torch.Tensor:
-        """Sum of squares of every element of one column, as a 0-d fp32 tensor (two launches)."""
-        partials = torch.empty(self.n_chunks, dtype=torch.float32, device=self.device)
+    def _chunk_sumsq(self, columns) -> torch.Tensor:
+        partials = torch.empty((self.n_chunks, len(columns)), dtype=torch.float32, device=self.device)
         if self.n_chunks:
             _chunk_sumsq_kernel[(self.n_chunks,)](
                 self.pointers, self.numels, self.chunk_tensor, self.chunk_offset, partials,
-                N_COLS=self.n_columns, COL=column, CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
+                N_COLS=self.n_columns, COL0=columns[0], COL1=columns[1] if len(columns) > 1 else -1,
+                CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
             )
-        return segment_sum(partials, self.all_chunks, 1).reshape(())
+        return partials
+
+    def column_sumsq(self, column: int) -> torch.Tensor:
+        """Sum of squares of every element of one column, as a 0-d fp32 tensor (two launches)."""
+        return segment_sum(self._chunk_sumsq([column]), self.all_chunks, 1).reshape(())
+
+    def per_tensor_sumsq(self, column0: int, column1: int) -> torch.Tensor:
+        """Per tensor, the sums of squares of two columns, [n_tensors, 2] (two launches)."""
+        return self.per_tensor_sum(self._chunk_sumsq([column0, column1]))
 
     def per_tensor_sum(self, partials: torch.Tensor) -> torch.Tensor:
         """Per-chunk partials [n_chunks, w] -> per-tensor sums [n_tensors, w]."""

@@ -1,0 +1,138 @@
+"""LARS as Triton multi-tensor kernels: SPEC section 3 in two passes over memory.
+
+1. per-tensor ||p||^2 and ||g||^2: ``MultiTensorTable.per_tensor_sumsq`` (reads p g: 8 bytes/param);
+2. `_lars_apply_kernel`: trust ratio, weight decay, momentum and the update (reads p g b, writes
+   p b: 20 bytes/param).
+
+28 bytes per fp32 parameter with momentum, as much as torch's fused SGD with momentum plus the norm
+pass. All arithmetic in fp32; per-tensor hyperparameters from a table, so one launch serves every
+param group of a (device, dtype) bucket, with or without momentum.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, _to_device, chunk_extent, column_pointer
+
+# Columns of the per-tensor hyperparameter table.
+_LR = tl.constexpr(0)
+_MOMENTUM = tl.constexpr(1)
+_ONE_MINUS_DAMPENING = tl.constexpr(2)
+_WEIGHT_DECAY = tl.constexpr(3)
+_TRUST_COEFF = tl.constexpr(4)
+_EPS = tl.constexpr(5)
+_TRUST_CLIP = tl.constexpr(6)  # 1.0: LARC, r <- min(r / lr, 1)
+_ADAPT = tl.constexpr(7)  # 1.0: trust ratio and weight decay apply
+_NESTEROV = tl.constexpr(8)
+_HAS_MOMENTUM = tl.constexpr(9)  # 0.0: no buffer (its pointer is a placeholder, never accessed)
+_FIRST_STEP = tl.constexpr(10)  # 1.0: the buffer is new and becomes d
+N_HYPER = 16
+
+# Columns of the pointer table.
+_N_COLS = tl.constexpr(3)
+_P = tl.constexpr(0)
+_G = tl.constexpr(1)
+_BUF = tl.constexpr(2)
+
+
+@triton.jit
+def _lars_apply_kernel(
+    ptrs,  # int64 [n_tensors, 3]: addresses of p, g, momentum buffer
+    numels,  # int64 [n_tensors]
+    chunk_tensor,  # int32 [n_chunks]
+    chunk_offset,  # int64 [n_chunks]
+    hyper,  # fp32 [n_tensors, N_HYPER]
+    norms,  # fp32 [n_tensors, 2]: ||p||^2 and ||g||^2 per tensor
+    N_HYPER: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """SPEC section 3 on one chunk: p <- p - lr * d, d through trust ratio and momentum."""
+    t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
+    p_ptr = column_pointer(ptrs, t, start, _N_COLS, _P)
+    g_ptr = column_pointer(ptrs, t, start, _N_COLS, _G)
+    b_ptr = column_pointer(ptrs, t, start, _N_COLS, _BUF)
+    h = hyper + t * N_HYPER
+    lr = tl.load(h + _LR)
+    momentum = tl.load(h + _MOMENTUM)
+    one_minus_dampening = tl.load(h + _ONE_MINUS_DAMPENING)
+    adapt = tl.load(h + _ADAPT) != 0
+    nesterov = tl.load(h + _NESTEROV) != 0
+    has_momentum = tl.load(h + _HAS_MOMENTUM) != 0
+    first_step = tl.load(h + _FIRST_STEP) != 0
+    # The buffer's elements to read (none when it is new or absent) and to write (none when absent).
+    n_read = tl.where(has_momentum & (tl.load(h + _FIRST_STEP) == 0), n, 0)
+    n_write = tl.where(has_momentum, n, 0)
+    # 1. Trust ratio, on the device. IEEE-rounded sqrt and division, as in the LAMB kernels.
+    weight_decay = tl.where(adapt, tl.load(h + _WEIGHT_DECAY), 0.0)
+    param_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 0))
+    grad_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1))
+    both = (param_norm > 0) & (grad_norm > 0)
+    denominator = tl.where(both, grad_norm + weight_decay * param_norm + tl.load(h + _EPS), 1.0)
+    ratio = tl.where(both, tl.div_rn(tl.load(h + _TRUST_COEFF) * param_norm, denominator), 1.0)
+    clipped = tl.minimum(tl.div_rn(ratio, lr), 1.0)
+    ratio = tl.where(tl.load(h + _TRUST_CLIP) != 0, clipped, ratio)
+    ratio = tl.where(adapt, ratio, 1.0)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = (g + weight_decay * p) * ratio  # exactly g without adaptation
+        # 2. Momentum; a new buffer is not read: it becomes d.
+        buf = tl.load(b_ptr + offs, mask=offs < n_read, other=0.0)
+        buf = tl.where(first_step, d, momentum * buf + one_minus_dampening * d)
+        tl.store(b_ptr + offs, buf, mask=offs < n_write)
+        step = tl.where(nesterov, d + momentum * buf, buf)
+        step = tl.where(has_momentum, step, d)
+        tl.store(p_ptr + offs, p - lr * step, mask=mask)  # 3.
+
+
+def lars_hyper_table(segments) -> np.ndarray:
+    """Per-tensor hyperparameters [n_tensors, N_HYPER] (fp32) from the segments' group values."""
+    rows = np.zeros((sum(len(seg.params) for seg in segments), N_HYPER), dtype=np.float64)
+    first = 0
+    for seg in segments:
+        block = rows[first : first + len(seg.params)]
+        first += len(seg.params)
+        columns = (
+            (_LR, seg.lr), (_MOMENTUM, seg.momentum), (_ONE_MINUS_DAMPENING, 1.0 - seg.dampening),
+            (_WEIGHT_DECAY, seg.weight_decay), (_TRUST_COEFF, seg.trust_coeff), (_EPS, seg.eps),
+            (_TRUST_CLIP, float(seg.trust_clip)), (_ADAPT, float(seg.adaptation)),
+            (_NESTEROV, float(seg.nesterov)), (_HAS_MOMENTUM, float(seg.momentum != 0)),
+            (_FIRST_STEP, seg.first_step),
+        )
+        for column, value in columns:
+            block[:, column.value] = value
+    return rows.astype(np.float32)
+
+
+class LarsPlan:
+    def __init__(self, table: MultiTensorTable, hyper: torch.Tensor):
+        self.table = table
+        self.hyper = hyper
+
+
+def prepare(table: MultiTensorTable, segments) -> LarsPlan:
+    params = [p for seg in segments for p in seg.params]
+    grads = [g for seg in segments for g in seg.grads]
+    # Without momentum there is no buffer; the parameter's address stands in, masked off in the kernel.
+    buffers = [p if b is None else b for seg in segments for p, b in zip(seg.params, seg.momentum_buffers)]
+    table.update([params, grads, buffers])
+    return LarsPlan(table, _to_device(lars_hyper_table(segments), table.device))
+
+
+def lars_norms(plan: LarsPlan) -> torch.Tensor:
+    return plan.table.per_tensor_sumsq(_P.value, _G.value)
+
+
+def lars_apply_(plan: LarsPlan, norms: torch.Tensor) -> None:
+    table = plan.table
+    if table.n_chunks:
+        _lars_apply_kernel[(table.n_chunks,)](
+            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, plan.hyper,
+            norms.contiguous(), N_HYPER=N_HYPER, CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
+        )
