@@ -100,6 +100,25 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     def _validate_group(group: dict, where: str = "") -> None:
         raise NotImplementedError
 
+    def _bucket_segments(self, work) -> dict:
+        """State for the params about to step, and their split into (device, dtype, backend) buckets."""
+        raise NotImplementedError
+
+    def _step_buckets(self, buckets: dict) -> None:
+        """The optimizer's stages, on every bucket."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._params_to_step()  # raises before anything changes
+        if work:
+            self._step_buckets(self._bucket_segments(work))
+        return loss
+
     # -- groups, state and pickling -------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
@@ -355,16 +374,7 @@ class FusedLAMB(_MultiTensorOptimizer):
                 seg.bias_correction2.append(1.0 - beta2**t if group["bias_correction"] else 1.0)
         return buckets
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self._params_to_step()
-        if not work:
-            return loss
-        buckets = self._bucket_segments(work)
+    def _step_buckets(self, buckets: dict) -> None:
         plans = [(self._backend(key), key, segments) for key, segments in buckets.items()]
         plans = [(backend, key, backend.prepare_lamb(segments)) for backend, key, segments in plans]
 
@@ -380,7 +390,6 @@ class FusedLAMB(_MultiTensorOptimizer):
         for backend, (device, _, _), plan in plans:
             norms = backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device))
             backend.lamb_apply_(plan, norms)
-        return loss
 
 
 def _raise_bad_grad(p: torch.Tensor, label: str, optimizer: str):
@@ -488,18 +497,9 @@ class FusedLARS(_MultiTensorOptimizer):
                 seg.first_step.append(first_step)
         return buckets
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self._params_to_step()
-        if not work:
-            return loss
-        for key, segments in self._bucket_segments(work).items():
+    def _step_buckets(self, buckets: dict) -> None:
+        for key, segments in buckets.items():
             backend = self._backend(key)
             plan = backend.prepare_lars(segments)
             norms = backend.lars_norms(plan)  # per-tensor ||p||^2, ||g||^2: all-reducible here
             backend.lars_apply_(plan, norms)
-        return loss

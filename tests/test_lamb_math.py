@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lamb_harness import assert_matches_reference, run_both
+from harness import assert_matches_reference, run_both
 
 try:
     from lamb_kernels.triton.multi_tensor import CHUNK

@@ -1,13 +1,12 @@
 """FusedLARS: every backend against the float64 reference (params AND momentum buffers after 7
 steps, SPEC sections 3 and 5), and the optimizer behaviours LAMB is tested for."""
-import copy
 import io
 
 import pytest
 import torch
 
 import lamb_kernels
-from lamb_harness import PARAM_RTOL, UPDATE_RTOL, make_groups, rel_error
+from harness import PARAM_RTOL, UPDATE_RTOL, rel_error, run_both
 from lamb_kernels import FusedLARS
 from lars_float64 import Float64LARS
 
@@ -46,28 +45,11 @@ CASES = {
 }
 
 
-def run_both(device, backend, specs, steps=7, has_grad=None, **kwargs):
-    groups, gen = make_groups(specs)
-    reference = Float64LARS(groups, **kwargs)
-    model = [[torch.nn.Parameter(p.to(device, copy=True)) for p in group["params"]] for group in groups]
-    opt = FusedLARS([{**group, "params": params} for group, params in zip(groups, model)],
-                    backend=backend, **kwargs)
-    for step in range(steps):
-        grads = [[torch.randn(p.shape, generator=gen) if has_grad is None or has_grad(step, gi, pi) else None
-                  for pi, p in enumerate(params)] for gi, params in enumerate(model)]
-        for params, group_grads in zip(model, grads):
-            for p, g in zip(params, group_grads):
-                p.grad = None if g is None else g.to(device)
-        opt.step()
-        reference.step(grads)
-    return groups, model, opt, reference
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_lars_matches_float64_reference(device, backend, case):
     spec = CASES[case]
     groups, model, opt, reference = run_both(device, backend, spec["specs"], has_grad=spec.get("has_grad"),
-                                             **spec.get("kwargs", {}))
+                                             optimizer=FusedLARS, reference=Float64LARS, **spec.get("kwargs", {}))
     for gi, (group, params) in enumerate(zip(groups, model)):
         for pi, (p0, p) in enumerate(zip(group["params"], params)):
             where = f"group {gi} param {pi} {tuple(p.shape)}"

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lamb_float64 import Float64LAMB
-from lamb_harness import PARAM_RTOL, rel_error
+from harness import PARAM_RTOL, rel_error
 from lamb_kernels import FusedLAMB, FusedLARS, param_groups
 from lars_float64 import Float64LARS
 

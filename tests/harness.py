@@ -1,4 +1,4 @@
-"""Runs FusedLAMB and the float64 reference side by side and compares them (SPEC section 5)."""
+"""Runs an optimizer and its float64 reference side by side (SPEC section 5)."""
 import torch
 
 from lamb_float64 import Float64LAMB
@@ -28,12 +28,14 @@ def make_groups(group_specs, seed=1234):
     return groups, gen
 
 
-def run_both(device, backend, group_specs, steps=7, grad_scale=1.0, has_grad=None, **kwargs):
-    """Steps FusedLAMB and the reference with the same fresh random grads; returns both."""
+def run_both(device, backend, group_specs, steps=7, grad_scale=1.0, has_grad=None,
+             optimizer=FusedLAMB, reference=Float64LAMB, **kwargs):
+    """Steps `optimizer` and its float64 `reference` with the same fresh random grads; returns
+    (groups as created, the model's params per group, the optimizer, the reference)."""
     groups, gen = make_groups(group_specs)
-    reference = Float64LAMB(groups, **kwargs)
+    reference = reference(groups, **kwargs)
     model = [[torch.nn.Parameter(p.to(device, copy=True)) for p in group["params"]] for group in groups]
-    opt = FusedLAMB([{**group, "params": params} for group, params in zip(groups, model)],
+    opt = optimizer([{**group, "params": params} for group, params in zip(groups, model)],
                     backend=backend, **kwargs)
     for step in range(steps):
         grads = [[torch.randn(p.shape, generator=gen) * grad_scale
