@@ -6,17 +6,19 @@ import torch
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay=(), *, exclude_1d: bool = True,
-                 **options) -> list:
+                 with_names: bool = False, **options) -> list:
     """Split ``model``'s trainable parameters into two param groups for FusedLAMB or FusedLARS.
 
     - excluded: every parameter with at most one dimension (biases, LayerNorm / BatchNorm weights)
-      when ``exclude_1d``, and every parameter whose name contains one of the ``no_decay``
-      substrings; this group gets ``weight_decay=0.0`` and ``layer_adaptation=False`` (no trust
+      when ``exclude_1d``, every parameter whose name contains one of the ``no_decay`` substrings,
+      and the names a timm-style ``model.no_weight_decay()`` returns (position embeddings, class
+      tokens); this group gets ``weight_decay=0.0`` and ``layer_adaptation=False`` (no trust
       ratio either);
     - decayed: the rest, with ``weight_decay``.
 
-    ``options`` (``lr=...``, say) go into both groups. Each group lists its ``param_names``;
-    parameters with ``requires_grad=False`` are left out, and an empty group is dropped.
+    ``options`` (``lr=...``, say) go into both groups. Parameters with ``requires_grad=False`` are
+    left out, and an empty group is dropped. ``with_names=True`` adds each group's
+    ``param_names`` (torch then wants every later group named too).
 
     BERT with NVIDIA's recipe::
 
@@ -24,12 +26,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay=(), *, ex
     """
     if isinstance(no_decay, str):
         raise TypeError(f"no_decay must be a collection of name substrings, got the string {no_decay!r}")
+    exact = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
     decayed = {"params": [], "param_names": [], "weight_decay": weight_decay, **options}
     excluded = {"params": [], "param_names": [], "weight_decay": 0.0, "layer_adaptation": False, **options}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        group = excluded if (exclude_1d and p.ndim <= 1) or any(part in name for part in no_decay) else decayed
+        skip = (exclude_1d and p.ndim <= 1) or name in exact or any(part in name for part in no_decay)
+        group = excluded if skip else decayed
         group["params"].append(p)
         group["param_names"].append(name)
-    return [group for group in (decayed, excluded) if group["params"]]
+    groups = [group for group in (decayed, excluded) if group["params"]]
+    if not with_names:
+        for group in groups:
+            del group["param_names"]
+    return groups

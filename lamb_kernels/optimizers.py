@@ -432,6 +432,8 @@ class FusedLARS(_MultiTensorOptimizer):
     decay on or off, as ``lamb_kernels.param_groups`` does for biases and norm weights. State:
     ``momentum_buffer`` when ``momentum != 0``, created on a parameter's first step as in
     ``torch.optim.SGD``; timm checkpoints load as they are. Grads are read, never written.
+    ``foreach`` is accepted for compatibility with timm and has no effect: the step is always
+    multi-tensor.
 
     ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton"
     or "torch"; see ``lamb_kernels.available_backends``.
@@ -453,12 +455,14 @@ class FusedLARS(_MultiTensorOptimizer):
         eps=1e-8,
         trust_clip=False,
         always_adapt=False,
+        foreach=None,
         *,
         backend="auto",
     ):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
+            foreach=foreach,
         )
         super().__init__(params, defaults, backend)
 
@@ -501,5 +505,7 @@ class FusedLARS(_MultiTensorOptimizer):
         for key, segments in buckets.items():
             backend = self._backend(key)
             plan = backend.prepare_lars(segments)
-            norms = backend.lars_norms(plan)  # per-tensor ||p||^2, ||g||^2: all-reducible here
+            norms = None  # without adaptation in the bucket, no pass over memory for norms
+            if any(seg.adaptation for seg in segments):
+                norms = backend.lars_norms(plan)  # per-tensor ||p||^2, ||g||^2: all-reducible here
             backend.lars_apply_(plan, norms)

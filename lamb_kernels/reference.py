@@ -126,16 +126,17 @@ class TorchBackend:
         first = 0
         for seg in segments:
             count = len(seg.params)
-            seg_norms = norms[first : first + count].sqrt()
             first += count
             d = seg.grads  # read only: anything that changes d works on the scratch copy
             # 1. Trust ratio r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps); d = (g + wd p) r.
+            # (norms is None when no group of the bucket adapts.)
             if seg.adaptation:
+                seg_norms = norms[first - count : first].sqrt()
                 param_norm, grad_norm = seg_norms[:, 0], seg_norms[:, 1]
                 ratio = seg.trust_coeff * param_norm / (grad_norm + seg.weight_decay * param_norm + seg.eps)
                 ratio = torch.where((param_norm > 0) & (grad_norm > 0), ratio, 1.0)
                 if seg.trust_clip:  # LARC: the effective rate lr * r never exceeds lr
-                    ratio = torch.clamp(ratio / seg.lr, max=1.0)
+                    ratio = torch.minimum(ratio / seg.lr, torch.ones_like(ratio))
                 d = self._scratch_for(seg.params)
                 torch._foreach_copy_(d, seg.grads)
                 if seg.weight_decay != 0:

@@ -21,7 +21,8 @@ VARIANTS = [
     (lamb._lamb_moments_kernel, dict(N_HYPER=lamb.N_HYPER, CLIP=True, **CHUNKING)),
     (lamb._lamb_moments_kernel, dict(N_HYPER=lamb.N_HYPER, CLIP=False, **CHUNKING)),
     (lamb._lamb_apply_kernel, dict(N_HYPER=lamb.N_HYPER, **CHUNKING)),
-    (lars._lars_apply_kernel, dict(N_HYPER=lars.N_HYPER, **CHUNKING)),
+    (lars._lars_apply_kernel, dict(N_HYPER=lars.N_HYPER, ADAPTIVE=True, **CHUNKING)),
+    (lars._lars_apply_kernel, dict(N_HYPER=lars.N_HYPER, ADAPTIVE=False, **CHUNKING)),
 ]
 
 

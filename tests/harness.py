@@ -15,15 +15,16 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def make_groups(group_specs, seed=1234):
-    """group_specs: dicts with "sizes" (shapes), optional "zero" (indices of all-zero params) and
-    hyperparameter overrides. Returns float32 CPU tensors per group and the overrides."""
+    """group_specs: dicts with "sizes" (shapes), optional "zero" (indices of all-zero params),
+    "zero_grad" (indices of params whose grads are all zero, used by run_both) and hyperparameter
+    overrides. Returns float32 CPU tensors per group and the overrides."""
     gen = torch.Generator().manual_seed(seed)
     groups = []
     for spec in group_specs:
         params = [torch.randn(shape, generator=gen) for shape in spec["sizes"]]
         for index in spec.get("zero", ()):
             params[index].zero_()
-        options = {k: v for k, v in spec.items() if k not in ("sizes", "zero")}
+        options = {k: v for k, v in spec.items() if k not in ("sizes", "zero", "zero_grad")}
         groups.append({**options, "params": params})
     return groups, gen
 
@@ -41,6 +42,9 @@ def run_both(device, backend, group_specs, steps=7, grad_scale=1.0, has_grad=Non
         grads = [[torch.randn(p.shape, generator=gen) * grad_scale
                   if has_grad is None or has_grad(step, gi, pi) else None
                   for pi, p in enumerate(params)] for gi, params in enumerate(model)]
+        for spec, group_grads in zip(group_specs, grads):
+            for index in spec.get("zero_grad", ()):  # params whose grad is all zeros
+                group_grads[index].zero_()
         for params, group_grads in zip(model, grads):
             for p, g in zip(params, group_grads):
                 p.grad = None if g is None else g.to(device)

@@ -34,8 +34,9 @@ class Float64LARS:
                     ratio = 1.0
                     if p_norm > 0 and g_norm > 0:
                         ratio = group["trust_coeff"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-                    if group["trust_clip"]:
-                        ratio = min(ratio / lr, 1.0)
+                    if group["trust_clip"]:  # float64 tensors: lr = 0 gives inf (or NaN), as in timm
+                        ratio = float(torch.minimum(torch.tensor(ratio, dtype=torch.float64) / lr,
+                                                    torch.tensor(1.0, dtype=torch.float64)))
                     d = (g + wd * p) * ratio
                 if momentum != 0:
                     buf = self.state.get((gi, pi))

@@ -25,6 +25,7 @@ CASES = {
     "clipping_off_zero": dict(specs=[dict(sizes=ODD)], grad_scale=30.0, kwargs=dict(max_grad_norm=0)),
     "clipping_off_inf": dict(specs=[dict(sizes=ODD)], grad_scale=30.0, kwargs=dict(max_grad_norm=math.inf)),
     "zero_norm_param": dict(specs=[dict(sizes=ODD, zero=(2,))]),
+    "zero_grad_param": dict(specs=[dict(sizes=ODD, zero_grad=(1, 3))]),
     "zero_size_first_middle_last": dict(specs=[dict(sizes=[(0,), (17,), (0, 5), (4097,), (0,)])]),
     "many_tensors": dict(specs=[dict(sizes=[((i * 37) % 300 + 1,) for i in range(150)])], steps=7),
     "chunk_boundaries": dict(specs=[dict(sizes=[(CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (2 * CHUNK + 17,)])]),

@@ -29,6 +29,8 @@ CASES = {
     "always_adapt_no_decay": dict(specs=[dict(sizes=ODD)], kwargs=dict(lr=0.2, momentum=0.9, always_adapt=True)),
     "no_decay_no_adaptation": dict(specs=[dict(sizes=ODD)], kwargs=dict(lr=0.2, momentum=0.9)),
     "zero_norm_param": dict(specs=[dict(sizes=ODD, zero=(2,))], kwargs=RESNET),
+    "zero_grad_param": dict(specs=[dict(sizes=ODD, zero_grad=(1, 3))], kwargs=RESNET),
+    "trust_clip_lr_zero": dict(specs=[dict(sizes=ODD, zero_grad=(2,))], kwargs=dict(RESNET, lr=0.0, trust_clip=True)),
     "zero_size_first_middle_last": dict(specs=[dict(sizes=[(0,), (17,), (0, 5), (4097,), (0,)])], kwargs=RESNET),
     "many_tensors": dict(specs=[dict(sizes=[((i * 37) % 300 + 1,) for i in range(150)])], kwargs=RESNET),
     "chunk_boundaries": dict(specs=[dict(sizes=[(CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (2 * CHUNK + 17,)])],
@@ -39,12 +41,13 @@ CASES = {
         dict(sizes=[(129,)], weight_decay=0.0, layer_adaptation=False, nesterov=True),
         dict(sizes=[(64,), (1,)], trust_clip=True, dampening=0.1),
     ], kwargs=RESNET),
-    # Params 1 and 3 never get a grad; params 2 and 4 only on even steps: buffers start late.
+    # Params 1 and 3 never get a grad; params 2 and 4 only on odd steps: buffers start late.
     "params_without_grads": dict(specs=[dict(sizes=ODD)], kwargs=RESNET,
                                  has_grad=lambda step, gi, pi: pi not in (1, 3) and (pi == 0 or step % 2 == 1)),
 }
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # trust_clip_lr_zero: r / 0 = inf
 @pytest.mark.parametrize("case", list(CASES))
 def test_lars_matches_float64_reference(device, backend, case):
     spec = CASES[case]
@@ -85,6 +88,10 @@ def snapshot(opt, params):
                                                    for t in s.values()]
 
 
+def same_bits(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_lars_state_dict_round_trip_and_identical_reruns(device, backend):
     params = make_params(device)
     opt = FusedLARS(params, backend=backend, **RESNET)
@@ -94,7 +101,7 @@ def test_lars_state_dict_round_trip_and_identical_reruns(device, backend):
     again = make_params(device)
     opt_again = FusedLARS(again, backend=backend, **RESNET)
     train(opt_again, again, 6)
-    assert all(torch.equal(a, b) for a, b in zip(straight, snapshot(opt_again, again)))
+    assert same_bits(straight, snapshot(opt_again, again))
 
     params = make_params(device)
     opt = FusedLARS(params, backend=backend, **RESNET)
@@ -106,7 +113,7 @@ def test_lars_state_dict_round_trip_and_identical_reruns(device, backend):
     resumed = FusedLARS(resumed_params, backend=backend, **RESNET)
     resumed.load_state_dict(torch.load(buffer))
     train(resumed, resumed_params, 3, first_step=3)
-    assert all(torch.equal(a, b) for a, b in zip(straight, snapshot(resumed, resumed_params)))
+    assert same_bits(straight, snapshot(resumed, resumed_params))
 
 
 def test_lars_reads_grads_and_keeps_no_state_without_momentum(device, backend):
@@ -125,9 +132,9 @@ def test_lars_signature_and_defaults_are_timm():
 
     signature = inspect.signature(FusedLARS)
     expected = dict(lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, trust_coeff=0.001,
-                    eps=1e-8, trust_clip=False, always_adapt=False)
+                    eps=1e-8, trust_clip=False, always_adapt=False, foreach=None)
     assert {name: signature.parameters[name].default for name in expected} == expected
-    assert list(signature.parameters)[:10] == ["params", *expected]
+    assert list(signature.parameters)[:11] == ["params", *expected]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -156,7 +163,7 @@ def test_lars_bad_grad_raises_before_anything_changes(device, backend):
     params[3].grad = torch.randn(params[3].shape).to_sparse().to(device)
     with pytest.raises(RuntimeError, match=r"grad of param_groups\[0\]\['params'\]\[3\] is sparse; FusedLARS"):
         opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(opt, params)))
+    assert same_bits(before, snapshot(opt, params))
 
 
 def test_lars_launches_and_tables(monkeypatch):
@@ -193,3 +200,42 @@ def test_lars_launches_and_tables(monkeypatch):
         assert next(iter(opt._backends.values())).table.builds == {"chunks": 1, "pointers": 1}
     # Two passes over memory (norms; apply) and one fixed-order reduction, whatever the tensor count.
     assert counts[0] == counts[1] == sorted(["_chunk_sumsq_kernel", "_segment_sum_kernel", "_lars_apply_kernel"])
+    # No group adapts (plain SGD with momentum): no norm pass, 20 bytes per parameter.
+    params = [torch.nn.Parameter(torch.randn(7 + i)) for i in range(10)]
+    opt = FusedLARS(params, backend="triton", lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    launches.clear()
+    opt.step()
+    assert launches == ["_lars_apply_kernel"]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf inside the interpreter
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_lars_non_finite_grads_propagate_like_the_reference(device, backend, bad_value):
+    gen = torch.Generator().manual_seed(3)
+    params0 = [torch.randn(n, generator=gen) for n in (17, 4097, 33)]
+    grads = [torch.randn(p.shape, generator=gen) for p in params0]
+    grads[1][5] = bad_value
+    reference = Float64LARS([{"params": params0}], **RESNET)
+    params = [torch.nn.Parameter(p.to(device, copy=True)) for p in params0]
+    opt = FusedLARS(params, backend=backend, **RESNET)
+    for _ in range(2):
+        for p, g in zip(params, grads):
+            p.grad = g.to(device)
+        opt.step()
+        reference.step([grads])
+    for p, expected in zip(params, reference.groups[0]["params"]):
+        torch.testing.assert_close(p.detach().cpu().double(), expected, rtol=2e-5, atol=1e-6, equal_nan=True)
+
+
+def test_lars_checkpoint_of_other_shapes_is_refused(device, backend):
+    params = make_params(device)
+    opt = FusedLARS(params, backend=backend, **RESNET)
+    train(opt, params, 1)
+    saved = opt.state_dict()
+    saved["state"][0]["momentum_buffer"] = torch.zeros(3)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\]\['momentum_buffer'\] has shape \(3,\)"):
+        opt.load_state_dict(saved)
+    assert same_bits(before, snapshot(opt, params))

@@ -25,8 +25,12 @@ def names(groups):
     return [sorted(group["param_names"]) for group in groups]
 
 
+def named(model, weight_decay, **kwargs):
+    return param_groups(model, weight_decay, with_names=True, **kwargs)
+
+
 def test_conv_net_with_batch_norm():
-    groups = param_groups(conv_net(), weight_decay=1e-4)
+    groups = named(conv_net(), weight_decay=1e-4)
     assert names(groups) == [["0.weight", "3.weight", "6.weight"],
                              ["0.bias", "1.bias", "1.weight", "4.bias", "4.weight", "6.bias"]]
     assert groups[0]["weight_decay"] == 1e-4 and "layer_adaptation" not in groups[0]
@@ -35,12 +39,12 @@ def test_conv_net_with_batch_norm():
 
 def test_transformer_block_with_name_patterns():
     model = transformer_block()
-    groups = param_groups(model, weight_decay=0.01, lr=1e-3)
+    groups = named(model, weight_decay=0.01, lr=1e-3)
     assert names(groups)[0] == ["linear1.weight", "linear2.weight", "self_attn.in_proj_weight",
                                 "self_attn.out_proj.weight"]
     assert all(group["lr"] == 1e-3 for group in groups)
     # A name pattern excludes 2-D weights too; without exclude_1d only the patterns count.
-    groups = param_groups(model, weight_decay=0.01, no_decay=("linear1", "norm"), exclude_1d=False)
+    groups = named(model, weight_decay=0.01, no_decay=("linear1", "norm"), exclude_1d=False)
     assert names(groups) == [
         ["linear2.bias", "linear2.weight", "self_attn.in_proj_bias", "self_attn.in_proj_weight",
          "self_attn.out_proj.bias", "self_attn.out_proj.weight"],
@@ -51,9 +55,32 @@ def test_transformer_block_with_name_patterns():
 def test_frozen_parameters_and_empty_groups_are_left_out():
     model = nn.Linear(4, 3)
     model.bias.requires_grad_(False)
-    assert names(param_groups(model, 0.1)) == [["weight"]]
+    assert names(named(model, 0.1)) == [["weight"]]
     with pytest.raises(TypeError, match="no_decay"):
         param_groups(model, 0.1, no_decay="bias")
+
+
+def test_timm_no_weight_decay_names_are_excluded():
+    class TinyViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+            self.head = nn.Linear(8, 2)
+
+        def no_weight_decay(self):
+            return {"pos_embed", "cls_token"}
+
+    assert names(named(TinyViT(), 0.05)) == [["head.weight"], ["cls_token", "head.bias", "pos_embed"]]
+
+
+def test_groups_without_names_leave_room_for_unnamed_groups():
+    model = conv_net()
+    groups = param_groups(model[:2], weight_decay=1e-4)
+    assert all("param_names" not in group for group in groups)
+    opt = FusedLARS(groups, lr=0.1, momentum=0.9)
+    opt.add_param_group({"params": list(model[3:].parameters())})  # a head added later, unnamed
+    assert len(opt.param_groups) == 3
 
 
 def one_step(model, make_optimizer, make_reference):

@@ -1,11 +1,11 @@
 """LARS as Triton multi-tensor kernels: SPEC section 3 in two passes over memory.
 
-1. per-tensor ||p||^2 and ||g||^2: ``MultiTensorTable.per_tensor_sumsq`` (reads p g: 8 bytes/param);
+1. per-tensor ||p||^2 and ||g||^2: ``MultiTensorTable.per_tensor_sumsq`` (reads p g: 8 bytes/param),
+   skipped when no param group of the bucket adapts;
 2. `_lars_apply_kernel`: trust ratio, weight decay, momentum and the update (reads p g b, writes
    p b: 20 bytes/param).
 
-28 bytes per fp32 parameter with momentum, as much as torch's fused SGD with momentum plus the norm
-pass. All arithmetic in fp32; per-tensor hyperparameters from a table, so one launch serves every
+28 bytes per fp32 parameter with momentum: torch's fused SGD with momentum plus the norm pass. All arithmetic in fp32; per-tensor hyperparameters from a table, so one launch serves every
 param group of a (device, dtype) bucket, with or without momentum.
 """
 from __future__ import annotations
@@ -45,8 +45,9 @@ def _lars_apply_kernel(
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
     hyper,  # fp32 [n_tensors, N_HYPER]
-    norms,  # fp32 [n_tensors, 2]: ||p||^2 and ||g||^2 per tensor
+    norms,  # fp32 [n_tensors, 2]: ||p||^2 and ||g||^2 per tensor (read only when ADAPTIVE)
     N_HYPER: tl.constexpr,
+    ADAPTIVE: tl.constexpr,  # False: no tensor of this launch adapts, and the norm pass was skipped
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -66,22 +67,25 @@ def _lars_apply_kernel(
     # The buffer's elements to read (none when it is new or absent) and to write (none when absent).
     n_read = tl.where(has_momentum & (tl.load(h + _FIRST_STEP) == 0), n, 0)
     n_write = tl.where(has_momentum, n, 0)
-    # 1. Trust ratio, on the device. IEEE-rounded sqrt and division, as in the LAMB kernels.
-    weight_decay = tl.where(adapt, tl.load(h + _WEIGHT_DECAY), 0.0)
-    param_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 0))
-    grad_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1))
-    both = (param_norm > 0) & (grad_norm > 0)
-    denominator = tl.where(both, grad_norm + weight_decay * param_norm + tl.load(h + _EPS), 1.0)
-    ratio = tl.where(both, tl.div_rn(tl.load(h + _TRUST_COEFF) * param_norm, denominator), 1.0)
-    clipped = tl.minimum(tl.div_rn(ratio, lr), 1.0)
-    ratio = tl.where(tl.load(h + _TRUST_CLIP) != 0, clipped, ratio)
-    ratio = tl.where(adapt, ratio, 1.0)
+    weight_decay = tl.load(h + _WEIGHT_DECAY)
+    if ADAPTIVE:
+        # 1. Trust ratio, on the device. IEEE-rounded sqrt and division, as in the LAMB kernels.
+        param_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 0))
+        grad_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1))
+        both = (param_norm > 0) & (grad_norm > 0)
+        denominator = tl.where(both, grad_norm + weight_decay * param_norm + tl.load(h + _EPS), 1.0)
+        ratio = tl.where(both, tl.div_rn(tl.load(h + _TRUST_COEFF) * param_norm, denominator), 1.0)
+        # LARC; NaN propagates as in torch.minimum (lr = 0 with a ratio of 0 gives 0 / 0).
+        clipped = tl.minimum(tl.div_rn(ratio, lr), 1.0, propagate_nan=tl.PropagateNan.ALL)
+        ratio = tl.where(tl.load(h + _TRUST_CLIP) != 0, clipped, ratio)
+    else:
+        ratio = 1.0
     for i in range(0, n, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         mask = offs < n
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = (g + weight_decay * p) * ratio  # exactly g without adaptation
+        d = tl.where(adapt, (g + weight_decay * p) * ratio, g)
         # 2. Momentum; a new buffer is not read: it becomes d.
         buf = tl.load(b_ptr + offs, mask=offs < n_read, other=0.0)
         buf = tl.where(first_step, d, momentum * buf + one_minus_dampening * d)
@@ -129,10 +133,12 @@ def lars_norms(plan: LarsPlan) -> torch.Tensor:
     return plan.table.per_tensor_sumsq(_P.value, _G.value)
 
 
-def lars_apply_(plan: LarsPlan, norms: torch.Tensor) -> None:
+def lars_apply_(plan: LarsPlan, norms) -> None:
+    """`norms` is None when no tensor of the bucket adapts: then nothing reads it."""
     table = plan.table
     if table.n_chunks:
         _lars_apply_kernel[(table.n_chunks,)](
             table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, plan.hyper,
-            norms.contiguous(), N_HYPER=N_HYPER, CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
+            plan.hyper if norms is None else norms.contiguous(),
+            N_HYPER=N_HYPER, ADAPTIVE=norms is not None, CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
         )
