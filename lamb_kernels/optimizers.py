@@ -199,7 +199,6 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                             f"{_param_label(group_index, param_index, group)} has shape {tuple(p.shape)}"
                         )
 
-
     # -- the step ------------------------------------------------------------------------------
 
     def _params_to_step(self):
@@ -254,6 +253,18 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             f"the optimizer state of {label} ({tuple(p.shape)} {p.dtype} on {p.device}, strides "
             f"{p.stride()}) does not fit it: {details}"
         )
+
+    def _segment_for(self, p: torch.Tensor, name: str, segments_of_group: dict, buckets: dict, make_segment):
+        """The segment of p's group in p's (device, dtype, backend) bucket, created by
+        `make_segment()` on first use; p and its grad are appended to it."""
+        key = (p.device, p.dtype, name)
+        seg = segments_of_group.get(key)
+        if seg is None:
+            seg = segments_of_group[key] = make_segment()
+            buckets.setdefault(key, []).append(seg)
+        seg.params.append(p)
+        seg.grads.append(self._grad_for(p, name))
+        return seg
 
     @staticmethod
     def _grad_for(p: torch.Tensor, backend_name: str) -> torch.Tensor:
@@ -352,22 +363,20 @@ class FusedLAMB(_MultiTensorOptimizer):
             if adaptation is None:
                 adaptation = bool(group["use_nvlamb"]) or wd != 0
             bounds = group.get("trust_ratio_bounds") or (0.0, math.inf)
+
+            def make_segment():
+                return LambSegment(
+                    params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], bias_correction1=[],
+                    bias_correction2=[], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                    beta3=1.0 - beta1 if group["grad_averaging"] else 1.0, eps=float(group["eps"]),
+                    weight_decay=wd, adam_w_mode=bool(group["adam_w_mode"]),
+                    layer_adaptation=bool(adaptation), max_grad_norm=_clip_threshold(group["max_grad_norm"]),
+                    trust_ratio_bounds=(float(bounds[0]), float(bounds[1])),
+                )
+
             segments_of_group = {}
             for (p, name), state, t in zip(params, states, steps):
-                key = (p.device, p.dtype, name)
-                seg = segments_of_group.get(key)
-                if seg is None:
-                    seg = segments_of_group[key] = LambSegment(
-                        params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], bias_correction1=[],
-                        bias_correction2=[], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                        beta3=1.0 - beta1 if group["grad_averaging"] else 1.0, eps=float(group["eps"]),
-                        weight_decay=wd, adam_w_mode=bool(group["adam_w_mode"]),
-                        layer_adaptation=bool(adaptation), max_grad_norm=_clip_threshold(group["max_grad_norm"]),
-                        trust_ratio_bounds=(float(bounds[0]), float(bounds[1])),
-                    )
-                    buckets.setdefault(key, []).append(seg)
-                seg.params.append(p)
-                seg.grads.append(self._grad_for(p, name))
+                seg = self._segment_for(p, name, segments_of_group, buckets, make_segment)
                 seg.exp_avgs.append(state["exp_avg"])
                 seg.exp_avg_sqs.append(state["exp_avg_sq"])
                 seg.bias_correction1.append(1.0 - beta1**t if group["bias_correction"] else 1.0)
@@ -475,6 +484,16 @@ class FusedLARS(_MultiTensorOptimizer):
             adaptation = group.get("layer_adaptation")
             if adaptation is None:
                 adaptation = wd != 0 or bool(group["always_adapt"])
+
+            def make_segment():
+                return LarsSegment(
+                    params=[], grads=[], momentum_buffers=[], first_step=[], lr=float(group["lr"]),
+                    momentum=momentum, dampening=float(group["dampening"]), weight_decay=wd,
+                    nesterov=bool(group["nesterov"]), trust_coeff=float(group["trust_coeff"]),
+                    eps=float(group["eps"]), trust_clip=bool(group["trust_clip"]),
+                    adaptation=bool(adaptation),
+                )
+
             segments_of_group = {}
             for p, name in params:
                 buffer, first_step = None, False
@@ -484,19 +503,7 @@ class FusedLARS(_MultiTensorOptimizer):
                     if buffer is None:  # filled with d by the first step, as torch's SGD does
                         buffer = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
                         first_step = True
-                key = (p.device, p.dtype, name)
-                seg = segments_of_group.get(key)
-                if seg is None:
-                    seg = segments_of_group[key] = LarsSegment(
-                        params=[], grads=[], momentum_buffers=[], first_step=[], lr=float(group["lr"]),
-                        momentum=momentum, dampening=float(group["dampening"]), weight_decay=wd,
-                        nesterov=bool(group["nesterov"]), trust_coeff=float(group["trust_coeff"]),
-                        eps=float(group["eps"]), trust_clip=bool(group["trust_clip"]),
-                        adaptation=bool(adaptation),
-                    )
-                    buckets.setdefault(key, []).append(seg)
-                seg.params.append(p)
-                seg.grads.append(self._grad_for(p, name))
+                seg = self._segment_for(p, name, segments_of_group, buckets, make_segment)
                 seg.momentum_buffers.append(buffer)
                 seg.first_step.append(first_step)
         return buckets

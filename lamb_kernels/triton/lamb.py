@@ -12,12 +12,12 @@ Hyperparameters come per tensor from a small table, so one launch serves every p
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, _to_device, chunk_extent, column_pointer
+from .multi_tensor import (BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent,
+                           column_pointer, hyper_table)
 
 # Columns of the per-tensor hyperparameter table.
 _LR = tl.constexpr(0)
@@ -147,45 +147,31 @@ def _lamb_apply_kernel(
         tl.store(p_ptr + offs, p - step_size * u, mask=mask)  # 7.
 
 
-def lamb_hyper_table(segments) -> np.ndarray:
-    """Per-tensor hyperparameters [n_tensors, N_HYPER] (fp32) from the segments' group values."""
-    rows = np.zeros((sum(len(seg.params) for seg in segments), N_HYPER), dtype=np.float64)
-    first = 0
-    for seg in segments:
-        block = rows[first : first + len(seg.params)]
-        first += len(seg.params)
-        wd = seg.weight_decay
-        columns = (
-            (_LR, seg.lr), (_BETA1, seg.beta1), (_BETA2, seg.beta2), (_BETA3, seg.beta3),
-            (_ONE_MINUS_BETA2, 1.0 - seg.beta2), (_EPS, seg.eps),
-            (_WD_L2, 0.0 if seg.adam_w_mode else wd), (_WD_DECOUPLED, wd if seg.adam_w_mode else 0.0),
-            (_BC1, seg.bias_correction1), (_BC2, seg.bias_correction2),
-            (_MAX_GRAD_NORM, seg.max_grad_norm), (_ADAPT, 1.0 if seg.layer_adaptation else 0.0),
-            (_RATIO_LO, seg.trust_ratio_bounds[0]), (_RATIO_HI, seg.trust_ratio_bounds[1]),
-        )
-        for column, value in columns:
-            block[:, column.value] = value
-    return rows.astype(np.float32)
+def _lamb_columns(seg):
+    """The hyperparameter-table columns of one segment (a LambSegment)."""
+    wd = seg.weight_decay
+    return (
+        (_LR, seg.lr), (_BETA1, seg.beta1), (_BETA2, seg.beta2), (_BETA3, seg.beta3),
+        (_ONE_MINUS_BETA2, 1.0 - seg.beta2), (_EPS, seg.eps),
+        (_WD_L2, 0.0 if seg.adam_w_mode else wd), (_WD_DECOUPLED, wd if seg.adam_w_mode else 0.0),
+        (_BC1, seg.bias_correction1), (_BC2, seg.bias_correction2),
+        (_MAX_GRAD_NORM, seg.max_grad_norm), (_ADAPT, 1.0 if seg.layer_adaptation else 0.0),
+        (_RATIO_LO, seg.trust_ratio_bounds[0]), (_RATIO_HI, seg.trust_ratio_bounds[1]),
+    )
 
 
-class LambPlan:
-    def __init__(self, table: MultiTensorTable, hyper: torch.Tensor):
-        self.table = table
-        self.hyper = hyper
-
-
-def prepare(table: MultiTensorTable, segments) -> LambPlan:
+def prepare(table: MultiTensorTable, segments) -> Plan:
     columns = [[t for seg in segments for t in getattr(seg, name)]
                for name in ("params", "grads", "exp_avgs", "exp_avg_sqs")]
     table.update(columns)
-    return LambPlan(table, _to_device(lamb_hyper_table(segments), table.device))
+    return Plan(table, _to_device(hyper_table(segments, N_HYPER, _lamb_columns), table.device))
 
 
-def grad_sumsq(plan: LambPlan) -> torch.Tensor:
+def grad_sumsq(plan: Plan) -> torch.Tensor:
     return plan.table.column_sumsq(_G.value)
 
 
-def lamb_update_norms_(plan: LambPlan, grad_sumsq) -> torch.Tensor:
+def lamb_update_norms_(plan: Plan, grad_sumsq) -> torch.Tensor:
     table = plan.table
     partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=table.device)
     if table.n_chunks:
@@ -198,7 +184,7 @@ def lamb_update_norms_(plan: LambPlan, grad_sumsq) -> torch.Tensor:
     return table.per_tensor_sum(partials)
 
 
-def lamb_apply_(plan: LambPlan, norms: torch.Tensor) -> None:
+def lamb_apply_(plan: Plan, norms: torch.Tensor) -> None:
     table = plan.table
     if table.n_chunks:
         _lamb_apply_kernel[(table.n_chunks,)](

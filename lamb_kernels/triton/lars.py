@@ -10,12 +10,12 @@ param group of a (device, dtype) bucket, with or without momentum.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, _to_device, chunk_extent, column_pointer
+from .multi_tensor import (BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent,
+                           column_pointer, hyper_table)
 
 # Columns of the per-tensor hyperparameter table.
 _LR = tl.constexpr(0)
@@ -95,45 +95,31 @@ def _lars_apply_kernel(
         tl.store(p_ptr + offs, p - lr * step, mask=mask)  # 3.
 
 
-def lars_hyper_table(segments) -> np.ndarray:
-    """Per-tensor hyperparameters [n_tensors, N_HYPER] (fp32) from the segments' group values."""
-    rows = np.zeros((sum(len(seg.params) for seg in segments), N_HYPER), dtype=np.float64)
-    first = 0
-    for seg in segments:
-        block = rows[first : first + len(seg.params)]
-        first += len(seg.params)
-        columns = (
-            (_LR, seg.lr), (_MOMENTUM, seg.momentum), (_ONE_MINUS_DAMPENING, 1.0 - seg.dampening),
-            (_WEIGHT_DECAY, seg.weight_decay), (_TRUST_COEFF, seg.trust_coeff), (_EPS, seg.eps),
-            (_TRUST_CLIP, float(seg.trust_clip)), (_ADAPT, float(seg.adaptation)),
-            (_NESTEROV, float(seg.nesterov)), (_HAS_MOMENTUM, float(seg.momentum != 0)),
-            (_FIRST_STEP, seg.first_step),
-        )
-        for column, value in columns:
-            block[:, column.value] = value
-    return rows.astype(np.float32)
+def _lars_columns(seg):
+    """The hyperparameter-table columns of one segment (a LarsSegment)."""
+    return (
+        (_LR, seg.lr), (_MOMENTUM, seg.momentum), (_ONE_MINUS_DAMPENING, 1.0 - seg.dampening),
+        (_WEIGHT_DECAY, seg.weight_decay), (_TRUST_COEFF, seg.trust_coeff), (_EPS, seg.eps),
+        (_TRUST_CLIP, float(seg.trust_clip)), (_ADAPT, float(seg.adaptation)),
+        (_NESTEROV, float(seg.nesterov)), (_HAS_MOMENTUM, float(seg.momentum != 0)),
+        (_FIRST_STEP, seg.first_step),
+    )
 
 
-class LarsPlan:
-    def __init__(self, table: MultiTensorTable, hyper: torch.Tensor):
-        self.table = table
-        self.hyper = hyper
-
-
-def prepare(table: MultiTensorTable, segments) -> LarsPlan:
+def prepare(table: MultiTensorTable, segments) -> Plan:
     params = [p for seg in segments for p in seg.params]
     grads = [g for seg in segments for g in seg.grads]
     # Without momentum there is no buffer; the parameter's address stands in, masked off in the kernel.
     buffers = [p if b is None else b for seg in segments for p, b in zip(seg.params, seg.momentum_buffers)]
     table.update([params, grads, buffers])
-    return LarsPlan(table, _to_device(lars_hyper_table(segments), table.device))
+    return Plan(table, _to_device(hyper_table(segments, N_HYPER, _lars_columns), table.device))
 
 
-def lars_norms(plan: LarsPlan) -> torch.Tensor:
+def lars_norms(plan: Plan) -> torch.Tensor:
     return plan.table.per_tensor_sumsq(_P.value, _G.value)
 
 
-def lars_apply_(plan: LarsPlan, norms) -> None:
+def lars_apply_(plan: Plan, norms) -> None:
     """`norms` is None when no tensor of the bucket adapts: then nothing reads it."""
     table = plan.table
     if table.n_chunks:

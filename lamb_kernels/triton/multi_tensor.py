@@ -175,6 +175,27 @@ class MultiTensorTable:
         return segment_sum(partials, self.tensor_chunks, self.n_tensors)
 
 
+class Plan:
+    """One step's launch inputs for a bucket: its (cached) tables and its per-tensor hyperparameters."""
+
+    def __init__(self, table: MultiTensorTable, hyper: torch.Tensor):
+        self.table = table
+        self.hyper = hyper
+
+
+def hyper_table(segments, width: int, columns_of) -> np.ndarray:
+    """Per-tensor hyperparameters [n_tensors, width] (fp32). `columns_of(segment)` gives (column,
+    value) pairs, a value being the group's scalar or one entry per tensor of the segment."""
+    rows = np.zeros((sum(len(seg.params) for seg in segments), width), dtype=np.float64)
+    first = 0
+    for seg in segments:
+        block = rows[first : first + len(seg.params)]
+        first += len(seg.params)
+        for column, value in columns_of(seg):
+            block[:, column.value] = value
+    return rows.astype(np.float32)
+
+
 def segment_sum(partials: torch.Tensor, bounds: torch.Tensor, n_segments: int) -> torch.Tensor:
     width = partials.shape[1] if partials.dim() == 2 else 1
     out = torch.empty((n_segments, width), dtype=torch.float32, device=partials.device)
