@@ -16,25 +16,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent,
-                           column_pointer, hyper_table)
+from ..hyper import WIDTH, LambColumn, lamb_table
+from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent, column_pointer
 
-# Columns of the per-tensor hyperparameter table.
-_LR = tl.constexpr(0)
-_BETA1 = tl.constexpr(1)
-_BETA2 = tl.constexpr(2)
-_BETA3 = tl.constexpr(3)
-_ONE_MINUS_BETA2 = tl.constexpr(4)
-_EPS = tl.constexpr(5)
-_WD_L2 = tl.constexpr(6)  # weight decay added to the grad (L2 mode), else 0
-_WD_DECOUPLED = tl.constexpr(7)  # weight decay added to the update (AdamW mode), else 0
-_BC1 = tl.constexpr(8)
-_BC2 = tl.constexpr(9)
-_MAX_GRAD_NORM = tl.constexpr(10)  # 0: this tensor's group does not clip
-_ADAPT = tl.constexpr(11)  # 1.0: apply the trust ratio
-_RATIO_LO = tl.constexpr(12)
-_RATIO_HI = tl.constexpr(13)
-N_HYPER = 16
+# Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
+_LR = tl.constexpr(LambColumn.LR.value)
+_BETA1 = tl.constexpr(LambColumn.BETA1.value)
+_BETA2 = tl.constexpr(LambColumn.BETA2.value)
+_BETA3 = tl.constexpr(LambColumn.BETA3.value)
+_ONE_MINUS_BETA2 = tl.constexpr(LambColumn.ONE_MINUS_BETA2.value)
+_EPS = tl.constexpr(LambColumn.EPS.value)
+_WD_L2 = tl.constexpr(LambColumn.WD_L2.value)
+_WD_DECOUPLED = tl.constexpr(LambColumn.WD_DECOUPLED.value)
+_BC1 = tl.constexpr(LambColumn.BC1.value)
+_BC2 = tl.constexpr(LambColumn.BC2.value)
+_MAX_GRAD_NORM = tl.constexpr(LambColumn.MAX_GRAD_NORM.value)
+_ADAPT = tl.constexpr(LambColumn.ADAPT.value)
+_RATIO_LO = tl.constexpr(LambColumn.RATIO_LO.value)
+_RATIO_HI = tl.constexpr(LambColumn.RATIO_HI.value)
+N_HYPER = WIDTH
 
 # Columns of the pointer table.
 _N_COLS = tl.constexpr(4)
@@ -147,24 +147,11 @@ def _lamb_apply_kernel(
         tl.store(p_ptr + offs, p - step_size * u, mask=mask)  # 7.
 
 
-def _lamb_columns(seg):
-    """The hyperparameter-table columns of one segment (a LambSegment)."""
-    wd = seg.weight_decay
-    return (
-        (_LR, seg.lr), (_BETA1, seg.beta1), (_BETA2, seg.beta2), (_BETA3, seg.beta3),
-        (_ONE_MINUS_BETA2, 1.0 - seg.beta2), (_EPS, seg.eps),
-        (_WD_L2, 0.0 if seg.adam_w_mode else wd), (_WD_DECOUPLED, wd if seg.adam_w_mode else 0.0),
-        (_BC1, seg.bias_correction1), (_BC2, seg.bias_correction2),
-        (_MAX_GRAD_NORM, seg.max_grad_norm), (_ADAPT, 1.0 if seg.layer_adaptation else 0.0),
-        (_RATIO_LO, seg.trust_ratio_bounds[0]), (_RATIO_HI, seg.trust_ratio_bounds[1]),
-    )
-
-
 def prepare(table: MultiTensorTable, segments) -> Plan:
     columns = [[t for seg in segments for t in getattr(seg, name)]
                for name in ("params", "grads", "exp_avgs", "exp_avg_sqs")]
     table.update(columns)
-    return Plan(table, _to_device(hyper_table(segments, N_HYPER, _lamb_columns), table.device))
+    return Plan(table, _to_device(lamb_table(segments), table.device))
 
 
 def grad_sumsq(plan: Plan) -> torch.Tensor:

@@ -14,22 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent,
-                           column_pointer, hyper_table)
+from ..hyper import WIDTH, LarsColumn, lars_table
+from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent, column_pointer
 
-# Columns of the per-tensor hyperparameter table.
-_LR = tl.constexpr(0)
-_MOMENTUM = tl.constexpr(1)
-_ONE_MINUS_DAMPENING = tl.constexpr(2)
-_WEIGHT_DECAY = tl.constexpr(3)
-_TRUST_COEFF = tl.constexpr(4)
-_EPS = tl.constexpr(5)
-_TRUST_CLIP = tl.constexpr(6)  # 1.0: LARC, r <- min(r / lr, 1)
-_ADAPT = tl.constexpr(7)  # 1.0: trust ratio and weight decay apply
-_NESTEROV = tl.constexpr(8)
-_HAS_MOMENTUM = tl.constexpr(9)  # 0.0: no buffer (its pointer is a placeholder, never accessed)
-_FIRST_STEP = tl.constexpr(10)  # 1.0: the buffer is new and becomes d
-N_HYPER = 16
+# Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
+_LR = tl.constexpr(LarsColumn.LR.value)
+_MOMENTUM = tl.constexpr(LarsColumn.MOMENTUM.value)
+_ONE_MINUS_DAMPENING = tl.constexpr(LarsColumn.ONE_MINUS_DAMPENING.value)
+_WEIGHT_DECAY = tl.constexpr(LarsColumn.WEIGHT_DECAY.value)
+_TRUST_COEFF = tl.constexpr(LarsColumn.TRUST_COEFF.value)
+_EPS = tl.constexpr(LarsColumn.EPS.value)
+_TRUST_CLIP = tl.constexpr(LarsColumn.TRUST_CLIP.value)
+_ADAPT = tl.constexpr(LarsColumn.ADAPT.value)
+_NESTEROV = tl.constexpr(LarsColumn.NESTEROV.value)
+_HAS_MOMENTUM = tl.constexpr(LarsColumn.HAS_MOMENTUM.value)
+_FIRST_STEP = tl.constexpr(LarsColumn.FIRST_STEP.value)
+N_HYPER = WIDTH
 
 # Columns of the pointer table.
 _N_COLS = tl.constexpr(3)
@@ -95,24 +95,13 @@ def _lars_apply_kernel(
         tl.store(p_ptr + offs, p - lr * step, mask=mask)  # 3.
 
 
-def _lars_columns(seg):
-    """The hyperparameter-table columns of one segment (a LarsSegment)."""
-    return (
-        (_LR, seg.lr), (_MOMENTUM, seg.momentum), (_ONE_MINUS_DAMPENING, 1.0 - seg.dampening),
-        (_WEIGHT_DECAY, seg.weight_decay), (_TRUST_COEFF, seg.trust_coeff), (_EPS, seg.eps),
-        (_TRUST_CLIP, float(seg.trust_clip)), (_ADAPT, float(seg.adaptation)),
-        (_NESTEROV, float(seg.nesterov)), (_HAS_MOMENTUM, float(seg.momentum != 0)),
-        (_FIRST_STEP, seg.first_step),
-    )
-
-
 def prepare(table: MultiTensorTable, segments) -> Plan:
     params = [p for seg in segments for p in seg.params]
     grads = [g for seg in segments for g in seg.grads]
     # Without momentum there is no buffer; the parameter's address stands in, masked off in the kernel.
     buffers = [p if b is None else b for seg in segments for p, b in zip(seg.params, seg.momentum_buffers)]
     table.update([params, grads, buffers])
-    return Plan(table, _to_device(hyper_table(segments, N_HYPER, _lars_columns), table.device))
+    return Plan(table, _to_device(lars_table(segments), table.device))
 
 
 def lars_norms(plan: Plan) -> torch.Tensor:

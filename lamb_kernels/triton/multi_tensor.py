@@ -183,19 +183,6 @@ class Plan:
         self.hyper = hyper
 
 
-def hyper_table(segments, width: int, columns_of) -> np.ndarray:
-    """Per-tensor hyperparameters [n_tensors, width] (fp32). `columns_of(segment)` gives (column,
-    value) pairs, a value being the group's scalar or one entry per tensor of the segment."""
-    rows = np.zeros((sum(len(seg.params) for seg in segments), width), dtype=np.float64)
-    first = 0
-    for seg in segments:
-        block = rows[first : first + len(seg.params)]
-        first += len(seg.params)
-        for column, value in columns_of(seg):
-            block[:, column.value] = value
-    return rows.astype(np.float32)
-
-
 def segment_sum(partials: torch.Tensor, bounds: torch.Tensor, n_segments: int) -> torch.Tensor:
     width = partials.shape[1] if partials.dim() == 2 else 1
     out = torch.empty((n_segments, width), dtype=torch.float32, device=partials.device)
