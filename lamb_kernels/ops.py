@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-BACKEND_NAMES = ("triton", "torch")
+BACKEND_NAMES = ("triton", "cpp", "torch")
 ENV_VAR = "LAMB_KERNELS_BACKEND"
 
 
@@ -93,17 +93,27 @@ def _triton_unavailable_reason(device_type: str) -> str | None:
     return f"no triton support for device type {device_type!r}"
 
 
+def _cpp_unavailable_reason(device_type: str) -> str | None:
+    if device_type != "cpu":
+        return "the C++ operators run on CPU tensors only"
+    from . import extension  # builds the operators on first use, or loads them from the cache
+
+    return extension.unavailable_reason()
+
+
 def _unavailable_reason(name: str, device_type: str) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
         return _triton_unavailable_reason(device_type)
+    if name == "cpp":
+        return _cpp_unavailable_reason(device_type)
     raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKEND_NAMES)}")
 
 
 def _preference(device_type: str) -> tuple:
     # Under the interpreter triton is far slower than eager torch, so "auto" never picks it on CPU.
-    return ("triton", "torch") if device_type == "cuda" else ("torch", "triton")
+    return ("triton", "torch") if device_type == "cuda" else ("cpp", "torch", "triton")
 
 
 def available_backends(device="cpu") -> list:
@@ -148,6 +158,10 @@ def create_backend(name: str):
         from .reference import TorchBackend
 
         return TorchBackend()
+    if name == "cpp":
+        from .cpp import CppBackend
+
+        return CppBackend()
     from .triton import TritonBackend
 
     return TritonBackend()

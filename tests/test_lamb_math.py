@@ -5,6 +5,8 @@ import pytest
 
 from harness import assert_matches_reference, run_both
 
+from lamb_kernels.cpp import CHUNK as CPP_CHUNK
+
 try:
     from lamb_kernels.triton.multi_tensor import CHUNK
 except ImportError:  # no triton: only the torch backend runs, any chunk size will do
@@ -29,6 +31,8 @@ CASES = {
     "zero_size_first_middle_last": dict(specs=[dict(sizes=[(0,), (17,), (0, 5), (4097,), (0,)])]),
     "many_tensors": dict(specs=[dict(sizes=[((i * 37) % 300 + 1,) for i in range(150)])], steps=7),
     "chunk_boundaries": dict(specs=[dict(sizes=[(CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (2 * CHUNK + 17,)])]),
+    "cpp_chunk_boundaries": dict(specs=[dict(sizes=[(CPP_CHUNK - 1,), (CPP_CHUNK + 1,), (2 * CPP_CHUNK + 77,)])],
+                                 steps=3),
     "several_groups": dict(specs=[
         dict(sizes=[(17,), (4097,)]),
         dict(sizes=[(33,), (5, 7)], lr=5e-3, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1, adam_w_mode=False),

@@ -194,11 +194,13 @@ def test_param_without_grad_is_skipped(device, backend):
 
 
 def test_auto_backend_and_environment_override(monkeypatch):
-    assert available_backends("cpu")[0] == "torch"  # interpreted triton is never the CPU default
+    # The C++ backend when it built, else torch; interpreted triton is never the CPU default.
+    expected = "cpp" if "cpp" in available_backends("cpu") else "torch"
+    assert available_backends("cpu")[0] == expected
     params = make_params("cpu")
     opt = FusedLAMB(params, backend="auto")
     train(opt, params, 1)
-    assert {key[2] for key in opt._backends} == {"torch"}
+    assert {key[2] for key in opt._backends} == {expected}
     if "triton" in available_backends("cpu"):
         monkeypatch.setenv("LAMB_KERNELS_BACKEND", "triton")
         opt = FusedLAMB(params, backend="auto")
@@ -339,7 +341,7 @@ def test_broken_triton_install_leaves_import_working(tmp_path):
     (tmp_path / "triton" / "__init__.py").write_text("raise RuntimeError('driver not found')\n")
     root = pathlib.Path(__file__).parent.parent
     code = ("import lamb_kernels, lamb_kernels.ops\n"
-            "assert lamb_kernels.available_backends('cpu') == ['torch'], lamb_kernels.available_backends('cpu')\n"
+            "assert 'triton' not in lamb_kernels.available_backends('cpu'), lamb_kernels.available_backends('cpu')\n"
             "try:\n"
             "    lamb_kernels.ops.resolve_backend('triton', 'cpu')\n"
             "except ValueError as e:\n"

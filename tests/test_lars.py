@@ -10,6 +10,8 @@ from harness import PARAM_RTOL, UPDATE_RTOL, rel_error, run_both
 from lamb_kernels import FusedLARS
 from lars_float64 import Float64LARS
 
+from lamb_kernels.cpp import CHUNK as CPP_CHUNK
+
 try:
     from lamb_kernels.triton.multi_tensor import CHUNK
 except ImportError:  # no triton: only the torch backend runs, any chunk size will do
@@ -35,6 +37,8 @@ CASES = {
     "many_tensors": dict(specs=[dict(sizes=[((i * 37) % 300 + 1,) for i in range(150)])], kwargs=RESNET),
     "chunk_boundaries": dict(specs=[dict(sizes=[(CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (2 * CHUNK + 17,)])],
                              kwargs=RESNET),
+    "cpp_chunk_boundaries": dict(specs=[dict(sizes=[(CPP_CHUNK - 1,), (CPP_CHUNK + 1,), (2 * CPP_CHUNK + 77,)])],
+                                 kwargs=RESNET),
     "several_groups": dict(specs=[
         dict(sizes=[(17,), (4097,)]),
         dict(sizes=[(33,), (5, 7)], lr=0.05, momentum=0.0, weight_decay=1e-3),

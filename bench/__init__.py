@@ -1,0 +1,1 @@
+"""Benchmarks of lamb_kernels' optimizer steps."""

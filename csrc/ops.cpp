@@ -1,0 +1,51 @@
+// The operators' schemas (what each reads and mutates) and their CPU kernels. Fake kernels for
+// torch.compile and opcheck are registered from Python (lamb_kernels/extension.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace lamb_kernels {
+
+at::Tensor sums_of_squares_cpu(at::TensorList tensors, std::optional<at::TensorList> paired, int64_t chunk_size);
+at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, const at::Tensor& hyper,
+                            const std::optional<at::Tensor>& grad_sumsq, int64_t chunk_size);
+void lamb_apply_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    const at::Tensor& hyper, const at::Tensor& norms, int64_t chunk_size);
+void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    const at::Tensor& hyper, const std::optional<at::Tensor>& norms, int64_t chunk_size);
+
+TORCH_LIBRARY(lamb_kernels, m) {
+  // Per tensor, the sum of squares of its elements: float32 [n_tensors]; with `paired` (a list like
+  // `tensors`), [n_tensors, 2], the second column for `paired`, both read in one pass.
+  m.def("sums_of_squares(Tensor[] tensors, Tensor[]? paired, int chunk_size) -> Tensor");
+  // LAMB steps 1-5 (SPEC section 2): moments in place; returns float32 [n_tensors, 2], per tensor
+  // ||p||^2 (before the update) and ||u||^2. hyper: float32 [n_tensors, 16] (lamb_kernels/hyper.py).
+  m.def("lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+        "Tensor hyper, Tensor? grad_sumsq, int chunk_size) -> Tensor");
+  // LAMB steps 6-7: p <- p - lr * r * u, the trust ratio r from `norms` (lamb_moments' result).
+  m.def("lamb_apply(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor hyper, Tensor norms, "
+        "int chunk_size) -> ()");
+  // LARS (SPEC section 3): trust ratio from `norms` ([n_tensors, 2]: ||p||^2, ||g||^2; None when no
+  // tensor adapts), weight decay, momentum, update. A tensor without momentum has an empty placeholder
+  // in momentum_buffers.
+  m.def("lars_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, "
+        "Tensor? norms, int chunk_size) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lamb_kernels, CPU, m) {
+  m.impl("sums_of_squares", &sums_of_squares_cpu);
+  m.impl("lamb_moments", &lamb_moments_cpu);
+  m.impl("lamb_apply", &lamb_apply_cpu);
+  m.impl("lars_apply", &lars_apply_cpu);
+}
+
+}  // namespace lamb_kernels
+
+// An importable module for the ahead-of-time build (`import lamb_kernels._C` loads the operators
+// above); the just-in-time build loads the same library with torch.ops.load_library.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lamb_kernels' C++ operators", -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,67 @@
+"""The "cpp" backend: the C++ operators of csrc/ on CPU tensors (built or loaded by extension.py).
+
+One operator call per stage and bucket, whatever the number of tensors: LAMB 3 (2 without
+clipping), LARS 3 (1 when no group adapts). The operators chunk every tensor and share the chunks
+among torch's threads (``torch.set_num_threads``).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import extension
+from .hyper import lamb_table, lars_table
+
+# Elements per chunk: large enough that scheduling costs nothing, small enough that a thread's four
+# arrays of a chunk (p, g, m, v) stay in its L2 cache and a big tensor spreads over every core.
+CHUNK = 16384
+
+
+class LambPlan:
+    def __init__(self, segments):
+        self.params = [p for seg in segments for p in seg.params]
+        self.grads = [g for seg in segments for g in seg.grads]
+        self.exp_avgs = [m for seg in segments for m in seg.exp_avgs]
+        self.exp_avg_sqs = [v for seg in segments for v in seg.exp_avg_sqs]
+        self.hyper = torch.from_numpy(lamb_table(segments))
+
+
+class LarsPlan:
+    def __init__(self, segments, placeholder: torch.Tensor):
+        self.params = [p for seg in segments for p in seg.params]
+        self.grads = [g for seg in segments for g in seg.grads]
+        # A tensor without momentum gets an empty placeholder: the schema's buffer list is never
+        # aliased to the params.
+        self.momentum_buffers = [placeholder if b is None else b for seg in segments for b in seg.momentum_buffers]
+        self.hyper = torch.from_numpy(lars_table(segments))
+
+
+class CppBackend:
+    name = "cpp"
+
+    def __init__(self):
+        extension.load()
+        self._ops = torch.ops.lamb_kernels
+        self._placeholder = torch.empty(0)
+
+    def prepare_lamb(self, segments) -> LambPlan:
+        return LambPlan(segments)
+
+    def grad_sumsq(self, plan: LambPlan) -> torch.Tensor:
+        # Per-tensor sums added in tensor order: the same bits on every run.
+        return self._ops.sums_of_squares(plan.grads, None, CHUNK).sum()
+
+    def lamb_update_norms_(self, plan: LambPlan, grad_sumsq) -> torch.Tensor:
+        return self._ops.lamb_moments(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper,
+                                      grad_sumsq, CHUNK)
+
+    def lamb_apply_(self, plan: LambPlan, norms: torch.Tensor) -> None:
+        self._ops.lamb_apply(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper, norms.contiguous(), CHUNK)
+
+    def prepare_lars(self, segments) -> LarsPlan:
+        return LarsPlan(segments, self._placeholder)
+
+    def lars_norms(self, plan: LarsPlan) -> torch.Tensor:
+        return self._ops.sums_of_squares(plan.params, plan.grads, CHUNK)
+
+    def lars_apply_(self, plan: LarsPlan, norms) -> None:
+        self._ops.lars_apply(plan.params, plan.grads, plan.momentum_buffers, plan.hyper, norms, CHUNK)
