@@ -16,7 +16,6 @@ A build that fails logs one warning; "auto" then falls back to the "torch" backe
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import logging
@@ -30,13 +29,23 @@ import torch
 
 logger = logging.getLogger("lamb_kernels")
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+def _find_csrc() -> Path:
+    here = Path(__file__).resolve().parent
+    # An installed package carries the sources as lamb_kernels/csrc; a checkout has them beside it.
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "ops.cpp").exists():
+            return candidate
+    return here / "csrc"
+
+
+CSRC = _find_csrc()
 SOURCES = ("ops.cpp", "multi_tensor_cpu.cpp", "lamb_cpu.cpp", "lars_cpu.cpp")
 HEADERS = ("multi_tensor_cpu.h", "hyper_columns.h")
 # No fast-math: IEEE division and square root, as in the Triton kernels. -fno-math-errno only lets
 # the compiler use the vector square-root instruction (errno is never read); FMA contraction is on
 # as on the GPU. The just-in-time build is tuned to the machine that will run it.
-CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-std=c++17"]
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"]
 JIT_ARCH_FLAGS = ["-march=native"]
 LIBRARY_NAME = "lamb_kernels_cpp"
 
@@ -98,22 +107,28 @@ def _jit_build() -> str:
     return str(library)
 
 
-@functools.lru_cache(maxsize=None)
+_outcome = None  # the library's path, or the ExtensionUnavailable that explains its absence
+
+
 def load() -> str:
     """Loads the operators (building them on first use) and returns the library's path; raises
-    ExtensionUnavailable with the reason when that is impossible. Tried once per process."""
-    try:
-        path = _prebuilt_library() or _jit_build()
-        torch.ops.load_library(path)
-    except ExtensionUnavailable:
-        raise
-    except Exception as exc:  # a compiler error, no compiler, no ninja, a bad cache entry...
-        message = f"{type(exc).__name__}: {exc}".strip()
-        warnings.warn(f"lamb_kernels: the C++ backend is unavailable, falling back to 'torch' ({message[:2000]})",
-                      RuntimeWarning, stacklevel=2)
-        raise ExtensionUnavailable(message) from exc
-    _register_fake_kernels()
-    return path
+    ExtensionUnavailable with the reason when that is impossible. Tried once per process: a failure
+    warns once and is remembered."""
+    global _outcome
+    if _outcome is None:
+        try:
+            path = _prebuilt_library() or _jit_build()
+            torch.ops.load_library(path)
+            _register_fake_kernels()
+            _outcome = path
+        except Exception as exc:  # a compiler error, no compiler, no ninja, a bad cache entry...
+            message = str(exc) if isinstance(exc, ExtensionUnavailable) else f"{type(exc).__name__}: {exc}".strip()
+            warnings.warn(f"lamb_kernels: the C++ backend is unavailable, falling back to 'torch' ({message[:2000]})",
+                          RuntimeWarning, stacklevel=2)
+            _outcome = ExtensionUnavailable(message)
+    if isinstance(_outcome, ExtensionUnavailable):
+        raise _outcome
+    return _outcome
 
 
 def unavailable_reason() -> str | None:

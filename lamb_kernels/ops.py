@@ -19,6 +19,9 @@ LARS (`LarsSegment`, SPEC section 3)
 - ``lars_norms(plan) -> Tensor``: per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||g||^2);
 - ``lars_apply_(plan, norms)``: trust ratio, weight decay, momentum and the update.
 
+Backends: "triton" (lamb_kernels/triton, CUDA, or CPU tensors under the interpreter), "cpp" (the C++
+operators of csrc/, CPU; lamb_kernels/cpp.py) and "torch" (lamb_kernels/reference.py, any device).
+
 The norm stage and the apply stage are separate calls so the per-tensor sums can be all-reduced
 across ranks between them when parameters are sharded.
 """

@@ -291,8 +291,8 @@ class FusedLAMB(_MultiTensorOptimizer):
     trust ratio on or off for a group); optional ``trust_ratio_bounds=(lo, hi)``; per-parameter step
     counts in ``state[p]["step"]``. ``load_state_dict`` also accepts a state dict saved by apex.
 
-    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton"
-    or "torch"; see ``lamb_kernels.available_backends``.
+    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton",
+    "cpp" or "torch"; see ``lamb_kernels.available_backends``.
     """
 
     _STATE_TENSORS = ("exp_avg", "exp_avg_sq")
@@ -444,8 +444,8 @@ class FusedLARS(_MultiTensorOptimizer):
     ``foreach`` is accepted for compatibility with timm and has no effect: the step is always
     multi-tensor.
 
-    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton"
-    or "torch"; see ``lamb_kernels.available_backends``.
+    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton",
+    "cpp" or "torch"; see ``lamb_kernels.available_backends``.
     """
 
     _STATE_TENSORS = ("momentum_buffer",)
