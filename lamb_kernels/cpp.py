@@ -1,7 +1,7 @@
 """The "cpp" backend: the C++ operators of csrc/ on CPU tensors (built or loaded by extension.py).
 
 One operator call per stage and bucket, whatever the number of tensors: LAMB 3 (2 without
-clipping), LARS 3 (1 when no group adapts). The operators chunk every tensor and share the chunks
+clipping), LARS 2 (1 when no group adapts). The operators chunk every tensor and share the chunks
 among torch's threads (``torch.set_num_threads``).
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ class LambPlan:
 
 
 class LarsPlan:
-    def __init__(self, segments, placeholder: torch.Tensor):
+    def __init__(self, segments):
         self.params = [p for seg in segments for p in seg.params]
         self.grads = [g for seg in segments for g in seg.grads]
-        # A tensor without momentum gets an empty placeholder: the schema's buffer list is never
-        # aliased to the params.
-        self.momentum_buffers = [placeholder if b is None else b for seg in segments for b in seg.momentum_buffers]
+        # A tensor without momentum gets an empty placeholder of its own: the operator's mutable
+        # buffer list never aliases the params, nor itself.
+        self.momentum_buffers = [torch.empty(0) if b is None else b for seg in segments for b in seg.momentum_buffers]
         self.hyper = torch.from_numpy(lars_table(segments))
 
 
@@ -41,7 +41,6 @@ class CppBackend:
     def __init__(self):
         extension.load()
         self._ops = torch.ops.lamb_kernels
-        self._placeholder = torch.empty(0)
 
     def prepare_lamb(self, segments) -> LambPlan:
         return LambPlan(segments)
@@ -58,7 +57,7 @@ class CppBackend:
         self._ops.lamb_apply(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper, norms.contiguous(), CHUNK)
 
     def prepare_lars(self, segments) -> LarsPlan:
-        return LarsPlan(segments, self._placeholder)
+        return LarsPlan(segments)
 
     def lars_norms(self, plan: LarsPlan) -> torch.Tensor:
         return self._ops.sums_of_squares(plan.params, plan.grads, CHUNK)

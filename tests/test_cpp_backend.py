@@ -118,9 +118,13 @@ def test_same_bits_whatever_the_thread_count(optimizer, kwargs):
 
 
 @needs_cpp
-@pytest.mark.parametrize("max_grad_norm, expected", [(1.0, ["sums_of_squares", "lamb_moments", "lamb_apply"]),
-                                                     (None, ["lamb_moments", "lamb_apply"])])
-def test_one_operator_call_per_stage_whatever_the_tensor_count(max_grad_norm, expected):
+@pytest.mark.parametrize("optimizer, kwargs, expected", [
+    (FusedLAMB, dict(max_grad_norm=1.0), ["sums_of_squares", "lamb_moments", "lamb_apply"]),
+    (FusedLAMB, dict(max_grad_norm=None), ["lamb_moments", "lamb_apply"]),
+    (FusedLARS, dict(momentum=0.9, weight_decay=1e-4), ["sums_of_squares", "lars_apply"]),
+    (FusedLARS, dict(momentum=0.9), ["lars_apply"]),  # no group adapts: no norm pass
+], ids=["lamb", "lamb-no-clipping", "lars", "lars-no-adaptation"])
+def test_one_operator_call_per_stage_whatever_the_tensor_count(optimizer, kwargs, expected):
     calls = []
 
     class Counting:
@@ -129,12 +133,10 @@ def test_one_operator_call_per_stage_whatever_the_tensor_count(max_grad_norm, ex
             return lambda *args: calls.append(name) or op(*args)
 
     params = [torch.nn.Parameter(torch.randn(i % 7 + 1)) for i in range(40)]
-    opt = FusedLAMB([{"params": params[:20]}, {"params": params[20:], "lr": 5e-3, "weight_decay": 0.0}],
-                    max_grad_norm=max_grad_norm, backend="cpp")
+    opt = optimizer([{"params": params[:20]}, {"params": params[20:], "lr": 5e-3}], backend="cpp", **kwargs)
     for p in params:
         p.grad = torch.randn_like(p)
-    backend = opt._backend((torch.device("cpu"), torch.float32, "cpp"))
-    backend._ops = Counting()
+    opt._backend((torch.device("cpu"), torch.float32, "cpp"))._ops = Counting()
     opt.step()
     assert calls == expected
 
