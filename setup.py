@@ -7,17 +7,23 @@ installed (hence no build isolation, which would fetch another torch):
 
     LAMB_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .
 """
+import json
 import os
 import sys
 
 from setuptools import setup
 
-ext_modules, cmdclass = [], {}
+ext_modules, cmdclass, stamp = [], {}, []
 if os.environ.get("LAMB_KERNELS_BUILD_EXT") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from lamb_kernels.extension import CFLAGS, SOURCES
+    from lamb_kernels.extension import CFLAGS, SOURCES, STAMP_NAME, prebuilt_stamp
+
+    # What the library is built from: at run time it is used only with these sources and this torch.
+    with open(os.path.join("lamb_kernels", STAMP_NAME), "w", encoding="utf-8") as out:
+        json.dump(prebuilt_stamp(), out)
+    stamp = [STAMP_NAME]
 
     # Portable: no -march=native here, unlike the just-in-time build, which runs where it was built.
     ext_modules = [CppExtension("lamb_kernels._C", [f"csrc/{name}" for name in SOURCES],
@@ -33,7 +39,7 @@ setup(
     packages=["lamb_kernels", "lamb_kernels.triton", "lamb_kernels.csrc"],
     # The C++ sources travel inside the package, so an installed copy can build them on first use.
     package_dir={"lamb_kernels.csrc": "csrc"},
-    package_data={"lamb_kernels.csrc": ["*.cpp", "*.h"]},
+    package_data={"lamb_kernels.csrc": ["*.cpp", "*.h"], "lamb_kernels": stamp},
     python_requires=">=3.10",
     # A range, never a pin: with a suitable torch already installed (CPU or CUDA build) pip keeps it.
     # ninja drives torch's just-in-time C++ build.

@@ -5,10 +5,10 @@
 //    update (reads p g m v, writes m v: 24 bytes/param);
 // 3. lamb_apply: steps 6-7, u recomputed from m and v (reads p m v, writes p: 16 bytes/param).
 //
-// fp32 arithmetic. Per-tensor scalars (1 / bc1, 1 / bc2, 1 / c) are inverted once per chunk and
-// multiplied in: on CPU the divide-and-square-root unit, not memory, bounds these loops, and each
-// element already needs one division and one square root per pass for u. The results stay within one
-// rounding of the Triton kernels', which divide.
+// fp32 arithmetic, IEEE square root and division per element, no fast-math. Per-tensor scalars
+// (1 / bc1, 1 / bc2, 1 / c) are inverted once per chunk and multiplied in, where the Triton kernels
+// divide: on data that sits in cache the divide unit bounds these loops, and each element already
+// needs one division and one square root for u. The results stay within one rounding of dividing.
 #include "hyper_columns.h"
 #include "multi_tensor_cpu.h"
 
@@ -31,7 +31,7 @@ struct LambUpdate {
   }
 };
 
-void moments_chunk(const Chunk& chunk, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+void moments_chunk(const Chunk& chunk, const float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                    float* __restrict__ v, const float* h, float grad_norm, float* partial) {
   const float beta1 = h[kLambBeta1], beta2 = h[kLambBeta2], beta3 = h[kLambBeta3];
   const float one_minus_beta2 = h[kLambOneMinusBeta2], wd_l2 = h[kLambWdL2];
@@ -76,8 +76,6 @@ void apply_chunk(const Chunk& chunk, float* __restrict__ p, const float* __restr
   }
 }
 
-float* element_ptr(const at::Tensor& t, int64_t offset) { return t.data_ptr<float>() + offset; }
-
 }  // namespace
 
 at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -95,12 +93,12 @@ at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::Ten
   }
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
   std::vector<float> partials(2 * chunks.size());
-  const float* h = hyper.data_ptr<float>();
+  const float* h = hyper.const_data_ptr<float>();
+  const std::vector<const float*> p = const_pointers(params), g = const_pointers(grads);
+  const std::vector<float*> m = mutable_pointers(exp_avgs), v = mutable_pointers(exp_avg_sqs);
   parallel_over_chunks(chunks, [&](int64_t c, const Chunk& chunk) {
-    const int64_t t = chunk.tensor;
-    moments_chunk(chunk, element_ptr(params[t], chunk.begin), element_ptr(grads[t], chunk.begin),
-                  element_ptr(exp_avgs[t], chunk.begin), element_ptr(exp_avg_sqs[t], chunk.begin),
-                  h + t * kLambColumns, grad_norm, &partials[2 * c]);
+    const int64_t t = chunk.tensor, b = chunk.begin;
+    moments_chunk(chunk, p[t] + b, g[t] + b, m[t] + b, v[t] + b, h + t * kLambColumns, grad_norm, &partials[2 * c]);
   });
   return per_tensor_sums(partials, chunks, n_tensors, 2);
 }
@@ -112,12 +110,13 @@ void lamb_apply_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
   check_hyper("lamb_apply", hyper, n_tensors, kLambColumns);
   check_norms("lamb_apply", norms, n_tensors);
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
-  const float* h = hyper.data_ptr<float>();
-  const float* norm_data = norms.data_ptr<float>();
+  const float* h = hyper.const_data_ptr<float>();
+  const float* norm_data = norms.const_data_ptr<float>();
+  const std::vector<float*> p = mutable_pointers(params);
+  const std::vector<const float*> m = const_pointers(exp_avgs), v = const_pointers(exp_avg_sqs);
   parallel_over_chunks(chunks, [&](int64_t, const Chunk& chunk) {
-    const int64_t t = chunk.tensor;
-    apply_chunk(chunk, element_ptr(params[t], chunk.begin), element_ptr(exp_avgs[t], chunk.begin),
-                element_ptr(exp_avg_sqs[t], chunk.begin), h + t * kLambColumns, norm_data + 2 * t);
+    const int64_t t = chunk.tensor, b = chunk.begin;
+    apply_chunk(chunk, p[t] + b, m[t] + b, v[t] + b, h + t * kLambColumns, norm_data + 2 * t);
   });
 }
 

@@ -48,12 +48,14 @@ void apply_chunk(Momentum mode, bool nesterov, int64_t n, float* p, const float*
   run(nesterov, n, p, g, buf, lr, ratio, weight_decay, momentum, one_minus_dampening);
 }
 
-// 1. r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps), 1 unless both norms are > 0; with LARC
-// min(r / lr, 1), a NaN propagating as in torch.minimum (lr = 0 with r = 0 gives 0 / 0).
+// 1. r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps), 1 unless both norms are > 0; then, with
+// LARC, min(r / lr, 1) whatever r is (so r = 1 with lr > 1 still clips to 1 / lr), a NaN propagating
+// as in torch.minimum (lr = 0 with r = 0 gives 0 / 0).
 float trust_ratio(const float* h, const float* norms) {
   const float param_norm = std::sqrt(norms[0]), grad_norm = std::sqrt(norms[1]);
-  if (!(param_norm > 0 && grad_norm > 0)) return 1.0f;
-  const float ratio = h[kLarsTrustCoeff] * param_norm / (grad_norm + h[kLarsWeightDecay] * param_norm + h[kLarsEps]);
+  const float ratio = param_norm > 0 && grad_norm > 0
+                          ? h[kLarsTrustCoeff] * param_norm / (grad_norm + h[kLarsWeightDecay] * param_norm + h[kLarsEps])
+                          : 1.0f;
   if (h[kLarsTrustClip] == 0) return ratio;
   const float clipped = ratio / h[kLarsLr];
   return std::isnan(clipped) ? clipped : std::min(clipped, 1.0f);
@@ -67,7 +69,7 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   check_lists("lars_apply", {{"params", params}, {"grads", grads}});
   check_hyper("lars_apply", hyper, n_tensors, kLarsColumns);
   if (norms.has_value()) check_norms("lars_apply", *norms, n_tensors);
-  const float* h = hyper.data_ptr<float>();
+  const float* h = hyper.const_data_ptr<float>();
   TORCH_CHECK(static_cast<int64_t>(momentum_buffers.size()) == n_tensors, "lars_apply: momentum_buffers has ",
               momentum_buffers.size(), " tensors, params has ", n_tensors);
   for (int64_t t = 0; t < n_tensors; ++t) {
@@ -78,7 +80,9 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     check_lists("lars_apply", {{"params", params.slice(t, 1)}, {"momentum_buffers", momentum_buffers.slice(t, 1)}});
   }
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
-  const float* norm_data = norms.has_value() ? norms->data_ptr<float>() : nullptr;
+  const float* norm_data = norms.has_value() ? norms->const_data_ptr<float>() : nullptr;
+  const std::vector<float*> p_data = mutable_pointers(params), b_data = mutable_pointers(momentum_buffers);
+  const std::vector<const float*> g_data = const_pointers(grads);
   parallel_over_chunks(chunks, [&](int64_t, const Chunk& chunk) {
     const int64_t t = chunk.tensor;
     const float* ht = h + t * kLarsColumns;
@@ -87,9 +91,9 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     const Momentum mode = ht[kLarsHasMomentum] == 0 ? Momentum::kNone
                           : ht[kLarsFirstStep] != 0 ? Momentum::kFirstStep
                                                     : Momentum::kLater;
-    float* p = params[t].data_ptr<float>() + chunk.begin;
-    const float* g = grads[t].data_ptr<float>() + chunk.begin;
-    float* buf = mode == Momentum::kNone ? nullptr : momentum_buffers[t].data_ptr<float>() + chunk.begin;
+    float* p = p_data[t] + chunk.begin;
+    const float* g = g_data[t] + chunk.begin;
+    float* buf = mode == Momentum::kNone ? nullptr : b_data[t] + chunk.begin;
     auto run = adapt ? apply_chunk<true> : apply_chunk<false>;
     run(mode, ht[kLarsNesterov] != 0, chunk.size, p, g, buf, ht[kLarsLr], ratio, ht[kLarsWeightDecay],
         ht[kLarsMomentum], ht[kLarsOneMinusDampening]);

@@ -14,10 +14,11 @@ at::Tensor sums_of_squares_cpu(at::TensorList tensors, std::optional<at::TensorL
   }
   const std::vector<Chunk> chunks = chunk_map(tensors, chunk_size);
   std::vector<float> partials(width * chunks.size());
+  const std::vector<const float*> columns[2] = {const_pointers(tensors),
+                                                paired.has_value() ? const_pointers(*paired) : std::vector<const float*>{}};
   parallel_over_chunks(chunks, [&](int64_t c, const Chunk& chunk) {
     for (int64_t k = 0; k < width; ++k) {
-      const at::Tensor& t = k == 0 ? tensors[chunk.tensor] : (*paired)[chunk.tensor];
-      partials[width * c + k] = sum_of_squares(t.data_ptr<float>() + chunk.begin, chunk.size);
+      partials[width * c + k] = sum_of_squares(columns[k][chunk.tensor] + chunk.begin, chunk.size);
     }
   });
   at::Tensor sums = per_tensor_sums(partials, chunks, static_cast<int64_t>(tensors.size()), width);

@@ -40,6 +40,20 @@ inline std::vector<Chunk> chunk_map(at::TensorList tensors, int64_t chunk_size) 
   return chunks;
 }
 
+// The tensors' data pointers, taken before the parallel loop: a tensor's storage must not be touched
+// from inside it (a copy-on-write storage would materialise there), and a pointer is cheaper to index.
+inline std::vector<float*> mutable_pointers(at::TensorList tensors) {
+  std::vector<float*> pointers;
+  for (const at::Tensor& t : tensors) pointers.push_back(t.mutable_data_ptr<float>());
+  return pointers;
+}
+
+inline std::vector<const float*> const_pointers(at::TensorList tensors) {
+  std::vector<const float*> pointers;
+  for (const at::Tensor& t : tensors) pointers.push_back(t.const_data_ptr<float>());
+  return pointers;
+}
+
 // Calls f(chunk_index, chunk) for every chunk, the chunks shared out among torch's threads.
 template <typename F>
 void parallel_over_chunks(const std::vector<Chunk>& chunks, const F& f) {

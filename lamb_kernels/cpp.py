@@ -10,6 +10,7 @@ import torch
 
 from . import extension
 from .hyper import lamb_table, lars_table
+from .ops import mark_modified
 
 # Elements per chunk: large enough that scheduling costs nothing, small enough that a thread's four
 # arrays of a chunk (p, g, m, v) stay in its L2 cache and a big tensor spreads over every core.
@@ -25,13 +26,19 @@ class LambPlan:
         self.hyper = torch.from_numpy(lamb_table(segments))
 
 
+def _placeholder() -> torch.Tensor:
+    # Explicit dtype and device: torch.set_default_device / dtype must not reach it.
+    return torch.empty(0, dtype=torch.float32, device="cpu")
+
+
 class LarsPlan:
     def __init__(self, segments):
         self.params = [p for seg in segments for p in seg.params]
         self.grads = [g for seg in segments for g in seg.grads]
         # A tensor without momentum gets an empty placeholder of its own: the operator's mutable
         # buffer list never aliases the params, nor itself.
-        self.momentum_buffers = [torch.empty(0) if b is None else b for seg in segments for b in seg.momentum_buffers]
+        self.momentum_buffers = [_placeholder() if b is None else b for seg in segments for b in seg.momentum_buffers]
+        self.modified = self.params + [b for seg in segments for b in seg.momentum_buffers if b is not None]
         self.hyper = torch.from_numpy(lars_table(segments))
 
 
@@ -50,11 +57,14 @@ class CppBackend:
         return self._ops.sums_of_squares(plan.grads, None, CHUNK).sum()
 
     def lamb_update_norms_(self, plan: LambPlan, grad_sumsq) -> torch.Tensor:
-        return self._ops.lamb_moments(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper,
-                                      grad_sumsq, CHUNK)
+        norms = self._ops.lamb_moments(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper,
+                                       grad_sumsq, CHUNK)
+        mark_modified(plan.exp_avgs + plan.exp_avg_sqs)
+        return norms
 
     def lamb_apply_(self, plan: LambPlan, norms: torch.Tensor) -> None:
         self._ops.lamb_apply(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper, norms.contiguous(), CHUNK)
+        mark_modified(plan.params)
 
     def prepare_lars(self, segments) -> LarsPlan:
         return LarsPlan(segments)
@@ -64,3 +74,4 @@ class CppBackend:
 
     def lars_apply_(self, plan: LarsPlan, norms) -> None:
         self._ops.lars_apply(plan.params, plan.grads, plan.momentum_buffers, plan.hyper, norms, CHUNK)
+        mark_modified(plan.modified)

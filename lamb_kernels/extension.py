@@ -4,24 +4,31 @@ Nothing is built at ``import lamb_kernels``. The first time the "cpp" backend is
 (``available_backends("cpu")``, or an optimizer stepping CPU parameters with ``backend="auto"``):
 
 1. a library built ahead of time (``LAMB_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .``),
-   ``lamb_kernels/_C*.so``, is loaded if present;
+   ``lamb_kernels/_C*.so``, is loaded if present and stamped as built from these sources for this
+   torch (``_C.build.json`` beside it);
 2. else a library from an earlier just-in-time build is loaded from the cache, found by a hash of
    the sources, the compiler flags, torch's and Python's versions and the CPU's features;
 3. else the sources are compiled with ``torch.utils.cpp_extension`` (one log line, a minute or so)
    into that cache: ``$LAMB_KERNELS_CACHE``, else ``$TORCH_EXTENSIONS_DIR``, else
-   ``~/.cache/torch_extensions``.
+   ``~/.cache/torch_extensions``. Only a complete library ever appears at the path that step 2
+   loads, and a build lock left by a killed build is removed once it is 15 minutes old.
 
 A build that fails logs one warning; "auto" then falls back to the "torch" backend, and asking for
 "cpp" by name raises an error that carries the build's message.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import platform
+import shutil
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -48,6 +55,8 @@ HEADERS = ("multi_tensor_cpu.h", "hyper_columns.h")
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"]
 JIT_ARCH_FLAGS = ["-march=native"]
 LIBRARY_NAME = "lamb_kernels_cpp"
+STAMP_NAME = "_C.build.json"  # beside an ahead-of-time library: what it was built from
+STALE_LOCK_SECONDS = 900  # a build takes one to three minutes; a lock this old belongs to a dead one
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -62,15 +71,26 @@ def _cpu_features() -> str:
         return platform.processor()
 
 
-def _build_key() -> str:
+def _source_hash() -> str:
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update(name.encode())
         digest.update((CSRC / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _build_key() -> str:
+    digest = hashlib.sha256(_source_hash().encode())
     for part in (CFLAGS, JIT_ARCH_FLAGS, torch.__version__, sys.version, platform.machine(), _cpu_features(),
                  os.environ.get("CXX", "")):
         digest.update(repr(part).encode())
     return digest.hexdigest()[:16]
+
+
+def prebuilt_stamp() -> dict:
+    """What an ahead-of-time build records beside the library (setup.py writes it), and what a library
+    must have been built from to be used: these sources, this torch."""
+    return {"sources": _source_hash(), "torch": torch.__version__}
 
 
 def cache_directory() -> Path:
@@ -79,56 +99,125 @@ def cache_directory() -> Path:
 
 
 def _prebuilt_library() -> str | None:
+    """The ahead-of-time library, if one is installed and was built from these sources for this
+    torch; a stale one (sources edited since, torch upgraded) is passed over with one log line."""
     spec = importlib.util.find_spec("lamb_kernels._C")
-    return spec.origin if spec is not None and spec.origin else None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        stamp = json.loads(Path(spec.origin).with_name(STAMP_NAME).read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if stamp != prebuilt_stamp():
+        logger.warning("lamb_kernels: ignoring %s, built from other sources or for another torch", spec.origin)
+        return None
+    return spec.origin
 
 
-def _jit_build() -> str:
-    """The path of the just-in-time built library, building it first when the cache lacks it."""
+@contextlib.contextmanager
+def _ninja_on_path():
+    # torch looks for ninja on PATH; the one pip installed with this package may not be there (a
+    # virtual environment used without activating it).
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, saved])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
+def _remove_stale_lock(work: Path) -> None:
+    # torch's build lock outlives a build that was killed, and later builds would wait on it forever.
+    lock = work / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            logger.warning("lamb_kernels: removing the stale build lock %s", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _load_cached_or_build() -> str:
+    """Loads the just-in-time built library from the cache, building it first when it is missing.
+
+    The build runs in a work folder under torch's own lock; only a complete library is then moved,
+    atomically, to the path other processes load, so none of them can see a half-written file."""
     if not (CSRC / SOURCES[0]).exists():
         raise ExtensionUnavailable(f"the C++ sources are not installed (looked in {CSRC})")
     build_dir = cache_directory() / f"{LIBRARY_NAME}_{_build_key()}"
     library = build_dir / f"{LIBRARY_NAME}.so"
     if library.exists():
+        torch.ops.load_library(str(library))
         return str(library)
     from torch.utils import cpp_extension
 
     logger.warning("lamb_kernels: building the C++ CPU kernels (first use; about a minute) in %s", build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=LIBRARY_NAME,
-        sources=[str(CSRC / name) for name in SOURCES],
-        extra_cflags=CFLAGS + JIT_ARCH_FLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    work = build_dir / "build"
+    work.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(work)
+    with _ninja_on_path():
+        cpp_extension.load(  # builds, and loads the library from the work folder
+            name=LIBRARY_NAME,
+            sources=[str(CSRC / name) for name in SOURCES],
+            extra_cflags=CFLAGS + JIT_ARCH_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(work),
+            is_python_module=False,
+            verbose=False,
+        )
+    staging = build_dir / f".{LIBRARY_NAME}.{os.getpid()}.so"
+    shutil.copyfile(work / f"{LIBRARY_NAME}.so", staging)
+    os.replace(staging, library)
     return str(library)
 
 
 _outcome = None  # the library's path, or the ExtensionUnavailable that explains its absence
+_lock = threading.Lock()
 
 
 def load() -> str:
-    """Loads the operators (building them on first use) and returns the library's path; raises
-    ExtensionUnavailable with the reason when that is impossible. Tried once per process: a failure
-    warns once and is remembered."""
+    """Loads the operators (the ahead-of-time library, else the cached or freshly built one) and
+    returns the library's path; raises ExtensionUnavailable with the reason when that is impossible.
+    Tried once per process: a failure warns once and is remembered."""
     global _outcome
-    if _outcome is None:
-        try:
-            path = _prebuilt_library() or _jit_build()
-            torch.ops.load_library(path)
-            _register_fake_kernels()
-            _outcome = path
-        except Exception as exc:  # a compiler error, no compiler, no ninja, a bad cache entry...
-            message = str(exc) if isinstance(exc, ExtensionUnavailable) else f"{type(exc).__name__}: {exc}".strip()
-            warnings.warn(f"lamb_kernels: the C++ backend is unavailable, falling back to 'torch' ({message[:2000]})",
-                          RuntimeWarning, stacklevel=2)
-            _outcome = ExtensionUnavailable(message)
+    with _lock:
+        if _outcome is None:
+            _outcome = _load()
     if isinstance(_outcome, ExtensionUnavailable):
         raise _outcome
     return _outcome
+
+
+def _load_prebuilt() -> str | None:
+    prebuilt = _prebuilt_library()
+    if prebuilt is not None:
+        torch.ops.load_library(prebuilt)
+    return prebuilt
+
+
+def _load():
+    """The library's path, or the ExtensionUnavailable that says why there is none (after one warning).
+    A prebuilt library that fails to load leaves the just-in-time build to try."""
+    failures = []
+    for loader in (_load_prebuilt, _load_cached_or_build):
+        try:
+            path = loader()
+        except Exception as exc:  # a compiler error, no compiler, no ninja, a library that will not load...
+            failures.append(str(exc) if isinstance(exc, ExtensionUnavailable) else f"{type(exc).__name__}: {exc}")
+            continue
+        if path is None:  # no usable prebuilt library
+            continue
+        _register_fake_kernels()
+        return path
+    message = "; ".join(failures).strip()
+    warnings.warn(f"lamb_kernels: the C++ backend is unavailable, falling back to 'torch' ({message[:2000]})",
+                  RuntimeWarning, stacklevel=4)
+    return ExtensionUnavailable(message)
 
 
 def unavailable_reason() -> str | None:

@@ -155,6 +155,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return requested
 
 
+def mark_modified(tensors) -> None:
+    """Bump the autograd version counters of tensors a kernel wrote through raw pointers, as an
+    in-place torch op would: autograd then refuses a backward that needs their old values."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch before 2.5 takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
 def create_backend(name: str):
     """A fresh backend object; backends with per-bucket caches (triton) get one object per bucket."""
     if name == "torch":

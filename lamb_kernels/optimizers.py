@@ -143,6 +143,8 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
         if p.dtype in SUPPORTED_DTYPES and (name == "torch" or _is_dense(p)):
             return name
+        if p.dtype in SUPPORTED_DTYPES and self.backend == "auto" and not env:
+            return "torch"  # an automatic choice takes the backend that handles any layout
         label = _param_label(group_index, param_index, group)
         if p.is_complex():
             raise TypeError(f"{label} is complex; {type(self).__name__} supports real parameters only")

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import lamb_kernels
+import lamb_kernels.cpp
+import lamb_kernels.hyper
 from lamb_kernels import FusedLAMB, FusedLARS, extension
 from lamb_kernels.hyper import LambColumn, LarsColumn, lamb_table, lars_table
 from lamb_kernels.ops import LambSegment, LarsSegment
@@ -96,8 +98,6 @@ def test_operators_reject_mismatched_inputs_by_name():
                                                 (FusedLARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-4))])
 def test_same_bits_whatever_the_thread_count(optimizer, kwargs):
     """Chunks are fixed and their sums are added in chunk order: 1 thread and 2 agree bit for bit."""
-    import lamb_kernels.cpp
-
     results = []
     threads = torch.get_num_threads()
     try:
@@ -176,8 +176,108 @@ def test_failed_build_warns_once_and_auto_falls_back_to_torch(tmp_path):
             raise AssertionError("backend='cpp' should raise")
         print("ok")
     """
-    result = run_python(code, {"CXX": str(tmp_path / "no-such-compiler"), "LAMB_KERNELS_CACHE": str(tmp_path)})
+    result = run_python(code.replace("could not be built", "no-such-compiler"),  # the build's own error
+                        {"CXX": str(tmp_path / "no-such-compiler"), "LAMB_KERNELS_CACHE": str(tmp_path)})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_stale_build_lock_is_removed_not_waited_on(tmp_path):
+    """A build killed mid-way leaves torch's lock file; a later process must not wait on it forever.
+    (With no compiler the build then fails fast, and the step falls back to torch.)"""
+    code = """
+        import os, time, warnings
+        from lamb_kernels import extension
+        extension._prebuilt_library = lambda: None
+        work = extension.cache_directory() / f"{extension.LIBRARY_NAME}_{extension._build_key()}" / "build"
+        work.mkdir(parents=True)
+        (work / "lock").touch()
+        old = time.time() - extension.STALE_LOCK_SECONDS - 60
+        os.utime(work / "lock", (old, old))
+        warnings.simplefilter("ignore")
+        print(extension.unavailable_reason() is not None, (work / "lock").exists())
+    """
+    result = run_python(code, {"CXX": str(tmp_path / "no-such-compiler"), "LAMB_KERNELS_CACHE": str(tmp_path)},
+                        timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["True", "False"], result.stderr[-3000:]
+
+
+@needs_cpp
+def test_a_prebuilt_library_that_fails_to_load_leaves_the_cached_build():
+    code = """
+        import warnings
+        from lamb_kernels import extension
+        extension._prebuilt_library = lambda: "/nonexistent/lamb_kernels/_C.so"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print(extension.load())
+        assert not caught, [str(w.message) for w in caught]
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0 and "lamb_kernels_cpp" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_prebuilt_library_is_used_only_with_its_sources_and_torch(tmp_path, monkeypatch):
+    import importlib.machinery
+    import json
+
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"")
+    spec = importlib.machinery.ModuleSpec("lamb_kernels._C", None, origin=str(library))
+    monkeypatch.setattr(extension.importlib.util, "find_spec", lambda name: spec)
+    assert extension._prebuilt_library() is None  # no stamp: an in-place build of unknown sources
+    stamp = tmp_path / extension.STAMP_NAME
+    stamp.write_text(json.dumps({**extension.prebuilt_stamp(), "sources": "edited since"}))
+    assert extension._prebuilt_library() is None
+    stamp.write_text(json.dumps({**extension.prebuilt_stamp(), "torch": "1.0"}))
+    assert extension._prebuilt_library() is None
+    stamp.write_text(json.dumps(extension.prebuilt_stamp()))
+    assert extension._prebuilt_library() == str(library)
+
+
+def test_the_extension_builds_wherever_a_compiler_exists():
+    """So that CI fails on a C++ build error instead of skipping every cpp case."""
+    import shutil
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C++ compiler ({compiler}) on this machine")
+    assert CPP, lamb_kernels.ops._unavailable_reason("cpp", "cpu")
+
+
+def test_csrc_hyperparameter_columns_match_python():
+    import re
+
+    header = (extension.CSRC / "hyper_columns.h").read_text()
+    for enum, prefix in ((LambColumn, "kLamb"), (LarsColumn, "kLars")):
+        declared = {name: int(value) for name, value in re.findall(rf"{prefix}(\w+) = (\d+)", header)}
+        expected = {"".join(part.capitalize() for part in column.name.split("_")): column.value for column in enum}
+        expected["Columns"] = lamb_kernels.hyper.WIDTH
+        assert declared == expected
+
+
+@needs_cpp
+def test_buffer_placeholders_ignore_the_default_device():
+    """Without momentum the buffer list holds empty CPU placeholders, whatever torch's default device."""
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    opt = FusedLARS(params, lr=0.1, weight_decay=1e-4, backend="cpp")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    with torch.device("meta"):
+        opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+
+
+@needs_cpp
+def test_copy_on_write_parameters_step_and_leave_their_source_alone():
+    source = torch.randn(3 * lamb_kernels.cpp.CHUNK)
+    p = torch.nn.Parameter(torch._lazy_clone(source))
+    p.grad = torch.randn_like(p)
+    expected = torch.nn.Parameter(source.clone())
+    expected.grad = p.grad.clone()
+    FusedLAMB([p], lr=1e-2, backend="cpp").step()
+    FusedLAMB([expected], lr=1e-2, backend="cpp").step()
+    assert torch.equal(p, expected) and not torch.equal(source, expected)
 
 
 @needs_cpp

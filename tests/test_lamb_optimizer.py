@@ -193,6 +193,36 @@ def test_param_without_grad_is_skipped(device, backend):
     assert params[1] not in opt.state and torch.equal(params[1], before)
 
 
+def test_step_bumps_autograd_versions_like_an_in_place_op(device, backend):
+    """A step between forward and backward must make backward fail, as with torch.optim."""
+    params = make_params(device)
+    opt = FusedLAMB(params, lr=1e-2, backend=backend)
+    train(opt, params, 1)
+    loss = sum((p * p).sum() for p in params)
+    versions = [p._version for p in params]
+    state_versions = [opt.state[p]["exp_avg"]._version for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(p._version > v for p, v in zip(params, versions))
+    assert all(opt.state[p]["exp_avg"]._version > v for p, v in zip(params, state_versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_auto_takes_torch_for_a_non_dense_parameter():
+    base = torch.randn(6, 4)
+    strided = torch.nn.Parameter(base[:, ::2])  # a view with gaps between its elements
+    dense = torch.nn.Parameter(torch.randn(5))
+    opt = FusedLAMB([strided, dense], lr=1e-2)
+    for p in (strided, dense):
+        p.grad = torch.randn_like(p)
+    before = strided.detach().clone()
+    opt.step()
+    assert not torch.equal(strided, before)
+    assert {key[2] for key in opt._backends} == {"torch", available_backends("cpu")[0]}
+
+
 def test_auto_backend_and_environment_override(monkeypatch):
     # The C++ backend when it built, else torch; interpreted triton is never the CPU default.
     expected = "cpp" if "cpp" in available_backends("cpu") else "torch"

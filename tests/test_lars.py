@@ -32,6 +32,10 @@ CASES = {
     "no_decay_no_adaptation": dict(specs=[dict(sizes=ODD)], kwargs=dict(lr=0.2, momentum=0.9)),
     "zero_norm_param": dict(specs=[dict(sizes=ODD, zero=(2,))], kwargs=RESNET),
     "zero_grad_param": dict(specs=[dict(sizes=ODD, zero_grad=(1, 3))], kwargs=RESNET),
+    # LARC with lr > 1 (timm's default lr is 1.0; SimCLR uses about 4.8): a zero-norm param and a
+    # zero grad keep r = 1, which the clip still turns into 1 / lr.
+    "trust_clip_lr_above_one_zero_norms": dict(specs=[dict(sizes=ODD, zero=(2,), zero_grad=(1,))],
+                                               kwargs=dict(RESNET, lr=2.0, trust_clip=True)),
     "trust_clip_lr_zero": dict(specs=[dict(sizes=ODD, zero_grad=(2,))], kwargs=dict(RESNET, lr=0.0, trust_clip=True)),
     "zero_size_first_middle_last": dict(specs=[dict(sizes=[(0,), (17,), (0, 5), (4097,), (0,)])], kwargs=RESNET),
     "many_tensors": dict(specs=[dict(sizes=[((i * 37) % 300 + 1,) for i in range(150)])], kwargs=RESNET),
@@ -243,3 +247,13 @@ def test_lars_checkpoint_of_other_shapes_is_refused(device, backend):
     with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\]\['momentum_buffer'\] has shape \(3,\)"):
         opt.load_state_dict(saved)
     assert same_bits(before, snapshot(opt, params))
+
+
+def test_step_bumps_autograd_versions_of_params_and_buffers(device, backend):
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in ODD]
+    opt = FusedLARS(params, backend=backend, **RESNET)
+    train(opt, params, 1)
+    versions = [(p._version, opt.state[p]["momentum_buffer"]._version) for p in params]
+    train(opt, params, 1, first_step=1)
+    for p, (param_version, buffer_version) in zip(params, versions):
+        assert p._version > param_version and opt.state[p]["momentum_buffer"]._version > buffer_version

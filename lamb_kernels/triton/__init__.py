@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from ..ops import mark_modified
 from . import lamb, lars
 from .multi_tensor import INTERPRETED, MultiTensorTable
 
@@ -38,11 +39,14 @@ class TritonBackend:
 
     def lamb_update_norms_(self, plan, grad_sumsq):
         with self._on_device():
-            return lamb.lamb_update_norms_(plan, grad_sumsq)
+            norms = lamb.lamb_update_norms_(plan, grad_sumsq)
+        mark_modified(plan.modified[1])
+        return norms
 
     def lamb_apply_(self, plan, norms):
         with self._on_device():
             lamb.lamb_apply_(plan, norms)
+        mark_modified(plan.modified[0])
 
     def prepare_lars(self, segments):
         return lars.prepare(self._table_for(segments), segments)
@@ -54,6 +58,7 @@ class TritonBackend:
     def lars_apply_(self, plan, norms):
         with self._on_device():
             lars.lars_apply_(plan, norms)
+        mark_modified(plan.modified[0])
 
 
 __all__ = ["INTERPRETED", "TritonBackend"]

@@ -151,7 +151,9 @@ def prepare(table: MultiTensorTable, segments) -> Plan:
     columns = [[t for seg in segments for t in getattr(seg, name)]
                for name in ("params", "grads", "exp_avgs", "exp_avg_sqs")]
     table.update(columns)
-    return Plan(table, _to_device(lamb_table(segments), table.device))
+    params, _, exp_avgs, exp_avg_sqs = columns
+    # Written by the apply stage, and by the moments stage.
+    return Plan(table, _to_device(lamb_table(segments), table.device), (params, exp_avgs + exp_avg_sqs))
 
 
 def grad_sumsq(plan: Plan) -> torch.Tensor:

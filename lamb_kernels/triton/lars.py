@@ -101,7 +101,8 @@ def prepare(table: MultiTensorTable, segments) -> Plan:
     # Without momentum there is no buffer; the parameter's address stands in, masked off in the kernel.
     buffers = [p if b is None else b for seg in segments for p, b in zip(seg.params, seg.momentum_buffers)]
     table.update([params, grads, buffers])
-    return Plan(table, _to_device(lars_table(segments), table.device))
+    written = params + [b for seg in segments for b in seg.momentum_buffers if b is not None]
+    return Plan(table, _to_device(lars_table(segments), table.device), (written,))
 
 
 def lars_norms(plan: Plan) -> torch.Tensor:

@@ -176,11 +176,13 @@ class MultiTensorTable:
 
 
 class Plan:
-    """One step's launch inputs for a bucket: its (cached) tables and its per-tensor hyperparameters."""
+    """One step's launch inputs for a bucket: its (cached) tables, its per-tensor hyperparameters, and
+    per stage the tensors the stage writes (whose autograd versions the backend then bumps)."""
 
-    def __init__(self, table: MultiTensorTable, hyper: torch.Tensor):
+    def __init__(self, table: MultiTensorTable, hyper: torch.Tensor, modified: tuple):
         self.table = table
         self.hyper = hyper
+        self.modified = modified
 
 
 def segment_sum(partials: torch.Tensor, bounds: torch.Tensor, n_segments: int) -> torch.Tensor:
