@@ -53,7 +53,7 @@ class CppBackend:
         return LambPlan(segments)
 
     def grad_sumsq(self, plan: LambPlan) -> torch.Tensor:
-        # Per-tensor sums added in tensor order: the same bits on every run.
+        # A fixed-order sum of the per-tensor sums: the same bits on every run.
         return self._ops.sums_of_squares(plan.grads, None, CHUNK).sum()
 
     def lamb_update_norms_(self, plan: LambPlan, grad_sumsq) -> torch.Tensor:
