@@ -10,7 +10,7 @@ import torch
 
 from . import extension
 from .hyper import lamb_table, lars_table
-from .ops import mark_modified
+from .ops import flat, lars_written, mark_modified
 
 # Elements per chunk: large enough that scheduling costs nothing, small enough that a thread's four
 # arrays of a chunk (p, g, m, v) stay in its L2 cache and a big tensor spreads over every core.
@@ -19,10 +19,8 @@ CHUNK = 16384
 
 class LambPlan:
     def __init__(self, segments):
-        self.params = [p for seg in segments for p in seg.params]
-        self.grads = [g for seg in segments for g in seg.grads]
-        self.exp_avgs = [m for seg in segments for m in seg.exp_avgs]
-        self.exp_avg_sqs = [v for seg in segments for v in seg.exp_avg_sqs]
+        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = (
+            flat(segments, name) for name in ("params", "grads", "exp_avgs", "exp_avg_sqs"))
         self.hyper = torch.from_numpy(lamb_table(segments))
 
 
@@ -33,12 +31,11 @@ def _placeholder() -> torch.Tensor:
 
 class LarsPlan:
     def __init__(self, segments):
-        self.params = [p for seg in segments for p in seg.params]
-        self.grads = [g for seg in segments for g in seg.grads]
+        self.params, self.grads = flat(segments, "params"), flat(segments, "grads")
         # A tensor without momentum gets an empty placeholder of its own: the operator's mutable
         # buffer list never aliases the params, nor itself.
-        self.momentum_buffers = [_placeholder() if b is None else b for seg in segments for b in seg.momentum_buffers]
-        self.modified = self.params + [b for seg in segments for b in seg.momentum_buffers if b is not None]
+        self.momentum_buffers = [_placeholder() if b is None else b for b in flat(segments, "momentum_buffers")]
+        self.modified = lars_written(segments)
         self.hyper = torch.from_numpy(lars_table(segments))
 
 

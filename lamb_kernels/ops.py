@@ -155,6 +155,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return requested
 
 
+def flat(segments, field_name: str) -> list:
+    """Every entry of one per-tensor field (``"params"``, ``"grads"``, ...) of `segments`, in order:
+    the bucket-wide lists that the multi-tensor backends hand to one launch."""
+    return [t for seg in segments for t in getattr(seg, field_name)]
+
+
+def lars_written(segments) -> list:
+    """What a LARS step writes: the params and the momentum buffers that exist."""
+    return flat(segments, "params") + [b for b in flat(segments, "momentum_buffers") if b is not None]
+
+
 def mark_modified(tensors) -> None:
     """Bump the autograd version counters of tensors a kernel wrote through raw pointers, as an
     in-place torch op would: autograd then refuses a backward that needs their old values."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import LambSegment
+from .ops import LambSegment, flat
 
 
 def _sums_of_squares(tensors) -> torch.Tensor:
@@ -60,12 +60,12 @@ class TorchBackend:
         return segments
 
     def _drop_scratch_of_absent(self, segments):
-        live = {id(p) for seg in segments for p in seg.params}
+        live = {id(p) for p in flat(segments, "params")}
         for key in [key for key in self._scratch if key not in live]:
             del self._scratch[key]
 
     def grad_sumsq(self, segments) -> torch.Tensor:
-        return _sums_of_squares([g for seg in segments for g in seg.grads]).sum()
+        return _sums_of_squares(flat(segments, "grads")).sum()
 
     def lamb_update_norms_(self, segments, grad_sumsq) -> torch.Tensor:
         norms = []
@@ -118,9 +118,8 @@ class TorchBackend:
     # -- LARS, SPEC section 3 ------------------------------------------------------------------
 
     def lars_norms(self, segments) -> torch.Tensor:
-        params = [p for seg in segments for p in seg.params]
-        grads = [g for seg in segments for g in seg.grads]
-        return torch.stack([_sums_of_squares(params), _sums_of_squares(grads)], dim=1)
+        return torch.stack([_sums_of_squares(flat(segments, "params")), _sums_of_squares(flat(segments, "grads"))],
+                           dim=1)
 
     def lars_apply_(self, segments, norms: torch.Tensor) -> None:
         first = 0

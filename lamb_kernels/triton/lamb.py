@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..hyper import WIDTH, LambColumn, lamb_table
+from ..ops import flat
 from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent, column_pointer
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
@@ -148,8 +149,7 @@ def _lamb_apply_kernel(
 
 
 def prepare(table: MultiTensorTable, segments) -> Plan:
-    columns = [[t for seg in segments for t in getattr(seg, name)]
-               for name in ("params", "grads", "exp_avgs", "exp_avg_sqs")]
+    columns = [flat(segments, name) for name in ("params", "grads", "exp_avgs", "exp_avg_sqs")]
     table.update(columns)
     params, _, exp_avgs, exp_avg_sqs = columns
     # Written by the apply stage, and by the moments stage.

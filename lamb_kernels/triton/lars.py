@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..hyper import WIDTH, LarsColumn, lars_table
+from ..ops import flat, lars_written
 from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent, column_pointer
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
@@ -96,13 +97,11 @@ def _lars_apply_kernel(
 
 
 def prepare(table: MultiTensorTable, segments) -> Plan:
-    params = [p for seg in segments for p in seg.params]
-    grads = [g for seg in segments for g in seg.grads]
+    params = flat(segments, "params")
     # Without momentum there is no buffer; the parameter's address stands in, masked off in the kernel.
-    buffers = [p if b is None else b for seg in segments for p, b in zip(seg.params, seg.momentum_buffers)]
-    table.update([params, grads, buffers])
-    written = params + [b for seg in segments for b in seg.momentum_buffers if b is not None]
-    return Plan(table, _to_device(lars_table(segments), table.device), (written,))
+    buffers = [p if b is None else b for p, b in zip(params, flat(segments, "momentum_buffers"))]
+    table.update([params, flat(segments, "grads"), buffers])
+    return Plan(table, _to_device(lars_table(segments), table.device), (lars_written(segments),))
 
 
 def lars_norms(plan: Plan) -> torch.Tensor:
