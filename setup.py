@@ -44,7 +44,9 @@ setup(
     # A range, never a pin: with a suitable torch already installed (CPU or CUDA build) pip keeps it.
     # ninja drives torch's just-in-time C++ build.
     install_requires=["torch>=2.4", "numpy", "ninja"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "triton>=3.0"]},
+    # matplotlib draws the benchmark's chart (python -m bench); without it the CSV is still written.
+    extras_require={"triton": ["triton>=3.0"], "bench": ["matplotlib"],
+                    "test": ["pytest", "triton>=3.0", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

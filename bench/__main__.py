@@ -1,0 +1,167 @@
+"""python -m bench: how fast is each implementation of a LAMB or LARS step here, and how close to
+the memory bandwidth.
+
+    python -m bench                                  # bert-base on the device present, every provider
+    python -m bench --preset bert-large,many-small --device cuda --out bench/results/h100
+    python -m bench --preset all --backends cpp --repeats 10
+
+For each preset (the parameter shapes of a real model) and algorithm group, every provider steps the
+same parameters: lamb_kernels' backends, its pure-torch backend under torch.compile, torch's fused
+AdamW (beside LAMB) and SGD with momentum (beside LARS) as memory-bound yardsticks, a plain copy of
+as many elements for the machine's bandwidth, and apex, timm, pytorch_optimizer and bitsandbytes
+when they can be imported. Prints a table last; writes steps.csv (every figure, with device,
+versions and date) and steps.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import sys
+
+import torch
+
+import lamb_kernels
+
+from lamb_kernels.ops import BACKEND_NAMES
+
+from .harness import make_params, run_group
+from .presets import PRESETS, preset_shapes
+from .providers import Provider, default_backends, lamb_providers, lars_providers
+from .report import Progress, group_rows, table, write_csv, write_png
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALGORITHMS = ("lamb", "lars")
+
+
+def _list(value: str) -> list:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="bert-base",
+                        help=f"comma-separated presets, or 'all': {', '.join(PRESETS)} (default: bert-base)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when a GPU is present, else cpu")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated lamb_kernels backends to time (default: all; on CPU all but "
+                             "triton, whose interpreter is not worth timing)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype")
+    parser.add_argument("--algorithms", default="lamb,lars", help="comma-separated: lamb, lars")
+    parser.add_argument("--out", default="out", help="folder for steps.csv and steps.png (default: out)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per provider (default: cpu 15, cuda 50)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider first (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                        help="LAMB's global grad-norm clipping; 0 turns it off (default: 1.0, apex's)")
+    args = parser.parse_args(argv)
+
+    # "all" means the real models; "tiny" exists for the harness's own tests.
+    args.presets = [p for p in PRESETS if p != "tiny"] if args.preset == "all" else _list(args.preset)
+    for name in args.presets:
+        if name not in PRESETS:
+            parser.error(f"--preset {name!r} is not a preset; choose from: {', '.join(PRESETS)}, all")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch here")
+    if args.backends is None:
+        args.backends = default_backends(args.device)
+    else:
+        args.backends = _list(args.backends)
+        for name in args.backends:
+            if name not in BACKEND_NAMES:
+                parser.error(f"--backends {name!r} is not a lamb_kernels backend; choose from: "
+                             f"{', '.join(BACKEND_NAMES)}")
+    args.algorithms = _list(args.algorithms)
+    for name in args.algorithms:
+        if name not in ALGORITHMS:
+            parser.error(f"--algorithms {name!r}: choose from {', '.join(ALGORITHMS)}")
+    if args.repeats is None:
+        args.repeats = 50 if args.device == "cuda" else 15
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.warmup < 1:
+        parser.error(f"--warmup must be at least 1 (the first step allocates state), got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.max_grad_norm < 0:
+        parser.error(f"--max-grad-norm must be 0 (off) or positive, got {args.max_grad_norm}")
+    return args
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _providers(algorithm: str, args) -> list:
+    copy = Provider("copy (torch.Tensor.copy_, as many elements)", algorithm, "copy", version=torch.__version__)
+    if algorithm == "lamb":
+        return [copy, *lamb_providers(args.device, args.backends, args.max_grad_norm)]
+    return [copy, *lars_providers(args.device, args.backends)]
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    context = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
+        "threads": torch.get_num_threads() if args.device == "cpu" else "",
+        "warmup": args.warmup, "repeats": args.repeats, "lamb_kernels": lamb_kernels.__version__,
+        "torch": torch.__version__, "triton": _version("triton"), "python": platform.python_version(),
+    }
+    plan = [(preset, algorithm, _providers(algorithm, args)) for preset in args.presets for algorithm in args.algorithms]
+    total = sum(sum(p.unavailable is None for p in providers) for _, _, providers in plan) * (args.warmup + args.repeats)
+    progress = Progress(total)
+    rows = []
+    for preset, algorithm, providers in plan:
+        progress.start(f"{preset} {algorithm}")
+        shapes = preset_shapes(preset)
+        params = make_params(shapes, args.device, dtype)
+        outcomes = run_group(providers, params, args.device, warmup=args.warmup, repeats=args.repeats,
+                             progress=progress)
+        rows += group_rows(outcomes, preset=preset, algorithm=algorithm, numel=sum(p.numel() for p in params),
+                           tensors=len(params), itemsize=params[0].element_size(),
+                           clipping=args.max_grad_norm > 0, context=context)
+        del params, outcomes  # frees this group's states before the next group allocates its own
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+    os.makedirs(args.out, exist_ok=True)
+    csv_path, png_path = os.path.join(args.out, "steps.csv"), os.path.join(args.out, "steps.png")
+    write_csv(rows, csv_path)
+    title = (f"{context['device_name']}, {args.dtype}, torch {context['torch']}, triton {context['triton'] or '-'}, "
+             f"lamb_kernels {context['lamb_kernels']}, {context['date'][:10]}")
+    why_no_png = write_png(rows, png_path, title)
+    print(f"\n{title}; {context['threads'] or ''}{' threads; ' if context['threads'] else ''}"
+          f"{args.warmup} warm-up + {args.repeats} timed steps per provider")
+    print(table(rows))
+    print(f"\nwrote {csv_path}" + (f" and {png_path}" if why_no_png is None else f"; no chart: {why_no_png}"))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

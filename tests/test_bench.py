@@ -1,0 +1,271 @@
+"""The benchmark harness (python -m bench): presets, the bytes model, the figures it derives from
+step times, what it writes, and how it reports providers that cannot run."""
+import csv
+import io
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bench.__main__ import main, parse_args
+from bench.harness import Outcome, elements_moved, make_params, quantile, run_group
+from bench.presets import PRESETS, preset_shapes
+from bench.providers import Provider
+from bench.report import COLUMNS, Progress, group_rows, table
+
+# Published parameter counts: Hugging Face BertModel and GPT2Model, torchvision resnet50 and vit_b_16.
+PUBLISHED = {
+    "bert-base": (199, 109_482_240),
+    "bert-large": (391, 335_141_888),
+    "resnet50": (161, 25_557_032),
+    "gpt2": (148, 124_439_808),
+    "vit-b/16": (152, 86_567_656),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_matches_the_published_model(name):
+    shapes = preset_shapes(name)
+    assert (len(shapes), sum(math.prod(s) for s in shapes)) == PUBLISHED[name]
+
+
+def test_many_small_is_thousands_of_small_tensors_the_same_every_time():
+    shapes = preset_shapes("many-small")
+    sizes = [math.prod(s) for s in shapes]
+    assert len(shapes) >= 2000
+    assert min(sizes) == 1 and max(sizes) <= 65536 and max(sizes) > 32768
+    assert sum(size < 1024 for size in sizes) > len(sizes) / 4  # spread down to the launch-bound sizes
+    assert shapes == preset_shapes("many-small")
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="'bert-huge'"):
+        preset_shapes("bert-huge")
+
+
+def test_bytes_model_is_spec_section_4():
+    fp32 = 4
+    assert elements_moved("lamb", "ours", clipping=True) * fp32 == 44
+    assert elements_moved("lamb", "reference", clipping=False) * fp32 == 40
+    assert elements_moved("lamb", "yardstick", clipping=True) * fp32 == 28  # AdamW
+    assert elements_moved("lars", "external", clipping=True) * fp32 == 28
+    assert elements_moved("lars", "yardstick", clipping=True) * fp32 == 20  # SGD with momentum
+    assert elements_moved("lars", "copy", clipping=True) * fp32 == 8
+
+
+def test_quantile_is_numpys_linear():
+    values = [5.0, 1.0, 4.0, 2.5, 9.0, 7.25]
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+        assert quantile(values, q) == pytest.approx(float(np.quantile(values, q)))
+
+
+def _outcome(name, role, times):
+    return Outcome(Provider(name, "lamb", role), times=list(times))
+
+
+def test_figures_derived_from_step_times():
+    copy = _outcome("copy", "copy", [0.010, 0.020, 0.030])
+    adamw = _outcome("adamw", "yardstick", [0.100, 0.200, 0.300])
+    ours = _outcome("ours", "ours", [0.150, 0.500, 0.330])  # paired ratios 1.5, 2.5, 1.1
+    rows = group_rows([copy, adamw, ours], preset="p", algorithm="lamb", numel=1_000_000, tensors=3,
+                      itemsize=4, clipping=True, context={"date": "d"})
+    copy_row, adamw_row, ours_row = rows
+    assert copy_row["gb_per_s"] == pytest.approx(8 * 1e6 / 0.020 / 1e9)
+    assert adamw_row["median_ms"] == pytest.approx(200.0)
+    assert ours_row["median_ms"] == pytest.approx(330.0)
+    assert ours_row["gb_per_s"] == pytest.approx(44 * 1e6 / 0.330 / 1e9)
+    assert ours_row["pct_of_copy"] == pytest.approx(100 * ours_row["gb_per_s"] / copy_row["gb_per_s"])
+    # The median of per-repetition ratios (1.5), not the ratio of medians (1.65).
+    assert ours_row["ratio_to_yardstick"] == pytest.approx(1.5)
+    assert ours_row["yardstick"] == "adamw"
+    assert "ratio_to_yardstick" not in adamw_row and "ratio_to_yardstick" not in copy_row
+
+
+def _runs(log):
+    def build(params):
+        return lambda: log.append(len(params))
+
+    return build
+
+
+def test_group_reports_what_cannot_run_and_times_the_rest():
+    def broken_build(params):
+        raise RuntimeError("no kernel for this\nsecond line")
+
+    calls = {"flaky": 0}
+
+    def flaky_build(params):
+        def step():
+            calls["flaky"] += 1
+            if calls["flaky"] == 3:
+                raise ValueError("gave up on the third step")
+
+        return step
+
+    log = []
+    providers = [
+        Provider("copy", "lamb", "copy"),
+        Provider("fine", "lamb", "ours", build=_runs(log)),
+        Provider("absent", "lamb", "external", unavailable="absent cannot be imported"),
+        Provider("broken", "lamb", "external", build=broken_build),
+        Provider("flaky", "lamb", "external", build=flaky_build),
+    ]
+    params = make_params([(4, 3), (5,)], "cpu", torch.float32)
+    progress = Progress(4 * 5, stream=io.StringIO())
+    outcomes = run_group(providers, params, "cpu", warmup=1, repeats=4, progress=progress)
+    status = {o.provider.name: (o.status, o.reason, len(o.times)) for o in outcomes}
+    assert status["copy"] == ("ok", "", 4)
+    assert status["fine"] == ("ok", "", 4) and len(log) == 5
+    assert status["absent"] == ("skipped", "absent cannot be imported", 0)
+    assert status["broken"] == ("failed", "construction raised RuntimeError: no kernel for this", 0)
+    assert status["flaky"][:2] == ("failed", "step 3 raised ValueError: gave up on the third step")
+    assert progress.done == progress.total  # a failed provider's remaining steps count as done
+
+
+def test_group_refuses_figures_from_non_finite_values():
+    def poison(params):
+        return lambda: params[0].data.fill_(float("nan"))
+
+    params = make_params([(8,)], "cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        run_group([Provider("poison", "lamb", "ours", build=poison)], params, "cpu", warmup=1, repeats=1)
+
+
+def test_progress_off_a_terminal_writes_a_line_per_tenth():
+    stream = io.StringIO()
+    progress = Progress(20, stream=stream)
+    progress.start("bert-base lamb")
+    for _ in range(20):
+        progress.advance()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].strip() == "0.0%  bert-base lamb" and lines[-1].strip() == "100.0%  bert-base lamb"
+    assert len(lines) == 11
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--preset", "bert-huge"], "--preset"),
+    (["--backends", "cuda-graphs"], "--backends"),
+    (["--algorithms", "adam"], "--algorithms"),
+    (["--repeats", "0"], "--repeats"),
+    (["--warmup", "0"], "--warmup"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["--dtype", "float64"], "--dtype"),
+])
+def test_bad_arguments_are_named(argv, named, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_a_gpu_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cuda"])
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_all_means_the_real_models():
+    assert parse_args(["--preset", "all"]).presets == [name for name in PRESETS if name != "tiny"]
+
+
+def test_smoke_tiny_preset_writes_rows_table_csv_and_png(tmp_path, capsys):
+    """The whole command on the tiny preset, every backend (triton under its interpreter here)."""
+    out = tmp_path / "results"
+    rows = main(["--preset", "tiny", "--backends", "triton,cpp,torch", "--out", str(out),
+                 "--repeats", "2", "--warmup", "1"])
+    printed = capsys.readouterr()
+
+    with open(out / "steps.csv", newline="", encoding="utf-8") as f:
+        written = list(csv.DictReader(f))
+    assert tuple(written[0].keys()) == COLUMNS
+    assert len(written) == len(rows)
+    names = {(row["algorithm"], row["provider"]): row for row in written}
+    for algorithm, cls in (("lamb", "FusedLAMB"), ("lars", "FusedLARS")):
+        for backend in ("triton", "cpp", "torch"):
+            row = names[(algorithm, f"lamb_kernels {cls} {backend}")]
+            # cpp is skipped only where it cannot be built; its reason then says why
+            assert row["status"] == "ok" or (backend == "cpp" and row["status"] == "skipped" and row["reason"])
+        assert names[(algorithm, f"lamb_kernels {cls} torch + torch.compile")]["status"] in ("ok", "failed")
+    assert names[("lamb", "torch AdamW(fused=True)")]["status"] == "ok"
+    assert names[("lars", "torch SGD(momentum=0.9, fused=True)")]["status"] == "ok"
+    for row in written:
+        assert row["device"] == "cpu" and row["dtype"] == "float32" and row["preset"] == "tiny"
+        assert row["date"] and row["torch"] == torch.__version__ and row["device_name"]
+        assert row["params"] == "2213" and row["tensors"] == "5"
+        if row["status"] == "ok":
+            assert float(row["first_step_ms"]) > 0
+            median = float(row["median_ms"])
+            assert 0 < float(row["p20_ms"]) <= median <= float(row["p80_ms"])
+            # GB/s checked by hand from the row's own bytes, size and median
+            expected = float(row["bytes_per_param"]) * 2213 / (median / 1e3) / 1e9
+            assert float(row["gb_per_s"]) == pytest.approx(expected, rel=1e-4)
+            assert float(row["pct_of_copy"]) > 0
+            if row["role"] in ("ours", "reference", "external"):
+                assert float(row["ratio_to_yardstick"]) > 0
+        else:
+            assert row["reason"]
+
+    png = (out / "steps.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "lamb_kernels FusedLAMB cpp" in printed.out.split("\n", 2)[-1]  # the table, printed last
+    assert "100.0%" in printed.err  # the progress
+    assert printed.out.rstrip().endswith("steps.png")
+
+
+def test_without_matplotlib_the_csv_is_still_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "results"
+    main(["--preset", "tiny", "--backends", "torch", "--algorithms", "lars", "--out", str(out),
+          "--repeats", "1", "--warmup", "1"])
+    assert (out / "steps.csv").exists() and not (out / "steps.png").exists()
+    assert "no chart: matplotlib cannot be imported" in capsys.readouterr().out
+
+
+def test_table_lists_what_did_not_run_with_why():
+    rows = group_rows([_outcome("copy", "copy", [0.01]), Outcome(Provider("gone", "lamb", "external"),
+                                                                  status="skipped", reason="not installed")],
+                      preset="tiny", algorithm="lamb", numel=10, tensors=1, itemsize=4, clipping=True, context={})
+    text = table(rows)
+    assert "skipped tiny gone: not installed" in text
+
+
+def test_each_repetition_starts_with_the_next_provider():
+    order = []
+    providers = [Provider(name, "lars", "ours", build=lambda params, name=name: lambda: order.append(name))
+                 for name in "abc"]
+    run_group(providers, make_params([(3,)], "cpu", torch.float32), "cpu", warmup=1, repeats=2)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_launches_are_counted_on_gpu():
+    from bench.harness import count_launches
+    from lamb_kernels import FusedLAMB
+
+    x = torch.ones(1000, device="cuda")
+    assert count_launches(lambda: x.add_(1)) == 1
+    counts = []
+    for shapes in ([(1000,), (30, 7)], [(1000,), (30, 7)] * 30):
+        step = FusedLAMB(make_params(shapes, "cuda", torch.float32), backend="triton").step
+        step()  # compiles the kernels, allocates the state
+        counts.append(count_launches(step))
+    # At least the five Triton kernels (grad norm 2, moments and norms 2, apply 1), whatever the
+    # number of tensors.
+    assert counts[0] == counts[1] >= 5
+
+
+def test_a_backend_that_cannot_run_here_is_listed_with_why():
+    from bench.providers import lamb_providers, lars_providers
+
+    for providers in (lamb_providers("cuda", ["cpp"], 1.0), lars_providers("cuda", ["cpp"])):
+        (cpp,) = [p for p in providers if p.name.endswith(" cpp")]
+        assert cpp.build is None and "CPU tensors only" in cpp.unavailable
+
+
+def test_every_run_steps_the_same_values():
+    first, second = (make_params([(5, 4), (3,)], "cpu", torch.float32) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
