@@ -62,6 +62,9 @@ def _external(name, algorithm, module, make, device_types=("cpu", "cuda"), devic
 
 def _compiled(make_optimizer):
     def build(params):
+        # Each preset's optimizer is a new object for the same code: without a reset, dynamo's
+        # recompile limit (8) is soon reached and it falls back to eager without a word.
+        torch._dynamo.reset()
         return torch.compile(make_optimizer(params).step)
 
     return build

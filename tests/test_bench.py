@@ -269,3 +269,17 @@ def test_every_run_steps_the_same_values():
     first, second = (make_params([(5, 4), (3,)], "cpu", torch.float32) for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+
+
+def test_compiled_provider_keeps_compiling_from_preset_to_preset():
+    """Past dynamo's recompile limit (8) a new optimizer's step would silently run eagerly."""
+    from torch._dynamo.utils import counters
+
+    from bench.providers import lars_providers
+
+    for size in range(1, 11):
+        (compiled,) = [p for p in lars_providers("cpu", ["torch"]) if p.name.endswith("torch.compile")]
+        step = compiled.build(make_params([(size,), (3, 4)], "cpu", torch.float32))
+        graphs = counters["stats"]["unique_graphs"]
+        step()
+        assert counters["stats"]["unique_graphs"] > graphs, f"optimizer {size} ran without compiling"
