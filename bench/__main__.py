@@ -29,8 +29,8 @@ from lamb_kernels.ops import BACKEND_NAMES
 
 from .harness import make_params, run_group
 from .presets import PRESETS, preset_shapes
-from .providers import Provider, default_backends, lamb_providers, lars_providers
-from .report import Progress, group_rows, table, write_csv, write_png
+from .providers import COMPILED, Provider, default_backends, lamb_providers, lars_providers
+from .report import Progress, chart_title, group_rows, read_csv, table, write_csv, write_png
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALGORITHMS = ("lamb", "lars")
@@ -56,6 +56,12 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per provider (default: cpu 15, cuda 50)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider first (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch.compile providers (their first step compiles for minutes on "
+                             "big presets)")
+    parser.add_argument("--chart-from", metavar="CSV", default=None,
+                        help="time nothing: draw steps.png into --out from a steps.csv written earlier (a "
+                             "GPU machine without matplotlib writes the CSV; the chart is drawn elsewhere)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
                         help="LAMB's global grad-norm clipping; 0 turns it off (default: 1.0, apex's)")
     args = parser.parse_args(argv)
@@ -77,6 +83,8 @@ def parse_args(argv=None):
             if name not in BACKEND_NAMES:
                 parser.error(f"--backends {name!r} is not a lamb_kernels backend; choose from: "
                              f"{', '.join(BACKEND_NAMES)}")
+    if args.chart_from is not None and not os.path.isfile(args.chart_from):
+        parser.error(f"--chart-from {args.chart_from!r}: no such file")
     args.algorithms = _list(args.algorithms)
     for name in args.algorithms:
         if name not in ALGORITHMS:
@@ -117,12 +125,23 @@ def _version(package: str) -> str:
 def _providers(algorithm: str, args) -> list:
     copy = Provider("copy (torch.Tensor.copy_, as many elements)", algorithm, "copy", version=torch.__version__)
     if algorithm == "lamb":
-        return [copy, *lamb_providers(args.device, args.backends, args.max_grad_norm)]
-    return [copy, *lars_providers(args.device, args.backends)]
+        providers = lamb_providers(args.device, args.backends, args.max_grad_norm)
+    else:
+        providers = lars_providers(args.device, args.backends)
+    return [copy, *(p for p in providers if not (args.no_compile and p.name.endswith(COMPILED)))]
 
 
 def main(argv=None) -> list:
     args = parse_args(argv)
+    if args.chart_from is not None:
+        rows = read_csv(args.chart_from)
+        os.makedirs(args.out, exist_ok=True)
+        png_path = os.path.join(args.out, "steps.png")
+        why_no_png = write_png(rows, png_path, chart_title(rows[0]))
+        if why_no_png is not None:
+            raise SystemExit(f"--chart-from: {why_no_png}")
+        print(f"wrote {png_path}")
+        return rows
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -136,6 +155,8 @@ def main(argv=None) -> list:
     plan = [(preset, algorithm, _providers(algorithm, args)) for preset in args.presets for algorithm in args.algorithms]
     total = sum(sum(p.unavailable is None for p in providers) for _, _, providers in plan) * (args.warmup + args.repeats)
     progress = Progress(total)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path, png_path = os.path.join(args.out, "steps.csv"), os.path.join(args.out, "steps.png")
     rows = []
     for preset, algorithm, providers in plan:
         progress.start(f"{preset} {algorithm}")
@@ -149,15 +170,12 @@ def main(argv=None) -> list:
         del params, outcomes  # frees this group's states before the next group allocates its own
         if args.device == "cuda":
             torch.cuda.empty_cache()
+        write_csv(rows, csv_path)  # after every group, so an interrupted long run keeps what it measured
 
-    os.makedirs(args.out, exist_ok=True)
-    csv_path, png_path = os.path.join(args.out, "steps.csv"), os.path.join(args.out, "steps.png")
-    write_csv(rows, csv_path)
-    title = (f"{context['device_name']}, {args.dtype}, torch {context['torch']}, triton {context['triton'] or '-'}, "
-             f"lamb_kernels {context['lamb_kernels']}, {context['date'][:10]}")
+    title = chart_title(context)
     why_no_png = write_png(rows, png_path, title)
-    print(f"\n{title}; {context['threads'] or ''}{' threads; ' if context['threads'] else ''}"
-          f"{args.warmup} warm-up + {args.repeats} timed steps per provider")
+    threads = f"{context['threads']} threads; " if context["threads"] else ""
+    print(f"\n{title}; {threads}{args.warmup} warm-up + {args.repeats} timed steps per provider")
     print(table(rows))
     print(f"\nwrote {csv_path}" + (f" and {png_path}" if why_no_png is None else f"; no chart: {why_no_png}"))
     return rows

@@ -29,6 +29,7 @@ MOMENTUM = 0.9
 
 # Roles, in the order the table and chart list them.
 ROLES = ("copy", "yardstick", "ours", "reference", "external")
+COMPILED = " + torch.compile"  # the suffix of the compiled providers' names
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _backend_providers(class_name, cls, algorithm, options, device, backends) ->
                                   build=lambda params, backend=backend: cls(params, backend=backend,
                                                                             **options).step))
     providers.append(Provider(
-        f"lamb_kernels {class_name} torch + torch.compile", algorithm, "reference",
+        f"lamb_kernels {class_name} torch{COMPILED}", algorithm, "reference",
         build=_compiled(lambda params: cls(params, backend="torch", **options)),
         version=lamb_kernels.__version__, options=options,
     ))

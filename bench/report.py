@@ -91,6 +91,21 @@ def write_csv(rows, path) -> None:
             writer.writerow({key: _csv_value(row.get(key)) for key in COLUMNS})
 
 
+def read_csv(path) -> list:
+    """Rows written by write_csv, with the step times and GB/s as numbers again (for the chart)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in ("median_ms", "p20_ms", "p80_ms", "gb_per_s"):
+            row[key] = float(row[key]) if row[key] else None
+    return rows
+
+
+def chart_title(row) -> str:
+    return (f"{row['device_name']}, {row['dtype']}, torch {row['torch']}, triton {row['triton'] or '-'}, "
+            f"lamb_kernels {row['lamb_kernels']}, {row['date'][:10]}")
+
+
 def _csv_value(value):
     if value is None:
         return ""
@@ -111,6 +126,7 @@ def write_png(rows, path, title) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError as exc:
         return f"matplotlib cannot be imported ({exc}); pip install matplotlib for the chart"
     presets = list(dict.fromkeys(row["preset"] for row in rows))
@@ -128,6 +144,7 @@ def write_png(rows, path, title) -> str | None:
                   [row["p80_ms"] - m for m, row in zip(medians, preset_rows)]]
         time_ax.barh(ys, medians, xerr=spread, color=colours, capsize=2)
         time_ax.set_xscale("log")
+        time_ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis collide
         time_ax.set_yticks(list(ys), labels, fontsize=8)
         time_ax.invert_yaxis()
         time_ax.set_xlabel("step time, ms (median, p20-p80; log scale)")

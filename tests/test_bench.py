@@ -152,6 +152,7 @@ def test_progress_off_a_terminal_writes_a_line_per_tenth():
     (["--warmup", "0"], "--warmup"),
     (["--max-grad-norm", "-1"], "--max-grad-norm"),
     (["--dtype", "float64"], "--dtype"),
+    (["--chart-from", "no/such/steps.csv"], "--chart-from"),
 ])
 def test_bad_arguments_are_named(argv, named, capsys):
     with pytest.raises(SystemExit):
@@ -212,6 +213,11 @@ def test_smoke_tiny_preset_writes_rows_table_csv_and_png(tmp_path, capsys):
     assert "lamb_kernels FusedLAMB cpp" in printed.out.split("\n", 2)[-1]  # the table, printed last
     assert "100.0%" in printed.err  # the progress
     assert printed.out.rstrip().endswith("steps.png")
+
+    # The chart drawn again from the CSV alone, as for a GPU machine without matplotlib.
+    again = tmp_path / "again"
+    assert len(main(["--chart-from", str(out / "steps.csv"), "--out", str(again)])) == len(rows)
+    assert (again / "steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_without_matplotlib_the_csv_is_still_written(tmp_path, monkeypatch, capsys):
@@ -283,3 +289,13 @@ def test_compiled_provider_keeps_compiling_from_preset_to_preset():
         graphs = counters["stats"]["unique_graphs"]
         step()
         assert counters["stats"]["unique_graphs"] > graphs, f"optimizer {size} ran without compiling"
+
+
+def test_no_compile_leaves_out_only_the_compiled_providers():
+    from bench.__main__ import _providers
+
+    for algorithm in ("lamb", "lars"):
+        every = [p.name for p in _providers(algorithm, parse_args(["--backends", "torch"]))]
+        without = [p.name for p in _providers(algorithm, parse_args(["--backends", "torch", "--no-compile"]))]
+        assert [name for name in every if not name.endswith("torch + torch.compile")] == without
+        assert len(every) == len(without) + 1
