@@ -85,8 +85,9 @@ def lamb_providers(device, backends, max_grad_norm) -> list:
     providers += _backend_providers("FusedLAMB", FusedLAMB, "lamb", ours, device, backends)
     providers += [
         _external("apex FusedLAMB", "lamb", "apex.optimizers",
+                  # apex divides by max_grad_norm once the norm is above it: inf is its "off".
                   lambda mod, params: mod.FusedLAMB(params, lr=LR, weight_decay=LAMB_WEIGHT_DECAY,
-                                                    max_grad_norm=clip or 0.0),
+                                                    max_grad_norm=clip or float("inf")),
                   device_types=("cuda",), device=device),
         _external("timm Lamb", "lamb", "timm.optim",
                   lambda mod, params: mod.Lamb(params, lr=LR, weight_decay=LAMB_WEIGHT_DECAY,

@@ -188,7 +188,10 @@ def test_smoke_tiny_preset_writes_rows_table_csv_and_png(tmp_path, capsys):
             row = names[(algorithm, f"lamb_kernels {cls} {backend}")]
             # cpp is skipped only where it cannot be built; its reason then says why
             assert row["status"] == "ok" or (backend == "cpp" and row["status"] == "skipped" and row["reason"])
-        assert names[(algorithm, f"lamb_kernels {cls} torch + torch.compile")]["status"] in ("ok", "failed")
+    # torch.compile of the LARS step runs; of the LAMB step it fails inside dynamo for now (issue 6).
+    assert names[("lars", "lamb_kernels FusedLARS torch + torch.compile")]["status"] == "ok"
+    compiled_lamb = names[("lamb", "lamb_kernels FusedLAMB torch + torch.compile")]
+    assert compiled_lamb["status"] == "ok" or (compiled_lamb["status"] == "failed" and compiled_lamb["reason"])
     assert names[("lamb", "torch AdamW(fused=True)")]["status"] == "ok"
     assert names[("lars", "torch SGD(momentum=0.9, fused=True)")]["status"] == "ok"
     for row in written:
@@ -299,3 +302,10 @@ def test_no_compile_leaves_out_only_the_compiled_providers():
         without = [p.name for p in _providers(algorithm, parse_args(["--backends", "torch", "--no-compile"]))]
         assert [name for name in every if not name.endswith("torch + torch.compile")] == without
         assert len(every) == len(without) + 1
+
+
+def test_no_ratios_against_a_yardstick_that_failed():
+    adamw = Outcome(Provider("adamw", "lamb", "yardstick"), status="failed", reason="raised", times=[0.1])
+    rows = group_rows([adamw, _outcome("ours", "ours", [0.15, 0.2])], preset="p", algorithm="lamb",
+                      numel=10, tensors=1, itemsize=4, clipping=True, context={})
+    assert rows[1]["median_ms"] == pytest.approx(175.0) and "ratio_to_yardstick" not in rows[1]
