@@ -27,25 +27,27 @@ def group_rows(outcomes, *, preset, algorithm, numel, tensors, itemsize, clippin
         by_role.setdefault(outcome.provider.role, outcome)
     copy, yardstick = by_role.get("copy"), by_role.get("yardstick")
 
-    def bandwidth(outcome):
-        moved = elements_moved(algorithm, outcome.provider.role, clipping) * itemsize
-        return moved, moved * numel / quantile(outcome.times, 0.5) / 1e9
+    def bytes_per_param(outcome):
+        return elements_moved(algorithm, outcome.provider.role, clipping) * itemsize
 
-    copy_gbps = bandwidth(copy)[1] if copy is not None and copy.status == "ok" else None
+    def gb_per_s(outcome):
+        return bytes_per_param(outcome) * numel / quantile(outcome.times, 0.5) / 1e9
+
+    copy_gbps = gb_per_s(copy) if copy is not None and copy.status == "ok" else None
     rows = []
     for outcome in outcomes:
         provider = outcome.provider
         row = dict(context, preset=preset, algorithm=algorithm, provider=provider.name, role=provider.role,
                    status=outcome.status, reason=outcome.reason, tensors=tensors, params=numel,
                    provider_version=provider.version)
-        row["bytes_per_param"] = elements_moved(algorithm, provider.role, clipping) * itemsize
+        row["bytes_per_param"] = bytes_per_param(outcome)
         if outcome.first_step is not None:
             row["first_step_ms"] = outcome.first_step * 1e3
         if outcome.status == "ok" and outcome.times:
             row["median_ms"] = quantile(outcome.times, 0.5) * 1e3
             row["p20_ms"] = quantile(outcome.times, 0.2) * 1e3
             row["p80_ms"] = quantile(outcome.times, 0.8) * 1e3
-            row["gb_per_s"] = bandwidth(outcome)[1]
+            row["gb_per_s"] = gb_per_s(outcome)
             if copy_gbps is not None:
                 row["copy_gb_per_s"] = copy_gbps
                 row["pct_of_copy"] = 100.0 * row["gb_per_s"] / copy_gbps
