@@ -13,7 +13,7 @@ the libraries share them; `lr` is tiny so that hundreds of steps leave the value
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,7 +40,6 @@ class Provider:
     build: Callable | None = None  # build(params) -> step(); None when unavailable
     unavailable: str | None = None  # why it cannot run here
     version: str = ""
-    options: dict = field(default_factory=dict)
 
 
 def _import(module: str):
@@ -136,13 +135,13 @@ def _backend_providers(class_name, cls, algorithm, options, device, backends) ->
         except ValueError as exc:
             providers.append(Provider(name, algorithm, role, unavailable=str(exc)))
             continue
-        providers.append(Provider(name, algorithm, role, version=lamb_kernels.__version__, options=options,
+        providers.append(Provider(name, algorithm, role, version=lamb_kernels.__version__,
                                   build=lambda params, backend=backend: cls(params, backend=backend,
                                                                             **options).step))
     providers.append(Provider(
         f"lamb_kernels {class_name} torch{COMPILED}", algorithm, "reference",
         build=_compiled(lambda params: cls(params, backend="torch", **options)),
-        version=lamb_kernels.__version__, options=options,
+        version=lamb_kernels.__version__,
     ))
     return providers
 
