@@ -27,7 +27,7 @@ import lamb_kernels
 
 from lamb_kernels.ops import BACKEND_NAMES
 
-from .harness import make_params, run_group
+from .harness import device_name, make_params, run_group
 from .presets import PRESETS, preset_shapes
 from .providers import COMPILED, Provider, default_backends, lamb_providers, lars_providers
 from .report import Progress, chart_title, group_rows, read_csv, table, write_csv, write_png
@@ -100,19 +100,6 @@ def parse_args(argv=None):
     if args.max_grad_norm < 0:
         parser.error(f"--max-grad-norm must be 0 (off) or positive, got {args.max_grad_norm}")
     return args
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(package: str) -> str:

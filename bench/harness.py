@@ -10,6 +10,8 @@ host launch overhead included when it exceeds the device time.
 from __future__ import annotations
 
 import math
+import os
+import platform
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -166,3 +168,16 @@ def _copy_step(numel, params):
     source = torch.empty(numel, device=params[0].device, dtype=params[0].dtype).normal_()
     target = torch.empty_like(source)
     return lambda: target.copy_(source)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

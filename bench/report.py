@@ -85,12 +85,12 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows, path) -> None:
+def write_csv(rows, path, columns=COLUMNS) -> None:
     with open(path, "w", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="raise")
+        writer = csv.DictWriter(out, fieldnames=columns, extrasaction="raise")
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: _csv_value(row.get(key)) for key in COLUMNS})
+            writer.writerow({key: _csv_value(row.get(key)) for key in columns})
 
 
 def read_csv(path) -> list:
