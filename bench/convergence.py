@@ -16,7 +16,8 @@ set is never used to choose.
 
 Writes into --out: runs.csv (every training run: settings, seed, validation and test accuracy and
 loss, final training loss, seconds), summary.csv (per optimizer and batch size: the chosen LR and the
-spread of test accuracy over seeds) and convergence.png. Runs are independent, one CPU thread each,
+spread of test accuracy over seeds), settings.json (the study's settings, recipes, data seeds and
+command line) and convergence.png. Runs are independent, one CPU thread each,
 spread over --workers processes; a run's numbers do not depend on how many workers there are.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import concurrent.futures
 import datetime
 import functools
+import json
 import math
 import multiprocessing
 import os
@@ -184,8 +186,11 @@ def _train(study: Study, run: Run) -> dict:
             break
     val_acc, val_loss = _evaluate(model, *data["validation"])
     test_acc, test_loss = _evaluate(model, *data["test"])
+    fused = run.optimizer in ("FusedLAMB", "FusedLARS")
     return dict(asdict(run), rule=RECIPES[run.optimizer].rule, base_lr=RECIPES[run.optimizer].base_lr,
                 weight_decay=RECIPES[run.optimizer].weight_decay, lr=lr, steps=total_steps,
+                momentum=MOMENTUM if run.optimizer in ("FusedLARS", "SGD") else None,
+                backend=resolve_backend(study.backend, torch.device("cpu")) if fused else "torch.optim",
                 warmup_steps=warmup_steps, status=status, final_train_loss=train_loss, val_acc=val_acc,
                 val_loss=val_loss, test_acc=test_acc, test_loss=test_loss,
                 seconds=time.perf_counter() - started)
@@ -206,7 +211,8 @@ def summarise(rows) -> list:
         summary.append(dict(
             optimizer=optimizer, batch_size=batch_size, rule=chosen[0]["rule"], lr_multiplier=multiplier,
             lr=chosen[0]["lr"], steps=chosen[0]["steps"], lr_grid=" ".join(f"{m:g}" for m in sorted(by_multiplier)),
-            seeds=len(chosen), diverged=sum(r["status"] == "diverged" for r in chosen),
+            backend=chosen[0]["backend"], seeds=" ".join(str(r["seed"]) for r in chosen),
+            diverged=sum(r["status"] == "diverged" for r in chosen),
             val_acc_mean=statistics.fmean(r["val_acc"] for r in chosen),
             test_acc_mean=statistics.fmean(accuracies),
             test_acc_std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -218,15 +224,16 @@ def summarise(rows) -> list:
 
 
 RUN_COLUMNS = (
-    "date", "optimizer", "rule", "base_lr", "batch_size", "lr_multiplier", "lr", "weight_decay", "seed",
-    "epochs", "steps", "warmup_steps", "decay_power", "train_size", "noise", "backend", "status",
+    "date", "optimizer", "rule", "base_lr", "batch_size", "lr_multiplier", "lr", "weight_decay", "momentum", "seed",
+    "epochs", "steps", "warmup_fraction", "warmup_steps", "decay_power", "train_size", "noise", "backend", "status",
     "final_train_loss", "val_acc", "val_loss", "test_acc", "test_loss", "seconds",
     "lamb_kernels", "torch", "python", "machine",
 )
 SUMMARY_COLUMNS = (
     "date", "optimizer", "rule", "batch_size", "steps", "lr_grid", "lr_multiplier", "lr", "seeds", "diverged",
     "val_acc_mean", "test_acc_mean", "test_acc_std", "test_acc_min", "test_acc_max", "test_acc_at_x1_mean", "final_train_loss_mean",
-    "test_loss_mean", "epochs", "train_size", "noise", "backend", "lamb_kernels", "torch", "python", "machine",
+    "test_loss_mean", "epochs", "warmup_fraction", "decay_power", "train_size", "noise", "backend", "lamb_kernels",
+    "torch", "python", "machine",
 )
 COLOURS = {"FusedLAMB": "#dd8452", "AdamW": "#4c72b0", "FusedLARS": "#c44e52", "SGD": "#55a868"}
 
@@ -284,7 +291,7 @@ def run_study(study: Study, progress: Progress | None = None) -> list:
 
     def record(run, row):
         results[run] = row
-        progress.start(f"{run.optimizer} batch {run.batch_size} lr x{run.lr_multiplier:g} seed {run.seed}")
+        progress.start(f"done: {run.optimizer} batch {run.batch_size} lr x{run.lr_multiplier:g} seed {run.seed}")
         progress.advance(weight[run])
 
     longest_first = sorted(runs, key=lambda run: -weight[run])
@@ -296,8 +303,12 @@ def run_study(study: Study, progress: Progress | None = None) -> list:
         with concurrent.futures.ProcessPoolExecutor(study.workers, mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=_worker_init) as pool:
             futures = {pool.submit(train, study, run): run for run in longest_first}
-            for future in concurrent.futures.as_completed(futures):
-                record(futures[future], future.result())
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    record(futures[future], future.result())
+            except BaseException:  # a failed run (or ^C) ends the study now, not after the queued runs
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     return [results[run] for run in runs]
 
 
@@ -307,6 +318,13 @@ def _check_backend(backend: str) -> None:
     probe = torch.nn.Linear(2, 2)
     probe(torch.ones(1, 2)).sum().backward()
     lamb_kernels.FusedLAMB(probe.parameters(), backend=backend).step()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (Linux)
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _floats(value: str) -> tuple:
@@ -322,7 +340,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed and no LR grid (the scaling rule's LR only)")
     parser.add_argument("--out", default=os.path.join("out", "convergence"),
-                        help="folder for runs.csv, summary.csv and convergence.png (default: out/convergence)")
+                        help="folder for runs.csv, summary.csv, settings.json and convergence.png (default: out/convergence)")
     parser.add_argument("--optimizers", default=",".join(RECIPES), help=f"comma-separated: {', '.join(RECIPES)}")
     parser.add_argument("--batch-sizes", type=_ints, default=None,
                         help=f"comma-separated (default: {','.join(map(str, BATCH_SIZES))})")
@@ -345,11 +363,13 @@ def parse_args(argv=None):
     unknown = [name for name in optimizers if name not in RECIPES]
     if unknown or not optimizers:
         parser.error(f"--optimizers: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(RECIPES)}")
-    batch_sizes = args.batch_sizes or BATCH_SIZES
+    batch_sizes = args.batch_sizes if args.batch_sizes is not None else BATCH_SIZES
     seeds = args.seeds if args.seeds is not None else len(preset["seeds"])
-    lr_grid = args.lr_grid or preset["lr_grid"]
-    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    lr_grid = args.lr_grid if args.lr_grid is not None else preset["lr_grid"]
+    workers = args.workers if args.workers is not None else _cores()
     checks = (
+        ("--batch-sizes", len(batch_sizes) > 0, "give at least one"),
+        ("--lr-grid", len(lr_grid) > 0, "give at least one multiple"),
         ("--train-size", args.train_size >= 1, "must be at least 1"),
         ("--batch-sizes", all(1 <= b <= args.train_size for b in batch_sizes),
          f"each must be between 1 and --train-size ({args.train_size})"),
@@ -373,7 +393,17 @@ def parse_args(argv=None):
     return study, args.out
 
 
+def settings(study: Study, argv) -> dict:
+    """Everything a run depends on, for settings.json."""
+    return dict(asdict(study), command=["python", "-m", "bench.convergence", *argv], base_batch=BASE_BATCH,
+                recipes={name: asdict(recipe) for name, recipe in RECIPES.items()}, momentum=MOMENTUM,
+                data=dict(seeds=DATA_SEEDS, sizes=dict(train=study.train_size, validation=VALIDATION_SIZE,
+                                                       test=TEST_SIZE)),
+                threads_per_run=1)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     study, out = parse_args(argv)
     if {"FusedLAMB", "FusedLARS"} & set(study.optimizers):
         try:
@@ -386,21 +416,22 @@ def main(argv=None) -> int:
     rows = run_study(study)
     context = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                    epochs=study.epochs, train_size=study.train_size, noise=study.noise,
-                   decay_power=study.decay_power, backend=resolve_backend(study.backend, torch.device("cpu")),
-                   lamb_kernels=lamb_kernels.__version__,
-                   torch=torch.__version__, python=platform.python_version(),
+                   warmup_fraction=study.warmup_fraction, decay_power=study.decay_power,
+                   lamb_kernels=lamb_kernels.__version__, torch=torch.__version__, python=platform.python_version(),
                    machine=device_name("cpu"))
     rows = [dict(context, **row) for row in rows]
     summary = [dict(context, **point) for point in summarise(rows)]
     write_csv(rows, os.path.join(out, "runs.csv"), RUN_COLUMNS)
     write_csv(summary, os.path.join(out, "summary.csv"), SUMMARY_COLUMNS)
+    with open(os.path.join(out, "settings.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(settings(study, argv), **context), f, indent=2)
     title = (f"PatchCNN on 10 noisy shapes: {study.train_size} training images, {study.epochs} epochs at every batch size,"
              f" {len(study.seeds)} seed(s), LR grid x{'/'.join(f'{m:g}' for m in study.lr_grid)} chosen on validation"
              f"\n{context['machine']}, torch {context['torch']}, lamb_kernels {context['lamb_kernels']},"
              f" {context['date'][:10]}")
     why_not = write_png(summary, os.path.join(out, "convergence.png"), title)
     print(_table(summary))
-    print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s; wrote {out}/runs.csv, summary.csv"
+    print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s; wrote {out}/runs.csv, summary.csv, settings.json"
           + (f", convergence.png" if why_not is None else f" (no chart: {why_not})"))
     return 0
 
