@@ -43,7 +43,7 @@ import lamb_kernels
 from lamb_kernels.ops import BACKEND_NAMES, resolve_backend
 
 from .harness import device_name
-from .report import Progress, write_csv
+from .report import Progress, pyplot, write_csv
 from .shapes import PatchCNN, make_shapes
 
 BASE_BATCH = 64  # the batch size at which the base learning rates below were chosen
@@ -243,13 +243,9 @@ def write_png(summary, path, title) -> str | None:
     """Test accuracy and final training loss against batch size, a line per optimizer at its chosen
     LR multiple with a band spanning the seeds, and dashed, the accuracy at the scaling rule's LR
     itself when the grid has more than that. Returns why not, when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        return f"matplotlib cannot be imported ({exc}); pip install matplotlib for the chart"
+    plt, why_not = pyplot()
+    if plt is None:
+        return why_not
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
     for optimizer in dict.fromkeys(s["optimizer"] for s in summary):
         points = [s for s in summary if s["optimizer"] == optimizer]
@@ -311,14 +307,6 @@ def run_study(study: Study, progress: Progress | None = None) -> list:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
     return [results[run] for run in runs]
-
-
-def _check_backend(backend: str) -> None:
-    """Fail before any run when a named backend cannot run here, and build the C++ operators once,
-    in this process, rather than in every worker at the same time."""
-    probe = torch.nn.Linear(2, 2)
-    probe(torch.ones(1, 2)).sum().backward()
-    lamb_kernels.FusedLAMB(probe.parameters(), backend=backend).step()
 
 
 def _cores() -> int:
@@ -408,7 +396,9 @@ def main(argv=None) -> int:
     study, out = parse_args(argv)
     if {"FusedLAMB", "FusedLARS"} & set(study.optimizers):
         try:
-            _check_backend(study.backend)
+            # Fails before any run when the backend cannot run here; and builds the C++ operators
+            # once, in this process, rather than in every worker at the same time.
+            resolve_backend(study.backend, torch.device("cpu"))
         except ValueError as exc:
             print(f"python -m bench.convergence: error: --backend: {exc}", file=sys.stderr)
             return 2

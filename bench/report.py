@@ -120,17 +120,26 @@ ROLE_COLOURS = {"copy": "#9e9e9e", "yardstick": "#4c72b0", "ours": "#dd8452", "r
                 "external": "#8172b3"}
 
 
-def write_png(rows, path, title) -> str | None:
-    """Step time and GB/s per provider, a row of two panels per preset. Returns why not, when
-    matplotlib is missing."""
+def pyplot():
+    """(matplotlib.pyplot drawing to files, None), or (None, why not) when matplotlib is missing: the
+    charts are optional, the CSVs are not."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import NullFormatter
     except ImportError as exc:
-        return f"matplotlib cannot be imported ({exc}); pip install matplotlib for the chart"
+        return None, f"matplotlib cannot be imported ({exc}); pip install matplotlib for the chart"
+    return plt, None
+
+
+def write_png(rows, path, title) -> str | None:
+    """Step time and GB/s per provider, a row of two panels per preset. Returns why not, when
+    matplotlib is missing."""
+    plt, why_not = pyplot()
+    if plt is None:
+        return why_not
+    from matplotlib.ticker import NullFormatter
     presets = list(dict.fromkeys(row["preset"] for row in rows))
     ran = {preset: [row for row in rows if row["preset"] == preset and row["status"] == "ok"] for preset in presets}
     heights = [max(len(ran[preset]), 1) * 0.32 + 0.9 for preset in presets]
