@@ -4,6 +4,10 @@
 //    8 bytes/param), skipped when no param group adapts;
 // 2. lars_apply: trust ratio, weight decay, momentum and the update (reads p g b, writes p b:
 //    20 bytes/param).
+//
+// The element loops are templates on the storage types of params (P), grads (G) and the params'
+// low-precision copies (C, NoCopy when there are none), and on kScaled (a grad_scale was given), as
+// in lamb_cpu.cpp; buffers stay float32.
 #include "hyper_columns.h"
 #include "multi_tensor_cpu.h"
 
@@ -15,46 +19,65 @@ namespace {
 
 enum class Momentum { kNone, kFirstStep, kLater };
 
+// The per-tensor scalars of a chunk.
+struct StepScalars {
+  float lr, ratio, weight_decay, momentum, one_minus_dampening, inv_scale;
+};
+
 // The element loop with the per-tensor choices made at compile time, so each variant vectorises
 // as one straight loop.
-template <bool kAdapt, Momentum kMomentum, bool kNesterov>
-void apply_chunk(int64_t n, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buf,
-                 float lr, float ratio, float weight_decay, float momentum, float one_minus_dampening) {
+template <typename P, typename G, typename C, bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov>
+void apply_chunk(int64_t n, P* __restrict__ p, const G* __restrict__ g, float* __restrict__ buf, C* __restrict__ copy,
+                 const StepScalars& s) {
+  const float lr = s.lr, ratio = s.ratio, weight_decay = s.weight_decay, momentum = s.momentum;
+  const float one_minus_dampening = s.one_minus_dampening, inv_scale = s.inv_scale;
   for (int64_t i = 0; i < n; ++i) {
-    const float d = kAdapt ? (g[i] + weight_decay * p[i]) * ratio : g[i];  // 1.
+    // The weight-decay product comes before the loss-scale product on purpose: GCC's -ffp-contract
+    // fuses the first product it meets into the add, so this order keeps fma(wd, p, g) as before the
+    // grads were scaled, and g * (1 / scale) rounds on its own (exactly, for a power-of-two scale).
+    const float param = static_cast<float>(p[i]);
+    const float decay = weight_decay * param;
+    float grad = static_cast<float>(g[i]);
+    if constexpr (kScaled) grad = grad * inv_scale;  // unscaled before any other use of g
+    const float d = kAdapt ? (grad + decay) * ratio : grad;  // 1.
     float step = d;
     if constexpr (kMomentum != Momentum::kNone) {  // 2. a new buffer is not read: it becomes d
       const float b = kMomentum == Momentum::kFirstStep ? d : momentum * buf[i] + one_minus_dampening * d;
       buf[i] = b;
       step = kNesterov ? d + momentum * b : b;
     }
-    p[i] = p[i] - lr * step;  // 3.
+    const float next = param - lr * step;  // 3.
+    p[i] = static_cast<P>(next);
+    if constexpr (kWritesCopy<C>) copy[i] = static_cast<C>(next);  // the fp32 master weight, rounded
   }
 }
 
-template <bool kAdapt, Momentum kMomentum>
-void apply_chunk(bool nesterov, int64_t n, float* p, const float* g, float* buf, float lr, float ratio,
-                 float weight_decay, float momentum, float one_minus_dampening) {
-  auto run = nesterov ? apply_chunk<kAdapt, kMomentum, true> : apply_chunk<kAdapt, kMomentum, false>;
-  run(n, p, g, buf, lr, ratio, weight_decay, momentum, one_minus_dampening);
+template <typename P, typename G, typename C, bool kScaled, bool kAdapt, Momentum kMomentum>
+void apply_chunk(bool nesterov, int64_t n, P* p, const G* g, float* buf, C* copy, const StepScalars& s) {
+  auto run = nesterov ? apply_chunk<P, G, C, kScaled, kAdapt, kMomentum, true>
+                      : apply_chunk<P, G, C, kScaled, kAdapt, kMomentum, false>;
+  run(n, p, g, buf, copy, s);
 }
 
-template <bool kAdapt>
-void apply_chunk(Momentum mode, bool nesterov, int64_t n, float* p, const float* g, float* buf, float lr,
-                 float ratio, float weight_decay, float momentum, float one_minus_dampening) {
-  auto run = mode == Momentum::kNone        ? apply_chunk<kAdapt, Momentum::kNone>
-             : mode == Momentum::kFirstStep ? apply_chunk<kAdapt, Momentum::kFirstStep>
-                                            : apply_chunk<kAdapt, Momentum::kLater>;
-  run(nesterov, n, p, g, buf, lr, ratio, weight_decay, momentum, one_minus_dampening);
+template <typename P, typename G, typename C, bool kScaled, bool kAdapt>
+void apply_chunk(Momentum mode, bool nesterov, int64_t n, P* p, const G* g, float* buf, C* copy,
+                 const StepScalars& s) {
+  auto run = mode == Momentum::kNone        ? apply_chunk<P, G, C, kScaled, kAdapt, Momentum::kNone>
+             : mode == Momentum::kFirstStep ? apply_chunk<P, G, C, kScaled, kAdapt, Momentum::kFirstStep>
+                                            : apply_chunk<P, G, C, kScaled, kAdapt, Momentum::kLater>;
+  run(nesterov, n, p, g, buf, copy, s);
 }
 
 // 1. r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps), 1 unless both norms are > 0; then, with
 // LARC, min(r / lr, 1) whatever r is (so r = 1 with lr > 1 still clips to 1 / lr), a NaN propagating
-// as in torch.minimum (lr = 0 with r = 0 gives 0 / 0).
-float trust_ratio(const float* h, const float* norms) {
-  const float param_norm = std::sqrt(norms[0]), grad_norm = std::sqrt(norms[1]);
+// as in torch.minimum (lr = 0 with r = 0 gives 0 / 0). norms[1] sums the still-scaled grads, so
+// ||g|| = sqrt(norms[1]) / scale.
+float trust_ratio(const float* h, const float* norms, float inv_scale) {
+  const float param_norm = std::sqrt(norms[0]);
+  const float decay_norm = h[kLarsWeightDecay] * param_norm;  // before the scale product: see apply_chunk
+  const float grad_norm = std::sqrt(norms[1]) * inv_scale;
   const float ratio = param_norm > 0 && grad_norm > 0
-                          ? h[kLarsTrustCoeff] * param_norm / (grad_norm + h[kLarsWeightDecay] * param_norm + h[kLarsEps])
+                          ? h[kLarsTrustCoeff] * param_norm / (grad_norm + decay_norm + h[kLarsEps])
                           : 1.0f;
   if (h[kLarsTrustClip] == 0) return ratio;
   const float clipped = ratio / h[kLarsLr];
@@ -64,39 +87,61 @@ float trust_ratio(const float* h, const float* norms) {
 }  // namespace
 
 void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    const at::Tensor& hyper, const std::optional<at::Tensor>& norms, int64_t chunk_size) {
+                    const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    at::TensorList copies, int64_t chunk_size) {
+  const char* op = "lars_apply";
   const int64_t n_tensors = static_cast<int64_t>(params.size());
-  check_lists("lars_apply", {{"params", params}, {"grads", grads}});
-  check_hyper("lars_apply", hyper, n_tensors, kLarsColumns);
-  if (norms.has_value()) check_norms("lars_apply", *norms, n_tensors);
+  check_lists(op, {{"params", params}, {"grads", grads}});
+  check_copies(op, params, copies);
+  check_hyper(op, hyper, n_tensors, kLarsColumns);
+  if (norms.has_value()) check_norms(op, *norms, n_tensors);
   const float* h = hyper.const_data_ptr<float>();
-  TORCH_CHECK(static_cast<int64_t>(momentum_buffers.size()) == n_tensors, "lars_apply: momentum_buffers has ",
+  TORCH_CHECK(static_cast<int64_t>(momentum_buffers.size()) == n_tensors, op, ": momentum_buffers has ",
               momentum_buffers.size(), " tensors, params has ", n_tensors);
   for (int64_t t = 0; t < n_tensors; ++t) {
-    TORCH_CHECK(h[t * kLarsColumns + kLarsAdapt] == 0 || norms.has_value(), "lars_apply: params[", t,
+    TORCH_CHECK(h[t * kLarsColumns + kLarsAdapt] == 0 || norms.has_value(), op, ": params[", t,
                 "] adapts, but no norms were given");
     // A tensor without momentum has an empty placeholder in momentum_buffers.
     if (h[t * kLarsColumns + kLarsHasMomentum] == 0) continue;
-    check_lists("lars_apply", {{"params", params.slice(t, 1)}, {"momentum_buffers", momentum_buffers.slice(t, 1)}});
+    check_lists(op, {{"params", params.slice(t, 1)},
+                     {"momentum_buffers", momentum_buffers.slice(t, 1), Storage::kFloat32}});
   }
+  const float inv_scale = inverse_grad_scale(op, grad_scale);
+  if (skips_step(op, found_inf)) return;
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
   const float* norm_data = norms.has_value() ? norms->const_data_ptr<float>() : nullptr;
-  const std::vector<float*> p_data = mutable_pointers(params), b_data = mutable_pointers(momentum_buffers);
-  const std::vector<const float*> g_data = const_pointers(grads);
-  parallel_over_chunks(chunks, [&](int64_t, const Chunk& chunk) {
-    const int64_t t = chunk.tensor;
-    const float* ht = h + t * kLarsColumns;
-    const bool adapt = ht[kLarsAdapt] != 0;
-    const float ratio = adapt ? trust_ratio(ht, norm_data + 2 * t) : 1.0f;
-    const Momentum mode = ht[kLarsHasMomentum] == 0 ? Momentum::kNone
-                          : ht[kLarsFirstStep] != 0 ? Momentum::kFirstStep
-                                                    : Momentum::kLater;
-    float* p = p_data[t] + chunk.begin;
-    const float* g = g_data[t] + chunk.begin;
-    float* buf = mode == Momentum::kNone ? nullptr : b_data[t] + chunk.begin;
-    auto run = adapt ? apply_chunk<true> : apply_chunk<false>;
-    run(mode, ht[kLarsNesterov] != 0, chunk.size, p, g, buf, ht[kLarsLr], ratio, ht[kLarsWeightDecay],
-        ht[kLarsMomentum], ht[kLarsOneMinusDampening]);
+  const std::vector<float*> b_data = mutable_pointers(momentum_buffers);
+  dispatch_params_and_copies(params, copies, [&](auto param_type, auto copy_type) {
+    using P = typename decltype(param_type)::type;
+    using C = typename decltype(copy_type)::type;
+    dispatch_element(element_type(grads), [&](auto grad_type) {
+      using G = typename decltype(grad_type)::type;
+      dispatch_bool(grad_scale.has_value(), [&](auto scaled) {
+        constexpr bool kScaled = decltype(scaled)::value;
+        const std::vector<P*> p_data = mutable_pointers<P>(params);
+        const std::vector<const G*> g_data = const_pointers<G>(grads);
+        const std::vector<C*> c_data = copy_pointers<C>(copies);
+        parallel_over_chunks(chunks, [&](int64_t, const Chunk& chunk) {
+          const int64_t t = chunk.tensor;
+          const float* ht = h + t * kLarsColumns;
+          const bool adapt = ht[kLarsAdapt] != 0;
+          const float ratio = adapt ? trust_ratio(ht, norm_data + 2 * t, inv_scale) : 1.0f;
+          const Momentum mode = ht[kLarsHasMomentum] == 0 ? Momentum::kNone
+                                : ht[kLarsFirstStep] != 0 ? Momentum::kFirstStep
+                                                          : Momentum::kLater;
+          P* p = p_data[t] + chunk.begin;
+          const G* g = g_data[t] + chunk.begin;
+          float* buf = mode == Momentum::kNone ? nullptr : b_data[t] + chunk.begin;
+          C* copy = nullptr;
+          if constexpr (kWritesCopy<C>) copy = c_data[t] + chunk.begin;
+          const StepScalars scalars{ht[kLarsLr], ratio, ht[kLarsWeightDecay], ht[kLarsMomentum],
+                                    ht[kLarsOneMinusDampening], inv_scale};
+          auto run = adapt ? apply_chunk<P, G, C, kScaled, true> : apply_chunk<P, G, C, kScaled, false>;
+          run(mode, ht[kLarsNesterov] != 0, chunk.size, p, g, buf, copy, scalars);
+        });
+      });
+    });
   });
 }
 

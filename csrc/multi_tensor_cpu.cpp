@@ -4,6 +4,32 @@
 #include <optional>
 
 namespace lamb_kernels {
+namespace {
+
+// One list's sums: its pointers, and sum_of_squares instantiated for its element type. The two lists
+// may differ in type (fp32 master weights with bf16 grads); an indirect call per chunk costs nothing
+// next to the chunk's elements, where a kernel per pair of types would compile nine.
+struct SquaresColumn {
+  std::vector<const void*> data;
+  float (*sum)(const void* data, int64_t begin, int64_t n) = nullptr;
+};
+
+template <typename T>
+float chunk_sum_of_squares(const void* data, int64_t begin, int64_t n) {
+  return sum_of_squares(static_cast<const T*>(data) + begin, n);
+}
+
+SquaresColumn squares_column(at::TensorList tensors) {
+  SquaresColumn column;
+  dispatch_element(element_type(tensors), [&](auto type) {
+    using T = typename decltype(type)::type;
+    for (const T* pointer : const_pointers<T>(tensors)) column.data.push_back(pointer);
+    column.sum = &chunk_sum_of_squares<T>;
+  });
+  return column;
+}
+
+}  // namespace
 
 at::Tensor sums_of_squares_cpu(at::TensorList tensors, std::optional<at::TensorList> paired, int64_t chunk_size) {
   const int64_t width = paired.has_value() ? 2 : 1;
@@ -14,11 +40,11 @@ at::Tensor sums_of_squares_cpu(at::TensorList tensors, std::optional<at::TensorL
   }
   const std::vector<Chunk> chunks = chunk_map(tensors, chunk_size);
   std::vector<float> partials(width * chunks.size());
-  const std::vector<const float*> columns[2] = {const_pointers(tensors),
-                                                paired.has_value() ? const_pointers(*paired) : std::vector<const float*>{}};
+  const SquaresColumn columns[2] = {squares_column(tensors),
+                                    paired.has_value() ? squares_column(*paired) : SquaresColumn{}};
   parallel_over_chunks(chunks, [&](int64_t c, const Chunk& chunk) {
     for (int64_t k = 0; k < width; ++k) {
-      partials[width * c + k] = sum_of_squares(columns[k][chunk.tensor] + chunk.begin, chunk.size);
+      partials[width * c + k] = columns[k].sum(columns[k].data[chunk.tensor], chunk.begin, chunk.size);
     }
   });
   at::Tensor sums = per_tensor_sums(partials, chunks, static_cast<int64_t>(tensors.size()), width);

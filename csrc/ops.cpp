@@ -10,28 +10,44 @@ namespace lamb_kernels {
 at::Tensor sums_of_squares_cpu(at::TensorList tensors, std::optional<at::TensorList> paired, int64_t chunk_size);
 at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, const at::Tensor& hyper,
-                            const std::optional<at::Tensor>& grad_sumsq, int64_t chunk_size);
+                            const std::optional<at::Tensor>& grad_sumsq, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf, int64_t chunk_size);
 void lamb_apply_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    const at::Tensor& hyper, const at::Tensor& norms, int64_t chunk_size);
+                    const at::Tensor& hyper, const at::Tensor& norms, const std::optional<at::Tensor>& found_inf,
+                    at::TensorList copies, int64_t chunk_size);
 void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    const at::Tensor& hyper, const std::optional<at::Tensor>& norms, int64_t chunk_size);
+                    const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    at::TensorList copies, int64_t chunk_size);
 
+// Element types: params, grads and the lists of sums_of_squares may be float32, bfloat16 or float16,
+// one dtype per list (fp32 master weights with bf16 grads, say); the optimizer states, hyper, norms
+// and the one-element tensors are float32. Arithmetic is fp32; a value stored in bf16 or fp16 is
+// rounded to the nearest even.
+//
+// grad_scale (one element, or None): the grads arrive multiplied by it (a GradScaler's loss scale);
+// every grad element, and every grad norm, is multiplied by 1 / grad_scale before use.
+// found_inf (one element, or None): when nonzero, the op writes nothing (lamb_moments returns zeros).
+// copies: empty, or one bfloat16 or float16 tensor per param, laid out as the param, into which the
+// updated fp32 params (master weights) are also written, rounded.
 TORCH_LIBRARY(lamb_kernels, m) {
   // Per tensor, the sum of squares of its elements: float32 [n_tensors]; with `paired` (a list like
-  // `tensors`), [n_tensors, 2], the second column for `paired`, both read in one pass.
+  // `tensors`, possibly of another dtype), [n_tensors, 2], the second column for `paired`, both read
+  // in one pass.
   m.def("sums_of_squares(Tensor[] tensors, Tensor[]? paired, int chunk_size) -> Tensor");
   // LAMB steps 1-5 (SPEC section 2): moments in place; returns float32 [n_tensors, 2], per tensor
   // ||p||^2 (before the update) and ||u||^2. hyper: float32 [n_tensors, 16] (lamb_kernels/hyper.py).
+  // grad_sumsq: the sum of squares of every (still scaled) grad, for clipping; None when no group clips.
   m.def("lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
-        "Tensor hyper, Tensor? grad_sumsq, int chunk_size) -> Tensor");
+        "Tensor hyper, Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, int chunk_size) -> Tensor");
   // LAMB steps 6-7: p <- p - lr * r * u, the trust ratio r from `norms` (lamb_moments' result).
   m.def("lamb_apply(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor hyper, Tensor norms, "
-        "int chunk_size) -> ()");
-  // LARS (SPEC section 3): trust ratio from `norms` ([n_tensors, 2]: ||p||^2, ||g||^2; None when no
-  // tensor adapts), weight decay, momentum, update. A tensor without momentum has an empty placeholder
-  // in momentum_buffers.
+        "Tensor? found_inf, Tensor(d!)[] copies, int chunk_size) -> ()");
+  // LARS (SPEC section 3): trust ratio from `norms` ([n_tensors, 2]: ||p||^2, ||g||^2 of the still
+  // scaled grads; None when no tensor adapts), weight decay, momentum, update. A tensor without
+  // momentum has an empty placeholder in momentum_buffers.
   m.def("lars_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, "
-        "Tensor? norms, int chunk_size) -> ()");
+        "Tensor? norms, Tensor? grad_scale, Tensor? found_inf, Tensor(c!)[] copies, int chunk_size) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lamb_kernels, CPU, m) {

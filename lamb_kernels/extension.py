@@ -237,13 +237,13 @@ def _register_fake_kernels() -> None:
         return torch.empty(shape, dtype=torch.float32, device=tensors[0].device if tensors else "cpu")
 
     @torch.library.register_fake("lamb_kernels::lamb_moments")
-    def _(params, grads, exp_avgs, exp_avg_sqs, hyper, grad_sumsq, chunk_size):
-        return hyper.new_empty((len(params), 2))
+    def _(params, grads, exp_avgs, exp_avg_sqs, hyper, grad_sumsq, grad_scale, found_inf, chunk_size):
+        return hyper.new_empty((len(params), 2), dtype=torch.float32)
 
     @torch.library.register_fake("lamb_kernels::lamb_apply")
-    def _(params, exp_avgs, exp_avg_sqs, hyper, norms, chunk_size):
+    def _(params, exp_avgs, exp_avg_sqs, hyper, norms, found_inf, copies, chunk_size):
         return None
 
     @torch.library.register_fake("lamb_kernels::lars_apply")
-    def _(params, grads, momentum_buffers, hyper, norms, chunk_size):
+    def _(params, grads, momentum_buffers, hyper, norms, grad_scale, found_inf, copies, chunk_size):
         return None
