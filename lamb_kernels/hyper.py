@@ -3,12 +3,19 @@ dtype) bucket, so one kernel launch or operator call serves every param group of
 
 The column layout is shared by the Triton kernels and the C++ operators (csrc/hyper_columns.h
 mirrors it).
+
+A value may be a Python number (or a list of them, one per tensor) or a tensor: the learning rate as
+a tensor, the bias corrections computed on the device from device-side step counts. Numbers go into
+a static table built on the host (`HyperTable` uploads it only when it changes); tensors are written
+into the device table by device ops every step, so nothing waits on the host and a captured CUDA
+graph reads the tensors' values at replay.
 """
 from __future__ import annotations
 
 from enum import IntEnum
 
 import numpy as np
+import torch
 
 WIDTH = 16
 
@@ -71,14 +78,61 @@ def _lars_columns(seg):
 
 
 def _table(segments, columns_of) -> np.ndarray:
+    """The static table: tensor-valued entries are left 0 here (see `_tensor_writes`)."""
     rows = np.zeros((sum(len(seg.params) for seg in segments), WIDTH), dtype=np.float64)
     first = 0
     for seg in segments:
         block = rows[first : first + len(seg.params)]
         first += len(seg.params)
         for column, value in columns_of(seg):
-            block[:, column] = value
+            if not torch.is_tensor(value):
+                block[:, column] = value
     return rows.astype(np.float32)
+
+
+def _tensor_writes(segments, columns_of) -> list:
+    """(first row, last row, column, tensor) for every tensor-valued entry: a one-element tensor fills
+    the segment's rows, an ``[n_tensors]`` tensor gives one value per row."""
+    writes, first = [], 0
+    for seg in segments:
+        last = first + len(seg.params)
+        writes += [(first, last, column, value) for column, value in columns_of(seg) if torch.is_tensor(value)]
+        first = last
+    return writes
+
+
+class HyperTable:
+    """A bucket's hyperparameter table on its device. ``update(segments)`` returns it for this step:
+    the static part is uploaded only when it differs from the last one (so a steady training loop,
+    or a CUDA graph capture after warm-up, copies nothing from the host), then the tensor-valued
+    entries are written on the device."""
+
+    def __init__(self, columns_of, device: torch.device):
+        self._columns_of = columns_of
+        self.device = device
+        self._static = None
+        self.table = None
+        self.uploads = 0  # for tests
+
+    def update(self, segments) -> torch.Tensor:
+        static = _table(segments, self._columns_of)
+        if self._static is None or not np.array_equal(static, self._static):
+            host = torch.from_numpy(static.copy())
+            self.table = host if self.device.type == "cpu" else host.pin_memory().to(self.device, non_blocking=True)
+            self._static = static
+            self.uploads += 1
+        for first, last, column, value in _tensor_writes(segments, self._columns_of):
+            value = value.to(device=self.device, dtype=torch.float32)
+            self.table[first:last, column] = value.reshape(-1) if value.numel() > 1 else value.reshape(())
+        return self.table
+
+
+def lamb_hyper(device: torch.device) -> HyperTable:
+    return HyperTable(_lamb_columns, torch.device(device))
+
+
+def lars_hyper(device: torch.device) -> HyperTable:
+    return HyperTable(_lars_columns, torch.device(device))
 
 
 def lamb_table(segments) -> np.ndarray:

@@ -9,15 +9,23 @@ LAMB (`LambSegment`, SPEC section 2)
   cached pointer and chunk tables, the per-tensor hyperparameters); called once per step;
 - ``grad_sumsq(plan) -> Tensor``: sum of squares of every grad element (0-d fp32), for the global
   grad norm of step 1;
-- ``lamb_update_norms_(plan, grad_sumsq) -> Tensor``: steps 1-5 (moments updated in place) and the
-  per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||u||^2), with p taken before the update;
-  ``grad_sumsq`` is None when no group clips;
-- ``lamb_apply_(plan, norms)``: steps 6-7, u recomputed from the moments.
+- ``lamb_update_norms_(plan, grad_sumsq, grad_scale, found_inf) -> Tensor``: steps 1-5 (moments
+  updated in place) and the per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||u||^2), with
+  p taken before the update; ``grad_sumsq`` is None when no group clips;
+- ``lamb_apply_(plan, norms, found_inf)``: steps 6-7, u recomputed from the moments.
 
 LARS (`LarsSegment`, SPEC section 3)
 - ``prepare_lars(segments) -> plan``;
 - ``lars_norms(plan) -> Tensor``: per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||g||^2);
-- ``lars_apply_(plan, norms)``: trust ratio, weight decay, momentum and the update.
+- ``lars_apply_(plan, norms, grad_scale, found_inf)``: trust ratio, weight decay, momentum and the
+  update.
+
+Mixed precision and GradScaler (every backend): params and grads may be float32, bfloat16 or
+float16, arithmetic and states are float32. ``grad_scale`` (one-element fp32 tensor or None): the
+grads arrive multiplied by it; each grad element is multiplied by ``1 / grad_scale`` before use, and
+norms of grads are divided by it (so clipping sees unscaled grads). ``found_inf`` (one-element fp32
+tensor or None): when nonzero, nothing is written (params, copies, moments, buffers), decided on the
+device.
 
 Backends: "triton" (lamb_kernels/triton, CUDA, or CPU tensors under the interpreter), "cpp" (the C++
 operators of csrc/, CPU; lamb_kernels/cpp.py) and "torch" (lamb_kernels/reference.py, any device).
@@ -39,7 +47,15 @@ ENV_VAR = "LAMB_KERNELS_BACKEND"
 
 @dataclass
 class LambSegment:
-    """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters."""
+    """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters.
+
+    ``params`` are the weights the step reads and updates: the parameters themselves, or their fp32
+    master copies when the optimizer keeps master weights; then ``copies`` holds the model's
+    low-precision parameters, written from the updated masters in the same pass (else it is empty).
+    A per-tensor value (bias corrections) is a list of floats, or a float32 tensor ``[n_tensors]``
+    on the step counts' device when those live on a device (``capturable``); ``lr`` is a float or
+    a one-element tensor. Tensors reach the kernels through device-side writes into the
+    hyperparameter table, so a captured CUDA graph reads their values at replay."""
 
     params: list
     grads: list
@@ -57,11 +73,13 @@ class LambSegment:
     layer_adaptation: bool
     max_grad_norm: float  # 0.0 means: no clipping for this group
     trust_ratio_bounds: tuple = field(default=(0.0, math.inf))
+    copies: list = field(default_factory=list)
 
 
 @dataclass
 class LarsSegment:
-    """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters."""
+    """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters;
+    ``params`` and ``copies`` as in LambSegment."""
 
     params: list
     grads: list
@@ -76,6 +94,7 @@ class LarsSegment:
     eps: float
     trust_clip: bool
     adaptation: bool
+    copies: list = field(default_factory=list)
 
 
 def _triton_unavailable_reason(device_type: str) -> str | None:
@@ -162,13 +181,18 @@ def flat(segments, field_name: str) -> list:
 
 
 def lars_written(segments) -> list:
-    """What a LARS step writes: the params and the momentum buffers that exist."""
-    return flat(segments, "params") + [b for b in flat(segments, "momentum_buffers") if b is not None]
+    """What a LARS step writes: the params (and their low-precision copies) and the momentum buffers
+    that exist."""
+    buffers = [b for b in flat(segments, "momentum_buffers") if b is not None]
+    return flat(segments, "params") + flat(segments, "copies") + buffers
 
 
 def mark_modified(tensors) -> None:
     """Bump the autograd version counters of tensors a kernel wrote through raw pointers, as an
-    in-place torch op would: autograd then refuses a backward that needs their old values."""
+    in-place torch op would: autograd then refuses a backward that needs their old values. Under
+    torch.compile the graph's own bookkeeping of the operators' declared mutations does this."""
+    if torch.compiler.is_compiling():
+        return
     try:
         torch.autograd.graph.increment_version(tensors)
     except TypeError:  # torch before 2.5 takes one tensor at a time

@@ -9,7 +9,8 @@ import torch
 
 from .ops import ENV_VAR, LambSegment, LarsSegment, check_backend_name, create_backend, resolve_backend
 
-SUPPORTED_DTYPES = (torch.float32,)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype
 
 
 def _param_label(group_index: int, param_index: int, group: dict) -> str:
@@ -87,10 +88,14 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     _STATE_TENSORS = ()  # state entries shaped like their parameter
     _REQUIRED_STATE = ()  # entries a non-empty state must have
+    # GradScaler hands the step its scale and found_inf (as attributes, the way torch's fused
+    # optimizers take them) instead of unscaling the grads and syncing on found_inf itself.
+    _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, backend: str):
+    def __init__(self, params, defaults: dict, backend: str, master_weights: bool = False):
         self._validate_group(defaults)
         self.backend = check_backend_name(backend)
+        self.master_weights = bool(master_weights)
         self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
         self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
         self._checked_states = {}  # param -> (state tensors..., backend) last found to fit it
@@ -110,14 +115,55 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step. Under a GradScaler (``scaler.step(opt)``) the scale and ``found_inf`` arrive as
+        the attributes ``grad_scale`` and ``found_inf``: the kernels unscale the grads, and a
+        non-finite grad leaves params, states and step counts unchanged, decided on the device."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._params_to_step()  # raises before anything changes
-        if work:
-            self._step_buckets(self._bucket_segments(work))
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        plan_step = self._plan_step
+        if torch.compiler.is_compiling():  # (wrapped here: importing dynamo must not be needed to step)
+            plan_step = torch.compiler.disable(plan_step)
+        plans = plan_step(grad_scale, found_inf)
+        if plans:
+            self._run_plans(plans, grad_scale, found_inf)
         return loss
+
+    def _plan_step(self, grad_scale, found_inf):
+        """Host-side bookkeeping, run eagerly even inside torch.compile: checks (raising before
+        anything changes), state creation, step counts, and each bucket's launch plan. What follows
+        (`_run_plans`) is only the registered operators, which compile without a graph break."""
+        _check_scaler_tensor("grad_scale", grad_scale)
+        _check_scaler_tensor("found_inf", found_inf)
+        work = self._params_to_step()
+        if not work:
+            return []
+        buckets = self._bucket_segments(work, found_inf)
+        return [(self._backend(key), key, self._prepare(self._backend(key), segments)) for key, segments in buckets.items()]
+
+    def _prepare(self, backend, segments):
+        """The backend's launch plan for one bucket (tables, pointer lists); host work."""
+        raise NotImplementedError
+
+    def _run_plans(self, plans, grad_scale, found_inf) -> None:
+        raise NotImplementedError
+
+    def _wants_master(self, p: torch.Tensor) -> bool:
+        """Whether p gets an fp32 master copy in its state (``state[p]["master_param"]``)."""
+        return self.master_weights and p.dtype != torch.float32
+
+    def _weights(self, p: torch.Tensor, state: dict, seg) -> torch.Tensor:
+        """The tensor the step updates for p: its fp32 master copy (created here on first use, from
+        the parameter), with p itself appended to the segment's copies; else p."""
+        if not self._wants_master(p):
+            return p
+        master = state.get("master_param")
+        if master is None:
+            master = state["master_param"] = p.detach().to(STATE_DTYPE, memory_format=torch.preserve_format)
+        seg.copies.append(p)
+        return master
 
     # -- groups, state and pickling -------------------------------------------------------------
 
@@ -159,11 +205,13 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state["backend"] = self.backend
+        state["master_weights"] = self.master_weights
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("master_weights", False)
         self._backends = {}
         self._resolved = {}
         self._checked_states = {}
@@ -174,17 +222,38 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """The state's tensors are checked against their parameters' shapes before anything is
         loaded; once loaded, each takes its parameter's memory layout (a checkpoint of a contiguous
-        model may resume a channels_last one) and step counts live on the CPU, where reading them
-        costs no sync."""
+        model may resume a channels_last one), states are fp32 whatever the parameter dtype, and step
+        counts live on the CPU (where reading them costs no sync), or on the parameter's device with
+        ``capturable=True``."""
         self._check_saved_shapes(state_dict)
-        super().load_state_dict(state_dict)
+        # torch's loader would cast every state tensor to its parameter's dtype (bf16 moments and
+        # masters for a bf16 model); it loads the groups, the state is placed here.
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        id_map = dict(zip(saved_ids, params))
+        for param_id, saved in state_dict["state"].items():
+            p = id_map.get(param_id)
+            if p is None:
+                self.state[param_id] = saved
+                continue
+            self.state[p] = {
+                key: value.to(device=p.device, dtype=STATE_DTYPE, copy=True)
+                if torch.is_tensor(value) and value.is_floating_point() and key != "step" else value
+                for key, value in saved.items()
+            }
         self._checked_states.clear()  # holds the replaced state tensors otherwise
-        for p, state in self.state.items():
-            if "step" in state:
-                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
-            for key in self._STATE_TENSORS:
-                if torch.is_tensor(state.get(key)) and state[key].stride() != p.stride():
-                    state[key] = torch.empty_like(p, dtype=torch.float32).copy_(state[key])
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                if "step" in state:
+                    device = p.device if group.get("capturable") else "cpu"
+                    state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=device)
+                for key in self._STATE_TENSORS:
+                    if torch.is_tensor(state.get(key)) and state[key].stride() != p.stride():
+                        state[key] = torch.empty_like(p, dtype=STATE_DTYPE).copy_(state[key])
 
     def _check_saved_shapes(self, state_dict: dict) -> None:
         saved_groups = state_dict["param_groups"]
@@ -241,7 +310,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 continue
             if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device:
                 return False
-            if backend_name != "torch" and (t.dtype != torch.float32 or t.stride() != p.stride()):
+            if backend_name != "torch" and (t.dtype != STATE_DTYPE or t.stride() != p.stride()):
                 return False
         return True
 
@@ -258,13 +327,12 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     def _segment_for(self, p: torch.Tensor, name: str, segments_of_group: dict, buckets: dict, make_segment):
         """The segment of p's group in p's (device, dtype, backend) bucket, created by
-        `make_segment()` on first use; p and its grad are appended to it."""
+        `make_segment()` on first use; p's grad is appended to it (the caller appends the weights)."""
         key = (p.device, p.dtype, name)
         seg = segments_of_group.get(key)
         if seg is None:
             seg = segments_of_group[key] = make_segment()
             buckets.setdefault(key, []).append(seg)
-        seg.params.append(p)
         seg.grads.append(self._grad_for(p, name))
         return seg
 
@@ -288,16 +356,24 @@ class FusedLAMB(_MultiTensorOptimizer):
     """LAMB (You et al., 2019) with the signature, defaults and math of apex's FusedLAMB.
 
     Differences from apex: grads are read, never overwritten; the kernels run on CPU and CUDA with
-    no compilation at install (float32 parameters in this release); per-group overrides of every hyperparameter, including
+    no compilation at install; bf16 parameters; per-group overrides of every hyperparameter, including
     ``max_grad_norm``, ``adam_w_mode``, ``use_nvlamb`` and ``layer_adaptation`` (bool: force the
     trust ratio on or off for a group); optional ``trust_ratio_bounds=(lo, hi)``; per-parameter step
     counts in ``state[p]["step"]``. ``load_state_dict`` also accepts a state dict saved by apex.
+
+    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic and fp32 states.
+    ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
+    (``master_param``, saved in ``state_dict``); the step updates it, and writes the parameter from
+    it in the same pass. ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the
+    scale and ``found_inf``: grads are unscaled in the kernels, and a non-finite grad skips the whole
+    step on the device. ``lr`` may be a tensor; ``capturable=True`` keeps step counts on the
+    parameters' device, so ``step()`` can be captured in a CUDA graph.
 
     ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton",
     "cpp" or "torch"; see ``lamb_kernels.available_backends``.
     """
 
-    _STATE_TENSORS = ("exp_avg", "exp_avg_sq")
+    _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")
     _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")
     _validate_group = staticmethod(_validate_lamb_group)
 
@@ -317,6 +393,8 @@ class FusedLAMB(_MultiTensorOptimizer):
         use_nvlamb=False,
         *,
         trust_ratio_bounds=None,
+        master_weights=False,
+        capturable=False,
         backend="auto",
     ):
         if amsgrad:
@@ -324,10 +402,14 @@ class FusedLAMB(_MultiTensorOptimizer):
         defaults = dict(
             lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adam_w_mode=adam_w_mode,
-            use_nvlamb=use_nvlamb, trust_ratio_bounds=trust_ratio_bounds,
+            use_nvlamb=use_nvlamb, trust_ratio_bounds=trust_ratio_bounds, capturable=bool(capturable),
         )
         self.set_grad_none = set_grad_none
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, master_weights)
+
+    @staticmethod
+    def _new_step_count(p: torch.Tensor, group: dict) -> torch.Tensor:
+        return _new_step_count(p, group)
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else set_to_none)
@@ -345,20 +427,20 @@ class FusedLAMB(_MultiTensorOptimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("set_grad_none", True)
 
-    def _bucket_segments(self, work) -> dict:
+    def _bucket_segments(self, work, found_inf) -> dict:
         """Initialise state, advance step counts, and split into (device, dtype, backend) buckets."""
         buckets = {}
         for group, params in work:
             states = [self.state[p] for p, _ in params]
             for (p, _), state in zip(params, states):
                 if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # Step counts are CPU tensors: one foreach add, and reading them never waits on a device.
+                    state["step"] = self._new_step_count(p, group)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
+                _move_step_count_for(found_inf, p, state)
             steps = [state["step"] for state in states]
-            torch._foreach_add_(steps, 1.0)
-            steps = torch.stack(steps).tolist()
+            _advance_step_counts(steps, found_inf)
+            on_host = not group.get("capturable") and all(t.device.type == "cpu" for t in steps)
             beta1, beta2 = (float(b) for b in group["betas"])
             wd = float(group["weight_decay"])
             adaptation = group.get("layer_adaptation")
@@ -369,7 +451,7 @@ class FusedLAMB(_MultiTensorOptimizer):
             def make_segment():
                 return LambSegment(
                     params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], bias_correction1=[],
-                    bias_correction2=[], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                    bias_correction2=[], lr=_lr_of(group), beta1=beta1, beta2=beta2,
                     beta3=1.0 - beta1 if group["grad_averaging"] else 1.0, eps=float(group["eps"]),
                     weight_decay=wd, adam_w_mode=bool(group["adam_w_mode"]),
                     layer_adaptation=bool(adaptation), max_grad_norm=_clip_threshold(group["max_grad_norm"]),
@@ -377,30 +459,90 @@ class FusedLAMB(_MultiTensorOptimizer):
                 )
 
             segments_of_group = {}
-            for (p, name), state, t in zip(params, states, steps):
+            step_counts = {}  # segment -> its step count tensors, for bias corrections on the device
+            counts = torch.stack(steps).tolist() if on_host and group["bias_correction"] else [None] * len(steps)
+            for (p, name), state, step, t in zip(params, states, steps, counts):
                 seg = self._segment_for(p, name, segments_of_group, buckets, make_segment)
+                seg.params.append(self._weights(p, state, seg))
                 seg.exp_avgs.append(state["exp_avg"])
                 seg.exp_avg_sqs.append(state["exp_avg_sq"])
-                seg.bias_correction1.append(1.0 - beta1**t if group["bias_correction"] else 1.0)
-                seg.bias_correction2.append(1.0 - beta2**t if group["bias_correction"] else 1.0)
+                if not group["bias_correction"]:
+                    seg.bias_correction1.append(1.0)
+                    seg.bias_correction2.append(1.0)
+                elif on_host:  # (t is 0 only when a GradScaler skipped a first step: nothing reads it)
+                    seg.bias_correction1.append(1.0 - beta1 ** max(t, 1.0))
+                    seg.bias_correction2.append(1.0 - beta2 ** max(t, 1.0))
+                else:
+                    step_counts.setdefault(id(seg), (seg, []))[1].append(step)
+            for seg, seg_steps in step_counts.values():
+                # In float64 on the step counts' device, then rounded once, as the host path rounds.
+                t = torch.stack(seg_steps).to(torch.float64).clamp(min=1.0)
+                seg.bias_correction1 = (1.0 - torch.pow(beta1, t)).to(torch.float32)
+                seg.bias_correction2 = (1.0 - torch.pow(beta2, t)).to(torch.float32)
         return buckets
 
-    def _step_buckets(self, buckets: dict) -> None:
-        plans = [(self._backend(key), key, segments) for key, segments in buckets.items()]
-        plans = [(backend, key, backend.prepare_lamb(segments)) for backend, key, segments in plans]
+    def _prepare(self, backend, segments):
+        return backend.prepare_lamb(segments)
 
+    def _run_plans(self, plans, grad_scale, found_inf) -> None:
         # 1. Global grad norm over every parameter with a grad, in all groups; skipped when no group
-        # clips. Bucket sums are added in a fixed order, so reruns give the same bits.
+        # clips. Bucket sums are added in a fixed order, so reruns give the same bits. Under a
+        # GradScaler these are sums over the scaled grads: the kernels divide the norm by the scale.
         grad_sumsq = None
-        if any(seg.max_grad_norm > 0 for segments in buckets.values() for seg in segments):
+        if any(plan_clips(plan) for _, _, plan in plans):
             sums = [backend.grad_sumsq(plan) for backend, _, plan in plans]
             grad_sumsq = sums[0]
             for partial in sums[1:]:
                 grad_sumsq = grad_sumsq + partial.to(grad_sumsq.device)
 
         for backend, (device, _, _), plan in plans:
-            norms = backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device))
-            backend.lamb_apply_(plan, norms)
+            scale, found = _on(grad_scale, device), _on(found_inf, device)
+            norms = backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device), scale, found)
+            backend.lamb_apply_(plan, norms, found)
+
+
+def plan_clips(plan) -> bool:
+    """Whether any group in a LAMB plan clips (every backend's plan keeps its segments)."""
+    return any(seg.max_grad_norm > 0 for seg in plan.segments)
+
+
+def _on(t, device):
+    return None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
+
+
+def _check_scaler_tensor(name: str, t) -> None:
+    if t is not None and (not torch.is_tensor(t) or t.numel() != 1 or not t.is_floating_point()):
+        raise TypeError(f"optimizer.{name} must be a one-element floating-point tensor (set by GradScaler), got {t!r}")
+
+
+def _lr_of(group: dict):
+    """The group's lr: a float, or the tensor itself (read on the device by the kernels)."""
+    lr = group["lr"]
+    return lr if torch.is_tensor(lr) else float(lr)
+
+
+def _new_step_count(p: torch.Tensor, group: dict) -> torch.Tensor:
+    # On the CPU, where reading it costs no sync; with capturable, on the parameter's device.
+    return torch.zeros((), dtype=torch.float32, device=p.device if group.get("capturable") else "cpu")
+
+
+def _move_step_count_for(found_inf, p: torch.Tensor, state: dict) -> None:
+    """A GradScaler's found_inf on a device decides whether step counts advance: they move to the
+    parameter's device (once), so that decision never waits on the host, as in torch's fused optimizers."""
+    if found_inf is not None and found_inf.device.type != "cpu" and state["step"].device != p.device:
+        state["step"] = state["step"].to(p.device)
+
+
+def _advance_step_counts(steps: list, found_inf) -> None:
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+        return
+    by_device = {}
+    for t in steps:
+        by_device.setdefault(t.device, []).append(t)
+    for device, counts in by_device.items():
+        # + 1, or + 0 when a grad was not finite: no host round trip.
+        torch._foreach_add_(counts, 1.0 - (found_inf.to(device, torch.float32).reshape(()) != 0).float())
 
 
 def _raise_bad_grad(p: torch.Tensor, label: str, optimizer: str):
@@ -446,11 +588,19 @@ class FusedLARS(_MultiTensorOptimizer):
     ``foreach`` is accepted for compatibility with timm and has no effect: the step is always
     multi-tensor.
 
+    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic and fp32 states.
+    ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
+    (``master_param``, saved in ``state_dict``); the step updates it, and writes the parameter from
+    it in the same pass. ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the
+    scale and ``found_inf``: grads are unscaled in the kernels, and a non-finite grad skips the whole
+    step on the device. ``lr`` may be a tensor; ``capturable=True`` keeps step counts on the
+    parameters' device, so ``step()`` can be captured in a CUDA graph.
+
     ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton",
     "cpp" or "torch"; see ``lamb_kernels.available_backends``.
     """
 
-    _STATE_TENSORS = ("momentum_buffer",)
+    _STATE_TENSORS = ("momentum_buffer", "master_param")
     _REQUIRED_STATE = ()
     _validate_group = staticmethod(_validate_lars_group)
 
@@ -468,16 +618,18 @@ class FusedLARS(_MultiTensorOptimizer):
         always_adapt=False,
         foreach=None,
         *,
+        master_weights=False,
+        capturable=False,
         backend="auto",
     ):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
-            foreach=foreach,
+            foreach=foreach, capturable=bool(capturable),
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, master_weights)
 
-    def _bucket_segments(self, work) -> dict:
+    def _bucket_segments(self, work, found_inf) -> dict:
         """Create momentum buffers, and split into (device, dtype, backend) buckets."""
         buckets = {}
         for group, params in work:
@@ -489,7 +641,7 @@ class FusedLARS(_MultiTensorOptimizer):
 
             def make_segment():
                 return LarsSegment(
-                    params=[], grads=[], momentum_buffers=[], first_step=[], lr=float(group["lr"]),
+                    params=[], grads=[], momentum_buffers=[], first_step=[], lr=_lr_of(group),
                     momentum=momentum, dampening=float(group["dampening"]), weight_decay=wd,
                     nesterov=bool(group["nesterov"]), trust_coeff=float(group["trust_coeff"]),
                     eps=float(group["eps"]), trust_clip=bool(group["trust_clip"]),
@@ -498,23 +650,92 @@ class FusedLARS(_MultiTensorOptimizer):
 
             segments_of_group = {}
             for p, name in params:
+                state = self.state[p]
                 buffer, first_step = None, False
                 if momentum != 0:
-                    state = self.state[p]
                     buffer = state.get("momentum_buffer")
                     if buffer is None:  # filled with d by the first step, as torch's SGD does
-                        buffer = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                        # Under a GradScaler that first step may be skipped on the device: the
+                        # buffer then starts from zeros, which momentum * 0 + d reads as d again
+                        # (exactly when dampening is 0).
+                        new = torch.empty_like if found_inf is None else torch.zeros_like
+                        buffer = state["momentum_buffer"] = new(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
                         first_step = True
                 seg = self._segment_for(p, name, segments_of_group, buckets, make_segment)
+                seg.params.append(self._weights(p, state, seg))
                 seg.momentum_buffers.append(buffer)
                 seg.first_step.append(first_step)
         return buckets
 
-    def _step_buckets(self, buckets: dict) -> None:
-        for key, segments in buckets.items():
-            backend = self._backend(key)
-            plan = backend.prepare_lars(segments)
+    def _prepare(self, backend, segments):
+        return backend.prepare_lars(segments)
+
+    def _run_plans(self, plans, grad_scale, found_inf) -> None:
+        for backend, (device, _, _), plan in plans:
             norms = None  # without adaptation in the bucket, no pass over memory for norms
-            if any(seg.adaptation for seg in segments):
+            if any(seg.adaptation for seg in plan.segments):
                 norms = backend.lars_norms(plan)  # per-tensor ||p||^2, ||g||^2: all-reducible here
-            backend.lars_apply_(plan, norms)
+            backend.lars_apply_(plan, norms, _on(grad_scale, device), _on(found_inf, device))
+
+
+class FusedMixedPrecisionLamb(FusedLAMB):
+    """A drop-in for apex's ``FusedMixedPrecisionLamb``: its signature and defaults, FusedLAMB's math.
+
+    As in apex: parameters of ``reduced_precision_dtype`` get fp32 master weights (here in the state,
+    saved by ``state_dict``), ``lr`` lives as a tensor on the parameters' device, step counts too
+    (``capturable``), and the step takes a GradScaler's scale and ``found_inf`` without a host sync.
+    ``step`` is the step count every parameter starts from. Unlike apex, the step count is kept per
+    parameter, a group may mix dtypes, and every backend runs it (apex: CUDA only).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        step=0,
+        bias_correction=True,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.01,
+        amsgrad=False,
+        adam_w_mode=True,
+        grad_averaging=True,
+        max_grad_norm=1.0,
+        use_nvlamb=False,
+        reduced_precision_dtype=None,
+        *,
+        backend="auto",
+    ):
+        if reduced_precision_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"reduced_precision_dtype must be None, torch.bfloat16 or torch.float16, got {reduced_precision_dtype!r}"
+            )
+        _check_number("step", step, "")
+        self.reduced_precision_dtype = reduced_precision_dtype
+        self.initial_step = float(step)
+        super().__init__(
+            params, lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, adam_w_mode=adam_w_mode, grad_averaging=grad_averaging, max_grad_norm=max_grad_norm,
+            use_nvlamb=use_nvlamb, master_weights=reduced_precision_dtype is not None, capturable=True,
+            backend=backend,
+        )
+        for group in self.param_groups:
+            if not torch.is_tensor(group["lr"]) and group["params"]:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=group["params"][0].device)
+
+    def _wants_master(self, p: torch.Tensor) -> bool:
+        return self.reduced_precision_dtype is not None and p.dtype == self.reduced_precision_dtype
+
+    def _new_step_count(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        return super()._new_step_count(p, group).fill_(self.initial_step)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["reduced_precision_dtype"] = self.reduced_precision_dtype
+        state["initial_step"] = self.initial_step
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("reduced_precision_dtype", None)
+        self.__dict__.setdefault("initial_step", 0.0)

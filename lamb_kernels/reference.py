@@ -3,8 +3,13 @@ and 3.
 
 Pure PyTorch (``torch._foreach_*`` over each param group), runs on every device, never calls
 ``.item()`` and never branches on a tensor's value, so it queues work without waiting on the device.
-Grads are read, never written: where a step changes the gradient (clipping, L2 decay) it works on
-a copy.
+Grads are read, never written: where a step changes the gradient (unscaling, clipping, L2 decay) it
+works on an fp32 copy. Low-precision params and grads: every op computes in fp32 (the states are
+fp32) and rounds once when it writes a low-precision parameter.
+
+A GradScaler's non-finite grad (``found_inf``) skips the step with no branch: the grads become 0,
+and the factors that would change the moments, buffers and params become exactly 1 (or 0 for the
+step size), so every value is rewritten with its own bits.
 """
 from __future__ import annotations
 
@@ -14,25 +19,58 @@ from .ops import LambSegment, flat
 
 
 def _sums_of_squares(tensors) -> torch.Tensor:
-    return torch.stack(torch._foreach_norm(tensors)).float().square()
+    # fp32 norms whatever the storage dtype (a bf16 norm would carry bf16's rounding into the ratio).
+    return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32)).square()
 
 
-def _lamb_updates_(seg: LambSegment, out: list) -> list:
+def _per_tensor(values) -> list:
+    """Per-tensor scalars as the foreach ops take them: a list of floats, or of 0-d tensors."""
+    return list(values.unbind()) if torch.is_tensor(values) else values
+
+
+def _keep_or(found_inf, value, skipped):
+    """`value` (a float or a tensor), or `skipped` where a non-finite grad was found; 0-d tensor."""
+    return torch.where(found_inf.reshape(()) != 0, skipped, value)
+
+
+def _lamb_updates_(seg: LambSegment, out: list, bias_corrections) -> list:
     """Steps 4-5 into `out`: u = (m / bc1) / (sqrt(v / bc2) + eps), plus wd * p in AdamW mode.
 
     Every op is in place on `out`: on CPU a freshly allocated param-sized temporary costs about ten
     times the arithmetic (page faults), so the quotient is formed as m * (1 / denominator).
     """
     torch._foreach_copy_(out, seg.exp_avg_sqs)
-    torch._foreach_div_(out, seg.bias_correction2)
+    bias_correction1, bias_correction2 = bias_corrections
+    torch._foreach_div_(out, bias_correction2)
     torch._foreach_sqrt_(out)
     torch._foreach_add_(out, seg.eps)
     torch._foreach_reciprocal_(out)
     torch._foreach_mul_(out, seg.exp_avgs)
-    torch._foreach_div_(out, seg.bias_correction1)
+    torch._foreach_div_(out, bias_correction1)
     if seg.adam_w_mode and seg.weight_decay != 0:
         torch._foreach_add_(out, seg.params, alpha=seg.weight_decay)
     return out
+
+
+class Plan:
+    """One step of one bucket: its segments, an fp32 scratch tensor per parameter, and per segment
+    the values that change from step to step (lr, bias corrections) as tensors: under torch.compile
+    a Python float that changes would be baked into the graph or recompile it."""
+
+    def __init__(self, segments, scratch):
+        self.segments = segments
+        self.scratch = scratch  # per segment, a list like seg.params
+        self.lrs = [_as_tensor(seg.lr, seg) for seg in segments]
+        self.bias_corrections = [
+            (_per_tensor(_as_tensor(seg.bias_correction1, seg)), _per_tensor(_as_tensor(seg.bias_correction2, seg)))
+            if hasattr(seg, "bias_correction1") else None for seg in segments
+        ]
+
+
+def _as_tensor(value, seg) -> torch.Tensor:
+    if torch.is_tensor(value):
+        return value
+    return torch.tensor(value, dtype=torch.float32).to(seg.params[0].device, non_blocking=True)
 
 
 class TorchBackend:
@@ -44,119 +82,149 @@ class TorchBackend:
     def __init__(self):
         self._scratch = {}
 
-    def _scratch_for(self, params) -> list:
-        scratch = [self._scratch.get(id(p)) for p in params]
-        for i, (p, buffer) in enumerate(zip(params, scratch)):
-            if buffer is None or buffer.shape != p.shape or buffer.device != p.device:
-                scratch[i] = self._scratch[id(p)] = torch.empty_like(p, dtype=torch.float32)
-        return scratch
-
-    def prepare_lamb(self, segments):
-        self._drop_scratch_of_absent(segments)
-        return segments
-
-    def prepare_lars(self, segments):
-        self._drop_scratch_of_absent(segments)
-        return segments
-
-    def _drop_scratch_of_absent(self, segments):
-        live = {id(p) for p in flat(segments, "params")}
+    def _prepare(self, segments) -> Plan:
+        params = [p for seg in segments for p in seg.params]
+        live = {id(p) for p in params}
         for key in [key for key in self._scratch if key not in live]:
             del self._scratch[key]
-
-    def grad_sumsq(self, segments) -> torch.Tensor:
-        return _sums_of_squares(flat(segments, "grads")).sum()
-
-    def lamb_update_norms_(self, segments, grad_sumsq) -> torch.Tensor:
-        norms = []
+        scratch = []
         for seg in segments:
-            scratch = self._scratch_for(seg.params)
-            grads = seg.grads
+            buffers = []
+            for p in seg.params:
+                buffer = self._scratch.get(id(p))
+                if buffer is None or buffer.shape != p.shape or buffer.device != p.device:
+                    buffer = self._scratch[id(p)] = torch.empty_like(p, dtype=torch.float32)
+                buffers.append(buffer)
+            scratch.append(buffers)
+        return Plan(segments, scratch)
+
+    prepare_lamb = prepare_lars = _prepare
+
+    def grad_sumsq(self, plan: Plan) -> torch.Tensor:
+        return _sums_of_squares(flat(plan.segments, "grads")).sum()
+
+    @staticmethod
+    def _unscaled_grads(seg, scratch, copy: bool, grad_scale):
+        """The grads to use: the user's (read only), or an fp32 copy divided by the loss scale."""
+        if not (copy or grad_scale is not None or seg.grads[0].dtype != torch.float32):
+            return seg.grads
+        torch._foreach_copy_(scratch, seg.grads)
+        if grad_scale is not None:
+            torch._foreach_mul_(scratch, grad_scale.reciprocal().reshape(()))
+        return scratch
+
+    def lamb_update_norms_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> torch.Tensor:
+        norms = []
+        for seg, scratch, bias_corrections in zip(plan.segments, plan.scratch, plan.bias_corrections):
             clips = grad_sumsq is not None and seg.max_grad_norm > 0
             l2 = not seg.adam_w_mode and seg.weight_decay != 0
-            if clips or l2:  # the grad changes: work on a copy, never on p.grad
-                torch._foreach_copy_(scratch, grads)
-                grads = scratch
-            # 1. Global grad-norm clipping.
+            grads = self._unscaled_grads(seg, scratch, clips or l2 or found_inf is not None, grad_scale)
+            # 1. Global grad-norm clipping, the norm of the unscaled grads.
             if clips:
                 grad_norm = grad_sumsq.sqrt()
+                if grad_scale is not None:
+                    grad_norm = grad_norm * grad_scale.reciprocal().reshape(())
                 torch._foreach_div_(grads, torch.where(grad_norm > seg.max_grad_norm,
                                                        grad_norm / seg.max_grad_norm, 1.0))
+            beta1, beta2 = seg.beta1, seg.beta2
+            if found_inf is not None:  # a skipped step: g = 0, moments times exactly 1
+                for g in grads:
+                    g.masked_fill_(found_inf.reshape(()) != 0, 0.0)
+                beta1, beta2 = _keep_or(found_inf, beta1, 1.0), _keep_or(found_inf, beta2, 1.0)
             # 2. L2 mode: decay enters the gradient, and so the moments.
             if l2:
-                torch._foreach_add_(grads, seg.params, alpha=seg.weight_decay)
+                if found_inf is None:
+                    torch._foreach_add_(grads, seg.params, alpha=seg.weight_decay)
+                else:
+                    torch._foreach_add_(grads, torch._foreach_mul(seg.params, _keep_or(found_inf, seg.weight_decay, 0.0)))
             # 3. Moments.
-            torch._foreach_mul_(seg.exp_avgs, seg.beta1)
+            torch._foreach_mul_(seg.exp_avgs, beta1)
             torch._foreach_add_(seg.exp_avgs, grads, alpha=seg.beta3)
-            torch._foreach_mul_(seg.exp_avg_sqs, seg.beta2)
+            torch._foreach_mul_(seg.exp_avg_sqs, beta2)
             torch._foreach_addcmul_(seg.exp_avg_sqs, grads, grads, value=1 - seg.beta2)
             # 4-5. The update, only to measure it here; the apply stage recomputes it.
-            updates = _lamb_updates_(seg, scratch)
+            updates = _lamb_updates_(seg, scratch, bias_corrections)
             norms.append(torch.stack([_sums_of_squares(seg.params), _sums_of_squares(updates)], dim=1))
         return torch.cat(norms)
 
-    def lamb_apply_(self, segments, norms: torch.Tensor) -> None:
+    def lamb_apply_(self, plan: Plan, norms: torch.Tensor, found_inf=None) -> None:
         first = 0
-        for seg in segments:
+        for seg, scratch, lr, bias_corrections in zip(plan.segments, plan.scratch, plan.lrs, plan.bias_corrections):
             count = len(seg.params)
             seg_norms = norms[first : first + count].sqrt()
             first += count
-            updates = _lamb_updates_(seg, self._scratch_for(seg.params))
-            if not seg.layer_adaptation:
-                torch._foreach_add_(seg.params, updates, alpha=-seg.lr)  # 7. with r = 1
-                continue
-            # 6. Trust ratio ||p|| / ||u||, from norms of p taken before this step's update.
-            param_norm, update_norm = seg_norms[:, 0], seg_norms[:, 1]
-            lo, hi = seg.trust_ratio_bounds
-            ratio = torch.where(
-                (param_norm > 0) & (update_norm > 0), (param_norm / update_norm).clamp(lo, hi), 1.0
-            )
-            # 7. p <- p - lr * r * u
-            torch._foreach_mul_(updates, list((ratio * -seg.lr).unbind()))
+            updates = _lamb_updates_(seg, scratch, bias_corrections)
+            if seg.layer_adaptation:
+                # 6. Trust ratio ||p|| / ||u||, from norms of p taken before this step's update.
+                param_norm, update_norm = seg_norms[:, 0], seg_norms[:, 1]
+                lo, hi = seg.trust_ratio_bounds
+                ratio = torch.where(
+                    (param_norm > 0) & (update_norm > 0), (param_norm / update_norm).clamp(lo, hi), 1.0
+                )
+            else:
+                ratio = torch.ones(count, dtype=torch.float32, device=norms.device)
+            # 7. p <- p - lr * r * u (a step size of 0 when the step is skipped)
+            step_size = ratio * -lr
+            if found_inf is not None:
+                step_size = torch.where(found_inf.reshape(()) != 0, 0.0, step_size)
+            torch._foreach_mul_(updates, list(step_size.unbind()))
             torch._foreach_add_(seg.params, updates)
+            if seg.copies:  # master weights: the model's low-precision params, from the masters
+                torch._foreach_copy_(seg.copies, seg.params)
 
     # -- LARS, SPEC section 3 ------------------------------------------------------------------
 
-    def lars_norms(self, segments) -> torch.Tensor:
-        return torch.stack([_sums_of_squares(flat(segments, "params")), _sums_of_squares(flat(segments, "grads"))],
-                           dim=1)
+    def lars_norms(self, plan: Plan) -> torch.Tensor:
+        return torch.stack([_sums_of_squares(flat(plan.segments, "params")),
+                            _sums_of_squares(flat(plan.segments, "grads"))], dim=1)
 
-    def lars_apply_(self, segments, norms: torch.Tensor) -> None:
+    def lars_apply_(self, plan: Plan, norms: torch.Tensor, grad_scale=None, found_inf=None) -> None:
         first = 0
-        for seg in segments:
+        for seg, scratch, lr in zip(plan.segments, plan.scratch, plan.lrs):
             count = len(seg.params)
             first += count
-            d = seg.grads  # read only: anything that changes d works on the scratch copy
+            # Read only unless it is the scratch copy.
+            d = self._unscaled_grads(seg, scratch, seg.adaptation or found_inf is not None, grad_scale)
+            if found_inf is not None:
+                for g in d:
+                    g.masked_fill_(found_inf.reshape(()) != 0, 0.0)
             # 1. Trust ratio r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps); d = (g + wd p) r.
             # (norms is None when no group of the bucket adapts.)
             if seg.adaptation:
                 seg_norms = norms[first - count : first].sqrt()
                 param_norm, grad_norm = seg_norms[:, 0], seg_norms[:, 1]
+                if grad_scale is not None:
+                    grad_norm = grad_norm * grad_scale.reciprocal().reshape(())
                 ratio = seg.trust_coeff * param_norm / (grad_norm + seg.weight_decay * param_norm + seg.eps)
                 ratio = torch.where((param_norm > 0) & (grad_norm > 0), ratio, 1.0)
                 if seg.trust_clip:  # LARC: the effective rate lr * r never exceeds lr
-                    ratio = torch.minimum(ratio / seg.lr, torch.ones_like(ratio))
-                d = self._scratch_for(seg.params)
-                torch._foreach_copy_(d, seg.grads)
+                    ratio = torch.minimum(ratio / lr, torch.ones_like(ratio))
                 if seg.weight_decay != 0:
                     torch._foreach_add_(d, seg.params, alpha=seg.weight_decay)
                 torch._foreach_mul_(d, list(ratio.unbind()))
+                if found_inf is not None:  # 0 * inf: the ratio of a non-finite grad norm
+                    for g in d:
+                        g.masked_fill_(found_inf.reshape(()) != 0, 0.0)
             # 2. Momentum: a new buffer is d itself; later buf <- momentum buf + (1 - dampening) d.
             if seg.momentum != 0:
+                momentum = seg.momentum if found_inf is None else _keep_or(found_inf, seg.momentum, 1.0)
                 new = [i for i, first_step in enumerate(seg.first_step) if first_step]
                 old = [i for i, first_step in enumerate(seg.first_step) if not first_step]
                 if new:
                     torch._foreach_copy_([seg.momentum_buffers[i] for i in new], [d[i] for i in new])
                 if old:
                     old_buffers = [seg.momentum_buffers[i] for i in old]
-                    torch._foreach_mul_(old_buffers, seg.momentum)
+                    torch._foreach_mul_(old_buffers, momentum)
                     torch._foreach_add_(old_buffers, [d[i] for i in old], alpha=1 - seg.dampening)
                 if seg.nesterov:
                     if d is seg.grads:
-                        d = self._scratch_for(seg.params)
+                        d = scratch
                         torch._foreach_copy_(d, seg.grads)
                     torch._foreach_add_(d, seg.momentum_buffers, alpha=seg.momentum)
                 else:
                     d = seg.momentum_buffers
-            # 3. p <- p - lr d
-            torch._foreach_add_(seg.params, d, alpha=-seg.lr)
+            # 3. p <- p - lr d (a step size of 0 when the step is skipped)
+            step_size = -lr if found_inf is None else _keep_or(found_inf, -lr, 0.0)
+            torch._foreach_add_(seg.params, torch._foreach_mul(d, step_size))
+            if seg.copies:
+                torch._foreach_copy_(seg.copies, seg.params)

@@ -1,6 +1,6 @@
 """LAMB as Triton multi-tensor kernels: SPEC section 2 in three passes over memory.
 
-1. global grad norm: ``MultiTensorTable.column_sumsq`` over the grads (reads g: 4 bytes/param);
+1. global grad norm: `sums_of_squares` over the grads (reads g: 4 bytes/param);
 2. `_lamb_moments_kernel`: steps 1-5, writes m and v and per-chunk partial sums of ||p||^2 and
    ||u||^2 (reads p g m v, writes m v: 24 bytes/param);
 3. `_lamb_apply_kernel`: steps 6-7 with u recomputed from m and v (reads p m v, writes p: 16
@@ -8,17 +8,22 @@
 
 44 bytes per fp32 parameter, 40 when no group clips (pass 1 is skipped). All arithmetic in fp32.
 Hyperparameters come per tensor from a small table, so one launch serves every param group of a
-(device, dtype) bucket.
+(device, dtype) bucket. Mixed precision: p and g may be bf16/fp16 (m, v fp32); with master weights
+p is the fp32 master and the apply pass also writes the model's low-precision copy. Under a
+GradScaler the grads are multiplied by 1 / scale as they are read, and a nonzero ``found_inf``
+turns every loop into zero iterations, decided on the device.
+
+The kernels are launched by the registered operators ``lamb_kernels::triton_lamb_moments`` and
+``lamb_kernels::triton_lamb_apply`` (opaque to torch.compile, with fake kernels).
 """
-from __future__ import annotations
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..hyper import WIDTH, LambColumn, lamb_table
-from ..ops import flat
-from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent, column_pointer
+from ..hyper import WIDTH, LambColumn
+from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, chunk_extent, column_pointer, store_rounded, table_for, tl_dtype
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LambColumn.LR.value)
@@ -37,12 +42,14 @@ _RATIO_LO = tl.constexpr(LambColumn.RATIO_LO.value)
 _RATIO_HI = tl.constexpr(LambColumn.RATIO_HI.value)
 N_HYPER = WIDTH
 
-# Columns of the pointer table.
-_N_COLS = tl.constexpr(4)
+# Columns of the pointer tables: p g m v (moments); p m v, and the low-precision copies (apply).
 _P = tl.constexpr(0)
 _G = tl.constexpr(1)
 _M = tl.constexpr(2)
 _V = tl.constexpr(3)
+_APPLY_M = tl.constexpr(1)
+_APPLY_V = tl.constexpr(2)
+_APPLY_COPY = tl.constexpr(3)
 
 
 @triton.jit
@@ -57,34 +64,53 @@ def _lamb_update(p, m, v, h):
 
 
 @triton.jit
+def _elements(n, found_inf, HAS_FOUND_INF: tl.constexpr):
+    """The chunk's element count, or 0 when a GradScaler found a non-finite grad: nothing is
+    written, and no host ever looks at found_inf."""
+    if HAS_FOUND_INF:
+        n = tl.where(tl.load(found_inf) != 0, 0, n)
+    return n
+
+
+@triton.jit
 def _lamb_moments_kernel(
     ptrs,  # int64 [n_tensors, 4]: addresses of p, g, m, v
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
     hyper,  # fp32 [n_tensors, N_HYPER]
-    grad_sumsq,  # fp32 [1]: sum of squares of all grads (read only when CLIP)
+    grad_sumsq,  # fp32 [1]: sum of squares of all (scaled) grads (read only when CLIP)
+    grad_scale,  # fp32 [1]: the loss scale (read only when HAS_SCALE)
+    found_inf,  # fp32 [1]: nonzero skips the step (read only when HAS_FOUND_INF)
     partials,  # fp32 [n_chunks, 2]: out, sums over the chunk of p^2 and u^2
     N_HYPER: tl.constexpr,
     CLIP: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Steps 1-5 of SPEC section 2 on one chunk: moments in place, partial sums of p^2 and u^2."""
     t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
-    p_ptr = column_pointer(ptrs, t, start, _N_COLS, _P)
-    g_ptr = column_pointer(ptrs, t, start, _N_COLS, _G)
-    m_ptr = column_pointer(ptrs, t, start, _N_COLS, _M)
-    v_ptr = column_pointer(ptrs, t, start, _N_COLS, _V)
+    n = _elements(n, found_inf, HAS_FOUND_INF)
+    p_ptr = column_pointer(ptrs, t, start, 4, _P, P_DTYPE)
+    g_ptr = column_pointer(ptrs, t, start, 4, _G, G_DTYPE)
+    m_ptr = column_pointer(ptrs, t, start, 4, _M, tl.float32)
+    v_ptr = column_pointer(ptrs, t, start, 4, _V, tl.float32)
     h = hyper + t * N_HYPER
     beta1 = tl.load(h + _BETA1)
     beta2 = tl.load(h + _BETA2)
     beta3 = tl.load(h + _BETA3)
     one_minus_beta2 = tl.load(h + _ONE_MINUS_BETA2)
     wd_l2 = tl.load(h + _WD_L2)
+    inv_scale = 1.0
+    if HAS_SCALE:
+        inv_scale = tl.div_rn(1.0, tl.load(grad_scale))
     if CLIP:
-        # 1. c = G / max_grad_norm when G exceeds it; division, not a reciprocal multiply, as apex.
-        grad_norm = tl.sqrt_rn(tl.load(grad_sumsq))
+        # 1. c = G / max_grad_norm when G (of the unscaled grads) exceeds it; division, as apex.
+        grad_norm = tl.sqrt_rn(tl.load(grad_sumsq)) * inv_scale
         max_norm = tl.load(h + _MAX_GRAD_NORM)
         clips = (max_norm > 0) & (grad_norm > max_norm)
         clip = tl.where(clips, tl.div_rn(grad_norm, tl.where(clips, max_norm, 1.0)), 1.0)
@@ -97,6 +123,8 @@ def _lamb_moments_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        if HAS_SCALE:
+            g = g * inv_scale
         if CLIP:
             g = tl.div_rn(g, clip)
         g = g + wd_l2 * p  # 2. L2 mode (wd_l2 is 0 in AdamW mode)
@@ -114,21 +142,27 @@ def _lamb_moments_kernel(
 
 @triton.jit
 def _lamb_apply_kernel(
-    ptrs,  # int64 [n_tensors, 4]: addresses of p, g, m, v (g unused)
+    ptrs,  # int64 [n_tensors, N_COLS]: addresses of p, m, v (and the low-precision copy)
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
     hyper,  # fp32 [n_tensors, N_HYPER]
     norms,  # fp32 [n_tensors, 2]: ||p||^2 (before the update) and ||u||^2 per tensor
+    found_inf,  # fp32 [1]: nonzero skips the step (read only when HAS_FOUND_INF)
     N_HYPER: tl.constexpr,
+    N_COLS: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    COPY_DTYPE: tl.constexpr,  # None: no copies
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Steps 6-7 of SPEC section 2 on one chunk: p <- p - lr * r * u, u recomputed from m and v."""
     t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
-    p_ptr = column_pointer(ptrs, t, start, _N_COLS, _P)
-    m_ptr = column_pointer(ptrs, t, start, _N_COLS, _M)
-    v_ptr = column_pointer(ptrs, t, start, _N_COLS, _V)
+    n = _elements(n, found_inf, HAS_FOUND_INF)
+    p_ptr = column_pointer(ptrs, t, start, N_COLS, _P, P_DTYPE)
+    m_ptr = column_pointer(ptrs, t, start, N_COLS, _APPLY_M, tl.float32)
+    v_ptr = column_pointer(ptrs, t, start, N_COLS, _APPLY_V, tl.float32)
     h = hyper + t * N_HYPER
     # 6. Trust ratio, on the device: no host round trip for the norms.
     param_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 0))
@@ -145,40 +179,57 @@ def _lamb_apply_kernel(
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         u = _lamb_update(p, m, v, h)
-        tl.store(p_ptr + offs, p - step_size * u, mask=mask)  # 7.
+        p = p - step_size * u  # 7.
+        store_rounded(p_ptr + offs, p, mask, P_DTYPE)
+        if COPY_DTYPE is not None:
+            store_rounded(column_pointer(ptrs, t, start, N_COLS, _APPLY_COPY, COPY_DTYPE) + offs, p, mask, COPY_DTYPE)
 
 
-def prepare(table: MultiTensorTable, segments) -> Plan:
-    columns = [flat(segments, name) for name in ("params", "grads", "exp_avgs", "exp_avg_sqs")]
-    table.update(columns)
-    params, _, exp_avgs, exp_avg_sqs = columns
-    # Written by the apply stage, and by the moments stage.
-    return Plan(table, _to_device(lamb_table(segments), table.device), (params, exp_avgs + exp_avg_sqs))
+def _scalar_or(t: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
+    # An absent optional input: any tensor stands in, the kernel never reads it (constexpr flag).
+    return stand_in if t is None else t
 
 
-def grad_sumsq(plan: Plan) -> torch.Tensor:
-    return plan.table.column_sumsq(_G.value)
-
-
-def lamb_update_norms_(plan: Plan, grad_sumsq) -> torch.Tensor:
-    table = plan.table
-    partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=table.device)
+@torch.library.custom_op("lamb_kernels::triton_lamb_moments", mutates_args=("exp_avgs", "exp_avg_sqs"))
+def lamb_moments(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                 exp_avg_sqs: list[torch.Tensor], hyper: torch.Tensor, grad_sumsq: Optional[torch.Tensor],
+                 grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> torch.Tensor:
+    """Steps 1-5: moments in place; per tensor ||p||^2 (before the update) and ||u||^2, [n, 2]."""
+    table = table_for("lamb_moments", [params, grads, exp_avgs, exp_avg_sqs])
+    partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=hyper.device)
     if table.n_chunks:
-        clip = grad_sumsq is not None
         _lamb_moments_kernel[(table.n_chunks,)](
-            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, plan.hyper,
-            grad_sumsq if clip else plan.hyper, partials,
-            N_HYPER=N_HYPER, CLIP=clip, CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
+            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, hyper,
+            _scalar_or(grad_sumsq, hyper), _scalar_or(grad_scale, hyper), _scalar_or(found_inf, hyper), partials,
+            N_HYPER=N_HYPER, CLIP=grad_sumsq is not None, HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params), G_DTYPE=tl_dtype(grads),
+            CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
         )
     return table.per_tensor_sum(partials)
 
 
-def lamb_apply_(plan: Plan, norms: torch.Tensor) -> None:
-    table = plan.table
+@lamb_moments.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, hyper, grad_sumsq, grad_scale, found_inf):
+    return hyper.new_empty((len(params), 2))
+
+
+@torch.library.custom_op("lamb_kernels::triton_lamb_apply", mutates_args=("params", "copies"))
+def lamb_apply(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+               hyper: torch.Tensor, norms: torch.Tensor, found_inf: Optional[torch.Tensor],
+               copies: list[torch.Tensor]) -> None:
+    """Steps 6-7: p <- p - lr * r * u; with `copies` (the model's low-precision params, when
+    `params` are fp32 masters) each copy gets the new value too, rounded to its dtype."""
+    columns = [params, exp_avgs, exp_avg_sqs] + ([copies] if copies else [])
+    table = table_for("lamb_apply", columns)
     if table.n_chunks:
         _lamb_apply_kernel[(table.n_chunks,)](
-            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, plan.hyper,
-            norms.contiguous(),
-            N_HYPER=N_HYPER, CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
+            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, hyper, norms.contiguous(),
+            _scalar_or(found_inf, hyper),
+            N_HYPER=N_HYPER, N_COLS=len(columns), HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params),
+            COPY_DTYPE=tl_dtype(copies, None), CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
         )
 
+
+@lamb_apply.register_fake
+def _(params, exp_avgs, exp_avg_sqs, hyper, norms, found_inf, copies):
+    return None

@@ -5,18 +5,21 @@
 2. `_lars_apply_kernel`: trust ratio, weight decay, momentum and the update (reads p g b, writes
    p b: 20 bytes/param).
 
-28 bytes per fp32 parameter with momentum: torch's fused SGD with momentum plus the norm pass. All arithmetic in fp32; per-tensor hyperparameters from a table, so one launch serves every
-param group of a (device, dtype) bucket, with or without momentum.
+28 bytes per fp32 parameter with momentum: torch's fused SGD with momentum plus the norm pass. All
+arithmetic in fp32; per-tensor hyperparameters from a table, so one launch serves every param group
+of a (device, dtype) bucket, with or without momentum. Mixed precision, master weights and the
+GradScaler's scale and found_inf as in lamb.py; the apply kernel is launched by the registered
+operator ``lamb_kernels::triton_lars_apply``.
 """
-from __future__ import annotations
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..hyper import WIDTH, LarsColumn, lars_table
-from ..ops import flat, lars_written
-from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, MultiTensorTable, Plan, _to_device, chunk_extent, column_pointer
+from ..hyper import WIDTH, LarsColumn
+from .lamb import _elements, _scalar_or
+from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, chunk_extent, column_pointer, store_rounded, table_for, tl_dtype
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LarsColumn.LR.value)
@@ -33,30 +36,39 @@ _FIRST_STEP = tl.constexpr(LarsColumn.FIRST_STEP.value)
 N_HYPER = WIDTH
 
 # Columns of the pointer table.
-_N_COLS = tl.constexpr(3)
 _P = tl.constexpr(0)
 _G = tl.constexpr(1)
 _BUF = tl.constexpr(2)
+_COPY = tl.constexpr(3)
 
 
 @triton.jit
 def _lars_apply_kernel(
-    ptrs,  # int64 [n_tensors, 3]: addresses of p, g, momentum buffer
+    ptrs,  # int64 [n_tensors, N_COLS]: addresses of p, g, momentum buffer (and low-precision copy)
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
     hyper,  # fp32 [n_tensors, N_HYPER]
     norms,  # fp32 [n_tensors, 2]: ||p||^2 and ||g||^2 per tensor (read only when ADAPTIVE)
+    grad_scale,  # fp32 [1]: the loss scale (read only when HAS_SCALE)
+    found_inf,  # fp32 [1]: nonzero skips the step (read only when HAS_FOUND_INF)
     N_HYPER: tl.constexpr,
+    N_COLS: tl.constexpr,
     ADAPTIVE: tl.constexpr,  # False: no tensor of this launch adapts, and the norm pass was skipped
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    COPY_DTYPE: tl.constexpr,  # None: no copies
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """SPEC section 3 on one chunk: p <- p - lr * d, d through trust ratio and momentum."""
     t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
-    p_ptr = column_pointer(ptrs, t, start, _N_COLS, _P)
-    g_ptr = column_pointer(ptrs, t, start, _N_COLS, _G)
-    b_ptr = column_pointer(ptrs, t, start, _N_COLS, _BUF)
+    n = _elements(n, found_inf, HAS_FOUND_INF)
+    p_ptr = column_pointer(ptrs, t, start, N_COLS, _P, P_DTYPE)
+    g_ptr = column_pointer(ptrs, t, start, N_COLS, _G, G_DTYPE)
+    b_ptr = column_pointer(ptrs, t, start, N_COLS, _BUF, tl.float32)
     h = hyper + t * N_HYPER
     lr = tl.load(h + _LR)
     momentum = tl.load(h + _MOMENTUM)
@@ -69,10 +81,14 @@ def _lars_apply_kernel(
     n_read = tl.where(has_momentum & (tl.load(h + _FIRST_STEP) == 0), n, 0)
     n_write = tl.where(has_momentum, n, 0)
     weight_decay = tl.load(h + _WEIGHT_DECAY)
+    inv_scale = 1.0
+    if HAS_SCALE:
+        inv_scale = tl.div_rn(1.0, tl.load(grad_scale))
     if ADAPTIVE:
-        # 1. Trust ratio, on the device. IEEE-rounded sqrt and division, as in the LAMB kernels.
+        # 1. Trust ratio, on the device. IEEE-rounded sqrt and division, as in the LAMB kernels;
+        # the grad norm is of the unscaled grads.
         param_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 0))
-        grad_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1))
+        grad_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1)) * inv_scale
         both = (param_norm > 0) & (grad_norm > 0)
         denominator = tl.where(both, grad_norm + weight_decay * param_norm + tl.load(h + _EPS), 1.0)
         ratio = tl.where(both, tl.div_rn(tl.load(h + _TRUST_COEFF) * param_norm, denominator), 1.0)
@@ -86,6 +102,8 @@ def _lars_apply_kernel(
         mask = offs < n
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * inv_scale
         d = tl.where(adapt, (g + weight_decay * p) * ratio, g)
         # 2. Momentum; a new buffer is not read: it becomes d.
         buf = tl.load(b_ptr + offs, mask=offs < n_read, other=0.0)
@@ -93,27 +111,31 @@ def _lars_apply_kernel(
         tl.store(b_ptr + offs, buf, mask=offs < n_write)
         step = tl.where(nesterov, d + momentum * buf, buf)
         step = tl.where(has_momentum, step, d)
-        tl.store(p_ptr + offs, p - lr * step, mask=mask)  # 3.
+        p = p - lr * step  # 3.
+        store_rounded(p_ptr + offs, p, mask, P_DTYPE)
+        if COPY_DTYPE is not None:
+            store_rounded(column_pointer(ptrs, t, start, N_COLS, _COPY, COPY_DTYPE) + offs, p, mask, COPY_DTYPE)
 
 
-def prepare(table: MultiTensorTable, segments) -> Plan:
-    params = flat(segments, "params")
-    # Without momentum there is no buffer; the parameter's address stands in, masked off in the kernel.
-    buffers = [p if b is None else b for p, b in zip(params, flat(segments, "momentum_buffers"))]
-    table.update([params, flat(segments, "grads"), buffers])
-    return Plan(table, _to_device(lars_table(segments), table.device), (lars_written(segments),))
-
-
-def lars_norms(plan: Plan) -> torch.Tensor:
-    return plan.table.per_tensor_sumsq(_P.value, _G.value)
-
-
-def lars_apply_(plan: Plan, norms) -> None:
-    """`norms` is None when no tensor of the bucket adapts: then nothing reads it."""
-    table = plan.table
+@torch.library.custom_op("lamb_kernels::triton_lars_apply", mutates_args=("params", "momentum_buffers", "copies"))
+def lars_apply(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
+               hyper: torch.Tensor, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
+               found_inf: Optional[torch.Tensor], copies: list[torch.Tensor]) -> None:
+    """SPEC section 3. A tensor without momentum has an empty placeholder in momentum_buffers (its
+    address, 0, is never read: the table's HAS_MOMENTUM column is 0). `norms` is None when no tensor
+    adapts; `copies` as in triton_lamb_apply."""
+    columns = [params, grads, momentum_buffers] + ([copies] if copies else [])
+    table = table_for("lars_apply", columns)
     if table.n_chunks:
         _lars_apply_kernel[(table.n_chunks,)](
-            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, plan.hyper,
-            plan.hyper if norms is None else norms.contiguous(),
-            N_HYPER=N_HYPER, ADAPTIVE=norms is not None, CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
+            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, hyper,
+            hyper if norms is None else norms.contiguous(), _scalar_or(grad_scale, hyper), _scalar_or(found_inf, hyper),
+            N_HYPER=N_HYPER, N_COLS=len(columns), ADAPTIVE=norms is not None, HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params), G_DTYPE=tl_dtype(grads),
+            COPY_DTYPE=tl_dtype(copies, None), CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
         )
+
+
+@lars_apply.register_fake
+def _(params, grads, momentum_buffers, hyper, norms, grad_scale, found_inf, copies):
+    return None

@@ -13,9 +13,17 @@ The tables that make this possible are plain device tensors:
 
 Reductions never use atomics: a chunk writes its partial sum, then `_segment_sum_kernel` adds the
 partials of each segment in ascending order, so the same inputs give the same bits on every run.
-"""
-from __future__ import annotations
 
+Each column has its own element type (a constexpr of the kernels): params and grads may be fp32,
+bf16 or fp16, states fp32. Arithmetic is fp32; a value stored into a bf16 column is rounded to
+nearest even by `store_rounded` (the interpreter would otherwise truncate).
+
+The kernels are launched from registered operators (lamb.py, lars.py: ``torch.ops.lamb_kernels.
+triton_*``), which find their tables with `table_for`: one table per (operator, device, tensor
+sizes and first address), cached, so a steady loop builds each once and a CUDA graph capture after
+warm-up copies nothing from the host.
+"""
+import collections
 import os
 
 import numpy as np
@@ -46,10 +54,32 @@ def chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK: tl.constexpr):
     return t, start, tl.minimum(tl.load(numels + t) - start, CHUNK).to(tl.int32)
 
 
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def tl_dtype(tensors, default=tl.float32):
+    """The Triton element type of a list of same-dtype tensors (`default` for an empty list)."""
+    return TL_DTYPES[tensors[0].dtype] if tensors else default
+
+
 @triton.jit
-def column_pointer(ptrs, t, start, N_COLS: tl.constexpr, COL: tl.constexpr):
-    """fp32 pointer to element `start` (int64) of tensor t of column COL of the pointer table."""
-    return tl.load(ptrs + t * N_COLS + COL).to(tl.pointer_type(tl.float32)) + start
+def column_pointer(ptrs, t, start, N_COLS: tl.constexpr, COL: tl.constexpr, DTYPE: tl.constexpr):
+    """Pointer to element `start` (int64) of tensor t of column COL of the pointer table."""
+    return tl.load(ptrs + t * N_COLS + COL).to(tl.pointer_type(DTYPE)) + start
+
+
+@triton.jit
+def store_rounded(ptr, x, mask, DTYPE: tl.constexpr):
+    """Stores fp32 `x` as DTYPE, rounded to nearest even. For bf16 the rounding is done on the bits
+    (as torch's own conversion does), so compiled and interpreted kernels agree with torch."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        half = tl.where(is_nan, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+        tl.store(ptr, half.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, x.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -62,15 +92,17 @@ def _chunk_sumsq_kernel(
     N_COLS: tl.constexpr,
     COL0: tl.constexpr,
     COL1: tl.constexpr,  # -1: reduce COL0 only
+    DTYPE0: tl.constexpr,
+    DTYPE1: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """partials[c, k] = sum(x[i]^2) over chunk c of column COL_k, in fp32; one pass reads both."""
     t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
-    a_ptr = column_pointer(ptrs, t, start, N_COLS, COL0)
+    a_ptr = column_pointer(ptrs, t, start, N_COLS, COL0, DTYPE0)
     acc0 = tl.zeros([BLOCK], tl.float32)
     if COL1 >= 0:
-        b_ptr = column_pointer(ptrs, t, start, N_COLS, COL1)
+        b_ptr = column_pointer(ptrs, t, start, N_COLS, COL1, DTYPE1)
         acc1 = tl.zeros([BLOCK], tl.float32)
     for i in range(0, n, BLOCK):
         offs = i + tl.arange(0, BLOCK)
@@ -123,6 +155,8 @@ class MultiTensorTable:
         self._addresses = None
 
     def update(self, columns) -> None:
+        """`columns`: lists of tensors, one per column; the first column gives the sizes. An empty
+        tensor's address is 0: a column entry that the kernels never dereference."""
         numels = tuple(t.numel() for t in columns[0])
         if numels != self._numels:
             self._build_chunk_map(numels)
@@ -148,41 +182,62 @@ class MultiTensorTable:
         self.chunk_tensor = _to_device(chunk_tensor, self.device)
         self.chunk_offset = _to_device(chunk_index * CHUNK, self.device)
         self.tensor_chunks = _to_device(tensor_chunks, self.device)
-        self.all_chunks = _to_device(np.array([0, self.n_chunks], dtype=np.int32), self.device)
         self._numels = numels
         self.builds["chunks"] += 1
 
-    def _chunk_sumsq(self, columns) -> torch.Tensor:
-        partials = torch.empty((self.n_chunks, len(columns)), dtype=torch.float32, device=self.device)
+    def per_tensor_sumsq(self, dtypes) -> torch.Tensor:
+        """Per tensor, the sums of squares of every column ([n_tensors, 1 or 2]; two launches);
+        `dtypes`: the columns' Triton element types."""
+        width = len(dtypes)
+        partials = torch.empty((self.n_chunks, width), dtype=torch.float32, device=self.device)
         if self.n_chunks:
             _chunk_sumsq_kernel[(self.n_chunks,)](
                 self.pointers, self.numels, self.chunk_tensor, self.chunk_offset, partials,
-                N_COLS=self.n_columns, COL0=columns[0], COL1=columns[1] if len(columns) > 1 else -1,
-                CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
+                N_COLS=self.n_columns, COL0=0, COL1=1 if width > 1 else -1, DTYPE0=dtypes[0],
+                DTYPE1=dtypes[-1], CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
             )
-        return partials
-
-    def column_sumsq(self, column: int) -> torch.Tensor:
-        """Sum of squares of every element of one column, as a 0-d fp32 tensor (two launches)."""
-        return segment_sum(self._chunk_sumsq([column]), self.all_chunks, 1).reshape(())
-
-    def per_tensor_sumsq(self, column0: int, column1: int) -> torch.Tensor:
-        """Per tensor, the sums of squares of two columns, [n_tensors, 2] (two launches)."""
-        return self.per_tensor_sum(self._chunk_sumsq([column0, column1]))
+        return self.per_tensor_sum(partials)
 
     def per_tensor_sum(self, partials: torch.Tensor) -> torch.Tensor:
         """Per-chunk partials [n_chunks, w] -> per-tensor sums [n_tensors, w]."""
         return segment_sum(partials, self.tensor_chunks, self.n_tensors)
 
 
-class Plan:
-    """One step's launch inputs for a bucket: its (cached) tables, its per-tensor hyperparameters, and
-    per stage the tensors the stage writes (whose autograd versions the backend then bumps)."""
+_TABLES = collections.OrderedDict()
+_TABLES_KEPT = 64  # enough for several optimizers with several buckets each
 
-    def __init__(self, table: MultiTensorTable, hyper: torch.Tensor, modified: tuple):
-        self.table = table
-        self.hyper = hyper
-        self.modified = modified
+
+def table_for(operator: str, columns) -> MultiTensorTable:
+    """The cached table of `operator` for these tensors: one per (device, sizes, address of the
+    first tensor), which tells optimizers apart; a new grad tensor (``zero_grad(set_to_none=True)``)
+    rebuilds only the pointer table, as in `MultiTensorTable.update`."""
+    first = columns[0][0] if columns[0] else None
+    device = first.device if first is not None else torch.device("cpu")
+    key = (operator, device, len(columns), tuple(t.numel() for t in columns[0]),
+           first.data_ptr() if first is not None else 0)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = MultiTensorTable(device)
+        while len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    _TABLES.move_to_end(key)
+    table.update(columns)
+    return table
+
+
+@torch.library.custom_op("lamb_kernels::triton_sums_of_squares", mutates_args=())
+def sums_of_squares(tensors: list[torch.Tensor], paired: list[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, sum of x^2 in fp32: [n_tensors], or [n_tensors, 2] with a non-empty `paired`
+    (read in the same pass)."""
+    columns = [list(tensors), list(paired)] if paired else [list(tensors)]
+    table = table_for("sums_of_squares", columns)
+    sums = table.per_tensor_sumsq([tl_dtype(column) for column in columns])
+    return sums if paired else sums.reshape(-1)
+
+
+@sums_of_squares.register_fake
+def _(tensors, paired):
+    return tensors[0].new_empty((len(tensors), 2) if paired else (len(tensors),), dtype=torch.float32)
 
 
 def segment_sum(partials: torch.Tensor, bounds: torch.Tensor, n_segments: int) -> torch.Tensor:
