@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.__main__ import main, parse_args
-from bench.harness import Outcome, elements_moved, make_params, quantile, run_group
+from bench.harness import Outcome, bytes_moved, make_params, quantile, run_group
 from bench.presets import PRESETS, preset_shapes
 from bench.providers import Provider
 from bench.report import COLUMNS, Progress, group_rows, table
@@ -46,13 +46,20 @@ def test_unknown_preset_is_named():
 
 
 def test_bytes_model_is_spec_section_4():
-    fp32 = 4
-    assert elements_moved("lamb", "ours", clipping=True) * fp32 == 44
-    assert elements_moved("lamb", "reference", clipping=False) * fp32 == 40
-    assert elements_moved("lamb", "yardstick", clipping=True) * fp32 == 28  # AdamW
-    assert elements_moved("lars", "external", clipping=True) * fp32 == 28
-    assert elements_moved("lars", "yardstick", clipping=True) * fp32 == 20  # SGD with momentum
-    assert elements_moved("lars", "copy", clipping=True) * fp32 == 8
+    assert bytes_moved("lamb", "ours", clipping=True) == 44
+    assert bytes_moved("lamb", "reference", clipping=False) == 40
+    assert bytes_moved("lamb", "yardstick", clipping=True) == 28  # AdamW
+    assert bytes_moved("lars", "external", clipping=True) == 28
+    assert bytes_moved("lars", "yardstick", clipping=True) == 20  # SGD with momentum
+    assert bytes_moved("lars", "copy", clipping=True) == 8
+    # bf16 params, fp32 states (README's table): LAMB g 2 + (p g m v, m v) 20 + (p m v, p) 12.
+    assert bytes_moved("lamb", "ours", clipping=True, param_bytes=2) == 34
+    # With fp32 masters: g 2 + (master g m v, m v) 22 + (master m v, master, p) 18.
+    assert bytes_moved("lamb", "ours", clipping=True, param_bytes=2, master_weights=True) == 42
+    assert bytes_moved("lamb", "ours", clipping=False, param_bytes=2, master_weights=True) == 40
+    assert bytes_moved("lars", "ours", clipping=True, param_bytes=2) == 18
+    assert bytes_moved("lars", "ours", clipping=True, param_bytes=2, master_weights=True) == 26
+    assert bytes_moved("lamb", "yardstick", clipping=True, param_bytes=2) == 14  # AdamW's bf16 states
 
 
 def test_quantile_is_numpys_linear():

@@ -9,6 +9,8 @@ from lamb_kernels import FusedLAMB
 if "triton" not in lamb_kernels.available_backends("cpu") + lamb_kernels.available_backends("cuda"):
     pytest.skip("the triton backend is not available here", allow_module_level=True)
 
+import triton.language as tl  # noqa: E402
+
 from lamb_kernels.triton import lamb, multi_tensor  # noqa: E402
 
 DEVICE = "cpu" if "triton" in lamb_kernels.available_backends("cpu") else "cuda"
@@ -58,16 +60,21 @@ def test_tables_are_built_once_and_follow_new_addresses():
     params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (5, 300, 9000)]
     grads = [torch.randn_like(p) for p in params]
     opt = FusedLAMB(params, backend="triton")
+    multi_tensor._TABLES.clear()
     for _ in range(3):
         for p, g in zip(params, grads):
             g.normal_()
             p.grad = g  # the same grad tensors every step, as with zero_grad(set_to_none=False)
         opt.step()
-    table = next(iter(opt._backends.values())).table
-    assert table.builds == {"chunks": 1, "pointers": 1}
+    tables = {key[0]: table for key, table in multi_tensor._TABLES.items()}
+    assert len(multi_tensor._TABLES) == 3  # the grad norm, the moments, the apply
+    assert all(table.builds == {"chunks": 1, "pointers": 1} for table in tables.values())
     params[1].grad = torch.randn_like(params[1])  # a new grad tensor: new address, same sizes
     opt.step()
-    assert table.builds == {"chunks": 1, "pointers": 2}
+    assert len(multi_tensor._TABLES) == 3
+    builds = {name: table.builds["pointers"] for name, table in tables.items()}
+    assert builds == {"sums_of_squares": 2, "lamb_moments": 2, "lamb_apply": 1}
+    assert all(table.builds["chunks"] == 1 for table in tables.values())
 
 
 def test_segment_sum_adds_each_segment_in_a_fixed_order():
@@ -86,7 +93,7 @@ def test_chunk_map_covers_every_element_once():
     table = multi_tensor.MultiTensorTable(torch.device(DEVICE))
     tensors = [torch.ones(n, device=DEVICE) for n in sizes]
     table.update([tensors])
-    assert table.column_sumsq(0).item() == sum(sizes)
+    assert table.per_tensor_sumsq([tl.float32]).sum().item() == sum(sizes)
     assert table.tensor_chunks.tolist() == [0, 0, 1, 2, 4, 4, 7]
     per_chunk = torch.empty(table.n_chunks, 1, device=DEVICE)
     per_chunk[:] = 1.0
