@@ -51,6 +51,8 @@ def parse_args(argv=None):
                         help="comma-separated lamb_kernels backends to time (default: all; on CPU all but "
                              "triton, whose interpreter is not worth timing)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype")
+    parser.add_argument("--master-weights", action="store_true",
+                        help="our optimizers keep fp32 master weights of bf16/fp16 params (charged their bytes)")
     parser.add_argument("--algorithms", default="lamb,lars", help="comma-separated: lamb, lars")
     parser.add_argument("--out", default="out", help="folder for steps.csv and steps.png (default: out)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per provider (default: cpu 15, cuda 50)")
@@ -112,9 +114,9 @@ def _version(package: str) -> str:
 def _providers(algorithm: str, args) -> list:
     copy = Provider("copy (torch.Tensor.copy_, as many elements)", algorithm, "copy", version=torch.__version__)
     if algorithm == "lamb":
-        providers = lamb_providers(args.device, args.backends, args.max_grad_norm)
+        providers = lamb_providers(args.device, args.backends, args.max_grad_norm, args.master_weights)
     else:
-        providers = lars_providers(args.device, args.backends)
+        providers = lars_providers(args.device, args.backends, args.master_weights)
     return [copy, *(p for p in providers if not (args.no_compile and p.name.endswith(COMPILED)))]
 
 
@@ -135,6 +137,7 @@ def main(argv=None) -> list:
     context = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
+        "master_weights": args.master_weights and args.dtype != "float32",
         "threads": torch.get_num_threads() if args.device == "cpu" else "",
         "warmup": args.warmup, "repeats": args.repeats, "lamb_kernels": lamb_kernels.__version__,
         "torch": torch.__version__, "triton": _version("triton"), "python": platform.python_version(),
@@ -153,7 +156,8 @@ def main(argv=None) -> list:
                              progress=progress)
         rows += group_rows(outcomes, preset=preset, algorithm=algorithm, numel=sum(p.numel() for p in params),
                            tensors=len(params), itemsize=params[0].element_size(),
-                           clipping=args.max_grad_norm > 0, context=context)
+                           clipping=args.max_grad_norm > 0, context=context,
+                           master_weights=context["master_weights"])
         del params, outcomes  # frees this group's states before the next group allocates its own
         if args.device == "cuda":
             torch.cuda.empty_cache()

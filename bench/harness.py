@@ -18,24 +18,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Bytes per parameter per step, in elements of the parameters' dtype: SPEC section 4's model. Every
-# provider of a group is charged its algorithm's bytes (what our passes must move), so GB/s is an
-# effective bandwidth, comparable across providers; apex's FusedLAMB, for one, moves 13 elements.
-ELEMENTS_MOVED = {
-    ("copy", None): 2,  # read, write
-    ("lamb", "yardstick"): 7,  # AdamW: read p g m v, write p m v
-    ("lamb", None): 11,  # LAMB: 1 (grad norm) + 6 (moments, norms) + 4 (apply); 10 without clipping
-    ("lars", "yardstick"): 5,  # SGD momentum: read p g b, write p b
-    ("lars", None): 7,  # LARS: 2 (norms) + 5 (apply)
-}
-
-
-def elements_moved(algorithm: str, role: str, clipping: bool) -> int:
+# Bytes per parameter per step: SPEC section 4's model, for parameters (and grads) of `param_bytes`
+# each, 4 for fp32 states. Every provider of a group is charged its algorithm's bytes (what our
+# passes must move), so GB/s is an effective bandwidth, comparable across providers; apex's
+# FusedLAMB, for one, moves 52 fp32 bytes. torch's AdamW and SGD keep states in the parameters'
+# dtype, so their bytes scale with it; ours keep fp32 states. With master weights, the passes read
+# and write the fp32 master where they would read and write p, and the apply pass also writes p.
+def bytes_moved(algorithm: str, role: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False) -> int:
+    s, state = param_bytes, 4
     if role == "copy":
-        return ELEMENTS_MOVED[("copy", None)]
+        return 2 * s  # read, write
     if role == "yardstick":
-        return ELEMENTS_MOVED[(algorithm, "yardstick")]
-    return ELEMENTS_MOVED[(algorithm, None)] - (1 if algorithm == "lamb" and not clipping else 0)
+        return (7 if algorithm == "lamb" else 5) * s  # AdamW: read p g m v, write p m v; SGD: p g b, p b
+    w = state if master_weights else s  # the weights the passes read: master or p
+    copy = s if master_weights else 0
+    if algorithm == "lamb":
+        grad_norm = s if clipping else 0  # read g
+        moments = w + s + 4 * state  # read p g m v, write m v
+        apply = w + 2 * state + w + copy  # read p m v, write p (and the model's copy)
+        return grad_norm + moments + apply
+    norms = w + s  # read p g
+    apply = w + s + state + w + state + copy  # read p g b, write p b (and the copy)
+    return norms + apply
 
 
 @dataclass

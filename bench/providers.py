@@ -70,11 +70,11 @@ def _compiled(make_optimizer):
     return build
 
 
-def lamb_providers(device, backends, max_grad_norm) -> list:
+def lamb_providers(device, backends, max_grad_norm, master_weights=False) -> list:
     """The "lamb" group: AdamW(fused=True) as the yardstick, FusedLAMB on each backend, the pure-torch
     backend under torch.compile, and the LAMBs of other libraries."""
     clip = max_grad_norm if max_grad_norm > 0 else None
-    ours = {"lr": LR, "weight_decay": LAMB_WEIGHT_DECAY, "max_grad_norm": clip}
+    ours = {"lr": LR, "weight_decay": LAMB_WEIGHT_DECAY, "max_grad_norm": clip, "master_weights": master_weights}
     providers = [Provider(
         "torch AdamW(fused=True)", "lamb", "yardstick",
         build=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=LAMB_WEIGHT_DECAY, eps=1e-6,
@@ -103,10 +103,10 @@ def lamb_providers(device, backends, max_grad_norm) -> list:
     return providers
 
 
-def lars_providers(device, backends) -> list:
+def lars_providers(device, backends, master_weights=False) -> list:
     """The "lars" group: SGD(momentum, fused=True) as the yardstick, FusedLARS on each backend, the
     pure-torch backend under torch.compile, and the LARSes of other libraries."""
-    ours = {"lr": LR, "momentum": MOMENTUM, "weight_decay": LARS_WEIGHT_DECAY}
+    ours = {"lr": LR, "momentum": MOMENTUM, "weight_decay": LARS_WEIGHT_DECAY, "master_weights": master_weights}
     providers = [Provider(
         f"torch SGD(momentum={MOMENTUM}, fused=True)", "lars", "yardstick",
         build=lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=LARS_WEIGHT_DECAY,

@@ -6,19 +6,20 @@ import csv
 import os
 import sys
 
-from .harness import elements_moved, quantile
+from .harness import bytes_moved, quantile
 from .providers import ROLES
 
 COLUMNS = (
     "date", "preset", "algorithm", "provider", "role", "status", "reason",
-    "device", "device_name", "dtype", "threads", "tensors", "params", "bytes_per_param", "warmup", "repeats",
+    "device", "device_name", "dtype", "master_weights", "threads", "tensors", "params", "bytes_per_param", "warmup", "repeats",
     "first_step_ms", "median_ms", "p20_ms", "p80_ms", "gb_per_s", "copy_gb_per_s", "pct_of_copy",
     "yardstick", "ratio_to_yardstick", "ratio_p20", "ratio_p80", "launches_per_step",
     "provider_version", "lamb_kernels", "torch", "triton", "python",
 )
 
 
-def group_rows(outcomes, *, preset, algorithm, numel, tensors, itemsize, clipping, context) -> list:
+def group_rows(outcomes, *, preset, algorithm, numel, tensors, itemsize, clipping, context,
+               master_weights=False) -> list:
     """One row per outcome of one group. GB/s charges SPEC section 4's bytes to the median step;
     ratios are the median over repetitions of (provider's step / the yardstick's step in the same
     repetition)."""
@@ -28,7 +29,8 @@ def group_rows(outcomes, *, preset, algorithm, numel, tensors, itemsize, clippin
     copy, yardstick = by_role.get("copy"), by_role.get("yardstick")
 
     def bytes_per_param(outcome):
-        return elements_moved(algorithm, outcome.provider.role, clipping) * itemsize
+        return bytes_moved(algorithm, outcome.provider.role, clipping, itemsize,
+                           master_weights and outcome.provider.role in ('ours', 'reference'))
 
     def gb_per_s(outcome):
         return bytes_per_param(outcome) * numel / quantile(outcome.times, 0.5) / 1e9
