@@ -17,6 +17,8 @@ from enum import IntEnum
 import numpy as np
 import torch
 
+from .ops import to_device
+
 WIDTH = 16
 
 
@@ -117,8 +119,7 @@ class HyperTable:
     def update(self, segments) -> torch.Tensor:
         static = _table(segments, self._columns_of)
         if self._static is None or not np.array_equal(static, self._static):
-            host = torch.from_numpy(static.copy())
-            self.table = host if self.device.type == "cpu" else host.pin_memory().to(self.device, non_blocking=True)
+            self.table = to_device(static.copy(), self.device)  # a copy: its tensor entries are written below
             self._static = static
             self.uploads += 1
         for first, last, column, value in _tensor_writes(segments, self._columns_of):

@@ -187,6 +187,16 @@ def lars_written(segments) -> list:
     return flat(segments, "params") + flat(segments, "copies") + buffers
 
 
+def to_device(array, device: torch.device) -> torch.Tensor:
+    """A numpy array as a tensor on `device` (shares the array's memory on the CPU)."""
+    host = torch.from_numpy(array)
+    if device.type == "cpu":
+        return host
+    # Through pinned memory: a copy from pageable memory may wait for the stream. torch's pinned
+    # allocator keeps the staging buffer alive until the asynchronous copy has finished.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def mark_modified(tensors) -> None:
     """Bump the autograd version counters of tensors a kernel wrote through raw pointers, as an
     in-place torch op would: autograd then refuses a backward that needs their old values. Under

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import to_device
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Under the interpreter each program costs about a millisecond whatever its size, so blocks are
@@ -164,7 +166,7 @@ class MultiTensorTable:
         if addresses != self._addresses:
             # Column-major tuple -> row-major [n_tensors, n_columns] table.
             table = np.array(addresses, dtype=np.int64).reshape(len(columns), -1).T.copy()
-            self.pointers = _to_device(table, self.device)
+            self.pointers = to_device(table, self.device)
             self.n_columns = len(columns)
             self._addresses = addresses
             self.builds["pointers"] += 1
@@ -178,10 +180,10 @@ class MultiTensorTable:
         self.n_chunks = int(tensor_chunks[-1])
         chunk_tensor = np.repeat(np.arange(len(sizes), dtype=np.int32), counts)
         chunk_index = np.arange(self.n_chunks, dtype=np.int64) - tensor_chunks[:-1][chunk_tensor]
-        self.numels = _to_device(sizes, self.device)
-        self.chunk_tensor = _to_device(chunk_tensor, self.device)
-        self.chunk_offset = _to_device(chunk_index * CHUNK, self.device)
-        self.tensor_chunks = _to_device(tensor_chunks, self.device)
+        self.numels = to_device(sizes, self.device)
+        self.chunk_tensor = to_device(chunk_tensor, self.device)
+        self.chunk_offset = to_device(chunk_index * CHUNK, self.device)
+        self.tensor_chunks = to_device(tensor_chunks, self.device)
         self._numels = numels
         self.builds["chunks"] += 1
 
@@ -247,12 +249,3 @@ def segment_sum(partials: torch.Tensor, bounds: torch.Tensor, n_segments: int) -
         _segment_sum_kernel[(n_segments,)](partials, bounds, out, WIDTH=width, BLOCK=SEGMENT_BLOCK,
                                            enable_fp_fusion=True)
     return out
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    host = torch.from_numpy(array)
-    if device.type == "cpu":
-        return host
-    # Through pinned memory: a copy from pageable memory may wait for the stream. torch's pinned
-    # allocator keeps the staging buffer alive until the asynchronous copy has finished.
-    return host.pin_memory().to(device, non_blocking=True)
