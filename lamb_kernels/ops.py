@@ -174,6 +174,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return requested
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory, whatever the strides."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda size_stride: size_stride[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def flat(segments, field_name: str) -> list:
     """Every entry of one per-tensor field (``"params"``, ``"grads"``, ...) of `segments`, in order:
     the bucket-wide lists that the multi-tensor backends hand to one launch."""

@@ -3,11 +3,15 @@ stages. No arithmetic on parameters happens here; the backends (ops.py) do it.""
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import warnings
 
+import numpy as np
 import torch
 
-from .ops import ENV_VAR, LambSegment, LarsSegment, check_backend_name, create_backend, resolve_backend
+from .ops import (ENV_VAR, LambSegment, LarsSegment, check_backend_name, create_backend, is_dense,
+                  resolve_backend)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype
@@ -19,43 +23,60 @@ def _param_label(group_index: int, param_index: int, group: dict) -> str:
     return f"{label} ({names[param_index]!r})" if names else label
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one block of memory, whatever the strides."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda size_stride: size_stride[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _check_number(name: str, value, where: str, lo: float = 0.0, hi: float = math.inf, hi_open=False):
-    try:
+    """A real number, or a one-element tensor (its value is checked when it lives on the CPU: on a
+    device, reading it would wait for the device). Strings are refused, as torch.optim refuses them."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{where}{name} must be a number or a one-element real tensor, got a tensor of "
+                             f"shape {tuple(value.shape)} and dtype {value.dtype}")
+        if value.device.type != "cpu":
+            return
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}{name} must be a number, got {value!r}") from None
+    elif isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        raise TypeError(f"{where}{name} must be a number, got {value!r}")
     too_high = number >= hi if hi_open else number > hi
     if math.isnan(number) or number < lo or too_high:
         bracket = ")" if hi_open else "]"
         raise ValueError(f"{where}{name} must be in [{lo}, {hi}{bracket}, got {value!r}")
 
 
+def _check_flag(name: str, value, where: str, none_ok: bool = False) -> None:
+    """A switch: a bool (or 0 / 1); None too where the group may leave the choice to the optimizer."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return
+    allowed = "True, False or None" if none_ok else "True or False"
+    raise TypeError(f"{where}{name} must be {allowed}, got {value!r}")
+
+
+def _entry(group: dict, name: str, where: str):
+    """group[name], or a ValueError naming the missing hyperparameter."""
+    try:
+        return group[name]
+    except KeyError:
+        raise ValueError(f"{where}the hyperparameter {name!r} is missing") from None
+
+
 def _validate_lamb_group(group: dict, where: str = "") -> None:
-    """Raise ValueError naming the hyperparameter that is out of range; `where` names the group."""
-    _check_number("lr", group["lr"], where)
-    _check_number("eps", group["eps"], where)
-    _check_number("weight_decay", group["weight_decay"], where)
-    betas = group["betas"]
+    """Raise naming the hyperparameter that is out of range (ValueError) or of the wrong type
+    (TypeError); `where` names the group."""
+    for name in ("lr", "eps", "weight_decay"):
+        _check_number(name, _entry(group, name, where), where)
+    betas = _entry(group, "betas", where)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
     _check_number("betas[0]", betas[0], where, hi=1.0, hi_open=True)
     _check_number("betas[1]", betas[1], where, hi=1.0, hi_open=True)
-    if group["max_grad_norm"] is not None:
+    if _entry(group, "max_grad_norm", where) is not None:
         _check_number("max_grad_norm", group["max_grad_norm"], where)
+    for name in ("bias_correction", "grad_averaging", "adam_w_mode", "use_nvlamb"):
+        _check_flag(name, _entry(group, name, where), where)
+    _check_flag("layer_adaptation", group.get("layer_adaptation"), where, none_ok=True)
+    _check_flag("capturable", group.get("capturable", False), where)
     bounds = group.get("trust_ratio_bounds")
     if bounds is not None:
         if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
@@ -65,14 +86,87 @@ def _validate_lamb_group(group: dict, where: str = "") -> None:
 
 
 def _validate_lars_group(group: dict, where: str = "") -> None:
-    """Raise ValueError naming the hyperparameter that is out of range; `where` names the group."""
+    """Raise naming the hyperparameter that is out of range (ValueError) or of the wrong type
+    (TypeError); `where` names the group."""
     for name in ("lr", "momentum", "dampening", "weight_decay", "trust_coeff", "eps"):
-        _check_number(name, group[name], where)
+        _check_number(name, _entry(group, name, where), where)
+    for name in ("nesterov", "trust_clip", "always_adapt"):
+        _check_flag(name, _entry(group, name, where), where)
+    _check_flag("layer_adaptation", group.get("layer_adaptation"), where, none_ok=True)
+    _check_flag("capturable", group.get("capturable", False), where)
     if group["nesterov"] and (float(group["momentum"]) <= 0 or float(group["dampening"]) != 0):
         raise ValueError(
             f"{where}nesterov=True needs momentum > 0 and dampening == 0, got momentum="
             f"{group['momentum']!r}, dampening={group['dampening']!r}"
         )
+
+
+class _Same:
+    """Equal to another _Same of the very same object: how a group's key compares tensors (a tensor
+    lr that a scheduler writes in place stays the same) and other objects without a plain value."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return type(other) is _Same and other.obj is self.obj
+
+    __hash__ = None
+
+
+def _frozen(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return _Same(value)
+
+
+def _group_key(group: dict) -> tuple:
+    """What a group's validation depends on: its hyperparameters, and which parameters it holds (the
+    parameters themselves, so that their ids cannot be reused while the key is kept)."""
+    hyper = tuple((key, _frozen(value)) for key, value in group.items() if key not in ("params", "param_names"))
+    return hyper, tuple(_Same(p) for p in group["params"])
+
+
+def _memory_span(p: torch.Tensor) -> tuple:
+    """(device, first byte, one past the last byte) of a dense tensor's elements."""
+    extent = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
+    start = p.data_ptr()
+    return (p.device.type, -1 if p.device.index is None else p.device.index), start, start + (extent + 1) * p.element_size()
+
+
+def _check_distinct(groups) -> None:
+    """Each parameter at most once in an optimizer, and no two sharing memory: the fused step reads
+    every parameter before it writes any, so a parameter stepped twice would be stepped from stale
+    values (and, on the multi-tensor backends, written by two threads at once). Views with gaps
+    (not dense) are left out of the memory check: their address ranges may interleave without a
+    shared element."""
+    seen = {}
+    spans = []
+    for group_index, group in enumerate(groups):
+        for param_index, p in enumerate(group["params"]):
+            label = _param_label(group_index, param_index, group)
+            first = seen.setdefault(id(p), label)
+            if first is not label:
+                raise ValueError(f"{label} is {first} again: each parameter may appear once in an optimizer")
+            if p.numel() and is_dense(p):
+                spans.append((*_memory_span(p), label))
+    spans.sort(key=lambda span: span[:2])
+    device, reach, reach_label = None, 0, None
+    for span_device, start, end, label in spans:
+        if span_device == device and start < reach:
+            raise ValueError(f"{label} and {reach_label} share memory: each element may be stepped once; "
+                             "give the optimizer one of them")
+        if span_device != device or end > reach:
+            device, reach, reach_label = span_device, end, label
+
+
+def _in_layout_of(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A copy of state tensor t in p's memory layout (its values and dtype unchanged)."""
+    return torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
 def _clip_threshold(max_grad_norm) -> float:
@@ -96,10 +190,15 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         self._validate_group(defaults)
         self.backend = check_backend_name(backend)
         self.master_weights = bool(master_weights)
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        """What the step remembers of its last checks, so that it checks again only what changed."""
         self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
         self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
-        self._checked_states = {}  # param -> (state tensors..., backend) last found to fit it
-        super().__init__(params, defaults)
+        self._checked_params = {}  # param -> (_ParamKey, its state tensors) last found to fit
+        self._checked_groups = {}  # id(group) -> (group, _group_key(group)) last validated
 
     @staticmethod
     def _validate_group(group: dict, where: str = "") -> None:
@@ -168,18 +267,30 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     # -- groups, state and pickling -------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
-        where = f"param_groups[{len(self.param_groups)}]: "
+        """As torch.optim's, with every check of the constructor first; a parameter that is already
+        in the optimizer (in this group or another), or shares memory with one, is refused."""
+        group_index = len(self.param_groups)
+        where = f"param_groups[{group_index}]: "
         self._validate_group({**self.defaults, **param_group}, where)
-        super().add_param_group(param_group)
-        group_index = len(self.param_groups) - 1
+        try:
+            with warnings.catch_warnings():  # a duplicate inside the group is refused below
+                warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate")
+                super().add_param_group(param_group)
+        except ValueError as exc:
+            if "more than one parameter group" not in str(exc):
+                raise
+            _check_distinct([*self.param_groups, param_group])  # names the parameter
+            raise
         group = self.param_groups[-1]
         env = os.environ.get(ENV_VAR)
         try:
             for param_index, p in enumerate(group["params"]):
                 self._check_param(p, env, group_index, param_index, group)
+            _check_distinct(self.param_groups)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        self._checked_groups[id(group)] = (group, _group_key(group))
 
     def _check_param(self, p: torch.Tensor, env, group_index: int, param_index: int, group: dict) -> str:
         """Checks a parameter on its own; returns the backend name that will step it. `env` is the
@@ -187,7 +298,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         name = self._resolved.get((p.device, env))
         if name is None:
             name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
-        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or _is_dense(p)):
+        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or is_dense(p)):
             return name
         if p.dtype in SUPPORTED_DTYPES and self.backend == "auto" and not env:
             return "torch"  # an automatic choice takes the backend that handles any layout
@@ -212,23 +323,31 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("master_weights", False)
-        self._backends = {}
-        self._resolved = {}
-        self._checked_states = {}
+        self._reset_caches()
+        self._fill_defaults()
+
+    def _fill_defaults(self) -> None:
+        # Groups saved by an older version, by apex or by timm may lack hyperparameters added since.
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """The state's tensors are checked against their parameters' shapes before anything is
-        loaded; once loaded, each takes its parameter's memory layout (a checkpoint of a contiguous
-        model may resume a channels_last one), states are fp32 whatever the parameter dtype, and step
-        counts live on the CPU (where reading them costs no sync), or on the parameter's device with
-        ``capturable=True``."""
-        self._check_saved_shapes(state_dict)
+        """Everything is checked before anything is loaded: the saved groups' hyperparameters (as the
+        constructor checks them) and the state entries this optimizer uses (tensors of their
+        parameters' shapes, a numeric step count). Other entries are kept as torch.optim keeps them.
+        Once loaded, each state tensor takes its parameter's memory layout (a checkpoint of a
+        contiguous model may resume a channels_last one), states are fp32 whatever the parameter
+        dtype, and step counts live on the CPU (where reading them costs no sync), or on the
+        parameter's device with ``capturable=True``."""
+        for group_index, saved in enumerate(state_dict["param_groups"]):
+            hyper = {key: value for key, value in saved.items() if key not in ("params", "param_names")}
+            self._validate_group({**self.defaults, **hyper}, f"state_dict['param_groups'][{group_index}]: ")
+        self._check_saved_state(state_dict)
         # torch's loader would cast every state tensor to its parameter's dtype (bf16 moments and
         # masters for a bf16 model); it loads the groups, the state is placed here.
         super().load_state_dict({**state_dict, "state": {}})
+        self._fill_defaults()
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         id_map = dict(zip(saved_ids, params))
@@ -237,12 +356,9 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             if p is None:
                 self.state[param_id] = saved
                 continue
-            self.state[p] = {
-                key: value.to(device=p.device, dtype=STATE_DTYPE, copy=True)
-                if torch.is_tensor(value) and value.is_floating_point() and key != "step" else value
-                for key, value in saved.items()
-            }
-        self._checked_states.clear()  # holds the replaced state tensors otherwise
+            self.state[p] = {key: self._loaded_value(p, key, value) for key, value in saved.items()}
+        self._checked_params.clear()  # holds the replaced state tensors otherwise
+        self._checked_groups.clear()
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -253,9 +369,21 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                     state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=device)
                 for key in self._STATE_TENSORS:
                     if torch.is_tensor(state.get(key)) and state[key].stride() != p.stride():
-                        state[key] = torch.empty_like(p, dtype=STATE_DTYPE).copy_(state[key])
+                        state[key] = _in_layout_of(p, state[key])
 
-    def _check_saved_shapes(self, state_dict: dict) -> None:
+    def _loaded_value(self, p: torch.Tensor, key, value):
+        """A saved state entry as this optimizer keeps it: its own param-shaped entries fp32 on the
+        parameter's device; any other tensor as torch.optim places it (the parameter's device, and
+        its dtype when both are floating point); anything else as it is."""
+        if not torch.is_tensor(value) or key == "step":
+            return value
+        if key in self._STATE_TENSORS:
+            return value.to(device=p.device, dtype=STATE_DTYPE, copy=True)
+        if p.is_floating_point() and value.is_floating_point():
+            return value.to(device=p.device, dtype=p.dtype, copy=True)
+        return value.to(device=p.device, copy=True)
+
+    def _check_saved_state(self, state_dict: dict) -> None:
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             return  # torch's load_state_dict explains this mismatch itself
@@ -263,19 +391,38 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             if len(group["params"]) != len(saved["params"]):
                 return
             for param_index, (p, param_id) in enumerate(zip(group["params"], saved["params"])):
-                for key, value in state_dict["state"].get(param_id, {}).items():
-                    if key != "step" and torch.is_tensor(value) and value.shape != p.shape:
+                entry = state_dict["state"].get(param_id, {})
+                where = f"state_dict['state'][{param_id}]"
+                label = _param_label(group_index, param_index, group)
+                for key in self._STATE_TENSORS:
+                    value = entry.get(key)
+                    if value is None:
+                        continue
+                    if not torch.is_tensor(value) or not value.is_floating_point():
+                        raise TypeError(f"{where}[{key!r}] must be a floating-point tensor (for {label}), got "
+                                        f"{type(value).__name__ if not torch.is_tensor(value) else value.dtype}")
+                    if value.shape != p.shape:
                         raise ValueError(
-                            f"state_dict['state'][{param_id}][{key!r}] has shape {tuple(value.shape)}, but "
-                            f"{_param_label(group_index, param_index, group)} has shape {tuple(p.shape)}"
+                            f"{where}[{key!r}] has shape {tuple(value.shape)}, but {label} has shape {tuple(p.shape)}"
                         )
+                if "step" in entry:
+                    _check_number("['step']", entry["step"], where)
 
     # -- the step ------------------------------------------------------------------------------
 
     def _params_to_step(self):
-        """Every (group, params with grads) after checking them all: raises before any change."""
+        """Every (group, params with grads) after checking them all: raises before any change.
+
+        What cannot change unseen is checked at every step (grads, dtypes, backends); what rarely
+        changes is checked again whenever it did: a group's hyperparameters or parameter list, and a
+        parameter's shape, layout, dtype, device or memory, or its state tensors (a load, a hand
+        edit). A state in another memory layout than its parameter (``model.to(memory_format=
+        torch.channels_last)`` after some steps) is copied into the parameter's layout, once every
+        check has passed."""
         env = os.environ.get(ENV_VAR)
-        work = []
+        revalidated = self._check_groups()
+        changed = bool(revalidated)
+        work, relayouts, rechecked = [], [], []
         for group_index, group in enumerate(self.param_groups):
             params = []
             for param_index, p in enumerate(group["params"]):
@@ -286,43 +433,74 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                     _raise_bad_grad(p, _param_label(group_index, param_index, group), type(self).__name__)
                 name = self._check_param(p, env, group_index, param_index, group)
                 state = self.state.get(p)
-                if state:
-                    # Re-checked only when the moment tensors are new objects (a load, a hand edit).
-                    checked = (*(state.get(key) for key in self._STATE_TENSORS), name)
-                    known = self._checked_states.get(p)
-                    if known is None or any(a is not b for a, b in zip(known, checked)):
-                        if not self._state_fits(p, state, name):
-                            self._raise_bad_state(p, state, _param_label(group_index, param_index, group))
-                        self._checked_states[p] = checked
+                key = (name, p.shape, p.stride(), p.dtype, p.device, p.data_ptr())
+                tensors = tuple(state.get(k) for k in self._STATE_TENSORS) if state else ()
+                known = self._checked_params.get(p)
+                if known is None or known[0] != key or len(known[1]) != len(tensors) or any(
+                        a is not b for a, b in zip(known[1], tensors)):
+                    changed = True
+                    if state:
+                        label = _param_label(group_index, param_index, group)
+                        relayouts += [(p, state, k) for k in self._state_relayouts(p, state, name, label)]
+                    rechecked.append((p, key))
                 params.append((p, name))
             if params:
                 work.append((group, params))
+        if changed:
+            _check_distinct(self.param_groups)
+        for p, state, k in relayouts:
+            state[k] = _in_layout_of(p, state[k])
+        # Remembered only now that every check has passed: a refused step is checked again in full.
+        for group, key in revalidated:
+            self._checked_groups[id(group)] = (group, key)
+        for p, key in rechecked:
+            state = self.state.get(p)
+            self._checked_params[p] = (key, tuple(state.get(k) for k in self._STATE_TENSORS) if state else ())
         return work
 
-    def _state_fits(self, p: torch.Tensor, state: dict, backend_name: str) -> bool:
-        """State the backend can update in place: the parameter's shape and device, and for the
-        multi-tensor kernels (which index p and its state alike) fp32 in the parameter's layout."""
-        if any(key not in state for key in self._REQUIRED_STATE):
-            return False
+    def _check_groups(self) -> list:
+        """Validates, as the constructor does, every group whose hyperparameters or parameter list
+        changed since it was last validated (set by hand, by a scheduler or by a load); returns
+        those groups with their keys, to be remembered once the whole step has been checked."""
+        revalidated = []
+        for group_index, group in enumerate(self.param_groups):
+            key = _group_key(group)
+            known = self._checked_groups.get(id(group))
+            if known is None or known[0] is not group or known[1] != key:
+                self._validate_group(group, f"param_groups[{group_index}]: ")
+                revalidated.append((group, key))
+        return revalidated
+
+    def _state_relayouts(self, p: torch.Tensor, state: dict, backend_name: str, label: str) -> list:
+        """The state entries to copy into p's memory layout; raises unless the state fits p: its
+        shape and device, and for the multi-tensor kernels (which index p and its state alike) fp32."""
+        relayouts = []
+        fits = all(key in state for key in self._REQUIRED_STATE)
         for key in self._STATE_TENSORS:
             t = state.get(key)
             if t is None and key not in self._REQUIRED_STATE:
                 continue
             if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device:
-                return False
-            if backend_name != "torch" and (t.dtype != STATE_DTYPE or t.stride() != p.stride()):
-                return False
-        return True
+                fits = False
+            elif backend_name != "torch" and t.dtype != STATE_DTYPE:
+                fits = False
+            elif t.stride() != p.stride() and is_dense(p):
+                relayouts.append(key)
+        if not fits:
+            self._raise_bad_state(p, state, label)
+        return relayouts
 
     def _raise_bad_state(self, p: torch.Tensor, state: dict, label: str):
         details = ", ".join(
             f"{key}: {tuple(t.shape)} {t.dtype} on {t.device}, strides {t.stride()}" if torch.is_tensor(t)
-            else f"{key}: {t!r}"
+            else f"{key}: {t!r}" if key in state else f"{key}: missing"
             for key, t in ((key, state.get(key)) for key in (*self._STATE_TENSORS, "step"))
+            if key in state or key in self._REQUIRED_STATE
         )
         raise ValueError(
             f"the optimizer state of {label} ({tuple(p.shape)} {p.dtype} on {p.device}, strides "
-            f"{p.stride()}) does not fit it: {details}"
+            f"{p.stride()}) does not fit it: {details}. Was the parameter replaced after its state was "
+            "created? Load a state dict that matches it, or delete optimizer.state[param] to start afresh"
         )
 
     def _segment_for(self, p: torch.Tensor, name: str, segments_of_group: dict, buckets: dict, make_segment):
@@ -516,9 +694,10 @@ def _check_scaler_tensor(name: str, t) -> None:
 
 
 def _lr_of(group: dict):
-    """The group's lr: a float, or the tensor itself (read on the device by the kernels)."""
+    """The group's lr: a float, or the one-element tensor itself as a 0-d view (read on the device
+    by the kernels, so a value a scheduler writes in place is the one used)."""
     lr = group["lr"]
-    return lr if torch.is_tensor(lr) else float(lr)
+    return lr.reshape(()) if torch.is_tensor(lr) else float(lr)
 
 
 def _new_step_count(p: torch.Tensor, group: dict) -> torch.Tensor:
