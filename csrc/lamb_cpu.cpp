@@ -24,7 +24,8 @@
 namespace lamb_kernels {
 namespace {
 
-// Steps 4-5: u = (m / bc1) / (sqrt(v / bc2) + eps) + wd_decoupled * p.
+// Steps 4-5: u = (m / bc1) / (sqrt(v / bc2) + eps) + wd_decoupled * p. A weight decay of 0 adds
+// nothing, not 0 * p: an infinite p stays infinite, as in the torch backend and torch.optim.
 struct LambUpdate {
   float inv_bc1, inv_bc2, eps, wd_decoupled;
 
@@ -33,7 +34,8 @@ struct LambUpdate {
         wd_decoupled(h[kLambWdDecoupled]) {}
 
   float operator()(float p, float m, float v) const {
-    return (m * inv_bc1) / (std::sqrt(v * inv_bc2) + eps) + wd_decoupled * p;
+    const float u = (m * inv_bc1) / (std::sqrt(v * inv_bc2) + eps);
+    return wd_decoupled != 0 ? u + wd_decoupled * p : u;
   }
 };
 
@@ -54,7 +56,7 @@ void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restr
     float grad = static_cast<float>(g[i]);
     if constexpr (kScaled) grad = grad * inv_scale;
     grad = grad * inv_clip;
-    grad = grad + wd_l2 * param;  // 2. L2 mode (wd_l2 is 0 in AdamW mode)
+    if (wd_l2 != 0) grad = grad + wd_l2 * param;  // 2. L2 mode (wd_l2 is 0 in AdamW mode)
     const float exp_avg = beta1 * m[i] + beta3 * grad;  // 3.
     const float exp_avg_sq = beta2 * v[i] + one_minus_beta2 * grad * grad;
     m[i] = exp_avg;
@@ -78,10 +80,14 @@ void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restr
 template <typename P, typename C>
 void apply_chunk(const Chunk& chunk, P* __restrict__ p, const float* __restrict__ m, const float* __restrict__ v,
                  C* __restrict__ copy, const float* h, const float* norms) {
-  // 6. Trust ratio ||p|| / ||u||, 1 unless both norms are > 0; bounds clamp only then.
+  // 6. Trust ratio ||p|| / ||u||, 1 unless both norms are > 0; bounds clamp only then. They clamp an
+  // infinite ratio; a NaN one (both norms overflowed fp32) stays NaN, as on every backend.
   const float param_norm = std::sqrt(norms[0]), update_norm = std::sqrt(norms[1]);
   const bool adapt = h[kLambAdapt] != 0 && param_norm > 0 && update_norm > 0;
-  const float ratio = adapt ? std::min(std::max(param_norm / update_norm, h[kLambRatioLo]), h[kLambRatioHi]) : 1.0f;
+  const float raw_ratio = param_norm / update_norm;
+  const float ratio = !adapt ? 1.0f
+                      : std::isnan(raw_ratio) ? raw_ratio
+                                              : std::min(std::max(raw_ratio, h[kLambRatioLo]), h[kLambRatioHi]);
   const float step_size = h[kLambLr] * ratio;
   const LambUpdate update(h);
   const int64_t n = chunk.size;

@@ -39,7 +39,8 @@ void apply_chunk(int64_t n, P* __restrict__ p, const G* __restrict__ g, float* _
     const float decay = weight_decay * param;
     float grad = static_cast<float>(g[i]);
     if constexpr (kScaled) grad = grad * inv_scale;  // unscaled before any other use of g
-    const float d = kAdapt ? (grad + decay) * ratio : grad;  // 1.
+    // 1. A weight decay of 0 adds nothing, not 0 * p (an infinite p stays infinite).
+    const float d = kAdapt ? (weight_decay != 0 ? grad + decay : grad) * ratio : grad;
     float step = d;
     if constexpr (kMomentum != Momentum::kNone) {  // 2. a new buffer is not read: it becomes d
       const float b = kMomentum == Momentum::kFirstStep ? d : momentum * buf[i] + one_minus_dampening * d;

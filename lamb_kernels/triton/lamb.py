@@ -60,7 +60,10 @@ def _lamb_update(p, m, v, h):
     become approximate, flush-to-zero instructions, which an optimizer step should not use."""
     m_hat = tl.div_rn(m, tl.load(h + _BC1))
     v_hat = tl.div_rn(v, tl.load(h + _BC2))
-    return tl.div_rn(m_hat, tl.sqrt_rn(v_hat) + tl.load(h + _EPS)) + tl.load(h + _WD_DECOUPLED) * p
+    u = tl.div_rn(m_hat, tl.sqrt_rn(v_hat) + tl.load(h + _EPS))
+    # A weight decay of 0 adds nothing, not 0 * p: an infinite p stays infinite (torch backend).
+    wd = tl.load(h + _WD_DECOUPLED)
+    return tl.where(wd != 0, u + wd * p, u)
 
 
 @triton.jit
@@ -127,7 +130,7 @@ def _lamb_moments_kernel(
             g = g * inv_scale
         if CLIP:
             g = tl.div_rn(g, clip)
-        g = g + wd_l2 * p  # 2. L2 mode (wd_l2 is 0 in AdamW mode)
+        g = tl.where(wd_l2 != 0, g + wd_l2 * p, g)  # 2. L2 mode (wd_l2 is 0 in AdamW mode)
         m = beta1 * m + beta3 * g  # 3.
         v = beta2 * v + one_minus_beta2 * g * g
         tl.store(m_ptr + offs, m, mask=mask)
@@ -169,7 +172,10 @@ def _lamb_apply_kernel(
     update_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1))
     adapt = (tl.load(h + _ADAPT) != 0) & (param_norm > 0) & (update_norm > 0)
     ratio = tl.div_rn(param_norm, tl.where(adapt, update_norm, 1.0))
-    ratio = tl.minimum(tl.maximum(ratio, tl.load(h + _RATIO_LO)), tl.load(h + _RATIO_HI))
+    # The bounds clamp an infinite ratio; a NaN one (both norms overflowed fp32) stays NaN and
+    # reaches the params, as on the other backends (tl.minimum / tl.maximum would drop it).
+    ratio = tl.minimum(tl.maximum(ratio, tl.load(h + _RATIO_LO), propagate_nan=tl.PropagateNan.ALL),
+                       tl.load(h + _RATIO_HI), propagate_nan=tl.PropagateNan.ALL)
     ratio = tl.where(adapt, ratio, 1.0)
     step_size = tl.load(h + _LR) * ratio
     for i in range(0, n, BLOCK):

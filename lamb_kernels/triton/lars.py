@@ -104,7 +104,8 @@ def _lars_apply_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             g = g * inv_scale
-        d = tl.where(adapt, (g + weight_decay * p) * ratio, g)
+        # A weight decay of 0 adds nothing, not 0 * p (an infinite p stays infinite).
+        d = tl.where(adapt, tl.where(weight_decay != 0, g + weight_decay * p, g) * ratio, g)
         # 2. Momentum; a new buffer is not read: it becomes d.
         buf = tl.load(b_ptr + offs, mask=offs < n_read, other=0.0)
         buf = tl.where(first_step, d, momentum * buf + one_minus_dampening * d)
