@@ -46,7 +46,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "ninja"],
     # matplotlib draws the benchmark's chart (python -m bench); without it the CSV is still written.
     extras_require={"triton": ["triton>=3.0"], "bench": ["matplotlib"],
-                    "test": ["pytest", "triton>=3.0", "matplotlib"]},
+                    "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -31,3 +31,16 @@ def backend_cases():
 def pytest_generate_tests(metafunc):
     if {"device", "backend"} <= set(metafunc.fixturenames):
         metafunc.parametrize(("device", "backend"), backend_cases())
+
+
+# Property-based tests (test_properties.py): CI draws a fixed set of examples, the same on every
+# run; `--hypothesis-profile=thorough` draws many more, with a new seed each time.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis comes with the test extra; without it test_properties.py is skipped
+    pass
+else:
+    _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=150, derandomize=True, deadline=None, suppress_health_check=_SLOW)
+    settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=_SLOW)
+    settings.load_profile("ci")
