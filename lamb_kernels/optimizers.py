@@ -181,6 +181,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
     parameters, grads and state before anything changes, and state dict loading."""
 
     _STATE_TENSORS = ()  # state entries shaped like their parameter
+    _STATE_KEYS = ()  # the entries a step uses: those and the step count
     _REQUIRED_STATE = ()  # entries a non-empty state must have
     # GradScaler hands the step its scale and found_inf (as attributes, the way torch's fused
     # optimizers take them) instead of unscaling the grads and syncing on found_inf itself.
@@ -197,7 +198,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         """What the step remembers of its last checks, so that it checks again only what changed."""
         self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
         self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
-        self._checked_params = {}  # param -> (_ParamKey, its state tensors) last found to fit
+        self._checked_params = {}  # param -> _param_key(...) at its last check
         self._checked_groups = {}  # id(group) -> (group, _group_key(group)) last validated
 
     @staticmethod
@@ -394,6 +395,10 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 entry = state_dict["state"].get(param_id, {})
                 where = f"state_dict['state'][{param_id}]"
                 label = _param_label(group_index, param_index, group)
+                missing = [key for key in self._REQUIRED_STATE if key not in entry]
+                if entry and missing:
+                    raise ValueError(f"{where} (for {label}) has no {', '.join(map(repr, missing))}: a "
+                                     f"{type(self).__name__} state needs {', '.join(map(repr, self._REQUIRED_STATE))}")
                 for key in self._STATE_TENSORS:
                     value = entry.get(key)
                     if value is None:
@@ -433,16 +438,13 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                     _raise_bad_grad(p, _param_label(group_index, param_index, group), type(self).__name__)
                 name = self._check_param(p, env, group_index, param_index, group)
                 state = self.state.get(p)
-                key = (name, p.shape, p.stride(), p.dtype, p.device, p.data_ptr())
-                tensors = tuple(state.get(k) for k in self._STATE_TENSORS) if state else ()
                 known = self._checked_params.get(p)
-                if known is None or known[0] != key or len(known[1]) != len(tensors) or any(
-                        a is not b for a, b in zip(known[1], tensors)):
+                if known is None or known[0] != self._param_key(p, name, state)[0]:
                     changed = True
                     if state:
                         label = _param_label(group_index, param_index, group)
                         relayouts += [(p, state, k) for k in self._state_relayouts(p, state, name, label)]
-                    rechecked.append((p, key))
+                    rechecked.append((p, name))
                 params.append((p, name))
             if params:
                 work.append((group, params))
@@ -453,10 +455,16 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         # Remembered only now that every check has passed: a refused step is checked again in full.
         for group, key in revalidated:
             self._checked_groups[id(group)] = (group, key)
-        for p, key in rechecked:
-            state = self.state.get(p)
-            self._checked_params[p] = (key, tuple(state.get(k) for k in self._STATE_TENSORS) if state else ())
+        for p, name in rechecked:
+            self._checked_params[p] = self._param_key(p, name, self.state.get(p))
         return work
+
+    def _param_key(self, p: torch.Tensor, name: str, state) -> tuple:
+        """What a parameter's last check depends on: its backend, shape, strides, dtype, device and
+        address, and which objects its state entries are (by id); with those objects, kept so that
+        their ids cannot be reused while the key is."""
+        objects = tuple(map(state.get, self._STATE_KEYS)) if state else ()
+        return (name, p.shape, p.stride(), p.dtype, p.device, p.data_ptr(), *map(id, objects)), objects
 
     def _check_groups(self) -> list:
         """Validates, as the constructor does, every group whose hyperparameters or parameter list
@@ -468,6 +476,10 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             known = self._checked_groups.get(id(group))
             if known is None or known[0] is not group or known[1] != key:
                 self._validate_group(group, f"param_groups[{group_index}]: ")
+                for param_index, p in enumerate(group["params"]):
+                    if not isinstance(p, torch.Tensor):
+                        raise TypeError(f"{_param_label(group_index, param_index, group)} is a {type(p).__name__}, "
+                                        "not a tensor")
                 revalidated.append((group, key))
         return revalidated
 
@@ -476,6 +488,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         shape and device, and for the multi-tensor kernels (which index p and its state alike) fp32."""
         relayouts = []
         fits = all(key in state for key in self._REQUIRED_STATE)
+        if "step" in self._REQUIRED_STATE and "step" in state:
+            # A one-element float tensor, on the CPU or on the parameter's device (capturable).
+            step = state["step"]
+            fits = fits and torch.is_tensor(step) and step.numel() == 1 and step.is_floating_point() and (
+                step.device.type == "cpu" or step.device == p.device)
         for key in self._STATE_TENSORS:
             t = state.get(key)
             if t is None and key not in self._REQUIRED_STATE:
@@ -552,6 +569,7 @@ class FusedLAMB(_MultiTensorOptimizer):
     """
 
     _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")
+    _STATE_KEYS = (*_STATE_TENSORS, "step")
     _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")
     _validate_group = staticmethod(_validate_lamb_group)
 
@@ -780,6 +798,7 @@ class FusedLARS(_MultiTensorOptimizer):
     """
 
     _STATE_TENSORS = ("momentum_buffer", "master_param")
+    _STATE_KEYS = _STATE_TENSORS
     _REQUIRED_STATE = ()
     _validate_group = staticmethod(_validate_lars_group)
 

@@ -359,3 +359,41 @@ def test_a_refused_step_is_checked_again_in_full(device, backend):
             opt.step()
         opt.param_groups[0]["params"].pop()
     opt.step()
+
+
+def test_state_of_another_optimizer_is_refused_on_load(device, backend):
+    """A FusedLARS checkpoint into FusedLAMB: its momentum buffers would be kept as unknown entries,
+    and the moments a LAMB step needs are missing: refused at the load, not at the next step."""
+    params = make_params(device)
+    lars = FusedLARS(params, backend=backend, **LARS_OPTIONS)
+    train(lars, params, 2)
+    lamb = FusedLAMB(make_params(device), backend=backend)
+    before = snapshot(lamb, lamb.param_groups[0]["params"])
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\] \(for param_groups\[0\]\['params'\]\[0\]\) "
+                                         r"has no 'step', 'exp_avg', 'exp_avg_sq'"):
+        lamb.load_state_dict(lars.state_dict())
+    assert_unchanged(before, snapshot(lamb, lamb.param_groups[0]["params"]))
+
+
+def test_step_count_set_by_hand_is_checked(device, backend):
+    params = make_params(device, shapes=((5,), (3, 4)))
+    opt = FusedLAMB([{"params": params[:1]}, {"params": params[1:]}], backend=backend)
+    train(opt, params, 2)
+    opt.state[params[1]]["step"] = 2  # a Python int, in the second group
+    set_grads(params, 3)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"optimizer state of param_groups\[1\]\['params'\]\[0\].*step: 2"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))  # the first group's count did not move either
+    opt.state[params[1]]["step"] = torch.tensor(2.0)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [3.0, 3.0]
+
+
+def test_non_tensor_put_into_a_group_is_named():
+    params = make_params("cpu")
+    opt = FusedLAMB(params, backend="torch")
+    train(opt, params, 1)
+    opt.param_groups[0]["params"].append([1.0, 2.0])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[3\] is a list, not a tensor"):
+        opt.step()

@@ -22,8 +22,8 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from harness import PARAM_RTOL  # noqa: E402
-from lamb_float64 import Float64LAMB  # noqa: E402
-from lars_float64 import Float64LARS  # noqa: E402
+from lamb_float64 import APEX_DEFAULTS, Float64LAMB  # noqa: E402
+from lars_float64 import TIMM_DEFAULTS, Float64LARS  # noqa: E402
 from lamb_kernels import FusedLAMB, FusedLARS, available_backends  # noqa: E402
 
 # Chunk edges: 8192 elements per program in the interpreted Triton kernels, 16384 per C++ chunk and
@@ -82,7 +82,7 @@ def param_specs(draw, strided_ok):
             "dtype": draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))}
 
 
-MUTATIONS = ["lr", "state_dict", "relayout", "bad_hyper", "bad_grad", "reshape", "duplicate"]
+MUTATIONS = ["lr", "state_dict", "relayout", "add_group", "bad_hyper", "bad_grad", "reshape", "duplicate"]
 
 
 @st.composite
@@ -126,8 +126,8 @@ class Run:
         self.specs = [spec for group in scenario["groups"] for spec in group["params"]]
         values = [torch.randn(spec["shape"], generator=gen).to(spec["dtype"]) for spec in self.specs]
         self.params = [torch.nn.Parameter(laid_out(v, spec["layout"])) for v, spec in zip(values, self.specs)]
-        self.initial = [v.double() for v in values]
         groups, ref_groups, first = [], [], 0
+        self.group_sizes = [len(group["params"]) for group in scenario["groups"]]
         for group in scenario["groups"]:
             count = len(group["params"])
             groups.append({"params": self.params[first:first + count], **group["hyper"]})
@@ -142,15 +142,16 @@ class Run:
 
     def step(self, index):
         gen = torch.Generator().manual_seed(self.scenario["seed"] * 7 + index)
+        has_grad = self.scenario["has_grad"][index] + [True] * (len(self.params) - len(self.specs))
         grads = [torch.randn(p.shape, generator=gen).to(p.dtype) if has else None
-                 for p, has in zip(self.params, self.scenario["has_grad"][index])]
+                 for p, has in zip(self.params, has_grad)]
         for p, g in zip(self.params, grads):
             p.grad = g
         self.opt.step()
         per_group, first = [], 0
-        for group in self.scenario["groups"]:
-            per_group.append(grads[first:first + len(group["params"])])
-            first += len(group["params"])
+        for size in self.group_sizes:
+            per_group.append(grads[first:first + size])
+            first += size
         self.reference.step(per_group)
         self.ref_counts = [c + (g is not None) for c, g in zip(self.ref_counts, grads)]
 
@@ -166,6 +167,15 @@ class Run:
             self.opt = self.optimizer_class([dict(group) for group in self.opt.param_groups], backend=self.backend,
                                             master_weights=True)
             self.opt.load_state_dict(saved)
+        elif kind == "add_group":  # a new parameter, in a group of its own with a smaller lr
+            values = torch.randn(5, generator=torch.Generator().manual_seed(index))
+            hyper = dict(self.scenario["groups"][0]["hyper"], lr=self.scenario["groups"][0]["hyper"]["lr"] / 4)
+            self.params.append(torch.nn.Parameter(values.clone()))
+            self.opt.add_param_group({"params": [self.params[-1]], **hyper})
+            defaults = APEX_DEFAULTS if self.scenario["lamb"] else TIMM_DEFAULTS
+            self.reference.groups.append({**defaults, **hyper, "params": [values.double()]})
+            self.group_sizes.append(1)
+            self.ref_counts.append(0)
         elif kind == "relayout":
             if p.dim() == 4:
                 layout = torch.contiguous_format if p.is_contiguous(memory_format=torch.channels_last) \
@@ -250,7 +260,7 @@ def check_against_reference(run):
             flat += 1
     for i, ((weights, states, step), ref_p, ref_state, count) in enumerate(
             zip(run.results(), ref_params, ref_states, run.ref_counts)):
-        where = f"{run.backend}: param {i} {run.specs[i]}"
+        where = f"{run.backend}: param {i} {run.specs[i] if i < len(run.specs) else '(added)'}"
         assert_close(weights, ref_p, where)
         if run.scenario["lamb"]:
             assert (step or 0.0) == count, where
