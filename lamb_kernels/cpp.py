@@ -55,9 +55,8 @@ class CppBackend:
     def prepare_lamb(self, segments) -> LambPlan:
         return LambPlan(segments, self._lamb_hyper.update(segments))
 
-    def grad_sumsq(self, plan: LambPlan) -> torch.Tensor:
-        # A fixed-order sum of the per-tensor sums: the same bits on every run.
-        return self._ops.sums_of_squares(plan.grads, None, CHUNK).sum()
+    def grad_sums_of_squares(self, plan: LambPlan) -> torch.Tensor:
+        return self._ops.sums_of_squares(plan.grads, None, CHUNK)
 
     def lamb_update_norms_(self, plan: LambPlan, grad_sumsq, grad_scale=None, found_inf=None) -> torch.Tensor:
         norms = self._ops.lamb_moments(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper,

@@ -7,8 +7,9 @@ step a backend provides:
 LAMB (`LambSegment`, SPEC section 2)
 - ``prepare_lamb(segments) -> plan``: whatever the backend needs to launch (the triton backend's
   cached pointer and chunk tables, the per-tensor hyperparameters); called once per step;
-- ``grad_sumsq(plan) -> Tensor``: sum of squares of every grad element (0-d fp32), for the global
-  grad norm of step 1;
+- ``grad_sums_of_squares(plan) -> Tensor``: per tensor, the sum of squares of its grad (``[n_tensors]``
+  fp32), for the global grad norm of step 1 (the optimizer adds them, in a fixed order, after
+  summing a sharded tensor's over its ranks);
 - ``lamb_update_norms_(plan, grad_sumsq, grad_scale, found_inf) -> Tensor``: steps 1-5 (moments
   updated in place) and the per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||u||^2), with
   p taken before the update; ``grad_sumsq`` is None when no group clips;
@@ -31,7 +32,8 @@ Backends: "triton" (lamb_kernels/triton, CUDA, or CPU tensors under the interpre
 operators of csrc/, CPU; lamb_kernels/cpp.py) and "torch" (lamb_kernels/reference.py, any device).
 
 The norm stage and the apply stage are separate calls so the per-tensor sums can be all-reduced
-across ranks between them when parameters are sharded.
+across ranks between them when parameters are sharded (lamb_kernels/distributed.py). Every tensor
+a backend sees is a plain tensor: a DTensor's local shard.
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ class LambSegment:
     max_grad_norm: float  # 0.0 means: no clipping for this group
     trust_ratio_bounds: tuple = field(default=(0.0, math.inf))
     copies: list = field(default_factory=list)
+    shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
 
 
 @dataclass
@@ -95,6 +98,7 @@ class LarsSegment:
     trust_clip: bool
     adaptation: bool
     copies: list = field(default_factory=list)
+    shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
 
 
 def _triton_unavailable_reason(device_type: str) -> str | None:

@@ -10,7 +10,8 @@ import warnings
 import numpy as np
 import torch
 
-from .ops import (ENV_VAR, LambSegment, LarsSegment, check_backend_name, create_backend, is_dense,
+from .distributed import all_reduce_sharded_, check_grad, distributed_like, is_dtensor, local, sharding_of
+from .ops import (ENV_VAR, LambSegment, LarsSegment, check_backend_name, create_backend, flat, is_dense,
                   resolve_backend)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -152,8 +153,9 @@ def _check_distinct(groups) -> None:
             first = seen.setdefault(id(p), label)
             if first is not label:
                 raise ValueError(f"{label} is {first} again: each parameter may appear once in an optimizer")
-            if p.numel() and is_dense(p):
-                spans.append((*_memory_span(p), label))
+            shard = local(p)
+            if shard.numel() and is_dense(shard):
+                spans.append((*_memory_span(shard), label))
     spans.sort(key=lambda span: span[:2])
     device, reach, reach_label = None, 0, None
     for span_device, start, end, label in spans:
@@ -162,6 +164,14 @@ def _check_distinct(groups) -> None:
                              "give the optimizer one of them")
         if span_device != device or end > reach:
             device, reach, reach_label = span_device, end, label
+
+
+def _sharded_alike(t, p) -> bool:
+    """A state tensor of a DTensor parameter is a DTensor with its mesh and placements; of a plain
+    parameter, a plain tensor."""
+    if not is_dtensor(p):
+        return not is_dtensor(t)
+    return is_dtensor(t) and t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements)
 
 
 def _in_layout_of(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -256,14 +266,15 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     def _weights(self, p: torch.Tensor, state: dict, seg) -> torch.Tensor:
         """The tensor the step updates for p: its fp32 master copy (created here on first use, from
-        the parameter), with p itself appended to the segment's copies; else p."""
+        the parameter), with p itself appended to the segment's copies; else p. Local shards of
+        DTensors: the backends see plain tensors only."""
         if not self._wants_master(p):
-            return p
+            return local(p)
         master = state.get("master_param")
         if master is None:
             master = state["master_param"] = p.detach().to(STATE_DTYPE, memory_format=torch.preserve_format)
-        seg.copies.append(p)
-        return master
+        seg.copies.append(local(p))
+        return local(master)
 
     # -- groups, state and pickling -------------------------------------------------------------
 
@@ -287,6 +298,8 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         try:
             for param_index, p in enumerate(group["params"]):
                 self._check_param(p, env, group_index, param_index, group)
+                if is_dtensor(p):
+                    sharding_of(p, _param_label(group_index, param_index, group))
             _check_distinct(self.param_groups)
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -299,7 +312,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         name = self._resolved.get((p.device, env))
         if name is None:
             name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
-        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or is_dense(p)):
+        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or is_dense(local(p))):
             return name
         if p.dtype in SUPPORTED_DTYPES and self.backend == "auto" and not env:
             return "torch"  # an automatic choice takes the backend that handles any layout
@@ -369,7 +382,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                     device = p.device if group.get("capturable") else "cpu"
                     state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=device)
                 for key in self._STATE_TENSORS:
-                    if torch.is_tensor(state.get(key)) and state[key].stride() != p.stride():
+                    if torch.is_tensor(state.get(key)) and local(state[key]).stride() != local(p).stride():
                         state[key] = _in_layout_of(p, state[key])
 
     def _loaded_value(self, p: torch.Tensor, key, value):
@@ -379,7 +392,9 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         if not torch.is_tensor(value) or key == "step":
             return value
         if key in self._STATE_TENSORS:
-            return value.to(device=p.device, dtype=STATE_DTYPE, copy=True)
+            value = value.to(device=p.device, dtype=STATE_DTYPE, copy=True)
+            # A full state dict's entry for a sharded parameter: each rank keeps its own part.
+            return distributed_like(p, value) if is_dtensor(p) and not is_dtensor(value) else value
         if p.is_floating_point() and value.is_floating_point():
             return value.to(device=p.device, dtype=p.dtype, copy=True)
         return value.to(device=p.device, copy=True)
@@ -436,6 +451,10 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                     continue
                 if g.is_sparse or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
                     _raise_bad_grad(p, _param_label(group_index, param_index, group), type(self).__name__)
+                if is_dtensor(p) or is_dtensor(g):
+                    label = _param_label(group_index, param_index, group)
+                    check_grad(p, label)
+                    sharding_of(p, label)  # raises for a placement the step cannot handle
                 name = self._check_param(p, env, group_index, param_index, group)
                 state = self.state.get(p)
                 known = self._checked_params.get(p)
@@ -464,7 +483,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         address, and which objects its state entries are (by id); with those objects, kept so that
         their ids cannot be reused while the key is."""
         objects = tuple(map(state.get, self._STATE_KEYS)) if state else ()
-        return (name, p.shape, p.stride(), p.dtype, p.device, p.data_ptr(), *map(id, objects)), objects
+        shard = local(p)
+        key = (name, shard.shape, shard.stride(), shard.dtype, shard.device, shard.data_ptr(), *map(id, objects))
+        if shard is not p:
+            key += (p.shape, tuple(p.placements), p.device_mesh)
+        return key, objects
 
     def _check_groups(self) -> list:
         """Validates, as the constructor does, every group whose hyperparameters or parameter list
@@ -497,11 +520,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             t = state.get(key)
             if t is None and key not in self._REQUIRED_STATE:
                 continue
-            if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device:
+            if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device or not _sharded_alike(t, p):
                 fits = False
             elif backend_name != "torch" and t.dtype != STATE_DTYPE:
                 fits = False
-            elif t.stride() != p.stride() and is_dense(p):
+            elif local(t).stride() != local(p).stride() and is_dense(local(p)):
                 relayouts.append(key)
         if not fits:
             self._raise_bad_state(p, state, label)
@@ -529,13 +552,14 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             seg = segments_of_group[key] = make_segment()
             buckets.setdefault(key, []).append(seg)
         seg.grads.append(self._grad_for(p, name))
+        seg.shardings.append(sharding_of(p, ""))
         return seg
 
     @staticmethod
     def _grad_for(p: torch.Tensor, backend_name: str) -> torch.Tensor:
         # Multi-tensor kernels index p, g, m and v alike; a grad laid out unlike its parameter is
         # copied into the parameter's layout (reading the user's grad, never writing it).
-        g = p.grad
+        g, p = local(p.grad), local(p)
         if backend_name != "torch" and g.stride() != p.stride() and g.numel() > 1:
             return torch.empty_like(p).copy_(g)
         return g
@@ -660,8 +684,8 @@ class FusedLAMB(_MultiTensorOptimizer):
             for (p, name), state, step, t in zip(params, states, steps, counts):
                 seg = self._segment_for(p, name, segments_of_group, buckets, make_segment)
                 seg.params.append(self._weights(p, state, seg))
-                seg.exp_avgs.append(state["exp_avg"])
-                seg.exp_avg_sqs.append(state["exp_avg_sq"])
+                seg.exp_avgs.append(local(state["exp_avg"]))
+                seg.exp_avg_sqs.append(local(state["exp_avg_sq"]))
                 if not group["bias_correction"]:
                     seg.bias_correction1.append(1.0)
                     seg.bias_correction2.append(1.0)
@@ -684,17 +708,35 @@ class FusedLAMB(_MultiTensorOptimizer):
         # 1. Global grad norm over every parameter with a grad, in all groups; skipped when no group
         # clips. Bucket sums are added in a fixed order, so reruns give the same bits. Under a
         # GradScaler these are sums over the scaled grads: the kernels divide the norm by the scale.
+        # Sharded tensors' sums are summed over their ranks first (lamb_kernels/distributed.py).
+        shardings = _shardings(plans)
         grad_sumsq = None
         if any(plan_clips(plan) for _, _, plan in plans):
-            sums = [backend.grad_sumsq(plan) for backend, _, plan in plans]
+            per_tensor = [backend.grad_sums_of_squares(plan) for backend, _, plan in plans]
+            if shardings:
+                all_reduce_sharded_(per_tensor, shardings)
+            sums = [sums.sum() for sums in per_tensor]
             grad_sumsq = sums[0]
             for partial in sums[1:]:
                 grad_sumsq = grad_sumsq + partial.to(grad_sumsq.device)
 
+        # 2-5 on every bucket, then the per-tensor ||p||^2, ||u||^2 of sharded tensors summed over
+        # their ranks, then 6-7.
+        norms = []
         for backend, (device, _, _), plan in plans:
             scale, found = _on(grad_scale, device), _on(found_inf, device)
-            norms = backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device), scale, found)
-            backend.lamb_apply_(plan, norms, found)
+            norms.append(backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device),
+                                                    scale, found))
+        if shardings:
+            all_reduce_sharded_(norms, shardings)
+        for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
+            backend.lamb_apply_(plan, bucket_norms, _on(found_inf, device))
+
+
+def _shardings(plans) -> list:
+    """Per bucket, per tensor, its Sharding (or None); an empty list when no tensor is sharded."""
+    shardings = [flat(plan.segments, "shardings") for _, _, plan in plans]
+    return shardings if any(s is not None for bucket in shardings for s in bucket) else []
 
 
 def plan_clips(plan) -> bool:
@@ -861,7 +903,7 @@ class FusedLARS(_MultiTensorOptimizer):
                         first_step = True
                 seg = self._segment_for(p, name, segments_of_group, buckets, make_segment)
                 seg.params.append(self._weights(p, state, seg))
-                seg.momentum_buffers.append(buffer)
+                seg.momentum_buffers.append(local(buffer))
                 seg.first_step.append(first_step)
         return buckets
 
@@ -869,11 +911,16 @@ class FusedLARS(_MultiTensorOptimizer):
         return backend.prepare_lars(segments)
 
     def _run_plans(self, plans, grad_scale, found_inf) -> None:
-        for backend, (device, _, _), plan in plans:
-            norms = None  # without adaptation in the bucket, no pass over memory for norms
-            if any(seg.adaptation for seg in plan.segments):
-                norms = backend.lars_norms(plan)  # per-tensor ||p||^2, ||g||^2: all-reducible here
-            backend.lars_apply_(plan, norms, _on(grad_scale, device), _on(found_inf, device))
+        # Per-tensor ||p||^2, ||g||^2 of every bucket (none without adaptation in the bucket: no pass
+        # over memory for norms), those of sharded tensors summed over their ranks, then the update.
+        norms = [backend.lars_norms(plan) if any(seg.adaptation for seg in plan.segments) else None
+                 for backend, _, plan in plans]
+        shardings = _shardings(plans)
+        if shardings:
+            reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
+            all_reduce_sharded_([norms[i] for i in reduced], [shardings[i] for i in reduced])
+        for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
+            backend.lars_apply_(plan, bucket_norms, _on(grad_scale, device), _on(found_inf, device))
 
 
 class FusedMixedPrecisionLamb(FusedLAMB):

@@ -132,8 +132,8 @@ class TorchBackend:
 
     prepare_lamb = prepare_lars = _prepare
 
-    def grad_sumsq(self, plan: Plan) -> torch.Tensor:
-        return _sums_of_squares(flat(plan.segments, "grads")).sum()
+    def grad_sums_of_squares(self, plan: Plan) -> torch.Tensor:
+        return _sums_of_squares(flat(plan.segments, "grads"))
 
     @staticmethod
     def _unscaled_grads(seg, scratch, copy: bool, grad_scale):

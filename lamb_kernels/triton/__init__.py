@@ -46,10 +46,9 @@ class TritonBackend:
         return Plan(segments, self._hyper_table(segments, lamb_hyper),
                     ("params", "grads", "exp_avgs", "exp_avg_sqs", "copies"))
 
-    def grad_sumsq(self, plan):
+    def grad_sums_of_squares(self, plan):
         with self._on_device(plan):
-            # A fixed-order sum of the per-tensor sums: the same bits on every run.
-            return sums_of_squares(plan.grads, []).sum()
+            return sums_of_squares(plan.grads, [])
 
     def lamb_update_norms_(self, plan, grad_sumsq, grad_scale=None, found_inf=None):
         with self._on_device(plan):
