@@ -1,0 +1,362 @@
+"""Sharded training on CPU with gloo, in spawned processes: FSDP2 (``fully_shard``) at 2 and 4 ranks,
+HSDP, FSDP x tensor parallel on a 2x2 mesh, DDP, mixed precision, the number of all-reduces a step
+makes, distributed checkpoints (same world size, and 4 ranks -> 2), GradScaler with an inf on one
+rank, and the errors.
+
+Every rank trains on the same full batch, so the global gradient is the single-process one; each
+step the sharded run's gradients are gathered and fed to a single-process copy of the same
+optimizer, and params and every state tensor are compared with it after several steps (SPEC section
+5: 2e-5 relative). What differs is only how the sums of squares are split across ranks."""
+import copy
+import os
+
+import pytest
+import torch
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch without distributed support", allow_module_level=True)
+
+from distributed_harness import CountingAllReduce, full, rel_error, spawn  # noqa: E402
+from harness import PARAM_RTOL  # noqa: E402
+
+import lamb_kernels  # noqa: E402
+from lamb_kernels import FusedLAMB, FusedLARS  # noqa: E402
+
+STEPS = 5
+BACKENDS = lamb_kernels.available_backends("cpu")
+LARS_OPTIONS = dict(lr=0.5, momentum=0.9, weight_decay=1e-3)
+
+
+class OddNet(torch.nn.Module):
+    """Odd sizes, a weight with fewer rows than 4 ranks (3, and 1: some ranks hold empty shards) and
+    a 1-element parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(7, 5)
+        self.b = torch.nn.Linear(5, 3)
+        self.c = torch.nn.Linear(3, 1)
+        self.scale = torch.nn.Parameter(torch.full((1,), 1.5))
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x))))) * self.scale
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, width=8, hidden=12, depth=1):
+        super().__init__()
+        layers = []
+        for i in range(depth):
+            layers += [torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, width)]
+        self.layers = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def batch(step, width):
+    return torch.randn(16, width, generator=torch.Generator().manual_seed(1000 + step))
+
+
+def loss_of(model, step):
+    width = 7 if isinstance(getattr(model, "module", model), OddNet) else 8  # (DDP wraps the model)
+    return model(batch(step, width).to(next(model.parameters()).dtype)).float().square().mean()
+
+
+def shard(model, layout, world, policy=None):
+    """Shards `model` in place: "fsdp" (1-D), "hsdp" (replicate x shard), "fsdp_tp" (2x2: tensor
+    parallel inside, FSDP across), "ddp" (replicated: returns the DDP wrapper)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    options = {} if policy is None else {"mp_policy": policy}
+    if layout == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if layout == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+    elif layout == "hsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh2d = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        plan = {}
+        for i in range(0, len(model.layers), 3):
+            plan[f"layers.{i}"], plan[f"layers.{i + 2}"] = ColwiseParallel(), RowwiseParallel()
+        parallelize_module(model, mesh2d["tp"], plan)
+        mesh = mesh2d["dp"]
+    for module in model.children():
+        if isinstance(module, torch.nn.Linear) or isinstance(module, torch.nn.Sequential):
+            fully_shard(module, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
+    return model
+
+
+def make_optimizer(case, model, extra):
+    optimizer = FusedLAMB if case["optimizer"] == "lamb" else FusedLARS
+    options = dict(case.get("options", {}))
+    if case.get("groups"):
+        params = lamb_kernels.param_groups(model, options.pop("weight_decay", 0.01))
+    else:
+        params = [{"params": list(model.parameters())}]
+    if extra is not None:
+        params.append({"params": [extra]})
+    return optimizer(params, backend=case["backend"], master_weights=case.get("master_weights", False), **options)
+
+
+def compare_states(where, opt, ref_opt, params, ref_params):
+    for p, q in zip(params, ref_params):
+        name = where + f" {tuple(q.shape)}"
+        state, ref_state = opt.state.get(p, {}), ref_opt.state.get(q, {})
+        assert state.keys() == ref_state.keys(), name
+        for key, value in sorted(state.items()):
+            if key == "step":
+                assert float(value) == float(ref_state[key]), name
+                continue
+            err = rel_error(full(value), ref_state[key])
+            assert err <= PARAM_RTOL, f"{name} {key}: error {err:.2e}"
+
+
+def train_against_single_process(rank, world, cases):
+    """Each case: a sharded model and optimizer, and a single-process copy fed the gathered grads."""
+    for case in cases:
+        where = f"rank {rank}: {case}"
+        torch.manual_seed(0)
+        reference = OddNet() if case.get("model", "odd") == "odd" else MLP(depth=case.get("depth", 1))
+        if case.get("dtype"):
+            reference.to(case["dtype"])
+        sharded = shard(copy.deepcopy(reference), case["layout"], world, case.get("policy"))
+        model = sharded.module if case["layout"] == "ddp" else sharded
+        extra = ref_extra = None
+        if case.get("plain_extra"):  # a plain (not sharded) parameter beside the DTensors
+            extra, ref_extra = (torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(5)))
+                                for _ in range(2))
+        opt, ref_opt = make_optimizer(case, model, extra), make_optimizer(case, reference, ref_extra)
+        names = [name for name, _ in reference.named_parameters()]
+        params = dict(model.named_parameters())
+        for step in range(STEPS):
+            loss_of(sharded, step).backward()
+            grads = {name: full(params[name].grad) for name in names}
+            for name, q in reference.named_parameters():
+                q.grad = grads[name].clone()
+            if extra is not None:
+                extra.grad = torch.randn(4, generator=torch.Generator().manual_seed(step))
+                ref_extra.grad = extra.grad.clone()
+            opt.step()
+            ref_opt.step()
+            opt.zero_grad(set_to_none=True)
+            ref_opt.zero_grad(set_to_none=True)
+        ordered = [params[name] for name in names] + ([extra] if extra is not None else [])
+        ref_ordered = list(reference.parameters()) + ([ref_extra] if ref_extra is not None else [])
+        for name, p, q in zip(names + ["extra"], ordered, ref_ordered):
+            err = rel_error(full(p), q)
+            assert err <= PARAM_RTOL, f"{where} {name}: param error {err:.2e}"
+        compare_states(where, opt, ref_opt, ordered, ref_ordered)
+
+
+def lamb_cases(layout, **extra):
+    return [dict(optimizer="lamb", backend=backend, layout=layout, **extra) for backend in BACKENDS]
+
+
+FSDP_CASES = [
+    # Two groups (no decay nor trust ratio for biases), clipping active, and off.
+    *lamb_cases("fsdp", groups=True, options=dict(lr=0.02, max_grad_norm=0.05)),
+    *lamb_cases("fsdp", options=dict(lr=0.02, max_grad_norm=None), plain_extra=True),
+    *[dict(optimizer="lars", backend=backend, layout="fsdp", groups=True,
+           options=dict(LARS_OPTIONS, trust_clip=True)) for backend in BACKENDS],
+]
+
+
+def test_fsdp2_two_ranks_matches_a_single_process():
+    spawn(train_against_single_process, 2, FSDP_CASES)
+
+
+def test_fsdp2_four_ranks_with_empty_shards_matches_a_single_process():
+    cases = [case for case in FSDP_CASES if case["backend"] != "triton"] + [
+        dict(optimizer="lamb", backend="triton", layout="fsdp", groups=True, options=dict(lr=0.02)),
+        dict(optimizer="lars", backend="triton", layout="fsdp", options=dict(LARS_OPTIONS))]
+    spawn(train_against_single_process, 4, cases)
+
+
+def test_hsdp_and_fsdp_over_tensor_parallel_match_a_single_process():
+    cases = []
+    for backend in BACKENDS:
+        cases += [dict(optimizer="lamb", backend=backend, layout="fsdp_tp", model="mlp", options=dict(lr=0.02)),
+                  dict(optimizer="lars", backend=backend, layout="fsdp_tp", model="mlp", options=LARS_OPTIONS),
+                  dict(optimizer="lamb", backend=backend, layout="hsdp", options=dict(lr=0.02, max_grad_norm=0.05))]
+    spawn(train_against_single_process, 4, cases)
+
+
+def test_mixed_precision_and_bf16_masters_match_a_single_process():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    cases = []
+    for backend in ("cpp", "torch"):
+        cases += [dict(optimizer="lamb", backend=backend, layout="fsdp", policy=policy, options=dict(lr=0.02)),
+                  dict(optimizer="lamb", backend=backend, layout="fsdp", dtype=torch.bfloat16, master_weights=True,
+                       options=dict(lr=0.02)),
+                  dict(optimizer="lars", backend=backend, layout="fsdp", dtype=torch.bfloat16, master_weights=True,
+                       options=LARS_OPTIONS)]
+    spawn(train_against_single_process, 2, [case for case in cases if case["backend"] in BACKENDS])
+
+
+def test_ddp_matches_a_single_process():
+    cases = [dict(optimizer=name, backend=backend, layout="ddp", options=options)
+             for name, options in (("lamb", dict(lr=0.02)), ("lars", LARS_OPTIONS)) for backend in BACKENDS]
+    spawn(train_against_single_process, 2, cases)
+
+
+# -- collectives -----------------------------------------------------------------------------------
+
+def count_all_reduces(rank, world):
+    """A 12-tensor model: LAMB makes 2 all-reduces a step with clipping (grad norm, norm table), 1
+    without; LARS 1, none when no group adapts; a replicated (DDP) model none."""
+    expected = [("lamb", dict(max_grad_norm=1.0), 2), ("lamb", dict(max_grad_norm=None), 1),
+                ("lars", dict(LARS_OPTIONS), 1), ("lars", dict(lr=0.1, momentum=0.9), 0)]
+    for backend in BACKENDS:
+        for name, options, count in expected:
+            for layout in ("fsdp", "hsdp", "ddp"):
+                torch.manual_seed(0)
+                model = shard(MLP(depth=3), layout, world)  # 12 tensors
+                optimizer = FusedLAMB if name == "lamb" else FusedLARS
+                params = list(model.parameters())
+                assert len(params) == 12
+                opt = optimizer(params, backend=backend, **options)
+                for step in range(2):
+                    loss_of(model, step).backward()
+                    with CountingAllReduce() as counter:
+                        opt.step()
+                    want = 0 if layout == "ddp" else count
+                    assert counter.count == want, (rank, backend, name, options, layout, counter.count)
+                    opt.zero_grad()
+
+
+def test_all_reduces_per_step_do_not_grow_with_the_number_of_tensors():
+    spawn(count_all_reduces, 4)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+def checkpoint_run(rank, world, directory, optimizer_name, backend, saved_world):
+    """saved_world None: steps 0-2, a DCP checkpoint, steps 3-4, then the full params and states saved
+    by rank 0. Else: a new model and optimizer, the checkpoint (saved at `saved_world` ranks) loaded,
+    steps 3-4, compared with the saved results: bit for bit at the same world size, within SPEC
+    section 5 at another."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    torch.manual_seed(0)
+    model = shard(OddNet(), "fsdp", world)
+    optimizer = FusedLAMB if optimizer_name == "lamb" else FusedLARS
+    options = dict(lr=0.02, max_grad_norm=0.05) if optimizer_name == "lamb" else LARS_OPTIONS
+    opt = optimizer(model.parameters(), backend=backend, **options)
+
+    def train(steps):
+        for step in steps:
+            loss_of(model, step).backward()
+            opt.step()
+            opt.zero_grad()
+
+    checkpoint = os.path.join(directory, "checkpoint")
+    if saved_world is None:
+        train(range(3))
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=checkpoint)
+    else:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=checkpoint)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+    train(range(3, STEPS))
+    results = {}
+    for name, p in model.named_parameters():
+        results[name] = full(p).clone()
+        for key, value in sorted(opt.state[p].items()):
+            results[f"{name}.{key}"] = full(value).clone()
+    final = os.path.join(directory, "final.pt")
+    if saved_world is None:
+        if rank == 0:
+            torch.save(results, final)
+        return
+    saved = torch.load(final)
+    assert saved.keys() == results.keys()
+    for key, value in results.items():
+        if saved_world == world:
+            assert torch.equal(value, saved[key]), (rank, key)
+        else:
+            assert rel_error(value, saved[key]) <= PARAM_RTOL, (rank, key, rel_error(value, saved[key]))
+
+
+@pytest.mark.parametrize("optimizer_name", ["lamb", "lars"])
+def test_checkpoint_resumes_bit_for_bit_and_reshards(tmp_path, optimizer_name):
+    backend = BACKENDS[0]
+    spawn(checkpoint_run, 4, str(tmp_path), optimizer_name, backend, None)
+    spawn(checkpoint_run, 4, str(tmp_path), optimizer_name, backend, 4)  # the same world size
+    spawn(checkpoint_run, 2, str(tmp_path), optimizer_name, backend, 4)  # resharded, 4 -> 2
+
+
+# -- GradScaler ----------------------------------------------------------------------------------------
+
+def grad_scaler_skip(rank, world, backend):
+    """An inf in one rank's shard of one grad: every rank skips the step (params, states, step
+    counts unchanged), and the next clean step runs everywhere."""
+    torch.manual_seed(0)
+    model = shard(OddNet(), "fsdp", world)
+    opt = FusedLAMB(model.parameters(), lr=0.02, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    def snapshot():
+        out = [full(p).clone() for p in model.parameters()]
+        for p in model.parameters():
+            out += [full(v).clone() for _, v in sorted(opt.state[p].items())]
+        return out
+
+    for step in range(3):
+        scaler.scale(loss_of(model, step)).backward()
+        if step == 1 and rank == world - 1:
+            model.a.weight.grad._local_tensor.view(-1)[0] = float("inf")
+        before = snapshot() if step == 1 else None
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if step == 1:
+            assert all(torch.equal(a, b) for a, b in zip(before, snapshot())), rank
+            assert float(opt.state[model.a.weight]["step"]) == 1.0, rank
+    assert float(opt.state[model.a.weight]["step"]) == 2.0, rank
+
+
+def test_grad_scaler_skips_on_every_rank_when_one_rank_sees_an_inf():
+    for backend in BACKENDS:
+        spawn(grad_scaler_skip, 2, backend)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+def placement_errors(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    pending = torch.nn.Parameter(DTensor.from_local(torch.ones(3, 2), mesh, [Partial()]))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] has the placement .*Partial"):
+        FusedLAMB([torch.nn.Parameter(torch.ones(2)), pending])
+    p = torch.nn.Parameter(DTensor.from_local(torch.ones(3, 2), mesh, [Shard(0)]))
+    opt = FusedLAMB([p], backend=BACKENDS[0])
+    p.grad = DTensor.from_local(torch.ones(3, 2), mesh, [Shard(0)])
+    opt.step()
+    before = p.to_local().clone(), opt.state[p]["exp_avg"].to_local().clone()
+    p.grad = DTensor.from_local(torch.ones(6, 2), mesh, [Partial()])
+    with pytest.raises(ValueError, match=r"grad of param_groups\[0\]\['params'\]\[0\] has placements"):
+        opt.step()
+    p.grad = torch.ones(6, 2)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is a DTensor, its grad a plain"):
+        opt.step()
+    assert torch.equal(p.to_local(), before[0]) and torch.equal(opt.state[p]["exp_avg"].to_local(), before[1])
+    assert float(opt.state[p]["step"]) == 1.0
+
+
+def test_placements_the_step_cannot_handle_are_refused_by_name():
+    spawn(placement_errors, 2)
