@@ -62,6 +62,21 @@ def sharding_of(p, label: str):
     return Sharding(p.device_mesh, tuple(dims)) if dims else None
 
 
+def check_not_flat(p, label: str) -> None:
+    """Parameters that are slices of a flat buffer have no per-layer norms: refused by name."""
+    if getattr(p, "_fsdp_flattened", False):
+        raise ValueError(
+            f"{label} was flattened by FSDP1 (FullyShardedDataParallel): each rank holds a slice of a "
+            "flat buffer, so its norm is not the layer's and the trust ratio would be wrong. Shard with "
+            "torch.distributed.fsdp.fully_shard (FSDP2), whose DTensor parameters keep their layers"
+        )
+    if hasattr(p, "ds_id"):
+        raise ValueError(
+            f"{label} is partitioned by DeepSpeed ZeRO-3: each rank holds a slice of a flat partition, "
+            "so its norm is not the layer's and the trust ratio would be wrong. Use FSDP2 (fully_shard)"
+        )
+
+
 def check_grad(p, label: str) -> None:
     """A DTensor parameter's grad: a DTensor of the same mesh and placements (as FSDP2 and tensor
     parallel make them); a plain parameter's grad: not a DTensor."""

@@ -10,7 +10,8 @@ import warnings
 import numpy as np
 import torch
 
-from .distributed import all_reduce_sharded_, check_grad, distributed_like, is_dtensor, local, sharding_of
+from .distributed import (all_reduce_sharded_, check_grad, check_not_flat, distributed_like, is_dtensor, local,
+                          sharding_of)
 from .ops import (ENV_VAR, LambSegment, LarsSegment, check_backend_name, create_backend, flat, is_dense,
                   resolve_backend)
 
@@ -298,6 +299,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         try:
             for param_index, p in enumerate(group["params"]):
                 self._check_param(p, env, group_index, param_index, group)
+                check_not_flat(p, _param_label(group_index, param_index, group))
                 if is_dtensor(p):
                     sharding_of(p, _param_label(group_index, param_index, group))
             _check_distinct(self.param_groups)

@@ -1,4 +1,4 @@
-"""Runs a function in several processes joined by a gloo process group (CPU), for the tests of
+"""Runs a function in several processes joined by a process group (gloo on the CPU), for the tests of
 sharded training (tests/test_distributed.py). A failed assertion in any rank fails the test, with
 that rank's traceback."""
 import datetime
@@ -16,12 +16,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world, port, args):
+def _entry(rank, fn, world, port, backend, args):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)  # several ranks share two cores
     # A rank that waits on a failed one gives up after two minutes (spawn usually ends it sooner).
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         fn(rank, world, *args)
         dist.barrier()
@@ -33,9 +35,10 @@ def _entry(rank, fn, world, port, args):
     os._exit(0)
 
 
-def spawn(fn, world: int, *args) -> None:
-    """fn(rank, world, *args) in `world` processes (fn must be importable: a module-level function)."""
-    mp.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)
+def spawn(fn, world: int, *args, backend: str = "gloo") -> None:
+    """fn(rank, world, *args) in `world` processes (fn must be importable: a module-level function),
+    joined by a `backend` process group ("nccl": one GPU per rank)."""
+    mp.spawn(_entry, args=(fn, world, free_port(), backend, args), nprocs=world, join=True)
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

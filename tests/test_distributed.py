@@ -61,10 +61,11 @@ def batch(step, width):
 
 def loss_of(model, step):
     width = 7 if isinstance(getattr(model, "module", model), OddNet) else 8  # (DDP wraps the model)
-    return model(batch(step, width).to(next(model.parameters()).dtype)).float().square().mean()
+    p = next(model.parameters())
+    return model(batch(step, width).to(p.device, p.dtype)).float().square().mean()
 
 
-def shard(model, layout, world, policy=None):
+def shard(model, layout, world, policy=None, device="cpu"):
     """Shards `model` in place: "fsdp" (1-D), "hsdp" (replicate x shard), "fsdp_tp" (2x2: tensor
     parallel inside, FSDP across), "ddp" (replicated: returns the DDP wrapper)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -74,13 +75,13 @@ def shard(model, layout, world, policy=None):
     if layout == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     if layout == "fsdp":
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh(device, (world,))
     elif layout == "hsdp":
-        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        mesh = init_device_mesh(device, (2, world // 2), mesh_dim_names=("replicate", "shard"))
     else:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-        mesh2d = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        mesh2d = init_device_mesh(device, (2, world // 2), mesh_dim_names=("dp", "tp"))
         plan = {}
         for i in range(0, len(model.layers), 3):
             plan[f"layers.{i}"], plan[f"layers.{i + 2}"] = ColwiseParallel(), RowwiseParallel()
@@ -124,13 +125,13 @@ def train_against_single_process(rank, world, cases):
         where = f"rank {rank}: {case}"
         torch.manual_seed(0)
         reference = OddNet() if case.get("model", "odd") == "odd" else MLP(depth=case.get("depth", 1))
-        if case.get("dtype"):
-            reference.to(case["dtype"])
-        sharded = shard(copy.deepcopy(reference), case["layout"], world, case.get("policy"))
+        device = case.get("device", "cpu")
+        reference.to(device, case.get("dtype"))
+        sharded = shard(copy.deepcopy(reference), case["layout"], world, case.get("policy"), device)
         model = sharded.module if case["layout"] == "ddp" else sharded
         extra = ref_extra = None
         if case.get("plain_extra"):  # a plain (not sharded) parameter beside the DTensors
-            extra, ref_extra = (torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(5)))
+            extra, ref_extra = (torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(5)).to(device))
                                 for _ in range(2))
         opt, ref_opt = make_optimizer(case, model, extra), make_optimizer(case, reference, ref_extra)
         names = [name for name, _ in reference.named_parameters()]
@@ -141,7 +142,7 @@ def train_against_single_process(rank, world, cases):
             for name, q in reference.named_parameters():
                 q.grad = grads[name].clone()
             if extra is not None:
-                extra.grad = torch.randn(4, generator=torch.Generator().manual_seed(step))
+                extra.grad = torch.randn(4, generator=torch.Generator().manual_seed(step)).to(device)
                 ref_extra.grad = extra.grad.clone()
             opt.step()
             ref_opt.step()
@@ -200,6 +201,15 @@ def test_mixed_precision_and_bf16_masters_match_a_single_process():
                   dict(optimizer="lars", backend=backend, layout="fsdp", dtype=torch.bfloat16, master_weights=True,
                        options=LARS_OPTIONS)]
     spawn(train_against_single_process, 2, [case for case in cases if case["backend"] in BACKENDS])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_fsdp2_on_one_gpu_with_nccl_matches_a_single_process():
+    """The same code path on CUDA: a one-rank NCCL process group, every CUDA backend."""
+    cases = [dict(case, device="cuda", backend=backend) for case in FSDP_CASES if case["backend"] == BACKENDS[0]
+             for backend in lamb_kernels.available_backends("cuda")]
+    spawn(train_against_single_process, 1, cases, backend="nccl")
 
 
 def test_ddp_matches_a_single_process():
@@ -360,3 +370,23 @@ def placement_errors(rank, world):
 
 def test_placements_the_step_cannot_handle_are_refused_by_name():
     spawn(placement_errors, 2)
+
+
+def flat_parameters_refused(rank, world):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for use_orig_params in (False, True):
+        model = FullyShardedDataParallel(OddNet(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] was flattened by FSDP1"):
+            FusedLAMB(model.parameters())
+
+
+def test_fsdp1_flat_parameters_are_refused_by_name():
+    spawn(flat_parameters_refused, 2)
+
+
+def test_deepspeed_zero3_partitions_are_refused_by_name():
+    p = torch.nn.Parameter(torch.randn(3))
+    p.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is partitioned by DeepSpeed ZeRO-3"):
+        FusedLARS([p])
