@@ -1,6 +1,7 @@
 """The benchmark harness (python -m bench): presets, the bytes model, the figures it derives from
 step times, what it writes, and how it reports providers that cannot run."""
 import csv
+import importlib.util
 import io
 import math
 import sys
@@ -316,3 +317,35 @@ def test_no_ratios_against_a_yardstick_that_failed():
     rows = group_rows([adamw, _outcome("ours", "ours", [0.15, 0.2])], preset="p", algorithm="lamb",
                       numel=10, tensors=1, itemsize=4, clipping=True, context={})
     assert rows[1]["median_ms"] == pytest.approx(175.0) and "ratio_to_yardstick" not in rows[1]
+
+
+def test_distributed_benchmark_on_the_tiny_preset(tmp_path):
+    """python -m bench.distributed end to end at 2 ranks: a row per provider, the all-reduces a step
+    makes (LAMB 2 with clipping, LARS 1, torch's AdamW and SGD none), the CSV and the chart."""
+    import bench.distributed
+
+    rows = bench.distributed.main(["--preset", "tiny", "--world-sizes", "2", "--steps", "2", "--warmup", "1",
+                                   "--backends", "cpp,torch", "--out", str(tmp_path)])
+    ran = {(row["algorithm"], row["provider"]): row for row in rows if row["status"] == "ok"}
+    assert ran[("lamb", "lamb_kernels FusedLAMB (cpp)")]["all_reduces_per_step"] == 2
+    assert ran[("lamb", "lamb_kernels FusedLAMB (torch)")]["all_reduces_per_step"] == 2
+    assert ran[("lars", "lamb_kernels FusedLARS (cpp)")]["all_reduces_per_step"] == 1
+    assert ran[("lamb", "torch AdamW")]["all_reduces_per_step"] == 0
+    assert ran[("lars", "torch SGD momentum")]["ratio_to_yardstick"] == 1.0
+    for row in ran.values():
+        assert row["world_size"] == 2 and row["median_ms"] > 0 and row["tensors"] == 5
+    with open(tmp_path / "distributed.csv", newline="", encoding="utf-8") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) and set(written[0]) == set(bench.distributed.COLUMNS)
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "distributed.png").stat().st_size > 0
+
+
+def test_distributed_benchmark_refuses_bad_arguments(capsys):
+    import bench.distributed
+
+    for argv, message in ((["--world-sizes", "two"], "whole numbers"), (["--world-sizes", "0"], "at least 1"),
+                          (["--preset", "huge"], "not a preset"), (["--algorithms", "adam"], "choose from")):
+        with pytest.raises(SystemExit):
+            bench.distributed.parse_args(argv)
+        assert message in capsys.readouterr().err

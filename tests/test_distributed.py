@@ -390,3 +390,33 @@ def test_deepspeed_zero3_partitions_are_refused_by_name():
     p.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is partitioned by DeepSpeed ZeRO-3"):
         FusedLARS([p])
+
+
+def full_state_dict_loads_sharded(rank, world):
+    """A state dict of whole tensors (as a single process saves it) loaded into an optimizer of
+    sharded parameters: each rank keeps its own part, and the run continues as before."""
+    for name in ("lamb", "lars"):
+        torch.manual_seed(0)
+        model = shard(OddNet(), "fsdp", world)
+        optimizer = FusedLAMB if name == "lamb" else FusedLARS
+        options = dict(lr=0.02) if name == "lamb" else LARS_OPTIONS
+        opt = optimizer(model.parameters(), backend=BACKENDS[0], **options)
+        for step in range(2):
+            loss_of(model, step).backward()
+            opt.step()
+        saved = opt.state_dict()
+        whole = {**saved, "state": {i: {k: full(v) if k != "step" else v for k, v in entry.items()}
+                                    for i, entry in saved["state"].items()}}
+        resumed = optimizer(model.parameters(), backend=BACKENDS[0], **options)
+        resumed.load_state_dict(whole)
+        for p in model.parameters():
+            for key, value in opt.state[p].items():
+                loaded = resumed.state[p][key]
+                if key != "step":
+                    assert type(loaded) is type(value) and loaded.placements == value.placements, (rank, key)
+                    assert torch.equal(loaded.to_local(), value.to_local()), (rank, name, key)
+        resumed.step()  # the grads of step 1 again: a step runs on the loaded state
+
+
+def test_a_full_state_dict_loads_into_sharded_parameters():
+    spawn(full_state_dict_loads_sharded, 2)
