@@ -72,7 +72,7 @@ def build_optimizer(name: str, model: torch.nn.Module, lr: float, backend: str):
     """Every optimizer gets all of model.parameters() in one group, as a drop-in user would write it:
     weight decay on biases too, and for FusedLAMB and FusedLARS a trust ratio on every tensor. Keeping
     biases out of both (lamb_kernels.param_groups, the recipe for large normalised networks) made
-    FusedLARS much worse on this network and FusedLAMB no better: see the README."""
+    FusedLARS much worse on this network and FusedLAMB no better: see docs/convergence.md."""
     params, weight_decay = model.parameters(), RECIPES[name].weight_decay
     if name == "FusedLAMB":  # apex's defaults otherwise: betas (0.9, 0.999), eps 1e-6, global grad norm clipped at 1
         return lamb_kernels.FusedLAMB(params, lr=lr, weight_decay=weight_decay, backend=backend)

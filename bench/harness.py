@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Bytes per parameter per step: SPEC section 4's model, for parameters (and grads) of `param_bytes`
+# Bytes per parameter per step: docs/design.md section 4's model, for parameters (and grads) of `param_bytes`
 # each, 4 for fp32 states. Every provider of a group is charged its algorithm's bytes (what our
 # passes must move), so GB/s is an effective bandwidth, comparable across providers; apex's
 # FusedLAMB, for one, moves 52 fp32 bytes. torch's AdamW and SGD keep states in the parameters'

@@ -20,7 +20,7 @@ COLUMNS = (
 
 def group_rows(outcomes, *, preset, algorithm, numel, tensors, itemsize, clipping, context,
                master_weights=False) -> list:
-    """One row per outcome of one group. GB/s charges SPEC section 4's bytes to the median step;
+    """One row per outcome of one group. GB/s charges docs/design.md section 4's bytes to the median step;
     ratios are the median over repetitions of (provider's step / the yardstick's step in the same
     repetition)."""
     by_role = {}
@@ -165,7 +165,7 @@ def write_png(rows, path, title) -> str | None:
         bw_ax.barh(ys, [row["gb_per_s"] for row in preset_rows], color=colours)
         bw_ax.set_yticks(list(ys), [""] * len(preset_rows))
         bw_ax.invert_yaxis()
-        bw_ax.set_xlabel("effective GB/s (SPEC section 4 bytes / median step)")
+        bw_ax.set_xlabel("effective GB/s (docs/design.md section 4 bytes / median step)")
         for y, row in zip(ys, preset_rows):
             bw_ax.annotate(f" {row['gb_per_s']:.1f}", (row["gb_per_s"], y), va="center", fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=ROLE_COLOURS[role]) for role in ROLES]

@@ -1,4 +1,4 @@
-// LAMB on CPU tensors: SPEC section 2 in the Triton kernels' three passes over memory.
+// LAMB on CPU tensors: docs/design.md section 2 in the Triton kernels' three passes over memory.
 //
 // 1. sums_of_squares over the grads (multi_tensor_cpu.cpp), for the global grad norm (reads g: 4 bytes/param);
 // 2. lamb_moments: steps 1-5, moments in place, per-tensor ||p||^2 and ||u||^2 with p taken before the

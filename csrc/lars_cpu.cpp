@@ -1,4 +1,4 @@
-// LARS on CPU tensors: SPEC section 3 in the Triton kernels' two passes over memory.
+// LARS on CPU tensors: docs/design.md section 3 in the Triton kernels' two passes over memory.
 //
 // 1. per-tensor ||p||^2 and ||g||^2: sums_of_squares on the params and on the grads (reads p g:
 //    8 bytes/param), skipped when no param group adapts;

@@ -35,7 +35,7 @@ TORCH_LIBRARY(lamb_kernels, m) {
   // `tensors`, possibly of another dtype), [n_tensors, 2], the second column for `paired`, both read
   // in one pass.
   m.def("sums_of_squares(Tensor[] tensors, Tensor[]? paired, int chunk_size) -> Tensor");
-  // LAMB steps 1-5 (SPEC section 2): moments in place; returns float32 [n_tensors, 2], per tensor
+  // LAMB steps 1-5 (docs/design.md section 2): moments in place; returns float32 [n_tensors, 2], per tensor
   // ||p||^2 (before the update) and ||u||^2. hyper: float32 [n_tensors, 16] (lamb_kernels/hyper.py).
   // grad_sumsq: the sum of squares of every (still scaled) grad, for clipping; None when no group clips.
   m.def("lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
@@ -43,7 +43,7 @@ TORCH_LIBRARY(lamb_kernels, m) {
   // LAMB steps 6-7: p <- p - lr * r * u, the trust ratio r from `norms` (lamb_moments' result).
   m.def("lamb_apply(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor hyper, Tensor norms, "
         "Tensor? found_inf, Tensor(d!)[] copies, int chunk_size) -> ()");
-  // LARS (SPEC section 3): trust ratio from `norms` ([n_tensors, 2]: ||p||^2, ||g||^2 of the still
+  // LARS (docs/design.md section 3): trust ratio from `norms` ([n_tensors, 2]: ||p||^2, ||g||^2 of the still
   // scaled grads; None when no tensor adapts), weight decay, momentum, update. A tensor without
   // momentum has an empty placeholder in momentum_buffers.
   m.def("lars_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, "

@@ -4,7 +4,7 @@ The optimizers split their parameters into buckets, one per (device, dtype), and
 one backend object as a list of segments (one per param group present in the bucket). Per bucket and
 step a backend provides:
 
-LAMB (`LambSegment`, SPEC section 2)
+LAMB (`LambSegment`, docs/design.md section 2)
 - ``prepare_lamb(segments) -> plan``: whatever the backend needs to launch (the triton backend's
   cached pointer and chunk tables, the per-tensor hyperparameters); called once per step;
 - ``grad_sums_of_squares(plan) -> Tensor``: per tensor, the sum of squares of its grad (``[n_tensors]``
@@ -15,7 +15,7 @@ LAMB (`LambSegment`, SPEC section 2)
   p taken before the update; ``grad_sumsq`` is None when no group clips;
 - ``lamb_apply_(plan, norms, found_inf)``: steps 6-7, u recomputed from the moments.
 
-LARS (`LarsSegment`, SPEC section 3)
+LARS (`LarsSegment`, docs/design.md section 3)
 - ``prepare_lars(segments) -> plan``;
 - ``lars_norms(plan) -> Tensor``: per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||g||^2);
 - ``lars_apply_(plan, norms, grad_scale, found_inf)``: trust ratio, weight decay, momentum and the

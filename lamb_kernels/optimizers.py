@@ -181,7 +181,7 @@ def _in_layout_of(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _clip_threshold(max_grad_norm) -> float:
-    """SPEC 2.1: None, 0 and inf all disable clipping, encoded as 0.0 for the backends."""
+    """docs/design.md section 2, step 1: None, 0 and inf all disable clipping, encoded as 0.0 for the backends."""
     if max_grad_norm is None or not 0 < float(max_grad_norm) < math.inf:
         return 0.0
     return float(max_grad_norm)

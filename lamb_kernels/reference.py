@@ -1,4 +1,4 @@
-"""The "torch" backend: LAMB and LARS written for reading, in the step numbering of SPEC sections 2
+"""The "torch" backend: LAMB and LARS written for reading, in the step numbering of docs/design.md sections 2
 and 3.
 
 Pure PyTorch (``torch._foreach_*`` over each param group), runs on every device, never calls
@@ -204,7 +204,7 @@ class TorchBackend:
             if seg.copies:  # master weights: the model's low-precision params, from the masters
                 torch._foreach_copy_(seg.copies, seg.params)
 
-    # -- LARS, SPEC section 3 ------------------------------------------------------------------
+    # -- LARS, docs/design.md section 3 ------------------------------------------------------------------
 
     def lars_norms(self, plan: Plan) -> torch.Tensor:
         return torch.stack([_sums_of_squares(flat(plan.segments, "params")),

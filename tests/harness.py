@@ -1,4 +1,4 @@
-"""Runs an optimizer and its float64 reference side by side (SPEC section 5)."""
+"""Runs an optimizer and its float64 reference side by side (docs/design.md section 5)."""
 import torch
 
 from lamb_float64 import Float64LAMB

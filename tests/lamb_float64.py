@@ -1,4 +1,4 @@
-"""An independent float64 LAMB, written from SPEC section 2 with plain per-tensor torch ops.
+"""An independent float64 LAMB, written from docs/design.md section 2 with plain per-tensor torch ops.
 
 It shares no code with lamb_kernels: tests compare every backend against it.
 """

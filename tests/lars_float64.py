@@ -1,4 +1,4 @@
-"""An independent float64 LARS, written from SPEC section 3 (timm's Lars, LARC clipping) with plain
+"""An independent float64 LARS, written from docs/design.md section 3 (timm's Lars, LARC clipping) with plain
 per-tensor torch ops. It shares no code with lamb_kernels: tests compare every backend against it."""
 import torch
 

@@ -53,7 +53,7 @@ def test_bytes_model_is_spec_section_4():
     assert bytes_moved("lars", "external", clipping=True) == 28
     assert bytes_moved("lars", "yardstick", clipping=True) == 20  # SGD with momentum
     assert bytes_moved("lars", "copy", clipping=True) == 8
-    # bf16 params, fp32 states (README's table): LAMB g 2 + (p g m v, m v) 20 + (p m v, p) 12.
+    # bf16 params, fp32 states (docs/mixed-precision.md's table): LAMB g 2 + (p g m v, m v) 20 + (p m v, p) 12.
     assert bytes_moved("lamb", "ours", clipping=True, param_bytes=2) == 34
     # With fp32 masters: g 2 + (master g m v, m v) 22 + (master m v, master, p) 18.
     assert bytes_moved("lamb", "ours", clipping=True, param_bytes=2, master_weights=True) == 42

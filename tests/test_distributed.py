@@ -5,8 +5,9 @@ rank, and the errors.
 
 Every rank trains on the same full batch, so the global gradient is the single-process one; each
 step the sharded run's gradients are gathered and fed to a single-process copy of the same
-optimizer, and params and every state tensor are compared with it after several steps (SPEC section
-5: 2e-5 relative). What differs is only how the sums of squares are split across ranks."""
+optimizer, and params and every state tensor are compared with it after several steps
+(docs/design.md section 5: 2e-5 relative). What differs is only how the sums of squares are split
+across ranks."""
 import copy
 import os
 
@@ -252,8 +253,8 @@ def test_all_reduces_per_step_do_not_grow_with_the_number_of_tensors():
 def checkpoint_run(rank, world, directory, optimizer_name, backend, saved_world):
     """saved_world None: steps 0-2, a DCP checkpoint, steps 3-4, then the full params and states saved
     by rank 0. Else: a new model and optimizer, the checkpoint (saved at `saved_world` ranks) loaded,
-    steps 3-4, compared with the saved results: bit for bit at the same world size, within SPEC
-    section 5 at another."""
+    steps 3-4, compared with the saved results: bit for bit at the same world size, within
+    docs/design.md section 5 at another."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)

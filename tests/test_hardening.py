@@ -333,7 +333,7 @@ def test_torch_backend_sums_of_squares_are_accurate_whatever_the_length():
 
 
 def test_torch_backend_lamb_step_on_50m_elements_matches_float64():
-    """SPEC section 5 on one 50M-element tensor (torch's own fp32 norm is 7e-3 off at this size)."""
+    """docs/design.md section 5 on one 50M-element tensor (torch's own fp32 norm is 7e-3 off at this size)."""
     gen = torch.Generator().manual_seed(0)
     n = 50_000_000
     p0 = torch.randn(n, generator=gen).add_(0.5)

@@ -1,4 +1,5 @@
-"""Every backend against the float64 reference: params AND moments after 7 steps (SPEC 2 and 5)."""
+"""Every backend against the float64 reference: params AND moments after 7 steps (docs/design.md
+sections 2 and 5)."""
 import math
 
 import pytest
@@ -60,7 +61,7 @@ def test_lamb_matches_float64_reference(device, backend, case):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf / inf inside the interpreter
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_non_finite_grads_propagate_like_the_reference(device, backend, bad_value):
-    """No silent skip (SPEC 2): a NaN makes G NaN, so nothing clips; an inf makes G inf, so every
+    """No silent skip (docs/design.md section 2): a NaN makes G NaN, so nothing clips; an inf makes G inf, so every
     finite grad clips to 0. Params must follow the float64 reference, NaNs in the same places."""
     import torch
 

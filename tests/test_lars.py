@@ -1,5 +1,5 @@
 """FusedLARS: every backend against the float64 reference (params AND momentum buffers after 7
-steps, SPEC sections 3 and 5), and the optimizer behaviours LAMB is tested for."""
+steps, docs/design.md sections 3 and 5), and the optimizer behaviours LAMB is tested for."""
 import io
 
 import pytest

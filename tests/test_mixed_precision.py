@@ -60,7 +60,7 @@ def error(params, ref_params):
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_low_precision_within_twice_the_torch_backend_error(device, backend, dtype, algorithm):
-    """SPEC section 5: against float64, at most 2x the error of the torch backend in the same dtype."""
+    """docs/design.md section 5: against float64, at most 2x the error of the torch backend in the same dtype."""
     ref = reference(algorithm, dtype)
     params, opt = run(algorithm, device, backend, dtype)
     torch_params, _ = run(algorithm, device, "torch", dtype)
@@ -77,7 +77,7 @@ def test_low_precision_within_twice_the_torch_backend_error(device, backend, dty
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_master_weights_track_the_fp32_run(device, backend, dtype, algorithm):
     """With master weights, a low-precision model follows an fp32 run fed the same grads: the masters
-    within SPEC's fp32 tolerance, the model params their masters rounded to nearest."""
+    within the fp32 tolerance of docs/design.md section 5, the model params their masters rounded to nearest."""
     params, opt = run(algorithm, device, backend, dtype, master_weights=True)
     cls, defaults, _ = ALGORITHMS[algorithm]
     fp32 = [torch.nn.Parameter(p.detach().float()) for p in make_params(dtype, device)]

@@ -1,4 +1,4 @@
-"""The Triton backend's contract (SPEC section 4): a fixed number of launches per step whatever the
+"""The Triton backend's contract (docs/design.md section 4): a fixed number of launches per step whatever the
 number of tensors, tables built once and reused, reductions in a fixed order."""
 import pytest
 import torch

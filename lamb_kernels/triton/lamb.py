@@ -1,4 +1,4 @@
-"""LAMB as Triton multi-tensor kernels: SPEC section 2 in three passes over memory.
+"""LAMB as Triton multi-tensor kernels: docs/design.md section 2 in three passes over memory.
 
 1. global grad norm: `sums_of_squares` over the grads (reads g: 4 bytes/param);
 2. `_lamb_moments_kernel`: steps 1-5, writes m and v and per-chunk partial sums of ||p||^2 and
@@ -95,7 +95,7 @@ def _lamb_moments_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Steps 1-5 of SPEC section 2 on one chunk: moments in place, partial sums of p^2 and u^2."""
+    """Steps 1-5 of docs/design.md section 2 on one chunk: moments in place, partial sums of p^2 and u^2."""
     t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
     n = _elements(n, found_inf, HAS_FOUND_INF)
     p_ptr = column_pointer(ptrs, t, start, 4, _P, P_DTYPE)
@@ -160,7 +160,7 @@ def _lamb_apply_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Steps 6-7 of SPEC section 2 on one chunk: p <- p - lr * r * u, u recomputed from m and v."""
+    """Steps 6-7 of docs/design.md section 2 on one chunk: p <- p - lr * r * u, u recomputed from m and v."""
     t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
     n = _elements(n, found_inf, HAS_FOUND_INF)
     p_ptr = column_pointer(ptrs, t, start, N_COLS, _P, P_DTYPE)

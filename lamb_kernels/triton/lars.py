@@ -1,4 +1,4 @@
-"""LARS as Triton multi-tensor kernels: SPEC section 3 in two passes over memory.
+"""LARS as Triton multi-tensor kernels: docs/design.md section 3 in two passes over memory.
 
 1. per-tensor ||p||^2 and ||g||^2: ``MultiTensorTable.per_tensor_sumsq`` (reads p g: 8 bytes/param),
    skipped when no param group of the bucket adapts;
@@ -63,7 +63,7 @@ def _lars_apply_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """SPEC section 3 on one chunk: p <- p - lr * d, d through trust ratio and momentum."""
+    """docs/design.md section 3 on one chunk: p <- p - lr * d, d through trust ratio and momentum."""
     t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
     n = _elements(n, found_inf, HAS_FOUND_INF)
     p_ptr = column_pointer(ptrs, t, start, N_COLS, _P, P_DTYPE)
@@ -122,7 +122,7 @@ def _lars_apply_kernel(
 def lars_apply(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
                hyper: torch.Tensor, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
                found_inf: Optional[torch.Tensor], copies: list[torch.Tensor]) -> None:
-    """SPEC section 3. A tensor without momentum has an empty placeholder in momentum_buffers (its
+    """docs/design.md section 3. A tensor without momentum has an empty placeholder in momentum_buffers (its
     address, 0, is never read: the table's HAS_MOMENTUM column is 0). `norms` is None when no tensor
     adapts; `copies` as in triton_lamb_apply."""
     columns = [params, grads, momentum_buffers] + ([copies] if copies else [])
