@@ -91,32 +91,45 @@ def check_grad(p, label: str) -> None:
         )
 
 
-def all_reduce_sharded_(tables: list, shardings: list) -> None:
+def all_reduce_sharded_(tables: list, shardings: list, positions: list) -> None:
     """Sums, in place and across ranks, each row of `tables` that belongs to a sharded tensor, over
     the mesh dimensions on which it is sharded.
 
     `tables`: per bucket, a tensor whose first dimension runs over the bucket's tensors (``[n]`` or
-    ``[n, k]``); `shardings`: per bucket, per tensor, a Sharding or None. One all-reduce per (mesh,
-    mesh dimension) holds the rows of every bucket that need it; a tensor sharded on two dimensions
-    is summed over one, then the other. Every rank holds the same parameters in the same order, so
-    the collectives match across ranks."""
-    rounds = {}  # (mesh, dim) -> {bucket: [row, ...]}, in the order tensors come
-    for bucket, bucket_shardings in enumerate(shardings):
-        for row, sharding in enumerate(bucket_shardings):
-            if sharding is not None:
-                for dim in sharding.dims:
-                    rounds.setdefault((sharding.mesh, dim), {}).setdefault(bucket, []).append(row)
-    for (mesh, dim), rows_of in rounds.items():
-        picked = [(bucket, torch.tensor(rows, device=tables[bucket].device)) for bucket, rows in rows_of.items()]
-        parts = [tables[bucket].index_select(0, rows) for bucket, rows in picked]
-        flat = torch.cat([part.reshape(-1) for part in parts])
-        on_mesh = flat.to(mesh.device_type)
-        dist.all_reduce(on_mesh, group=mesh.get_group(dim))
-        flat = on_mesh.to(flat.device)
+    ``[n, k]``); `shardings`: per bucket, per tensor, a Sharding or None (not summed); `positions`:
+    per bucket, per tensor, its place among the optimizer's parameters. One all-reduce per (mesh,
+    mesh dimension) holds the rows of every bucket that need it, in parameter order: every rank
+    holds the same parameters in the same order, though not always in the same buckets (a shard's
+    layout may send it to another backend on another rank), so the rows line up across ranks. A
+    tensor sharded on two dimensions is summed over one, then the other."""
+    entries = sorted(
+        (position, bucket, row, sharding)
+        for bucket, (bucket_shardings, bucket_positions) in enumerate(zip(shardings, positions))
+        for row, (sharding, position) in enumerate(zip(bucket_shardings, bucket_positions))
+        if sharding is not None
+    )
+    rounds = {}  # (mesh, dim) -> [(bucket, row), ...] in parameter order
+    for _, bucket, row, sharding in entries:
+        for dim in sharding.dims:
+            rounds.setdefault((sharding.mesh, dim), []).append((bucket, row))
+    for (mesh, dim), members in rounds.items():
+        by_bucket = {}  # bucket -> [(row, place in parameter order), ...]
+        for place, (bucket, row) in enumerate(members):
+            by_bucket.setdefault(bucket, []).append((row, place))
+        picked, places = [], []
+        for bucket, items in by_bucket.items():
+            rows = torch.tensor([row for row, _ in items], device=tables[bucket].device)
+            picked.append((bucket, rows, tables[bucket].index_select(0, rows)))
+            places += [place for _, place in items]
+        stacked = torch.cat([part.to(mesh.device_type) for _, _, part in picked])  # in bucket order
+        places = torch.tensor(places, device=stacked.device)
+        in_order = torch.empty_like(stacked).index_copy_(0, places, stacked)  # in parameter order
+        dist.all_reduce(in_order, group=mesh.get_group(dim))
+        summed = in_order.index_select(0, places)  # back in bucket order
         first = 0
-        for (bucket, rows), part in zip(picked, parts):
-            tables[bucket].index_copy_(0, rows, flat[first : first + part.numel()].view_as(part))
-            first += part.numel()
+        for bucket, rows, part in picked:
+            tables[bucket].index_copy_(0, rows, summed[first : first + len(rows)].to(part.device))
+            first += len(rows)
 
 
 def distributed_like(p, value: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ class LambSegment:
     trust_ratio_bounds: tuple = field(default=(0.0, math.inf))
     copies: list = field(default_factory=list)
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
+    positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
 
 
 @dataclass
@@ -99,6 +100,7 @@ class LarsSegment:
     adaptation: bool
     copies: list = field(default_factory=list)
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
+    positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
 
 
 def _triton_unavailable_reason(device_type: str) -> str | None:

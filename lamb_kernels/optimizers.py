@@ -22,7 +22,7 @@ STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, wha
 def _param_label(group_index: int, param_index: int, group: dict) -> str:
     names = group.get("param_names")
     label = f"param_groups[{group_index}]['params'][{param_index}]"
-    return f"{label} ({names[param_index]!r})" if names else label
+    return f"{label} ({names[param_index]!r})" if names and param_index < len(names) else label
 
 
 def _check_number(name: str, value, where: str, lo: float = 0.0, hi: float = math.inf, hi_open=False):
@@ -123,6 +123,9 @@ def _frozen(value):
         return tuple(_frozen(v) for v in value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if torch.is_tensor(value) and value.device.type == "cpu" and value.numel() == 1 and not value.is_complex():
+        # A value written in place (lr.fill_(...)) is checked again; reading it on the CPU is free.
+        return _Same(value), float(value)
     return _Same(value)
 
 
@@ -140,12 +143,12 @@ def _memory_span(p: torch.Tensor) -> tuple:
     return (p.device.type, -1 if p.device.index is None else p.device.index), start, start + (extent + 1) * p.element_size()
 
 
-def _check_distinct(groups) -> None:
-    """Each parameter at most once in an optimizer, and no two sharing memory: the fused step reads
-    every parameter before it writes any, so a parameter stepped twice would be stepped from stale
-    values (and, on the multi-tensor backends, written by two threads at once). Views with gaps
-    (not dense) are left out of the memory check: their address ranges may interleave without a
-    shared element."""
+def _check_distinct(groups, state=None, state_keys=()) -> None:
+    """Each parameter at most once in an optimizer, and no two sharing memory, nor any two of their
+    state tensors (`state_keys` of `state`): the fused step reads every parameter before it writes
+    any, so an element stepped twice would be stepped from stale values (and, on the multi-tensor
+    backends, written by two threads at once). Views with gaps (not dense) are left out of the
+    memory check: their address ranges may interleave without a shared element."""
     seen = {}
     spans = []
     for group_index, group in enumerate(groups):
@@ -154,9 +157,13 @@ def _check_distinct(groups) -> None:
             first = seen.setdefault(id(p), label)
             if first is not label:
                 raise ValueError(f"{label} is {first} again: each parameter may appear once in an optimizer")
-            shard = local(p)
-            if shard.numel() and is_dense(shard):
-                spans.append((*_memory_span(shard), label))
+            entries = state.get(p, {}) if state is not None else {}
+            tensors = [(label, p)] + [(f"the {key!r} state of {label}", entries[key]) for key in state_keys
+                                      if torch.is_tensor(entries.get(key))]
+            for what, t in tensors:
+                shard = local(t)
+                if shard.numel() and is_dense(shard):
+                    spans.append((*_memory_span(shard), what))
     spans.sort(key=lambda span: span[:2])
     device, reach, reach_label = None, 0, None
     for span_device, start, end, label in spans:
@@ -270,6 +277,9 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         the parameter), with p itself appended to the segment's copies; else p. Local shards of
         DTensors: the backends see plain tensors only."""
         if not self._wants_master(p):
+            # A master left from when p was low precision is stale once p is not: a later return to
+            # low precision starts a new one from p.
+            state.pop("master_param", None)
             return local(p)
         master = state.get("master_param")
         if master is None:
@@ -360,32 +370,40 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             hyper = {key: value for key, value in saved.items() if key not in ("params", "param_names")}
             self._validate_group({**self.defaults, **hyper}, f"state_dict['param_groups'][{group_index}]: ")
         self._check_saved_state(state_dict)
-        # torch's loader would cast every state tensor to its parameter's dtype (bf16 moments and
-        # masters for a bf16 model); it loads the groups, the state is placed here.
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            super().load_state_dict(state_dict)  # raises, explaining the mismatch, before any change
+        # Every value is placed before anything changes: one that cannot be (a tensor with no data)
+        # raises with the optimizer as it was. torch's loader would cast every state tensor to its
+        # parameter's dtype (bf16 moments and masters for a bf16 model): it loads only the groups.
+        targets = {param_id: (p, saved_group) for saved_group, group in zip(saved_groups, self.param_groups)
+                   for param_id, p in zip(saved_group["params"], group["params"])}
+        placed = {}
+        for param_id, saved in state_dict["state"].items():
+            if param_id not in targets:
+                placed[param_id] = saved
+                continue
+            p, saved_group = targets[param_id]
+            capturable = saved_group.get("capturable", self.defaults.get("capturable"))
+            placed[p] = self._placed_state(p, saved, capturable)
         super().load_state_dict({**state_dict, "state": {}})
         self._fill_defaults()
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        id_map = dict(zip(saved_ids, params))
-        for param_id, saved in state_dict["state"].items():
-            p = id_map.get(param_id)
-            if p is None:
-                self.state[param_id] = saved
-                continue
-            self.state[p] = {key: self._loaded_value(p, key, value) for key, value in saved.items()}
+        self.state.update(placed)
         self._checked_params.clear()  # holds the replaced state tensors otherwise
         self._checked_groups.clear()
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                if "step" in state:
-                    device = p.device if group.get("capturable") else "cpu"
-                    state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=device)
-                for key in self._STATE_TENSORS:
-                    if torch.is_tensor(state.get(key)) and local(state[key]).stride() != local(p).stride():
-                        state[key] = _in_layout_of(p, state[key])
+
+    def _placed_state(self, p: torch.Tensor, saved: dict, capturable) -> dict:
+        """A saved state as this optimizer keeps it (see `_loaded_value`), its step count an fp32
+        tensor on the CPU (on the parameter's device when capturable), its param-shaped tensors in
+        the parameter's memory layout."""
+        state = {key: self._loaded_value(p, key, value) for key, value in saved.items()}
+        if "step" in state:
+            device = p.device if capturable else "cpu"
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=device)
+        for key in self._STATE_TENSORS:
+            if torch.is_tensor(state.get(key)) and local(state[key]).stride() != local(p).stride():
+                state[key] = _in_layout_of(p, state[key])
+        return state
 
     def _loaded_value(self, p: torch.Tensor, key, value):
         """A saved state entry as this optimizer keeps it: its own param-shaped entries fp32 on the
@@ -412,7 +430,9 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 entry = state_dict["state"].get(param_id, {})
                 where = f"state_dict['state'][{param_id}]"
                 label = _param_label(group_index, param_index, group)
-                missing = [key for key in self._REQUIRED_STATE if key not in entry]
+                if not isinstance(entry, dict):
+                    raise TypeError(f"{where} (for {label}) must be a dict of state entries, got {type(entry).__name__}")
+                missing = [key for key in self._REQUIRED_STATE if entry.get(key) is None]
                 if entry and missing:
                     raise ValueError(f"{where} (for {label}) has no {', '.join(map(repr, missing))}: a "
                                      f"{type(self).__name__} state needs {', '.join(map(repr, self._REQUIRED_STATE))}")
@@ -466,11 +486,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                         label = _param_label(group_index, param_index, group)
                         relayouts += [(p, state, k) for k in self._state_relayouts(p, state, name, label)]
                     rechecked.append((p, name))
-                params.append((p, name))
+                params.append((p, name, (group_index, param_index)))
             if params:
                 work.append((group, params))
         if changed:
-            _check_distinct(self.param_groups)
+            _check_distinct(self.param_groups, self.state, self._STATE_KEYS)
         for p, state, k in relayouts:
             state[k] = _in_layout_of(p, state[k])
         # Remembered only now that every check has passed: a refused step is checked again in full.
@@ -497,6 +517,9 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         those groups with their keys, to be remembered once the whole step has been checked."""
         revalidated = []
         for group_index, group in enumerate(self.param_groups):
+            if not isinstance(group.get("params"), list):
+                raise ValueError(f"param_groups[{group_index}] must hold its parameters as a list under 'params', "
+                                 f"got {type(group.get('params')).__name__}")
             key = _group_key(group)
             known = self._checked_groups.get(id(group))
             if known is None or known[0] is not group or known[1] != key:
@@ -545,9 +568,11 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             "created? Load a state dict that matches it, or delete optimizer.state[param] to start afresh"
         )
 
-    def _segment_for(self, p: torch.Tensor, name: str, segments_of_group: dict, buckets: dict, make_segment):
+    def _segment_for(self, p: torch.Tensor, name: str, position: tuple, segments_of_group: dict, buckets: dict,
+                     make_segment):
         """The segment of p's group in p's (device, dtype, backend) bucket, created by
-        `make_segment()` on first use; p's grad is appended to it (the caller appends the weights)."""
+        `make_segment()` on first use; p's grad, sharding and position (group, index: the same on
+        every rank, whatever the buckets) are appended to it (the caller appends the weights)."""
         key = (p.device, p.dtype, name)
         seg = segments_of_group.get(key)
         if seg is None:
@@ -555,6 +580,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             buckets.setdefault(key, []).append(seg)
         seg.grads.append(self._grad_for(p, name))
         seg.shardings.append(sharding_of(p, ""))
+        seg.positions.append(position)
         return seg
 
     @staticmethod
@@ -653,8 +679,8 @@ class FusedLAMB(_MultiTensorOptimizer):
         """Initialise state, advance step counts, and split into (device, dtype, backend) buckets."""
         buckets = {}
         for group, params in work:
-            states = [self.state[p] for p, _ in params]
-            for (p, _), state in zip(params, states):
+            states = [self.state[p] for p, *_ in params]
+            for (p, *_), state in zip(params, states):
                 if not state:
                     state["step"] = self._new_step_count(p, group)
                     state["exp_avg"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
@@ -683,8 +709,8 @@ class FusedLAMB(_MultiTensorOptimizer):
             segments_of_group = {}
             step_counts = {}  # segment -> its step count tensors, for bias corrections on the device
             counts = torch.stack(steps).tolist() if on_host and group["bias_correction"] else [None] * len(steps)
-            for (p, name), state, step, t in zip(params, states, steps, counts):
-                seg = self._segment_for(p, name, segments_of_group, buckets, make_segment)
+            for (p, name, position), state, step, t in zip(params, states, steps, counts):
+                seg = self._segment_for(p, name, position, segments_of_group, buckets, make_segment)
                 seg.params.append(self._weights(p, state, seg))
                 seg.exp_avgs.append(local(state["exp_avg"]))
                 seg.exp_avg_sqs.append(local(state["exp_avg_sq"]))
@@ -716,7 +742,7 @@ class FusedLAMB(_MultiTensorOptimizer):
         if any(plan_clips(plan) for _, _, plan in plans):
             per_tensor = [backend.grad_sums_of_squares(plan) for backend, _, plan in plans]
             if shardings:
-                all_reduce_sharded_(per_tensor, shardings)
+                all_reduce_sharded_(per_tensor, *shardings)
             sums = [sums.sum() for sums in per_tensor]
             grad_sumsq = sums[0]
             for partial in sums[1:]:
@@ -730,15 +756,20 @@ class FusedLAMB(_MultiTensorOptimizer):
             norms.append(backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device),
                                                     scale, found))
         if shardings:
-            all_reduce_sharded_(norms, shardings)
+            all_reduce_sharded_(norms, *shardings)
         for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
             backend.lamb_apply_(plan, bucket_norms, _on(found_inf, device))
 
 
-def _shardings(plans) -> list:
-    """Per bucket, per tensor, its Sharding (or None); an empty list when no tensor is sharded."""
-    shardings = [flat(plan.segments, "shardings") for _, _, plan in plans]
-    return shardings if any(s is not None for bucket in shardings for s in bucket) else []
+def _shardings(plans, adaptive_only: bool = False) -> tuple:
+    """(per bucket, per tensor, its Sharding or None; per bucket, per tensor, its position), or ()
+    when no tensor is sharded. With `adaptive_only` (LARS), tensors whose group does not adapt get
+    None: their norms are not read, and which bucket computes norms may differ between ranks."""
+    shardings = [[s if not adaptive_only or seg.adaptation else None for seg in plan.segments for s in seg.shardings]
+                 for _, _, plan in plans]
+    if not any(s is not None for bucket in shardings for s in bucket):
+        return ()
+    return shardings, [flat(plan.segments, "positions") for _, _, plan in plans]
 
 
 def plan_clips(plan) -> bool:
@@ -891,7 +922,7 @@ class FusedLARS(_MultiTensorOptimizer):
                 )
 
             segments_of_group = {}
-            for p, name in params:
+            for p, name, position in params:
                 state = self.state[p]
                 buffer, first_step = None, False
                 if momentum != 0:
@@ -903,7 +934,7 @@ class FusedLARS(_MultiTensorOptimizer):
                         new = torch.empty_like if found_inf is None else torch.zeros_like
                         buffer = state["momentum_buffer"] = new(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
                         first_step = True
-                seg = self._segment_for(p, name, segments_of_group, buckets, make_segment)
+                seg = self._segment_for(p, name, position, segments_of_group, buckets, make_segment)
                 seg.params.append(self._weights(p, state, seg))
                 seg.momentum_buffers.append(local(buffer))
                 seg.first_step.append(first_step)
@@ -917,10 +948,10 @@ class FusedLARS(_MultiTensorOptimizer):
         # over memory for norms), those of sharded tensors summed over their ranks, then the update.
         norms = [backend.lars_norms(plan) if any(seg.adaptation for seg in plan.segments) else None
                  for backend, _, plan in plans]
-        shardings = _shardings(plans)
+        shardings = _shardings(plans, adaptive_only=True)
         if shardings:
             reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
-            all_reduce_sharded_([norms[i] for i in reduced], [shardings[i] for i in reduced])
+            all_reduce_sharded_([norms[i] for i in reduced], *([part[i] for i in reduced] for part in shardings))
         for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
             backend.lars_apply_(plan, bucket_norms, _on(grad_scale, device), _on(found_inf, device))
 

@@ -421,3 +421,45 @@ def full_state_dict_loads_sharded(rank, world):
 
 def test_a_full_state_dict_loads_into_sharded_parameters():
     spawn(full_state_dict_loads_sharded, 2)
+
+
+def buckets_that_differ_between_ranks(rank, world):
+    """With backend="auto", a shard laid out with gaps on one rank only goes to the torch backend
+    there and to the C++ one elsewhere: the ranks' buckets differ, and the norms must still be
+    summed tensor by tensor (found by review: rows were joined bucket by bucket)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    if "cpp" not in BACKENDS:
+        return
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(0)
+    wholes = [torch.randn(4, 3, generator=gen) * scale for scale in (1.0, 10.0, 0.1)]
+
+    def shard_of(whole, gaps):
+        part = whole.chunk(world)[rank].clone()
+        if gaps:  # the same values, every other element of a wider tensor
+            return torch.zeros(part.shape[0], 2 * part.shape[1])[:, ::2].copy_(part)
+        return part
+
+    for name in ("lamb", "lars"):
+        optimizer = FusedLAMB if name == "lamb" else FusedLARS
+        options = dict(lr=0.05, max_grad_norm=0.5) if name == "lamb" else dict(LARS_OPTIONS)
+        params = [torch.nn.Parameter(DTensor.from_local(shard_of(w, gaps=(i == 1 and rank == 0)), mesh, [Shard(0)],
+                                                        run_check=False)) for i, w in enumerate(wholes)]
+        references = [torch.nn.Parameter(w.clone()) for w in wholes]
+        opt, ref_opt = optimizer(params, backend="auto", **options), optimizer(references, backend="torch", **options)
+        for step in range(2):
+            for i, (p, q) in enumerate(zip(params, references)):
+                q.grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(10 * i + step))
+                p.grad = DTensor.from_local(q.grad.chunk(world)[rank].clone(), mesh, [Shard(0)], run_check=False)
+            opt.step()
+            ref_opt.step()
+        buckets = sorted(key[2] for key in opt._backends)
+        assert buckets == (["cpp", "torch"] if rank == 0 else ["cpp"]), buckets  # the case is what it says
+        for p, q in zip(params, references):
+            assert rel_error(full(p), q) <= PARAM_RTOL, (rank, name, rel_error(full(p), q))
+
+
+def test_norms_are_summed_by_tensor_when_buckets_differ_between_ranks():
+    spawn(buckets_that_differ_between_ranks, 2)

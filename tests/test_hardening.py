@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+import lamb_kernels
 import lamb_kernels.reference
 from harness import PARAM_RTOL, rel_error
 from lamb_float64 import Float64LAMB
@@ -24,7 +25,7 @@ def make_params(device, shapes=((5,), (3, 4), (7,)), seed=0):
 def set_grads(params, seed):
     gen = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.device)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
 
 
 def train(opt, params, steps, first=0):
@@ -396,4 +397,98 @@ def test_non_tensor_put_into_a_group_is_named():
     train(opt, params, 1)
     opt.param_groups[0]["params"].append([1.0, 2.0])
     with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[3\] is a list, not a tensor"):
+        opt.step()
+
+
+# -- found by review ------------------------------------------------------------------------------
+
+def test_cpu_tensor_hyperparameters_written_in_place_are_checked_again(device, backend):
+    params = make_params(device)
+    lr, wd = torch.tensor(0.01), torch.tensor(0.01)
+    opt = FusedLAMB(params, lr=lr, weight_decay=wd, backend=backend)
+    train(opt, params, 2)
+    for tensor, name in ((lr, "lr"), (wd, "weight_decay")):
+        good = float(tensor)
+        tensor.fill_(float("nan"))  # the same tensor object, a bad value
+        set_grads(params, 4)
+        before = snapshot(opt, params)
+        with pytest.raises(ValueError, match=rf"param_groups\[0\]: {name} must be in"):
+            opt.step()
+        assert_unchanged(before, snapshot(opt, params))
+        tensor.fill_(good)
+    opt.step()
+
+
+def test_a_stale_master_is_not_reused_after_a_round_trip_through_fp32(device, backend):
+    p = torch.nn.Parameter(torch.randn(8, device=device).bfloat16())
+    opt = FusedLARS([p], lr=0.1, backend=backend, master_weights=True)
+    train(opt, [p], 2)
+    p.data = p.data.float()  # model.float(): the parameter is its own master now
+    train(opt, [p], 2, first=2)
+    assert "master_param" not in opt.state[p]
+    p.data = p.data.bfloat16()  # and back: a new master, from the parameter as it is now
+    fp32_value = opt.param_groups[0]["params"][0].detach().float().clone()
+    p.grad = torch.zeros(8, device=device, dtype=torch.bfloat16)
+    opt.step()  # no weight decay, no momentum: a zero grad leaves everything in place
+    assert torch.equal(opt.state[p]["master_param"], fp32_value)
+    assert torch.equal(p.detach().float(), fp32_value)
+
+
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_state_tensors_shared_between_parameters_are_refused(device, backend, optimizer, options):
+    params = make_params(device, shapes=((5,), (5,)))
+    opt = optimizer(params, backend=backend, **options)
+    train(opt, params, 2)
+    key = "exp_avg" if optimizer is FusedLAMB else "momentum_buffer"
+    opt.state[params[1]][key] = opt.state[params[0]][key]  # by hand
+    set_grads(params, 6)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=rf"the '{key}' state of param_groups\[0\]\['params'\]\[\d\] and the "
+                                         rf"'{key}' state of param_groups\[0\]\['params'\]\[\d\] share memory"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))
+
+
+def test_load_state_dict_changes_nothing_when_a_value_cannot_be_placed():
+    params = make_params("cpu")
+    opt = FusedLAMB(params, lr=0.1, backend="torch")
+    train(opt, params, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["lr"] = 0.5
+    saved["state"][2]["extra"] = torch.empty(3, device="meta")  # a tensor with no data
+    before = snapshot(opt, params)
+    with pytest.raises(NotImplementedError):
+        opt.load_state_dict(saved)
+    assert_unchanged(before, snapshot(opt, params))
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_saved_states_lacking_or_not_dicts_are_refused_at_load():
+    params = make_params("cpu")
+    opt = FusedLAMB(params, backend="torch")
+    train(opt, params, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["exp_avg"] = None
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\] \(for param_groups\[0\]\['params'\]\[0\]\) "
+                                         r"has no 'exp_avg'"):
+        opt.load_state_dict(saved)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][1] = [1, 2]
+    with pytest.raises(TypeError, match=r"state_dict\['state'\]\[1\] .* must be a dict of state entries, got list"):
+        opt.load_state_dict(saved)
+
+
+def test_groups_edited_out_of_shape_are_named():
+    model = torch.nn.Linear(3, 2)
+    opt = FusedLAMB(lamb_kernels.param_groups(model, 0.01, with_names=True), backend="torch")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["params"].append(model.weight)  # a group with names, a parameter without one
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] is param_groups\[0\]\['params'\]\[0\] "
+                                         r"\('weight'\) again"):
+        opt.step()
+    opt.param_groups[0]["params"].pop()
+    del opt.param_groups[1]["params"]
+    with pytest.raises(ValueError, match=r"param_groups\[1\] must hold its parameters as a list under 'params'"):
         opt.step()
