@@ -45,8 +45,9 @@ setup(
     # ninja drives torch's just-in-time C++ build.
     install_requires=["torch>=2.4", "numpy", "ninja"],
     # matplotlib draws the benchmark's chart (python -m bench); without it the CSV is still written.
-    extras_require={"triton": ["triton>=3.0"], "bench": ["matplotlib"],
-                    "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib"]},
+    # transformers runs examples/bert_pretrain.py (a BERT built from a config: nothing downloaded).
+    extras_require={"triton": ["triton>=3.0"], "bench": ["matplotlib"], "examples": ["transformers"],
+                    "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib", "transformers"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
