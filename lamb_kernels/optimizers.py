@@ -272,20 +272,20 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         """Whether p gets an fp32 master copy in its state (``state[p]["master_param"]``)."""
         return self.master_weights and p.dtype != torch.float32
 
-    def _weights(self, p: torch.Tensor, state: dict, seg) -> torch.Tensor:
+    def _weights(self, p: torch.Tensor, shard: torch.Tensor, state: dict, seg) -> torch.Tensor:
         """The tensor the step updates for p: its fp32 master copy (created here on first use, from
-        the parameter), with p itself appended to the segment's copies; else p. Local shards of
-        DTensors: the backends see plain tensors only."""
+        the parameter), with p itself appended to the segment's copies; else p. `shard` is p's
+        local shard (p itself unless p is a DTensor): the backends see plain tensors only."""
         if not self._wants_master(p):
             # A master left from when p was low precision is stale once p is not: a later return to
             # low precision starts a new one from p.
             state.pop("master_param", None)
-            return local(p)
+            return shard
         master = state.get("master_param")
         if master is None:
             master = state["master_param"] = p.detach().to(STATE_DTYPE, memory_format=torch.preserve_format)
-        seg.copies.append(local(p))
-        return local(master)
+        seg.copies.append(shard)
+        return master if shard is p else local(master)
 
     # -- groups, state and pickling -------------------------------------------------------------
 
@@ -318,13 +318,13 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             raise
         self._checked_groups[id(group)] = (group, _group_key(group))
 
-    def _check_param(self, p: torch.Tensor, env, group_index: int, param_index: int, group: dict) -> str:
+    def _check_param(self, p: torch.Tensor, env, group_index: int, param_index: int, group: dict, shard=None) -> str:
         """Checks a parameter on its own; returns the backend name that will step it. `env` is the
         value of $LAMB_KERNELS_BACKEND, read once per step."""
         name = self._resolved.get((p.device, env))
         if name is None:
             name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
-        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or is_dense(local(p))):
+        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or is_dense(local(p) if shard is None else shard)):
             return name
         if p.dtype in SUPPORTED_DTYPES and self.backend == "auto" and not env:
             return "torch"  # an automatic choice takes the backend that handles any layout
@@ -473,20 +473,21 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                     continue
                 if g.is_sparse or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
                     _raise_bad_grad(p, _param_label(group_index, param_index, group), type(self).__name__)
-                if is_dtensor(p) or is_dtensor(g):
+                shard = local(p)  # (looked up once: the host work per tensor is the step's cost on small ones)
+                if shard is not p or is_dtensor(g):
                     label = _param_label(group_index, param_index, group)
                     check_grad(p, label)
                     sharding_of(p, label)  # raises for a placement the step cannot handle
-                name = self._check_param(p, env, group_index, param_index, group)
+                name = self._check_param(p, env, group_index, param_index, group, shard)
                 state = self.state.get(p)
                 known = self._checked_params.get(p)
-                if known is None or known[0] != self._param_key(p, name, state)[0]:
+                if known is None or known[0] != self._param_key(p, shard, name, state)[0]:
                     changed = True
                     if state:
                         label = _param_label(group_index, param_index, group)
                         relayouts += [(p, state, k) for k in self._state_relayouts(p, state, name, label)]
-                    rechecked.append((p, name))
-                params.append((p, name, (group_index, param_index)))
+                    rechecked.append((p, shard, name))
+                params.append((p, name, (group_index, param_index), shard))
             if params:
                 work.append((group, params))
         if changed:
@@ -496,16 +497,15 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         # Remembered only now that every check has passed: a refused step is checked again in full.
         for group, key in revalidated:
             self._checked_groups[id(group)] = (group, key)
-        for p, name in rechecked:
-            self._checked_params[p] = self._param_key(p, name, self.state.get(p))
+        for p, shard, name in rechecked:
+            self._checked_params[p] = self._param_key(p, shard, name, self.state.get(p))
         return work
 
-    def _param_key(self, p: torch.Tensor, name: str, state) -> tuple:
+    def _param_key(self, p: torch.Tensor, shard: torch.Tensor, name: str, state) -> tuple:
         """What a parameter's last check depends on: its backend, shape, strides, dtype, device and
         address, and which objects its state entries are (by id); with those objects, kept so that
         their ids cannot be reused while the key is."""
         objects = tuple(map(state.get, self._STATE_KEYS)) if state else ()
-        shard = local(p)
         key = (name, shard.shape, shard.stride(), shard.dtype, shard.device, shard.data_ptr(), *map(id, objects))
         if shard is not p:
             key += (p.shape, tuple(p.placements), p.device_mesh)
@@ -568,8 +568,8 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             "created? Load a state dict that matches it, or delete optimizer.state[param] to start afresh"
         )
 
-    def _segment_for(self, p: torch.Tensor, name: str, position: tuple, segments_of_group: dict, buckets: dict,
-                     make_segment):
+    def _segment_for(self, p: torch.Tensor, name: str, position: tuple, shard: torch.Tensor, segments_of_group: dict,
+                     buckets: dict, make_segment):
         """The segment of p's group in p's (device, dtype, backend) bucket, created by
         `make_segment()` on first use; p's grad, sharding and position (group, index: the same on
         every rank, whatever the buckets) are appended to it (the caller appends the weights)."""
@@ -578,18 +578,18 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         if seg is None:
             seg = segments_of_group[key] = make_segment()
             buckets.setdefault(key, []).append(seg)
-        seg.grads.append(self._grad_for(p, name))
-        seg.shardings.append(sharding_of(p, ""))
+        seg.grads.append(self._grad_for(p, shard, name))
+        seg.shardings.append(None if shard is p else sharding_of(p, ""))
         seg.positions.append(position)
         return seg
 
     @staticmethod
-    def _grad_for(p: torch.Tensor, backend_name: str) -> torch.Tensor:
+    def _grad_for(p: torch.Tensor, shard: torch.Tensor, backend_name: str) -> torch.Tensor:
         # Multi-tensor kernels index p, g, m and v alike; a grad laid out unlike its parameter is
         # copied into the parameter's layout (reading the user's grad, never writing it).
-        g, p = local(p.grad), local(p)
-        if backend_name != "torch" and g.stride() != p.stride() and g.numel() > 1:
-            return torch.empty_like(p).copy_(g)
+        g = p.grad if shard is p else p.grad._local_tensor
+        if backend_name != "torch" and g.stride() != shard.stride() and g.numel() > 1:
+            return torch.empty_like(shard).copy_(g)
         return g
 
     def _backend(self, key):
@@ -709,11 +709,12 @@ class FusedLAMB(_MultiTensorOptimizer):
             segments_of_group = {}
             step_counts = {}  # segment -> its step count tensors, for bias corrections on the device
             counts = torch.stack(steps).tolist() if on_host and group["bias_correction"] else [None] * len(steps)
-            for (p, name, position), state, step, t in zip(params, states, steps, counts):
-                seg = self._segment_for(p, name, position, segments_of_group, buckets, make_segment)
-                seg.params.append(self._weights(p, state, seg))
-                seg.exp_avgs.append(local(state["exp_avg"]))
-                seg.exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            for (p, name, position, shard), state, step, t in zip(params, states, steps, counts):
+                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment)
+                seg.params.append(self._weights(p, shard, state, seg))
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                seg.exp_avgs.append(exp_avg if shard is p else exp_avg._local_tensor)
+                seg.exp_avg_sqs.append(exp_avg_sq if shard is p else exp_avg_sq._local_tensor)
                 if not group["bias_correction"]:
                     seg.bias_correction1.append(1.0)
                     seg.bias_correction2.append(1.0)
@@ -922,7 +923,7 @@ class FusedLARS(_MultiTensorOptimizer):
                 )
 
             segments_of_group = {}
-            for p, name, position in params:
+            for p, name, position, shard in params:
                 state = self.state[p]
                 buffer, first_step = None, False
                 if momentum != 0:
@@ -934,9 +935,9 @@ class FusedLARS(_MultiTensorOptimizer):
                         new = torch.empty_like if found_inf is None else torch.zeros_like
                         buffer = state["momentum_buffer"] = new(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
                         first_step = True
-                seg = self._segment_for(p, name, position, segments_of_group, buckets, make_segment)
-                seg.params.append(self._weights(p, state, seg))
-                seg.momentum_buffers.append(local(buffer))
+                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment)
+                seg.params.append(self._weights(p, shard, state, seg))
+                seg.momentum_buffers.append(buffer if shard is p else local(buffer))
                 seg.first_step.append(first_step)
         return buckets
 
