@@ -30,24 +30,13 @@ if os.environ.get("LAMB_KERNELS_BUILD_EXT") == "1":
                                 extra_compile_args=CFLAGS, extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension}
 
+# The project's metadata and dependencies are in pyproject.toml; what is here is the package layout and
+# the optional ahead-of-time build.
 setup(
-    name="lamb_kernels",
-    version="0.1.0",
-    description="Fused LAMB and LARS optimizers for PyTorch: Triton, C++ and pure-torch backends",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
     packages=["lamb_kernels", "lamb_kernels.triton", "lamb_kernels.csrc"],
     # The C++ sources travel inside the package, so an installed copy can build them on first use.
     package_dir={"lamb_kernels.csrc": "csrc"},
     package_data={"lamb_kernels.csrc": ["*.cpp", "*.h"], "lamb_kernels": stamp},
-    python_requires=">=3.10",
-    # A range, never a pin: with a suitable torch already installed (CPU or CUDA build) pip keeps it.
-    # ninja drives torch's just-in-time C++ build.
-    install_requires=["torch>=2.4", "numpy", "ninja"],
-    # matplotlib draws the benchmark's chart (python -m bench); without it the CSV is still written.
-    # transformers runs examples/bert_pretrain.py (a BERT built from a config: nothing downloaded).
-    extras_require={"triton": ["triton>=3.0"], "bench": ["matplotlib"], "examples": ["transformers"],
-                    "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib", "transformers"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

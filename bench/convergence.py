@@ -4,7 +4,7 @@
     python -m bench.convergence                          # the full study: 3 seeds, a 5-point LR grid
     python -m bench.convergence --optimizers FusedLAMB,AdamW --batch-sizes 32,256,2048 --seeds 2
 
-A compact CNN (bench/shapes.py) learns to name ten shapes in noisy 16x16 images generated from fixed
+A compact CNN (bench/convergence_data.py) learns to name ten shapes in noisy 16x16 images generated from fixed
 seeds. For every optimizer and batch size it trains for the same number of epochs, so a batch 64
 times larger takes 64 times fewer steps. The learning rate follows the scaling rule the literature
 uses for each optimizer, from a base LR chosen at batch 64: the square root of the batch ratio for
@@ -44,7 +44,7 @@ from lamb_kernels.ops import BACKEND_NAMES, resolve_backend
 
 from .harness import device_name
 from .report import Progress, pyplot, write_csv
-from .shapes import PatchCNN, make_shapes
+from .convergence_data import PatchCNN, make_shapes
 
 BASE_BATCH = 64  # the batch size at which the base learning rates below were chosen
 DATA_SEEDS = {"train": 1, "validation": 2, "test": 3}  # fixed: every run sees the same images

@@ -10,7 +10,7 @@ import torch
 
 from . import extension
 from .hyper import lamb_hyper, lars_hyper
-from .ops import flat, lars_written, mark_modified
+from .contract import flat, lars_written, mark_modified
 
 # Elements per chunk: large enough that scheduling costs nothing, small enough that a thread's four
 # arrays of a chunk (p, g, m, v) stay in its L2 cache and a big tensor spreads over every core.

@@ -17,7 +17,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from .ops import to_device
+from .contract import to_device
 
 WIDTH = 16
 

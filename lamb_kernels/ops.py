@@ -1,106 +1,18 @@
-"""What a backend computes, and the choice among backends.
-
-The optimizers split their parameters into buckets, one per (device, dtype), and hand each bucket to
-one backend object as a list of segments (one per param group present in the bucket). Per bucket and
-step a backend provides:
-
-LAMB (`LambSegment`, docs/design.md section 2)
-- ``prepare_lamb(segments) -> plan``: whatever the backend needs to launch (the triton backend's
-  cached pointer and chunk tables, the per-tensor hyperparameters); called once per step;
-- ``grad_sums_of_squares(plan) -> Tensor``: per tensor, the sum of squares of its grad (``[n_tensors]``
-  fp32), for the global grad norm of step 1 (the optimizer adds them, in a fixed order, after
-  summing a sharded tensor's over its ranks);
-- ``lamb_update_norms_(plan, grad_sumsq, grad_scale, found_inf) -> Tensor``: steps 1-5 (moments
-  updated in place) and the per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||u||^2), with
-  p taken before the update; ``grad_sumsq`` is None when no group clips;
-- ``lamb_apply_(plan, norms, found_inf)``: steps 6-7, u recomputed from the moments.
-
-LARS (`LarsSegment`, docs/design.md section 3)
-- ``prepare_lars(segments) -> plan``;
-- ``lars_norms(plan) -> Tensor``: per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||g||^2);
-- ``lars_apply_(plan, norms, grad_scale, found_inf)``: trust ratio, weight decay, momentum and the
-  update.
-
-Mixed precision and GradScaler (every backend): params and grads may be float32, bfloat16 or
-float16, arithmetic and states are float32. ``grad_scale`` (one-element fp32 tensor or None): the
-grads arrive multiplied by it; each grad element is multiplied by ``1 / grad_scale`` before use, and
-norms of grads are divided by it (so clipping sees unscaled grads). ``found_inf`` (one-element fp32
-tensor or None): when nonzero, nothing is written (params, copies, moments, buffers), decided on the
-device.
+"""The choice among backends: which can run where, "auto", $LAMB_KERNELS_BACKEND, and a fresh backend
+object for a bucket. What a backend computes is in contract.py.
 
 Backends: "triton" (lamb_kernels/triton, CUDA, or CPU tensors under the interpreter), "cpp" (the C++
-operators of csrc/, CPU; lamb_kernels/cpp.py) and "torch" (lamb_kernels/reference.py, any device).
-
-The norm stage and the apply stage are separate calls so the per-tensor sums can be all-reduced
-across ranks between them when parameters are sharded (lamb_kernels/distributed.py). Every tensor
-a backend sees is a plain tensor: a DTensor's local shard.
+operators of csrc/, CPU; lamb_kernels/cpp.py) and "torch" (lamb_kernels/torch_backend.py, any device).
+Each is imported only when it is asked for, so a missing or broken one never breaks the others.
 """
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
 
 import torch
 
 BACKEND_NAMES = ("triton", "cpp", "torch")
 ENV_VAR = "LAMB_KERNELS_BACKEND"
-
-
-@dataclass
-class LambSegment:
-    """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters.
-
-    ``params`` are the weights the step reads and updates: the parameters themselves, or their fp32
-    master copies when the optimizer keeps master weights; then ``copies`` holds the model's
-    low-precision parameters, written from the updated masters in the same pass (else it is empty).
-    A per-tensor value (bias corrections) is a list of floats, or a float32 tensor ``[n_tensors]``
-    on the step counts' device when those live on a device (``capturable``); ``lr`` is a float or
-    a one-element tensor. Tensors reach the kernels through device-side writes into the
-    hyperparameter table, so a captured CUDA graph reads their values at replay."""
-
-    params: list
-    grads: list
-    exp_avgs: list
-    exp_avg_sqs: list
-    bias_correction1: list  # per tensor: 1 - beta1^t (1.0 without bias correction)
-    bias_correction2: list  # per tensor: 1 - beta2^t
-    lr: float
-    beta1: float
-    beta2: float
-    beta3: float  # 1 - beta1 with grad averaging, else 1
-    eps: float
-    weight_decay: float
-    adam_w_mode: bool
-    layer_adaptation: bool
-    max_grad_norm: float  # 0.0 means: no clipping for this group
-    trust_ratio_bounds: tuple = field(default=(0.0, math.inf))
-    copies: list = field(default_factory=list)
-    shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
-    positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
-
-
-@dataclass
-class LarsSegment:
-    """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters;
-    ``params`` and ``copies`` as in LambSegment."""
-
-    params: list
-    grads: list
-    momentum_buffers: list  # per tensor: the buffer, or None when the group has no momentum
-    first_step: list  # per tensor: True when its buffer is new (it becomes d, as in torch's SGD)
-    lr: float
-    momentum: float
-    dampening: float
-    weight_decay: float
-    nesterov: bool
-    trust_coeff: float
-    eps: float
-    trust_clip: bool
-    adaptation: bool
-    copies: list = field(default_factory=list)
-    shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
-    positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
 
 
 def _triton_unavailable_reason(device_type: str) -> str | None:
@@ -180,60 +92,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return requested
 
 
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one block of memory, whatever the strides."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda size_stride: size_stride[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def flat(segments, field_name: str) -> list:
-    """Every entry of one per-tensor field (``"params"``, ``"grads"``, ...) of `segments`, in order:
-    the bucket-wide lists that the multi-tensor backends hand to one launch."""
-    return [t for seg in segments for t in getattr(seg, field_name)]
-
-
-def lars_written(segments) -> list:
-    """What a LARS step writes: the params (and their low-precision copies) and the momentum buffers
-    that exist."""
-    buffers = [b for b in flat(segments, "momentum_buffers") if b is not None]
-    return flat(segments, "params") + flat(segments, "copies") + buffers
-
-
-def to_device(array, device: torch.device) -> torch.Tensor:
-    """A numpy array as a tensor on `device` (shares the array's memory on the CPU)."""
-    host = torch.from_numpy(array)
-    if device.type == "cpu":
-        return host
-    # Through pinned memory: a copy from pageable memory may wait for the stream. torch's pinned
-    # allocator keeps the staging buffer alive until the asynchronous copy has finished.
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def mark_modified(tensors) -> None:
-    """Bump the autograd version counters of tensors a kernel wrote through raw pointers, as an
-    in-place torch op would: autograd then refuses a backward that needs their old values. Under
-    torch.compile the graph's own bookkeeping of the operators' declared mutations does this."""
-    if torch.compiler.is_compiling():
-        return
-    try:
-        torch.autograd.graph.increment_version(tensors)
-    except TypeError:  # torch before 2.5 takes one tensor at a time
-        for t in tensors:
-            torch.autograd.graph.increment_version(t)
-
-
 def create_backend(name: str):
     """A fresh backend object; backends with per-bucket caches (triton) get one object per bucket."""
     if name == "torch":
-        from .reference import TorchBackend
+        from .torch_backend import TorchBackend
 
         return TorchBackend()
     if name == "cpp":

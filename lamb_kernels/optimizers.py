@@ -1,5 +1,5 @@
 """The torch.optim.Optimizer subclasses: hyperparameters, state, validation, and the order of the
-stages. No arithmetic on parameters happens here; the backends (ops.py) do it."""
+stages. No arithmetic on parameters happens here; the backends (contract.py) do it."""
 from __future__ import annotations
 
 import math
@@ -12,8 +12,8 @@ import torch
 
 from .distributed import (all_reduce_sharded_, check_grad, check_not_flat, distributed_like, is_dtensor, local,
                           sharding_of)
-from .ops import (ENV_VAR, LambSegment, LarsSegment, check_backend_name, create_backend, flat, is_dense,
-                  resolve_backend)
+from .contract import LambSegment, LarsSegment, flat, is_dense
+from .ops import ENV_VAR, check_backend_name, create_backend, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype

@@ -16,7 +16,7 @@ from bench.convergence import (
     scaled_lr, summarise, train, write_png,
 )
 from bench.report import Progress
-from bench.shapes import CLASSES, PatchCNN, _masks, make_shapes
+from bench.convergence_data import CLASSES, PatchCNN, _masks, make_shapes
 
 
 def tiny_study(**changes) -> Study:

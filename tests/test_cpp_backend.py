@@ -15,7 +15,7 @@ import lamb_kernels.cpp
 import lamb_kernels.hyper
 from lamb_kernels import FusedLAMB, FusedLARS, extension
 from lamb_kernels.hyper import LambColumn, LarsColumn, lamb_table, lars_table
-from lamb_kernels.ops import LambSegment, LarsSegment
+from lamb_kernels.contract import LambSegment, LarsSegment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CPP = "cpp" in lamb_kernels.available_backends("cpu")

@@ -351,7 +351,7 @@ def test_compiled_step_equals_eager(device, backend, algorithm):
 def _op_inputs(device, dtype, master):
     """Small inputs for every operator: params (fp32 masters or `dtype`), grads in `dtype`."""
     from lamb_kernels.hyper import lamb_hyper, lars_hyper
-    from lamb_kernels.ops import LambSegment, LarsSegment
+    from lamb_kernels.contract import LambSegment, LarsSegment
 
     gen = torch.Generator().manual_seed(0)
     sizes = (3, 1000)

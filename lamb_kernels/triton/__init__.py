@@ -6,7 +6,7 @@ import contextlib
 import torch
 
 from ..hyper import lamb_hyper, lars_hyper
-from ..ops import flat, lars_written, mark_modified
+from ..contract import flat, lars_written, mark_modified
 from . import lamb, lars
 from .multi_tensor import INTERPRETED, sums_of_squares
 

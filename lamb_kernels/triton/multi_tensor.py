@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import to_device
+from ..contract import to_device
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import LambSegment, flat, is_dense
+from .contract import LambSegment, flat, is_dense
 
 
 # Elements per partial sum of squares. torch's fp32 norm of one long vector on the CPU drifts with
