@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..hyper import WIDTH, LambColumn
-from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, chunk_extent, column_pointer, store_rounded, table_for, tl_dtype
+from .multi_tensor import chunk_opening, column_pointer, launch, scalar_or, store_rounded, table_for, tl_dtype
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LambColumn.LR.value)
@@ -67,15 +67,6 @@ def _lamb_update(p, m, v, h):
 
 
 @triton.jit
-def _elements(n, found_inf, HAS_FOUND_INF: tl.constexpr):
-    """The chunk's element count, or 0 when a GradScaler found a non-finite grad: nothing is
-    written, and no host ever looks at found_inf."""
-    if HAS_FOUND_INF:
-        n = tl.where(tl.load(found_inf) != 0, 0, n)
-    return n
-
-
-@triton.jit
 def _lamb_moments_kernel(
     ptrs,  # int64 [n_tensors, 4]: addresses of p, g, m, v
     numels,  # int64 [n_tensors]
@@ -96,13 +87,11 @@ def _lamb_moments_kernel(
     BLOCK: tl.constexpr,
 ):
     """Steps 1-5 of docs/design.md section 2 on one chunk: moments in place, partial sums of p^2 and u^2."""
-    t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
-    n = _elements(n, found_inf, HAS_FOUND_INF)
+    t, start, n, h = chunk_opening(numels, chunk_tensor, chunk_offset, hyper, found_inf, N_HYPER, HAS_FOUND_INF, CHUNK)
     p_ptr = column_pointer(ptrs, t, start, 4, _P, P_DTYPE)
     g_ptr = column_pointer(ptrs, t, start, 4, _G, G_DTYPE)
     m_ptr = column_pointer(ptrs, t, start, 4, _M, tl.float32)
     v_ptr = column_pointer(ptrs, t, start, 4, _V, tl.float32)
-    h = hyper + t * N_HYPER
     beta1 = tl.load(h + _BETA1)
     beta2 = tl.load(h + _BETA2)
     beta3 = tl.load(h + _BETA3)
@@ -161,12 +150,10 @@ def _lamb_apply_kernel(
     BLOCK: tl.constexpr,
 ):
     """Steps 6-7 of docs/design.md section 2 on one chunk: p <- p - lr * r * u, u recomputed from m and v."""
-    t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
-    n = _elements(n, found_inf, HAS_FOUND_INF)
+    t, start, n, h = chunk_opening(numels, chunk_tensor, chunk_offset, hyper, found_inf, N_HYPER, HAS_FOUND_INF, CHUNK)
     p_ptr = column_pointer(ptrs, t, start, N_COLS, _P, P_DTYPE)
     m_ptr = column_pointer(ptrs, t, start, N_COLS, _APPLY_M, tl.float32)
     v_ptr = column_pointer(ptrs, t, start, N_COLS, _APPLY_V, tl.float32)
-    h = hyper + t * N_HYPER
     # 6. Trust ratio, on the device: no host round trip for the norms.
     param_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 0))
     update_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1))
@@ -191,11 +178,6 @@ def _lamb_apply_kernel(
             store_rounded(column_pointer(ptrs, t, start, N_COLS, _APPLY_COPY, COPY_DTYPE) + offs, p, mask, COPY_DTYPE)
 
 
-def _scalar_or(t: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
-    # An absent optional input: any tensor stands in, the kernel never reads it (constexpr flag).
-    return stand_in if t is None else t
-
-
 @torch.library.custom_op("lamb_kernels::triton_lamb_moments", mutates_args=("exp_avgs", "exp_avg_sqs"))
 def lamb_moments(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                  exp_avg_sqs: list[torch.Tensor], hyper: torch.Tensor, grad_sumsq: Optional[torch.Tensor],
@@ -203,14 +185,10 @@ def lamb_moments(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
     """Steps 1-5: moments in place; per tensor ||p||^2 (before the update) and ||u||^2, [n, 2]."""
     table = table_for("lamb_moments", [params, grads, exp_avgs, exp_avg_sqs])
     partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=hyper.device)
-    if table.n_chunks:
-        _lamb_moments_kernel[(table.n_chunks,)](
-            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, hyper,
-            _scalar_or(grad_sumsq, hyper), _scalar_or(grad_scale, hyper), _scalar_or(found_inf, hyper), partials,
-            N_HYPER=N_HYPER, CLIP=grad_sumsq is not None, HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params), G_DTYPE=tl_dtype(grads),
-            CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
-        )
+    launch(_lamb_moments_kernel, table, hyper, scalar_or(grad_sumsq, hyper), scalar_or(grad_scale, hyper),
+           scalar_or(found_inf, hyper), partials, N_HYPER=N_HYPER, CLIP=grad_sumsq is not None,
+           HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params),
+           G_DTYPE=tl_dtype(grads))
     return table.per_tensor_sum(partials)
 
 
@@ -227,13 +205,9 @@ def lamb_apply(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg
     `params` are fp32 masters) each copy gets the new value too, rounded to its dtype."""
     columns = [params, exp_avgs, exp_avg_sqs] + ([copies] if copies else [])
     table = table_for("lamb_apply", columns)
-    if table.n_chunks:
-        _lamb_apply_kernel[(table.n_chunks,)](
-            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, hyper, norms.contiguous(),
-            _scalar_or(found_inf, hyper),
-            N_HYPER=N_HYPER, N_COLS=len(columns), HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params),
-            COPY_DTYPE=tl_dtype(copies, None), CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
-        )
+    launch(_lamb_apply_kernel, table, hyper, norms.contiguous(), scalar_or(found_inf, hyper), N_HYPER=N_HYPER,
+           N_COLS=len(columns), HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params),
+           COPY_DTYPE=tl_dtype(copies, None))
 
 
 @lamb_apply.register_fake

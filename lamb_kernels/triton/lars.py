@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from ..hyper import WIDTH, LarsColumn
-from .lamb import _elements, _scalar_or
-from .multi_tensor import BLOCK, CHUNK, LAUNCH_OPTIONS, chunk_extent, column_pointer, store_rounded, table_for, tl_dtype
+from .multi_tensor import chunk_opening, column_pointer, launch, scalar_or, store_rounded, table_for, tl_dtype
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LarsColumn.LR.value)
@@ -64,12 +63,10 @@ def _lars_apply_kernel(
     BLOCK: tl.constexpr,
 ):
     """docs/design.md section 3 on one chunk: p <- p - lr * d, d through trust ratio and momentum."""
-    t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
-    n = _elements(n, found_inf, HAS_FOUND_INF)
+    t, start, n, h = chunk_opening(numels, chunk_tensor, chunk_offset, hyper, found_inf, N_HYPER, HAS_FOUND_INF, CHUNK)
     p_ptr = column_pointer(ptrs, t, start, N_COLS, _P, P_DTYPE)
     g_ptr = column_pointer(ptrs, t, start, N_COLS, _G, G_DTYPE)
     b_ptr = column_pointer(ptrs, t, start, N_COLS, _BUF, tl.float32)
-    h = hyper + t * N_HYPER
     lr = tl.load(h + _LR)
     momentum = tl.load(h + _MOMENTUM)
     one_minus_dampening = tl.load(h + _ONE_MINUS_DAMPENING)
@@ -127,14 +124,10 @@ def lars_apply(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_b
     adapts; `copies` as in triton_lamb_apply."""
     columns = [params, grads, momentum_buffers] + ([copies] if copies else [])
     table = table_for("lars_apply", columns)
-    if table.n_chunks:
-        _lars_apply_kernel[(table.n_chunks,)](
-            table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, hyper,
-            hyper if norms is None else norms.contiguous(), _scalar_or(grad_scale, hyper), _scalar_or(found_inf, hyper),
-            N_HYPER=N_HYPER, N_COLS=len(columns), ADAPTIVE=norms is not None, HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params), G_DTYPE=tl_dtype(grads),
-            COPY_DTYPE=tl_dtype(copies, None), CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
-        )
+    launch(_lars_apply_kernel, table, hyper, hyper if norms is None else norms.contiguous(),
+           scalar_or(grad_scale, hyper), scalar_or(found_inf, hyper), N_HYPER=N_HYPER, N_COLS=len(columns),
+           ADAPTIVE=norms is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+           P_DTYPE=tl_dtype(params), G_DTYPE=tl_dtype(grads), COPY_DTYPE=tl_dtype(copies, None))
 
 
 @lars_apply.register_fake

@@ -56,6 +56,33 @@ def chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK: tl.constexpr):
     return t, start, tl.minimum(tl.load(numels + t) - start, CHUNK).to(tl.int32)
 
 
+@triton.jit
+def chunk_opening(numels, chunk_tensor, chunk_offset, hyper, found_inf, N_HYPER: tl.constexpr,
+                  HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr):
+    """What every optimizer kernel starts with: (tensor index, offset of the chunk's first element,
+    elements to do, the tensor's row of the hyperparameter table). No element when a GradScaler
+    found a non-finite grad: nothing is written, and no host ever looks at found_inf."""
+    t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
+    if HAS_FOUND_INF:
+        n = tl.where(tl.load(found_inf) != 0, 0, n)
+    return t, start, n, hyper + t * N_HYPER
+
+
+def launch(kernel, table, *args, **constexprs) -> None:
+    """Runs `kernel` once per chunk of `table`: its pointer table, sizes and chunk map come first,
+    then `args`, with the chunking constants and launch options; a bucket without a chunk (only
+    empty tensors) launches nothing. A new optimizer's launcher passes only its own arguments."""
+    if table.n_chunks:
+        kernel[(table.n_chunks,)](table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, *args,
+                                  CHUNK=CHUNK, BLOCK=BLOCK, **constexprs, **LAUNCH_OPTIONS)
+
+
+def scalar_or(t, stand_in: torch.Tensor) -> torch.Tensor:
+    """An absent optional input: any tensor stands in, the kernel never reads it (a constexpr flag
+    says so)."""
+    return stand_in if t is None else t
+
+
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -192,12 +219,8 @@ class MultiTensorTable:
         `dtypes`: the columns' Triton element types."""
         width = len(dtypes)
         partials = torch.empty((self.n_chunks, width), dtype=torch.float32, device=self.device)
-        if self.n_chunks:
-            _chunk_sumsq_kernel[(self.n_chunks,)](
-                self.pointers, self.numels, self.chunk_tensor, self.chunk_offset, partials,
-                N_COLS=self.n_columns, COL0=0, COL1=1 if width > 1 else -1, DTYPE0=dtypes[0],
-                DTYPE1=dtypes[-1], CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH_OPTIONS,
-            )
+        launch(_chunk_sumsq_kernel, self, partials, N_COLS=self.n_columns, COL0=0, COL1=1 if width > 1 else -1,
+               DTYPE0=dtypes[0], DTYPE1=dtypes[-1])
         return self.per_tensor_sum(partials)
 
     def per_tensor_sum(self, partials: torch.Tensor) -> torch.Tensor:
