@@ -53,6 +53,15 @@ def assert_unchanged(before, after):
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (i, key)
 
 
+
+def assert_refused(opt, params, error, match):
+    """A step raises `error` matching `match`, and every parameter, state tensor and step count is
+    as it was."""
+    before = snapshot(opt, params)
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))
+
 # -- 1. a parameter replaced or re-laid out after its state exists ---------------------------------
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
@@ -62,11 +71,8 @@ def test_parameter_of_another_shape_is_refused_before_any_change(device, backend
     train(opt, params, 2)  # two steps: the state check is cached by then
     params[0].data = torch.randn(1000, device=device)
     set_grads(params, 7)
-    before = snapshot(opt, params)
-    with pytest.raises(ValueError, match=r"optimizer state of param_groups\[0\]\['params'\]\[0\] \(\(1000,\).*"
-                                         r"does not fit it.*replaced"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, params))
+    assert_refused(opt, params, ValueError,
+                   r"optimizer state of param_groups\[0\]\['params'\]\[0\] \(\(1000,\).*does not fit it.*replaced")
     del opt.state[params[0]]  # the way out the message names: the parameter starts afresh
     opt.step()
     assert opt.state[params[0]] and all(torch.isfinite(p).all() for p in params)
@@ -133,10 +139,7 @@ def test_hyperparameter_edited_in_param_groups_is_refused_before_any_change(devi
     good = opt.param_groups[0].get(name)
     opt.param_groups[0][name] = value
     set_grads(params, 9)
-    before = snapshot(opt, params)
-    with pytest.raises(error, match=message):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, params))
+    assert_refused(opt, params, error, message)
     opt.param_groups[0][name] = good  # put right, the step runs again
     opt.step()
 
@@ -146,10 +149,7 @@ def test_missing_hyperparameter_is_named(device, backend):
     opt = FusedLAMB(params, backend=backend)
     train(opt, params, 1)
     del opt.param_groups[0]["betas"]
-    before = snapshot(opt, params)
-    with pytest.raises(ValueError, match=r"param_groups\[0\]: the hyperparameter 'betas' is missing"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, params))
+    assert_refused(opt, params, ValueError, r"param_groups\[0\]: the hyperparameter 'betas' is missing")
 
 
 def test_betas_edited_in_place_are_checked_again():
@@ -242,16 +242,11 @@ def test_duplicate_made_after_construction_is_refused_at_the_step(device, backen
     train(opt, params, 2)
     opt.param_groups[0]["params"].append(params[0])  # by hand
     set_grads(params, 5)
-    before = snapshot(opt, params)
-    with pytest.raises(ValueError, match=r"\['params'\]\[3\] is param_groups\[0\]\['params'\]\[0\] again"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, params))
+    assert_refused(opt, params, ValueError, r"\['params'\]\[3\] is param_groups\[0\]\['params'\]\[0\] again")
     opt.param_groups[0]["params"].pop()
     params[2].data = params[0].data  # tied by hand: two parameters, one memory
-    before = snapshot(opt, params)
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[\d\] and param_groups\[0\]\['params'\]\[\d\] share memory"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, params))
+    assert_refused(opt, params, ValueError,
+                   r"param_groups\[0\]\['params'\]\[\d\] and param_groups\[0\]\['params'\]\[\d\] share memory")
 
 
 # -- 6. a trust ratio that is not a number -------------------------------------------------------
@@ -411,10 +406,7 @@ def test_cpu_tensor_hyperparameters_written_in_place_are_checked_again(device, b
         good = float(tensor)
         tensor.fill_(float("nan"))  # the same tensor object, a bad value
         set_grads(params, 4)
-        before = snapshot(opt, params)
-        with pytest.raises(ValueError, match=rf"param_groups\[0\]: {name} must be in"):
-            opt.step()
-        assert_unchanged(before, snapshot(opt, params))
+        assert_refused(opt, params, ValueError, rf"param_groups\[0\]: {name} must be in")
         tensor.fill_(good)
     opt.step()
 
@@ -442,11 +434,8 @@ def test_state_tensors_shared_between_parameters_are_refused(device, backend, op
     key = "exp_avg" if optimizer is FusedLAMB else "momentum_buffer"
     opt.state[params[1]][key] = opt.state[params[0]][key]  # by hand
     set_grads(params, 6)
-    before = snapshot(opt, params)
-    with pytest.raises(ValueError, match=rf"the '{key}' state of param_groups\[0\]\['params'\]\[\d\] and the "
-                                         rf"'{key}' state of param_groups\[0\]\['params'\]\[\d\] share memory"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, params))
+    assert_refused(opt, params, ValueError, rf"the '{key}' state of param_groups\[0\]\['params'\]\[\d\] and the "
+                                            rf"'{key}' state of param_groups\[0\]\['params'\]\[\d\] share memory")
 
 
 def test_load_state_dict_changes_nothing_when_a_value_cannot_be_placed():
