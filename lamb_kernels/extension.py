@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from .schemas import register_fakes
+
 logger = logging.getLogger("lamb_kernels")
 
 
@@ -230,20 +232,4 @@ def unavailable_reason() -> str | None:
 
 def _register_fake_kernels() -> None:
     """Shapes and dtypes of the operators' results without running them (torch.compile, opcheck)."""
-
-    @torch.library.register_fake("lamb_kernels::sums_of_squares")
-    def _(tensors, paired, chunk_size):
-        shape = (len(tensors),) if paired is None else (len(tensors), 2)
-        return torch.empty(shape, dtype=torch.float32, device=tensors[0].device if tensors else "cpu")
-
-    @torch.library.register_fake("lamb_kernels::lamb_moments")
-    def _(params, grads, exp_avgs, exp_avg_sqs, hyper, grad_sumsq, grad_scale, found_inf, chunk_size):
-        return hyper.new_empty((len(params), 2), dtype=torch.float32)
-
-    @torch.library.register_fake("lamb_kernels::lamb_apply")
-    def _(params, exp_avgs, exp_avg_sqs, hyper, norms, found_inf, copies, chunk_size):
-        return None
-
-    @torch.library.register_fake("lamb_kernels::lars_apply")
-    def _(params, grads, momentum_buffers, hyper, norms, grad_scale, found_inf, copies, chunk_size):
-        return None
+    register_fakes("")

@@ -385,26 +385,18 @@ def test_opcheck_every_operator(device, backend, dtype, master):
     plain_sgd[:, LarsColumn.ADAPT] = 0.0
     w, g, m, v, c = lamb_seg.params, lamb_seg.grads, lamb_seg.exp_avgs, lamb_seg.exp_avg_sqs, lamb_seg.copies
     b = lars_seg.momentum_buffers
-    if backend == "cpp":
-        chunk = 256
-        calls = [
-            (ops.sums_of_squares, (g, None, chunk)), (ops.sums_of_squares, (w, g, chunk)),
-            (ops.lamb_moments, (w, g, m, v, lamb_table, torch.tensor([9.0]), s["grad_scale"], s["found_inf"], chunk)),
-            (ops.lamb_moments, (w, g, m, v, lamb_table, None, None, None, chunk)),
-            (ops.lamb_apply, (w, m, v, lamb_table, norms, s["found_inf"], c, chunk)),
-            (ops.lars_apply, (w, g, b, lars_table, norms, s["grad_scale"], s["found_inf"], c, chunk)),
-            (ops.lars_apply, (w, g, b, plain_sgd, None, None, None, c, chunk)),
-        ]
-    else:
-        calls = [
-            (ops.triton_sums_of_squares, (g, [])), (ops.triton_sums_of_squares, (w, g)),
-            (ops.triton_lamb_moments, (w, g, m, v, lamb_table, torch.tensor([9.0], device=device), s["grad_scale"],
-                                       s["found_inf"])),
-            (ops.triton_lamb_moments, (w, g, m, v, lamb_table, None, None, None)),
-            (ops.triton_lamb_apply, (w, m, v, lamb_table, norms, s["found_inf"], c)),
-            (ops.triton_lars_apply, (w, g, b, lars_table, norms, s["grad_scale"], s["found_inf"], c)),
-            (ops.triton_lars_apply, (w, g, b, plain_sgd, None, None, None, c)),
-        ]
+    # One schema per stage: the C++ operators and the Triton ones take the same arguments.
+    prefix, chunk = ("", 256) if backend == "cpp" else ("triton_", 256)
+    op = {stage: getattr(ops, prefix + stage) for stage in ("sums_of_squares", "lamb_moments", "lamb_apply", "lars_apply")}
+    calls = [
+        (op["sums_of_squares"], (g, None, chunk)), (op["sums_of_squares"], (w, g, chunk)),
+        (op["lamb_moments"], (w, g, m, v, lamb_table, torch.tensor([9.0], device=device), s["grad_scale"],
+                              s["found_inf"], chunk)),
+        (op["lamb_moments"], (w, g, m, v, lamb_table, None, None, None, chunk)),
+        (op["lamb_apply"], (w, m, v, lamb_table, norms, s["found_inf"], c, chunk)),
+        (op["lars_apply"], (w, g, b, lars_table, norms, s["grad_scale"], s["found_inf"], c, chunk)),
+        (op["lars_apply"], (w, g, b, plain_sgd, None, None, None, c, chunk)),
+    ]
     for op, args in calls:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

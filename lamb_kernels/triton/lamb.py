@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..hyper import WIDTH, LambColumn
+from ..schemas import SCHEMAS
 from .multi_tensor import chunk_opening, column_pointer, launch, scalar_or, store_rounded, table_for, tl_dtype
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
@@ -178,12 +179,14 @@ def _lamb_apply_kernel(
             store_rounded(column_pointer(ptrs, t, start, N_COLS, _APPLY_COPY, COPY_DTYPE) + offs, p, mask, COPY_DTYPE)
 
 
-@torch.library.custom_op("lamb_kernels::triton_lamb_moments", mutates_args=("exp_avgs", "exp_avg_sqs"))
+@torch.library.custom_op("lamb_kernels::triton_lamb_moments", mutates_args=("exp_avgs", "exp_avg_sqs"),
+                         schema=SCHEMAS["lamb_moments"])
 def lamb_moments(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                  exp_avg_sqs: list[torch.Tensor], hyper: torch.Tensor, grad_sumsq: Optional[torch.Tensor],
-                 grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> torch.Tensor:
-    """Steps 1-5: moments in place; per tensor ||p||^2 (before the update) and ||u||^2, [n, 2]."""
-    table = table_for("lamb_moments", [params, grads, exp_avgs, exp_avg_sqs])
+                 grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """The `lamb_moments` stage (lamb_kernels/schemas.py), steps 1-5: moments in place; per tensor
+    ||p||^2 (before the update) and ||u||^2, [n, 2]."""
+    table = table_for("lamb_moments", [params, grads, exp_avgs, exp_avg_sqs], chunk_size)
     partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=hyper.device)
     launch(_lamb_moments_kernel, table, hyper, scalar_or(grad_sumsq, hyper), scalar_or(grad_scale, hyper),
            scalar_or(found_inf, hyper), partials, N_HYPER=N_HYPER, CLIP=grad_sumsq is not None,
@@ -192,24 +195,16 @@ def lamb_moments(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
     return table.per_tensor_sum(partials)
 
 
-@lamb_moments.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, hyper, grad_sumsq, grad_scale, found_inf):
-    return hyper.new_empty((len(params), 2))
-
-
-@torch.library.custom_op("lamb_kernels::triton_lamb_apply", mutates_args=("params", "copies"))
+@torch.library.custom_op("lamb_kernels::triton_lamb_apply", mutates_args=("params", "copies"),
+                         schema=SCHEMAS["lamb_apply"])
 def lamb_apply(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                hyper: torch.Tensor, norms: torch.Tensor, found_inf: Optional[torch.Tensor],
-               copies: list[torch.Tensor]) -> None:
-    """Steps 6-7: p <- p - lr * r * u; with `copies` (the model's low-precision params, when
-    `params` are fp32 masters) each copy gets the new value too, rounded to its dtype."""
+               copies: list[torch.Tensor], chunk_size: int) -> None:
+    """The `lamb_apply` stage (lamb_kernels/schemas.py), steps 6-7: p <- p - lr * r * u; with
+    `copies` (the model's low-precision params, when `params` are fp32 masters) each copy gets the
+    new value too, rounded to its dtype."""
     columns = [params, exp_avgs, exp_avg_sqs] + ([copies] if copies else [])
-    table = table_for("lamb_apply", columns)
+    table = table_for("lamb_apply", columns, chunk_size)
     launch(_lamb_apply_kernel, table, hyper, norms.contiguous(), scalar_or(found_inf, hyper), N_HYPER=N_HYPER,
            N_COLS=len(columns), HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params),
            COPY_DTYPE=tl_dtype(copies, None))
-
-
-@lamb_apply.register_fake
-def _(params, exp_avgs, exp_avg_sqs, hyper, norms, found_inf, copies):
-    return None

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..hyper import WIDTH, LarsColumn
+from ..schemas import SCHEMAS
 from .multi_tensor import chunk_opening, column_pointer, launch, scalar_or, store_rounded, table_for, tl_dtype
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
@@ -115,21 +116,17 @@ def _lars_apply_kernel(
             store_rounded(column_pointer(ptrs, t, start, N_COLS, _COPY, COPY_DTYPE) + offs, p, mask, COPY_DTYPE)
 
 
-@torch.library.custom_op("lamb_kernels::triton_lars_apply", mutates_args=("params", "momentum_buffers", "copies"))
+@torch.library.custom_op("lamb_kernels::triton_lars_apply", mutates_args=("params", "momentum_buffers", "copies"),
+                         schema=SCHEMAS["lars_apply"])
 def lars_apply(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
                hyper: torch.Tensor, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
-               found_inf: Optional[torch.Tensor], copies: list[torch.Tensor]) -> None:
+               found_inf: Optional[torch.Tensor], copies: list[torch.Tensor], chunk_size: int) -> None:
     """docs/design.md section 3. A tensor without momentum has an empty placeholder in momentum_buffers (its
     address, 0, is never read: the table's HAS_MOMENTUM column is 0). `norms` is None when no tensor
     adapts; `copies` as in triton_lamb_apply."""
     columns = [params, grads, momentum_buffers] + ([copies] if copies else [])
-    table = table_for("lars_apply", columns)
+    table = table_for("lars_apply", columns, chunk_size)
     launch(_lars_apply_kernel, table, hyper, hyper if norms is None else norms.contiguous(),
            scalar_or(grad_scale, hyper), scalar_or(found_inf, hyper), N_HYPER=N_HYPER, N_COLS=len(columns),
            ADAPTIVE=norms is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
            P_DTYPE=tl_dtype(params), G_DTYPE=tl_dtype(grads), COPY_DTYPE=tl_dtype(copies, None))
-
-
-@lars_apply.register_fake
-def _(params, grads, momentum_buffers, hyper, norms, grad_scale, found_inf, copies):
-    return None

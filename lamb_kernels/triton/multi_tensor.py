@@ -25,6 +25,7 @@ warm-up copies nothing from the host.
 """
 import collections
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..contract import to_device
+from ..schemas import SCHEMAS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -74,7 +76,7 @@ def launch(kernel, table, *args, **constexprs) -> None:
     empty tensors) launches nothing. A new optimizer's launcher passes only its own arguments."""
     if table.n_chunks:
         kernel[(table.n_chunks,)](table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, *args,
-                                  CHUNK=CHUNK, BLOCK=BLOCK, **constexprs, **LAUNCH_OPTIONS)
+                                  CHUNK=table.chunk, BLOCK=BLOCK, **constexprs, **LAUNCH_OPTIONS)
 
 
 def scalar_or(t, stand_in: torch.Tensor) -> torch.Tensor:
@@ -177,8 +179,9 @@ class MultiTensorTable:
     steady training loop both are built once. `builds` counts the rebuilds, for tests.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, chunk: int = CHUNK):
         self.device = device
+        self.chunk = chunk  # elements per chunk: one program each
         self.builds = {"chunks": 0, "pointers": 0}
         self._numels = None
         self._addresses = None
@@ -200,7 +203,7 @@ class MultiTensorTable:
 
     def _build_chunk_map(self, numels) -> None:
         sizes = np.array(numels, dtype=np.int64)
-        counts = -(-sizes // CHUNK)  # ceil; zero-size tensors get no chunk
+        counts = -(-sizes // self.chunk)  # ceil; zero-size tensors get no chunk
         tensor_chunks = np.zeros(len(sizes) + 1, dtype=np.int32)
         np.cumsum(counts, out=tensor_chunks[1:])
         self.n_tensors = len(sizes)
@@ -209,7 +212,7 @@ class MultiTensorTable:
         chunk_index = np.arange(self.n_chunks, dtype=np.int64) - tensor_chunks[:-1][chunk_tensor]
         self.numels = to_device(sizes, self.device)
         self.chunk_tensor = to_device(chunk_tensor, self.device)
-        self.chunk_offset = to_device(chunk_index * CHUNK, self.device)
+        self.chunk_offset = to_device(chunk_index * self.chunk, self.device)
         self.tensor_chunks = to_device(tensor_chunks, self.device)
         self._numels = numels
         self.builds["chunks"] += 1
@@ -232,17 +235,17 @@ _TABLES = collections.OrderedDict()
 _TABLES_KEPT = 64  # enough for several optimizers with several buckets each
 
 
-def table_for(operator: str, columns) -> MultiTensorTable:
-    """The cached table of `operator` for these tensors: one per (device, sizes, address of the
-    first tensor), which tells optimizers apart; a new grad tensor (``zero_grad(set_to_none=True)``)
-    rebuilds only the pointer table, as in `MultiTensorTable.update`."""
+def table_for(operator: str, columns, chunk: int = CHUNK) -> MultiTensorTable:
+    """The cached table of `operator` for these tensors: one per (device, chunk size, sizes, address
+    of the first tensor), which tells optimizers apart; a new grad tensor (``zero_grad(set_to_none=
+    True)``) rebuilds only the pointer table, as in `MultiTensorTable.update`."""
     first = columns[0][0] if columns[0] else None
     device = first.device if first is not None else torch.device("cpu")
-    key = (operator, device, len(columns), tuple(t.numel() for t in columns[0]),
+    key = (operator, device, chunk, len(columns), tuple(t.numel() for t in columns[0]),
            first.data_ptr() if first is not None else 0)
     table = _TABLES.get(key)
     if table is None:
-        table = _TABLES[key] = MultiTensorTable(device)
+        table = _TABLES[key] = MultiTensorTable(device, chunk)
         while len(_TABLES) > _TABLES_KEPT:
             _TABLES.popitem(last=False)
     _TABLES.move_to_end(key)
@@ -250,19 +253,15 @@ def table_for(operator: str, columns) -> MultiTensorTable:
     return table
 
 
-@torch.library.custom_op("lamb_kernels::triton_sums_of_squares", mutates_args=())
-def sums_of_squares(tensors: list[torch.Tensor], paired: list[torch.Tensor]) -> torch.Tensor:
-    """Per tensor, sum of x^2 in fp32: [n_tensors], or [n_tensors, 2] with a non-empty `paired`
-    (read in the same pass)."""
-    columns = [list(tensors), list(paired)] if paired else [list(tensors)]
-    table = table_for("sums_of_squares", columns)
+@torch.library.custom_op("lamb_kernels::triton_sums_of_squares", mutates_args=(),
+                         schema=SCHEMAS["sums_of_squares"])
+def sums_of_squares(tensors: list[torch.Tensor], paired: Optional[list[torch.Tensor]], chunk_size: int) -> torch.Tensor:
+    """The `sums_of_squares` stage (lamb_kernels/schemas.py): per tensor, sum of x^2 in fp32,
+    [n_tensors], or [n_tensors, 2] with `paired` (read in the same pass)."""
+    columns = [list(tensors), list(paired)] if paired is not None else [list(tensors)]
+    table = table_for("sums_of_squares", columns, chunk_size)
     sums = table.per_tensor_sumsq([tl_dtype(column) for column in columns])
-    return sums if paired else sums.reshape(-1)
-
-
-@sums_of_squares.register_fake
-def _(tensors, paired):
-    return tensors[0].new_empty((len(tensors), 2) if paired else (len(tensors),), dtype=torch.float32)
+    return sums if paired is not None else sums.reshape(-1)
 
 
 def segment_sum(partials: torch.Tensor, bounds: torch.Tensor, n_segments: int) -> torch.Tensor:

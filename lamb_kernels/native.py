@@ -1,0 +1,97 @@
+"""One backend for every native operator family that follows the stage schemas (schemas.py): the
+C++ operators (``torch.ops.lamb_kernels.<stage>``, CPU) and the Triton ones
+(``torch.ops.lamb_kernels.triton_<stage>``, CUDA, or CPU tensors under the interpreter). One
+operator call per stage and bucket, whatever the number of tensors: LAMB 3 (2 without clipping),
+LARS 2 (1 when no group adapts)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .contract import flat, lars_written, mark_modified
+from .hyper import lamb_hyper, lars_hyper
+
+
+class Plan:
+    """One step of one bucket: the tensor lists each operator takes, and the hyperparameter table."""
+
+    def __init__(self, segments, hyper: torch.Tensor, names):
+        self.segments = segments
+        self.hyper = hyper
+        self.device = hyper.device
+        for name in names:
+            setattr(self, name, flat(segments, name))
+
+
+class NativeBackend:
+    """A backend over the operator family ``torch.ops.lamb_kernels.<prefix><stage>``, each tensor
+    cut into chunks of `chunk_size` elements. One object per (device, dtype) bucket of an optimizer:
+    it owns that bucket's hyperparameter tables."""
+
+    def __init__(self, name: str, prefix: str, chunk_size: int):
+        self.name = name
+        self.chunk_size = chunk_size
+        self._ops = torch.ops.lamb_kernels  # (looked up per call: a test counts the calls through it)
+        self._prefix = prefix
+        self._hyper = {}  # "lamb" / "lars" -> HyperTable on the bucket's device
+
+    def _hyper_table(self, kind: str, segments, make) -> torch.Tensor:
+        device = segments[0].params[0].device
+        table = self._hyper.get(kind)
+        if table is None or table.device != device:
+            table = self._hyper[kind] = make(device)
+        return table.update(segments)
+
+    def _op(self, stage: str):
+        return getattr(self._ops, self._prefix + stage)
+
+    @staticmethod
+    def _on_device(plan):
+        # Triton launches on the current CUDA device; parameters may live on another one.
+        return torch.cuda.device(plan.device) if plan.device.type == "cuda" else contextlib.nullcontext()
+
+    # -- LAMB, docs/design.md section 2 ----------------------------------------------------------
+
+    def prepare_lamb(self, segments) -> Plan:
+        return Plan(segments, self._hyper_table("lamb", segments, lamb_hyper),
+                    ("params", "grads", "exp_avgs", "exp_avg_sqs", "copies"))
+
+    def grad_sums_of_squares(self, plan: Plan) -> torch.Tensor:
+        with self._on_device(plan):
+            return self._op("sums_of_squares")(plan.grads, None, self.chunk_size)
+
+    def lamb_update_norms_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> torch.Tensor:
+        with self._on_device(plan):
+            norms = self._op("lamb_moments")(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper,
+                                             grad_sumsq, grad_scale, found_inf, self.chunk_size)
+        mark_modified(plan.exp_avgs + plan.exp_avg_sqs)
+        return norms
+
+    def lamb_apply_(self, plan: Plan, norms: torch.Tensor, found_inf=None) -> None:
+        with self._on_device(plan):
+            self._op("lamb_apply")(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper, norms.contiguous(),
+                                   found_inf, plan.copies, self.chunk_size)
+        mark_modified(plan.params + plan.copies)
+
+    # -- LARS, docs/design.md section 3 ----------------------------------------------------------
+
+    def prepare_lars(self, segments) -> Plan:
+        plan = Plan(segments, self._hyper_table("lars", segments, lars_hyper), ("params", "grads", "copies"))
+        # A tensor without momentum gets an empty placeholder of its own (never read or written):
+        # the operator's mutable buffer list never aliases the params, nor itself. Explicit dtype and
+        # device: torch.set_default_device / dtype must not reach it.
+        plan.momentum_buffers = [torch.empty(0, dtype=torch.float32, device=plan.device) if b is None else b
+                                 for b in flat(segments, "momentum_buffers")]
+        plan.modified = lars_written(segments)
+        return plan
+
+    def lars_norms(self, plan: Plan) -> torch.Tensor:
+        with self._on_device(plan):
+            return self._op("sums_of_squares")(plan.params, plan.grads, self.chunk_size)
+
+    def lars_apply_(self, plan: Plan, norms, grad_scale=None, found_inf=None) -> None:
+        with self._on_device(plan):
+            self._op("lars_apply")(plan.params, plan.grads, plan.momentum_buffers, plan.hyper, norms, grad_scale,
+                                   found_inf, plan.copies, self.chunk_size)
+        mark_modified(plan.modified)

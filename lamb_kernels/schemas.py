@@ -1,0 +1,61 @@
+"""The four stages every native operator family implements, with one schema each: the C++ operators
+``torch.ops.lamb_kernels.<stage>`` (csrc/ops.cpp) and the Triton ones
+``torch.ops.lamb_kernels.triton_<stage>`` take the same arguments in the same order, and their fake
+kernels (shapes and dtypes without running, for torch.compile and opcheck) are written here once.
+
+    sums_of_squares(Tensor[] tensors, Tensor[]? paired, int chunk_size) -> Tensor
+        per tensor, the sum of squares: [n] fp32, or [n, 2] with `paired` (both read in one pass)
+    lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs,
+                 Tensor hyper, Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, int chunk_size)
+                 -> Tensor
+        LAMB steps 1-5, moments in place; per tensor ||p||^2 and ||u||^2, [n, 2]
+    lamb_apply(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor hyper, Tensor norms,
+               Tensor? found_inf, Tensor(d!)[] copies, int chunk_size) -> ()
+        LAMB steps 6-7
+    lars_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper,
+               Tensor? norms, Tensor? grad_scale, Tensor? found_inf, Tensor(c!)[] copies, int chunk_size) -> ()
+        LARS, docs/design.md section 3
+
+`hyper` is the bucket's hyperparameter table (lamb_kernels/hyper.py); `chunk_size` the elements per
+chunk (one program, or one task of a thread). docs/design.md section 7 says what each computes.
+"""
+import torch
+
+# The schemas, as csrc/ops.cpp declares them (tests/test_cpp_backend.py checks that they agree).
+SCHEMAS = {
+    "sums_of_squares": "(Tensor[] tensors, Tensor[]? paired, int chunk_size) -> Tensor",
+    "lamb_moments": "(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+                    "Tensor hyper, Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, int chunk_size) -> Tensor",
+    "lamb_apply": "(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor hyper, Tensor norms, "
+                  "Tensor? found_inf, Tensor(d!)[] copies, int chunk_size) -> ()",
+    "lars_apply": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, Tensor? norms, "
+                  "Tensor? grad_scale, Tensor? found_inf, Tensor(c!)[] copies, int chunk_size) -> ()",
+}
+STAGES = tuple(SCHEMAS)
+
+
+def _sums_of_squares(tensors, paired, chunk_size):
+    shape = (len(tensors),) if paired is None else (len(tensors), 2)
+    return torch.empty(shape, dtype=torch.float32, device=tensors[0].device if tensors else "cpu")
+
+
+def _lamb_moments(params, grads, exp_avgs, exp_avg_sqs, hyper, grad_sumsq, grad_scale, found_inf, chunk_size):
+    return hyper.new_empty((len(params), 2), dtype=torch.float32)
+
+
+def _lamb_apply(params, exp_avgs, exp_avg_sqs, hyper, norms, found_inf, copies, chunk_size):
+    return None
+
+
+def _lars_apply(params, grads, momentum_buffers, hyper, norms, grad_scale, found_inf, copies, chunk_size):
+    return None
+
+
+FAKES = {"sums_of_squares": _sums_of_squares, "lamb_moments": _lamb_moments, "lamb_apply": _lamb_apply,
+         "lars_apply": _lars_apply}
+
+
+def register_fakes(prefix: str) -> None:
+    """Registers the fake kernels of the operator family ``lamb_kernels::<prefix><stage>``."""
+    for stage in STAGES:
+        torch.library.register_fake(f"lamb_kernels::{prefix}{stage}", FAKES[stage])
