@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -96,6 +97,32 @@ class LarsSegment:
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
 
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend provides, per (device, dtype) bucket and step (docs/design.md section 7).
+    A plan is whatever the backend needs to launch (tables, tensor lists); it keeps its segments
+    as ``plan.segments``."""
+
+    name: str
+
+    def prepare_lamb(self, segments: list) -> Any: ...
+
+    def grad_sums_of_squares(self, plan: Any) -> torch.Tensor: ...
+
+    def lamb_update_norms_(self, plan: Any, grad_sumsq: Optional[torch.Tensor],
+                           grad_scale: Optional[torch.Tensor] = None,
+                           found_inf: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    def lamb_apply_(self, plan: Any, norms: torch.Tensor, found_inf: Optional[torch.Tensor] = None) -> None: ...
+
+    def prepare_lars(self, segments: list) -> Any: ...
+
+    def lars_norms(self, plan: Any) -> torch.Tensor: ...
+
+    def lars_apply_(self, plan: Any, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor] = None,
+                    found_inf: Optional[torch.Tensor] = None) -> None: ...
 
 def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one block of memory, whatever the strides."""

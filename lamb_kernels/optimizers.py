@@ -734,32 +734,37 @@ class FusedLAMB(_MultiTensorOptimizer):
         return backend.prepare_lamb(segments)
 
     def _run_plans(self, plans, grad_scale, found_inf) -> None:
-        # 1. Global grad norm over every parameter with a grad, in all groups; skipped when no group
-        # clips. Bucket sums are added in a fixed order, so reruns give the same bits. Under a
-        # GradScaler these are sums over the scaled grads: the kernels divide the norm by the scale.
-        # Sharded tensors' sums are summed over their ranks first (lamb_kernels/distributed.py).
-        shardings = _shardings(plans)
-        grad_sumsq = None
-        if any(plan_clips(plan) for _, _, plan in plans):
-            per_tensor = [backend.grad_sums_of_squares(plan) for backend, _, plan in plans]
-            if shardings:
-                all_reduce_sharded_(per_tensor, *shardings)
-            sums = [sums.sum() for sums in per_tensor]
-            grad_sumsq = sums[0]
-            for partial in sums[1:]:
-                grad_sumsq = grad_sumsq + partial.to(grad_sumsq.device)
+        lamb_step(plans, grad_scale, found_inf)
 
-        # 2-5 on every bucket, then the per-tensor ||p||^2, ||u||^2 of sharded tensors summed over
-        # their ranks, then 6-7.
-        norms = []
-        for backend, (device, _, _), plan in plans:
-            scale, found = _on(grad_scale, device), _on(found_inf, device)
-            norms.append(backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device),
-                                                    scale, found))
+def lamb_step(plans, grad_scale, found_inf) -> None:
+    """One LAMB step on every bucket: the only place the order of its stages lives (docs/design.md
+    section 2). `plans`: (backend, (device, dtype, backend name), plan) per bucket."""
+    # 1. Global grad norm over every parameter with a grad, in all groups; skipped when no group
+    # clips. Bucket sums are added in a fixed order, so reruns give the same bits. Under a
+    # GradScaler these are sums over the scaled grads: the kernels divide the norm by the scale.
+    # Sharded tensors' sums are summed over their ranks first (lamb_kernels/distributed.py).
+    shardings = _shardings(plans)
+    grad_sumsq = None
+    if any(plan_clips(plan) for _, _, plan in plans):
+        per_tensor = [backend.grad_sums_of_squares(plan) for backend, _, plan in plans]
         if shardings:
-            all_reduce_sharded_(norms, *shardings)
-        for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
-            backend.lamb_apply_(plan, bucket_norms, _on(found_inf, device))
+            all_reduce_sharded_(per_tensor, *shardings)
+        sums = [sums.sum() for sums in per_tensor]
+        grad_sumsq = sums[0]
+        for partial in sums[1:]:
+            grad_sumsq = grad_sumsq + partial.to(grad_sumsq.device)
+
+    # 2-5 on every bucket, then the per-tensor ||p||^2, ||u||^2 of sharded tensors summed over
+    # their ranks, then 6-7.
+    norms = []
+    for backend, (device, _, _), plan in plans:
+        scale, found = _on(grad_scale, device), _on(found_inf, device)
+        norms.append(backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device),
+                                                scale, found))
+    if shardings:
+        all_reduce_sharded_(norms, *shardings)
+    for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
+        backend.lamb_apply_(plan, bucket_norms, _on(found_inf, device))
 
 
 def _shardings(plans, adaptive_only: bool = False) -> tuple:
@@ -945,16 +950,21 @@ class FusedLARS(_MultiTensorOptimizer):
         return backend.prepare_lars(segments)
 
     def _run_plans(self, plans, grad_scale, found_inf) -> None:
-        # Per-tensor ||p||^2, ||g||^2 of every bucket (none without adaptation in the bucket: no pass
-        # over memory for norms), those of sharded tensors summed over their ranks, then the update.
-        norms = [backend.lars_norms(plan) if any(seg.adaptation for seg in plan.segments) else None
-                 for backend, _, plan in plans]
-        shardings = _shardings(plans, adaptive_only=True)
-        if shardings:
-            reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
-            all_reduce_sharded_([norms[i] for i in reduced], *([part[i] for i in reduced] for part in shardings))
-        for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
-            backend.lars_apply_(plan, bucket_norms, _on(grad_scale, device), _on(found_inf, device))
+        lars_step(plans, grad_scale, found_inf)
+
+def lars_step(plans, grad_scale, found_inf) -> None:
+    """One LARS step on every bucket: the only place the order of its stages lives (docs/design.md
+    section 3). `plans` as in lamb_step."""
+    # Per-tensor ||p||^2, ||g||^2 of every bucket (none without adaptation in the bucket: no pass
+    # over memory for norms), those of sharded tensors summed over their ranks, then the update.
+    norms = [backend.lars_norms(plan) if any(seg.adaptation for seg in plan.segments) else None
+             for backend, _, plan in plans]
+    shardings = _shardings(plans, adaptive_only=True)
+    if shardings:
+        reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
+        all_reduce_sharded_([norms[i] for i in reduced], *([part[i] for i in reduced] for part in shardings))
+    for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
+        backend.lars_apply_(plan, bucket_norms, _on(grad_scale, device), _on(found_inf, device))
 
 
 class FusedMixedPrecisionLamb(FusedLAMB):

@@ -1,5 +1,6 @@
-"""One schema per stage: the C++ operators (csrc/ops.cpp) and the Triton ones take the same
-arguments in the same order, as lamb_kernels/schemas.py writes them."""
+"""The backend contract: one schema per stage (the C++ operators of csrc/ops.cpp and the Triton ones
+take the same arguments in the same order, as lamb_kernels/schemas.py writes them), and every
+backend implements the Backend protocol of lamb_kernels/contract.py."""
 import pytest
 import torch
 
@@ -19,3 +20,13 @@ def test_every_operator_family_follows_the_stage_schemas(backend, prefix):
         pytest.skip(f"{backend} unavailable here")
     for stage, schema in SCHEMAS.items():
         assert schema_of(prefix + stage) == schema, stage
+
+
+def test_every_backend_implements_the_backend_protocol():
+    from lamb_kernels.contract import Backend
+    from lamb_kernels.ops import create_backend
+
+    for name in lamb_kernels.available_backends("cpu"):
+        backend = create_backend(name)
+        assert isinstance(backend, Backend), name
+        assert backend.name == name
