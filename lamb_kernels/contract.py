@@ -11,14 +11,14 @@ LAMB (`LambSegment`, docs/design.md section 2)
 - ``grad_sums_of_squares(plan) -> Tensor``: per tensor, the sum of squares of its grad (``[n_tensors]``
   fp32), for the global grad norm of step 1 (the optimizer adds them, in a fixed order, after
   summing a sharded tensor's over its ranks);
-- ``lamb_update_norms_(plan, grad_sumsq, grad_scale, found_inf) -> Tensor``: steps 1-5 (moments
+- ``lamb_moments_(plan, grad_sumsq, grad_scale, found_inf) -> Tensor``: steps 1-5 (moments
   updated in place) and the per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||u||^2), with
   p taken before the update; ``grad_sumsq`` is None when no group clips;
 - ``lamb_apply_(plan, norms, found_inf)``: steps 6-7, u recomputed from the moments.
 
 LARS (`LarsSegment`, docs/design.md section 3)
 - ``prepare_lars(segments) -> plan``;
-- ``lars_norms(plan) -> Tensor``: per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||g||^2);
+- ``lars_sums_of_squares(plan) -> Tensor``: per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||g||^2);
 - ``lars_apply_(plan, norms, grad_scale, found_inf)``: trust ratio, weight decay, momentum and the
   update.
 
@@ -111,7 +111,7 @@ class Backend(Protocol):
 
     def grad_sums_of_squares(self, plan: Any) -> torch.Tensor: ...
 
-    def lamb_update_norms_(self, plan: Any, grad_sumsq: Optional[torch.Tensor],
+    def lamb_moments_(self, plan: Any, grad_sumsq: Optional[torch.Tensor],
                            grad_scale: Optional[torch.Tensor] = None,
                            found_inf: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
@@ -119,7 +119,7 @@ class Backend(Protocol):
 
     def prepare_lars(self, segments: list) -> Any: ...
 
-    def lars_norms(self, plan: Any) -> torch.Tensor: ...
+    def lars_sums_of_squares(self, plan: Any) -> torch.Tensor: ...
 
     def lars_apply_(self, plan: Any, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor] = None,
                     found_inf: Optional[torch.Tensor] = None) -> None: ...

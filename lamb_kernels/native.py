@@ -61,7 +61,7 @@ class NativeBackend:
         with self._on_device(plan):
             return self._op("sums_of_squares")(plan.grads, None, self.chunk_size)
 
-    def lamb_update_norms_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> torch.Tensor:
+    def lamb_moments_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> torch.Tensor:
         with self._on_device(plan):
             norms = self._op("lamb_moments")(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper,
                                              grad_sumsq, grad_scale, found_inf, self.chunk_size)
@@ -86,7 +86,7 @@ class NativeBackend:
         plan.modified = lars_written(segments)
         return plan
 
-    def lars_norms(self, plan: Plan) -> torch.Tensor:
+    def lars_sums_of_squares(self, plan: Plan) -> torch.Tensor:
         with self._on_device(plan):
             return self._op("sums_of_squares")(plan.params, plan.grads, self.chunk_size)
 

@@ -140,7 +140,8 @@ def _memory_span(p: torch.Tensor) -> tuple:
     """(device, first byte, one past the last byte) of a dense tensor's elements."""
     extent = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
     start = p.data_ptr()
-    return (p.device.type, -1 if p.device.index is None else p.device.index), start, start + (extent + 1) * p.element_size()
+    device = (p.device.type, -1 if p.device.index is None else p.device.index)
+    return device, start, start + (extent + 1) * p.element_size()
 
 
 def _check_distinct(groups, state=None, state_keys=()) -> None:
@@ -431,7 +432,8 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                 where = f"state_dict['state'][{param_id}]"
                 label = _param_label(group_index, param_index, group)
                 if not isinstance(entry, dict):
-                    raise TypeError(f"{where} (for {label}) must be a dict of state entries, got {type(entry).__name__}")
+                    raise TypeError(
+                        f"{where} (for {label}) must be a dict of state entries, got {type(entry).__name__}")
                 missing = [key for key in self._REQUIRED_STATE if entry.get(key) is None]
                 if entry and missing:
                     raise ValueError(f"{where} (for {label}) has no {', '.join(map(repr, missing))}: a "
@@ -759,7 +761,7 @@ def lamb_step(plans, grad_scale, found_inf) -> None:
     norms = []
     for backend, (device, _, _), plan in plans:
         scale, found = _on(grad_scale, device), _on(found_inf, device)
-        norms.append(backend.lamb_update_norms_(plan, None if grad_sumsq is None else grad_sumsq.to(device),
+        norms.append(backend.lamb_moments_(plan, None if grad_sumsq is None else grad_sumsq.to(device),
                                                 scale, found))
     if shardings:
         all_reduce_sharded_(norms, *shardings)
@@ -957,7 +959,7 @@ def lars_step(plans, grad_scale, found_inf) -> None:
     section 3). `plans` as in lamb_step."""
     # Per-tensor ||p||^2, ||g||^2 of every bucket (none without adaptation in the bucket: no pass
     # over memory for norms), those of sharded tensors summed over their ranks, then the update.
-    norms = [backend.lars_norms(plan) if any(seg.adaptation for seg in plan.segments) else None
+    norms = [backend.lars_sums_of_squares(plan) if any(seg.adaptation for seg in plan.segments) else None
              for backend, _, plan in plans]
     shardings = _shardings(plans, adaptive_only=True)
     if shardings:

@@ -25,7 +25,8 @@ import torch
 SCHEMAS = {
     "sums_of_squares": "(Tensor[] tensors, Tensor[]? paired, int chunk_size) -> Tensor",
     "lamb_moments": "(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
-                    "Tensor hyper, Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, int chunk_size) -> Tensor",
+                    "Tensor hyper, Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, "
+                    "int chunk_size) -> Tensor",
     "lamb_apply": "(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor hyper, Tensor norms, "
                   "Tensor? found_inf, Tensor(d!)[] copies, int chunk_size) -> ()",
     "lars_apply": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, Tensor? norms, "

@@ -145,7 +145,7 @@ class TorchBackend:
             torch._foreach_mul_(scratch, grad_scale.reciprocal().reshape(()))
         return scratch
 
-    def lamb_update_norms_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> torch.Tensor:
+    def lamb_moments_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> torch.Tensor:
         norms = []
         for seg, scratch, bias_corrections in zip(plan.segments, plan.scratch, plan.bias_corrections):
             clips = grad_sumsq is not None and seg.max_grad_norm > 0
@@ -206,7 +206,7 @@ class TorchBackend:
 
     # -- LARS, docs/design.md section 3 ------------------------------------------------------------------
 
-    def lars_norms(self, plan: Plan) -> torch.Tensor:
+    def lars_sums_of_squares(self, plan: Plan) -> torch.Tensor:
         return torch.stack([_sums_of_squares(flat(plan.segments, "params")),
                             _sums_of_squares(flat(plan.segments, "grads"))], dim=1)
 
