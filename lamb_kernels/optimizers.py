@@ -310,9 +310,10 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         try:
             for param_index, p in enumerate(group["params"]):
                 self._check_param(p, env, group_index, param_index, group)
-                check_not_flat(p, _param_label(group_index, param_index, group))
+                label = _param_label(group_index, param_index, group)
+                check_not_flat(p, label)
                 if is_dtensor(p):
-                    sharding_of(p, _param_label(group_index, param_index, group))
+                    sharding_of(p, label)
             _check_distinct(self.param_groups)
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -758,15 +759,15 @@ def lamb_step(plans, grad_scale, found_inf) -> None:
 
     # 2-5 on every bucket, then the per-tensor ||p||^2, ||u||^2 of sharded tensors summed over
     # their ranks, then 6-7.
-    norms = []
+    norms, founds = [], []
     for backend, (device, _, _), plan in plans:
         scale, found = _on(grad_scale, device), _on(found_inf, device)
-        norms.append(backend.lamb_moments_(plan, None if grad_sumsq is None else grad_sumsq.to(device),
-                                                scale, found))
+        norms.append(backend.lamb_moments_(plan, None if grad_sumsq is None else grad_sumsq.to(device), scale, found))
+        founds.append(found)
     if shardings:
         all_reduce_sharded_(norms, *shardings)
-    for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
-        backend.lamb_apply_(plan, bucket_norms, _on(found_inf, device))
+    for (backend, _, plan), bucket_norms, found in zip(plans, norms, founds):
+        backend.lamb_apply_(plan, bucket_norms, found)
 
 
 def _shardings(plans, adaptive_only: bool = False) -> tuple:
