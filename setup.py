@@ -33,7 +33,7 @@ if os.environ.get("LAMB_KERNELS_BUILD_EXT") == "1":
 # The project's metadata and dependencies are in pyproject.toml; what is here is the package layout and
 # the optional ahead-of-time build.
 setup(
-    packages=["lamb_kernels", "lamb_kernels.triton", "lamb_kernels.csrc"],
+    packages=["lamb_kernels", "lamb_kernels.optimizers", "lamb_kernels.triton", "lamb_kernels.csrc"],
     # The C++ sources travel inside the package, so an installed copy can build them on first use.
     package_dir={"lamb_kernels.csrc": "csrc"},
     package_data={"lamb_kernels.csrc": ["*.cpp", "*.h"], "lamb_kernels": stamp},

@@ -6,8 +6,8 @@ one backend object as a list of segments (one per param group present in the buc
 step a backend provides:
 
 LAMB (`LambSegment`, docs/design.md section 2)
-- ``prepare_lamb(segments) -> plan``: whatever the backend needs to launch (the triton backend's
-  cached pointer and chunk tables, the per-tensor hyperparameters); called once per step;
+- ``prepare_lamb(segments) -> Plan``: the bucket's tensor lists and whatever the backend needs to
+  launch (the native backends' hyperparameter table, the torch backend's scratch); once per step;
 - ``grad_sums_of_squares(plan) -> Tensor``: per tensor, the sum of squares of its grad (``[n_tensors]``
   fp32), for the global grad norm of step 1 (the optimizer adds them, in a fixed order, after
   summing a sharded tensor's over its ranks);
@@ -17,7 +17,7 @@ LAMB (`LambSegment`, docs/design.md section 2)
 - ``lamb_apply_(plan, norms, found_inf)``: steps 6-7, u recomputed from the moments.
 
 LARS (`LarsSegment`, docs/design.md section 3)
-- ``prepare_lars(segments) -> plan``;
+- ``prepare_lars(segments) -> Plan``;
 - ``lars_sums_of_squares(plan) -> Tensor``: per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||g||^2);
 - ``lars_apply_(plan, norms, grad_scale, found_inf)``: trust ratio, weight decay, momentum and the
   update.
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -99,30 +99,68 @@ class LarsSegment:
 
 
 
+@dataclass(eq=False)
+class Plan:
+    """One step of one bucket, as every backend's ``prepare_lamb`` / ``prepare_lars`` returns it
+    (`lamb_plan`, `lars_plan`): the bucket's segments, their per-tensor fields flattened in order (the
+    lists one multi-tensor launch takes), and what the backend keeps for its launches."""
+
+    segments: list
+    device: torch.device
+    params: list
+    grads: list
+    copies: list
+    written: list  # what the apply stage writes: params, copies, and LARS's momentum buffers
+    exp_avgs: list = field(default_factory=list)  # LAMB
+    exp_avg_sqs: list = field(default_factory=list)  # LAMB
+    momentum_buffers: list = field(default_factory=list)  # LARS: per tensor, its buffer or None
+    hyper: Optional[torch.Tensor] = None  # native backends: the hyperparameter table (hyper.py)
+    scratch: list = field(default_factory=list)  # torch backend: per segment, fp32 tensors like seg.params
+    step_values: list = field(default_factory=list)  # torch backend: per segment, the values a step changes
+
+
+def _plan(segments, **lists) -> Plan:
+    params, copies = flat(segments, "params"), flat(segments, "copies")
+    return Plan(segments=segments, device=params[0].device, params=params, grads=flat(segments, "grads"),
+                copies=copies, written=params + copies, **lists)
+
+
+def lamb_plan(segments) -> Plan:
+    """The plan of a bucket of LambSegments, before the backend adds what it keeps."""
+    return _plan(segments, exp_avgs=flat(segments, "exp_avgs"), exp_avg_sqs=flat(segments, "exp_avg_sqs"))
+
+
+def lars_plan(segments) -> Plan:
+    """The plan of a bucket of LarsSegments, before the backend adds what it keeps."""
+    plan = _plan(segments, momentum_buffers=flat(segments, "momentum_buffers"))
+    plan.written += [b for b in plan.momentum_buffers if b is not None]
+    return plan
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What every backend provides, per (device, dtype) bucket and step (docs/design.md section 7).
-    A plan is whatever the backend needs to launch (tables, tensor lists); it keeps its segments
-    as ``plan.segments``."""
+    ``prepare_*`` is called once per step and returns the bucket's `Plan`; the stages take it."""
 
     name: str
 
-    def prepare_lamb(self, segments: list) -> Any: ...
+    def prepare_lamb(self, segments: list) -> Plan: ...
 
-    def grad_sums_of_squares(self, plan: Any) -> torch.Tensor: ...
+    def grad_sums_of_squares(self, plan: Plan) -> torch.Tensor: ...
 
-    def lamb_moments_(self, plan: Any, grad_sumsq: Optional[torch.Tensor],
-                           grad_scale: Optional[torch.Tensor] = None,
-                           found_inf: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+    def lamb_moments_(self, plan: Plan, grad_sumsq: Optional[torch.Tensor],
+                      grad_scale: Optional[torch.Tensor] = None,
+                      found_inf: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
-    def lamb_apply_(self, plan: Any, norms: torch.Tensor, found_inf: Optional[torch.Tensor] = None) -> None: ...
+    def lamb_apply_(self, plan: Plan, norms: torch.Tensor, found_inf: Optional[torch.Tensor] = None) -> None: ...
 
-    def prepare_lars(self, segments: list) -> Any: ...
+    def prepare_lars(self, segments: list) -> Plan: ...
 
-    def lars_sums_of_squares(self, plan: Any) -> torch.Tensor: ...
+    def lars_sums_of_squares(self, plan: Plan) -> torch.Tensor: ...
 
-    def lars_apply_(self, plan: Any, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor] = None,
+    def lars_apply_(self, plan: Plan, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor] = None,
                     found_inf: Optional[torch.Tensor] = None) -> None: ...
+
 
 def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one block of memory, whatever the strides."""
@@ -142,13 +180,6 @@ def flat(segments, field_name: str) -> list:
     """Every entry of one per-tensor field (``"params"``, ``"grads"``, ...) of `segments`, in order:
     the bucket-wide lists that the multi-tensor backends hand to one launch."""
     return [t for seg in segments for t in getattr(seg, field_name)]
-
-
-def lars_written(segments) -> list:
-    """What a LARS step writes: the params (and their low-precision copies) and the momentum buffers
-    that exist."""
-    buffers = [b for b in flat(segments, "momentum_buffers") if b is not None]
-    return flat(segments, "params") + flat(segments, "copies") + buffers
 
 
 def to_device(array, device: torch.device) -> torch.Tensor:

@@ -9,19 +9,8 @@ import contextlib
 
 import torch
 
-from .contract import flat, lars_written, mark_modified
+from .contract import Plan, lamb_plan, lars_plan, mark_modified
 from .hyper import lamb_hyper, lars_hyper
-
-
-class Plan:
-    """One step of one bucket: the tensor lists each operator takes, and the hyperparameter table."""
-
-    def __init__(self, segments, hyper: torch.Tensor, names):
-        self.segments = segments
-        self.hyper = hyper
-        self.device = hyper.device
-        for name in names:
-            setattr(self, name, flat(segments, name))
 
 
 class NativeBackend:
@@ -54,8 +43,9 @@ class NativeBackend:
     # -- LAMB, docs/design.md section 2 ----------------------------------------------------------
 
     def prepare_lamb(self, segments) -> Plan:
-        return Plan(segments, self._hyper_table("lamb", segments, lamb_hyper),
-                    ("params", "grads", "exp_avgs", "exp_avg_sqs", "copies"))
+        plan = lamb_plan(segments)
+        plan.hyper = self._hyper_table("lamb", segments, lamb_hyper)
+        return plan
 
     def grad_sums_of_squares(self, plan: Plan) -> torch.Tensor:
         with self._on_device(plan):
@@ -72,18 +62,18 @@ class NativeBackend:
         with self._on_device(plan):
             self._op("lamb_apply")(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper, norms.contiguous(),
                                    found_inf, plan.copies, self.chunk_size)
-        mark_modified(plan.params + plan.copies)
+        mark_modified(plan.written)
 
     # -- LARS, docs/design.md section 3 ----------------------------------------------------------
 
     def prepare_lars(self, segments) -> Plan:
-        plan = Plan(segments, self._hyper_table("lars", segments, lars_hyper), ("params", "grads", "copies"))
+        plan = lars_plan(segments)
+        plan.hyper = self._hyper_table("lars", segments, lars_hyper)
         # A tensor without momentum gets an empty placeholder of its own (never read or written):
         # the operator's mutable buffer list never aliases the params, nor itself. Explicit dtype and
         # device: torch.set_default_device / dtype must not reach it.
         plan.momentum_buffers = [torch.empty(0, dtype=torch.float32, device=plan.device) if b is None else b
-                                 for b in flat(segments, "momentum_buffers")]
-        plan.modified = lars_written(segments)
+                                 for b in plan.momentum_buffers]
         return plan
 
     def lars_sums_of_squares(self, plan: Plan) -> torch.Tensor:
@@ -94,4 +84,4 @@ class NativeBackend:
         with self._on_device(plan):
             self._op("lars_apply")(plan.params, plan.grads, plan.momentum_buffers, plan.hyper, norms, grad_scale,
                                    found_inf, plan.copies, self.chunk_size)
-        mark_modified(plan.modified)
+        mark_modified(plan.written)

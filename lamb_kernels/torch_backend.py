@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import LambSegment, flat, is_dense
+from .contract import LambSegment, Plan, is_dense, lamb_plan, lars_plan
 
 
 # Elements per partial sum of squares. torch's fp32 norm of one long vector on the CPU drifts with
@@ -84,19 +84,13 @@ def _lamb_updates_(seg: LambSegment, out: list, bias_corrections) -> list:
     return out
 
 
-class Plan:
-    """One step of one bucket: its segments, an fp32 scratch tensor per parameter, and per segment
-    the values that change from step to step (lr, bias corrections) as tensors: under torch.compile
-    a Python float that changes would be baked into the graph or recompile it."""
-
-    def __init__(self, segments, scratch):
-        self.segments = segments
-        self.scratch = scratch  # per segment, a list like seg.params
-        self.lrs = [_as_tensor(seg.lr, seg) for seg in segments]
-        self.bias_corrections = [
-            (_per_tensor(_as_tensor(seg.bias_correction1, seg)), _per_tensor(_as_tensor(seg.bias_correction2, seg)))
-            if hasattr(seg, "bias_correction1") else None for seg in segments
-        ]
+def _step_values(seg) -> tuple:
+    """(lr, bias corrections or None) of a segment as tensors: under torch.compile a Python float
+    that changes from step to step would be baked into the graph or recompile it."""
+    lr = _as_tensor(seg.lr, seg)
+    if not hasattr(seg, "bias_correction1"):
+        return lr, None
+    return lr, (_per_tensor(_as_tensor(seg.bias_correction1, seg)), _per_tensor(_as_tensor(seg.bias_correction2, seg)))
 
 
 def _as_tensor(value, seg) -> torch.Tensor:
@@ -114,26 +108,31 @@ class TorchBackend:
     def __init__(self):
         self._scratch = {}
 
-    def _prepare(self, segments) -> Plan:
-        params = [p for seg in segments for p in seg.params]
-        live = {id(p) for p in params}
+    def _scratch_for(self, plan: Plan) -> Plan:
+        """The plan with its scratch tensors (those of parameters no longer stepped are let go) and
+        the values this step changes."""
+        live = {id(p) for p in plan.params}
         for key in [key for key in self._scratch if key not in live]:
             del self._scratch[key]
-        scratch = []
-        for seg in segments:
+        for seg in plan.segments:
             buffers = []
             for p in seg.params:
                 buffer = self._scratch.get(id(p))
                 if buffer is None or buffer.shape != p.shape or buffer.device != p.device:
                     buffer = self._scratch[id(p)] = torch.empty_like(p, dtype=torch.float32)
                 buffers.append(buffer)
-            scratch.append(buffers)
-        return Plan(segments, scratch)
+            plan.scratch.append(buffers)
+            plan.step_values.append(_step_values(seg))
+        return plan
 
-    prepare_lamb = prepare_lars = _prepare
+    def prepare_lamb(self, segments) -> Plan:
+        return self._scratch_for(lamb_plan(segments))
+
+    def prepare_lars(self, segments) -> Plan:
+        return self._scratch_for(lars_plan(segments))
 
     def grad_sums_of_squares(self, plan: Plan) -> torch.Tensor:
-        return _sums_of_squares(flat(plan.segments, "grads"))
+        return _sums_of_squares(plan.grads)
 
     @staticmethod
     def _unscaled_grads(seg, scratch, copy: bool, grad_scale):
@@ -147,7 +146,7 @@ class TorchBackend:
 
     def lamb_moments_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> torch.Tensor:
         norms = []
-        for seg, scratch, bias_corrections in zip(plan.segments, plan.scratch, plan.bias_corrections):
+        for seg, scratch, (_, bias_corrections) in zip(plan.segments, plan.scratch, plan.step_values):
             clips = grad_sumsq is not None and seg.max_grad_norm > 0
             l2 = not seg.adam_w_mode and seg.weight_decay != 0
             grads = self._unscaled_grads(seg, scratch, clips or l2 or found_inf is not None, grad_scale)
@@ -181,7 +180,7 @@ class TorchBackend:
 
     def lamb_apply_(self, plan: Plan, norms: torch.Tensor, found_inf=None) -> None:
         first = 0
-        for seg, scratch, lr, bias_corrections in zip(plan.segments, plan.scratch, plan.lrs, plan.bias_corrections):
+        for seg, scratch, (lr, bias_corrections) in zip(plan.segments, plan.scratch, plan.step_values):
             count = len(seg.params)
             seg_norms = norms[first : first + count].sqrt()
             first += count
@@ -207,12 +206,11 @@ class TorchBackend:
     # -- LARS, docs/design.md section 3 ------------------------------------------------------------------
 
     def lars_sums_of_squares(self, plan: Plan) -> torch.Tensor:
-        return torch.stack([_sums_of_squares(flat(plan.segments, "params")),
-                            _sums_of_squares(flat(plan.segments, "grads"))], dim=1)
+        return torch.stack([_sums_of_squares(plan.params), _sums_of_squares(plan.grads)], dim=1)
 
     def lars_apply_(self, plan: Plan, norms: torch.Tensor, grad_scale=None, found_inf=None) -> None:
         first = 0
-        for seg, scratch, lr in zip(plan.segments, plan.scratch, plan.lrs):
+        for seg, scratch, (lr, _) in zip(plan.segments, plan.scratch, plan.step_values):
             count = len(seg.params)
             first += count
             # Read only unless it is the scratch copy.

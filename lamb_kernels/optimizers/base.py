@@ -1,0 +1,485 @@
+"""What FusedLAMB and FusedLARS share: the step's outline, backend choice per bucket, the checks
+before anything changes, and state dict loading. An optimizer module (lamb.py, lars.py) adds its
+hyperparameters, its state, its segments and its algorithm's stage order.
+
+A step, as `MultiTensorOptimizer._plan_step` runs it (host work, eager even under torch.compile):
+1. `_params_to_step`: every group, parameter, grad and state checked; raises before any change;
+2. `_init_state`: missing state entries created, step counts advanced;
+3. `_bucket`: the parameters split into (device, dtype, backend) buckets of segments, one segment
+   per param group in a bucket (contract.py);
+4. the backend's ``prepare_*`` makes each bucket's Plan;
+then `_run` (the optimizer's ``lamb_step`` or ``lars_step``) calls the backends' stages in order.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..contract import flat, is_dense
+from ..distributed import check_grad, check_not_flat, distributed_like, is_dtensor, local, sharding_of
+from ..ops import ENV_VAR, check_backend_name, create_backend, resolve_backend
+from .checks import (check_distinct, check_number, check_scaler_tensor, group_key, param_label,
+                     raise_bad_grad)
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype
+
+
+def _sharded_alike(t, p) -> bool:
+    """A state tensor of a DTensor parameter is a DTensor with its mesh and placements; of a plain
+    parameter, a plain tensor."""
+    if not is_dtensor(p):
+        return not is_dtensor(t)
+    return is_dtensor(t) and t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements)
+
+
+def _in_layout_of(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A copy of state tensor t in p's memory layout (its values and dtype unchanged)."""
+    return torch.empty_like(p, dtype=t.dtype).copy_(t)
+
+
+class MultiTensorOptimizer(torch.optim.Optimizer):
+    """What FusedLAMB and FusedLARS share: backend choice per (device, dtype), validation of groups,
+    parameters, grads and state before anything changes, and state dict loading."""
+
+    _STATE_TENSORS = ()  # state entries shaped like their parameter
+    _STATE_KEYS = ()  # the entries a step uses: those and the step count
+    _REQUIRED_STATE = ()  # entries a non-empty state must have
+    # GradScaler hands the step its scale and found_inf (as attributes, the way torch's fused
+    # optimizers take them) instead of unscaling the grads and syncing on found_inf itself.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, backend: str, master_weights: bool = False):
+        self._validate_group(defaults)
+        self.backend = check_backend_name(backend)
+        self.master_weights = bool(master_weights)
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        """What the step remembers of its last checks, so that it checks again only what changed."""
+        self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
+        self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
+        self._checked_params = {}  # param -> _param_key(...) at its last check
+        self._checked_groups = {}  # id(group) -> (group, group_key(group)) last validated
+
+    # -- what each optimizer defines -----------------------------------------------------------
+
+    @staticmethod
+    def _validate_group(group: dict, where: str = "") -> None:
+        """Raise naming the hyperparameter of `group` that is out of range or of the wrong type."""
+        raise NotImplementedError
+
+    def _init_state(self, work: list, found_inf) -> set:
+        """Create the missing state entries of the parameters about to step, and advance their step
+        counts; returns the parameters whose state entries were created by this call."""
+        raise NotImplementedError
+
+    def _bucket(self, work: list, fresh: set) -> dict:
+        """The parameters about to step as segments, per (device, dtype, backend name) bucket."""
+        raise NotImplementedError
+
+    def _prepare(self, backend, segments):
+        """The backend's Plan for one bucket (``backend.prepare_lamb`` or ``prepare_lars``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _run(plans: list, grad_scale, found_inf) -> None:
+        """The algorithm's stages on every bucket (``lamb_step`` or ``lars_step``)."""
+        raise NotImplementedError
+
+    # -- the step's outline ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step. Under a GradScaler (``scaler.step(opt)``) the scale and ``found_inf`` arrive as
+        the attributes ``grad_scale`` and ``found_inf``: the kernels unscale the grads, and a
+        non-finite grad leaves params, states and step counts unchanged, decided on the device."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        plan_step = self._plan_step
+        if torch.compiler.is_compiling():  # (wrapped here: importing dynamo must not be needed to step)
+            plan_step = torch.compiler.disable(plan_step)
+        plans = plan_step(grad_scale, found_inf)
+        if plans:
+            self._run(plans, grad_scale, found_inf)
+        return loss
+
+    def _plan_step(self, grad_scale, found_inf) -> list:
+        """Host-side bookkeeping, run eagerly even inside torch.compile: checks (raising before
+        anything changes), state, step counts, and each bucket's Plan, as (backend, bucket key,
+        plan). What follows (`_run`) is only the registered operators, which compile without a
+        graph break."""
+        check_scaler_tensor("grad_scale", grad_scale)
+        check_scaler_tensor("found_inf", found_inf)
+        work = self._params_to_step()
+        if not work:
+            return []
+        fresh = self._init_state(work, found_inf)
+        buckets = self._bucket(work, fresh)
+        plans = []
+        for key, segments in buckets.items():
+            backend = self._backend(key)
+            plans.append((backend, key, self._prepare(backend, segments)))
+        return plans
+
+    # -- what the optimizers' segments share ----------------------------------------------------
+
+    def _wants_master(self, p: torch.Tensor) -> bool:
+        """Whether p gets an fp32 master copy in its state (``state[p]["master_param"]``)."""
+        return self.master_weights and p.dtype != torch.float32
+
+    def _weights(self, p: torch.Tensor, shard: torch.Tensor, state: dict, seg) -> torch.Tensor:
+        """The tensor the step updates for p: its fp32 master copy (created here on first use, from
+        the parameter), with p itself appended to the segment's copies; else p. `shard` is p's
+        local shard (p itself unless p is a DTensor): the backends see plain tensors only."""
+        if not self._wants_master(p):
+            # A master left from when p was low precision is stale once p is not: a later return to
+            # low precision starts a new one from p.
+            state.pop("master_param", None)
+            return shard
+        master = state.get("master_param")
+        if master is None:
+            master = state["master_param"] = p.detach().to(STATE_DTYPE, memory_format=torch.preserve_format)
+        seg.copies.append(shard)
+        return master if shard is p else local(master)
+
+    # -- groups, state and pickling -------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim's, with every check of the constructor first; a parameter that is already
+        in the optimizer (in this group or another), or shares memory with one, is refused."""
+        group_index = len(self.param_groups)
+        where = f"param_groups[{group_index}]: "
+        self._validate_group({**self.defaults, **param_group}, where)
+        try:
+            with warnings.catch_warnings():  # a duplicate inside the group is refused below
+                warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate")
+                super().add_param_group(param_group)
+        except ValueError as exc:
+            if "more than one parameter group" not in str(exc):
+                raise
+            check_distinct([*self.param_groups, param_group])  # names the parameter
+            raise
+        group = self.param_groups[-1]
+        env = os.environ.get(ENV_VAR)
+        try:
+            for param_index, p in enumerate(group["params"]):
+                self._check_param(p, env, group_index, param_index, group)
+                label = param_label(group_index, param_index, group)
+                check_not_flat(p, label)
+                if is_dtensor(p):
+                    sharding_of(p, label)
+            check_distinct(self.param_groups)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        self._checked_groups[id(group)] = (group, group_key(group))
+
+    def _check_param(self, p: torch.Tensor, env, group_index: int, param_index: int, group: dict, shard=None) -> str:
+        """Checks a parameter on its own; returns the backend name that will step it. `env` is the
+        value of $LAMB_KERNELS_BACKEND, read once per step."""
+        name = self._resolved.get((p.device, env))
+        if name is None:
+            name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
+        if p.dtype in SUPPORTED_DTYPES and (name == "torch" or is_dense(local(p) if shard is None else shard)):
+            return name
+        if p.dtype in SUPPORTED_DTYPES and self.backend == "auto" and not env:
+            return "torch"  # an automatic choice takes the backend that handles any layout
+        label = param_label(group_index, param_index, group)
+        if p.is_complex():
+            raise TypeError(f"{label} is complex; {type(self).__name__} supports real parameters only")
+        if p.dtype not in SUPPORTED_DTYPES:
+            supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+            raise TypeError(f"{label} has dtype {p.dtype}; supported parameter dtypes: {supported}")
+        raise ValueError(
+            f"{label} is not dense in memory (strides {p.stride()}); the {name} backend needs "
+            "dense parameters, backend='torch' takes any layout"
+        )
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        state["master_weights"] = self.master_weights
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("master_weights", False)
+        self._reset_caches()
+        self._fill_defaults()
+
+    def _fill_defaults(self) -> None:
+        # Groups saved by an older version, by apex or by timm may lack hyperparameters added since.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Everything is checked before anything is loaded: the saved groups' hyperparameters (as the
+        constructor checks them) and the state entries this optimizer uses (tensors of their
+        parameters' shapes, a numeric step count). Other entries are kept as torch.optim keeps them.
+        Once loaded, each state tensor takes its parameter's memory layout (a checkpoint of a
+        contiguous model may resume a channels_last one), states are fp32 whatever the parameter
+        dtype, and step counts live on the CPU (where reading them costs no sync), or on the
+        parameter's device with ``capturable=True``."""
+        for group_index, saved in enumerate(state_dict["param_groups"]):
+            hyper = {key: value for key, value in saved.items() if key not in ("params", "param_names")}
+            self._validate_group({**self.defaults, **hyper}, f"state_dict['param_groups'][{group_index}]: ")
+        self._check_saved_state(state_dict)
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            super().load_state_dict(state_dict)  # raises, explaining the mismatch, before any change
+        # Every value is placed before anything changes: one that cannot be (a tensor with no data)
+        # raises with the optimizer as it was. torch's loader would cast every state tensor to its
+        # parameter's dtype (bf16 moments and masters for a bf16 model): it loads only the groups.
+        targets = {param_id: (p, saved_group) for saved_group, group in zip(saved_groups, self.param_groups)
+                   for param_id, p in zip(saved_group["params"], group["params"])}
+        placed = {}
+        for param_id, saved in state_dict["state"].items():
+            if param_id not in targets:
+                placed[param_id] = saved
+                continue
+            p, saved_group = targets[param_id]
+            capturable = saved_group.get("capturable", self.defaults.get("capturable"))
+            placed[p] = self._placed_state(p, saved, capturable)
+        super().load_state_dict({**state_dict, "state": {}})
+        self._fill_defaults()
+        self.state.update(placed)
+        self._checked_params.clear()  # holds the replaced state tensors otherwise
+        self._checked_groups.clear()
+
+    def _placed_state(self, p: torch.Tensor, saved: dict, capturable) -> dict:
+        """A saved state as this optimizer keeps it (see `_loaded_value`), its step count an fp32
+        tensor on the CPU (on the parameter's device when capturable), its param-shaped tensors in
+        the parameter's memory layout."""
+        state = {key: self._loaded_value(p, key, value) for key, value in saved.items()}
+        if "step" in state:
+            device = p.device if capturable else "cpu"
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=device)
+        for key in self._STATE_TENSORS:
+            if torch.is_tensor(state.get(key)) and local(state[key]).stride() != local(p).stride():
+                state[key] = _in_layout_of(p, state[key])
+        return state
+
+    def _loaded_value(self, p: torch.Tensor, key, value):
+        """A saved state entry as this optimizer keeps it: its own param-shaped entries fp32 on the
+        parameter's device; any other tensor as torch.optim places it (the parameter's device, and
+        its dtype when both are floating point); anything else as it is."""
+        if not torch.is_tensor(value) or key == "step":
+            return value
+        if key in self._STATE_TENSORS:
+            value = value.to(device=p.device, dtype=STATE_DTYPE, copy=True)
+            # A full state dict's entry for a sharded parameter: each rank keeps its own part.
+            return distributed_like(p, value) if is_dtensor(p) and not is_dtensor(value) else value
+        if p.is_floating_point() and value.is_floating_point():
+            return value.to(device=p.device, dtype=p.dtype, copy=True)
+        return value.to(device=p.device, copy=True)
+
+    def _check_saved_state(self, state_dict: dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's load_state_dict explains this mismatch itself
+        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                return
+            for param_index, (p, param_id) in enumerate(zip(group["params"], saved["params"])):
+                entry = state_dict["state"].get(param_id, {})
+                where = f"state_dict['state'][{param_id}]"
+                label = param_label(group_index, param_index, group)
+                if not isinstance(entry, dict):
+                    raise TypeError(
+                        f"{where} (for {label}) must be a dict of state entries, got {type(entry).__name__}")
+                missing = [key for key in self._REQUIRED_STATE if entry.get(key) is None]
+                if entry and missing:
+                    raise ValueError(f"{where} (for {label}) has no {', '.join(map(repr, missing))}: a "
+                                     f"{type(self).__name__} state needs {', '.join(map(repr, self._REQUIRED_STATE))}")
+                for key in self._STATE_TENSORS:
+                    value = entry.get(key)
+                    if value is None:
+                        continue
+                    if not torch.is_tensor(value) or not value.is_floating_point():
+                        raise TypeError(f"{where}[{key!r}] must be a floating-point tensor (for {label}), got "
+                                        f"{type(value).__name__ if not torch.is_tensor(value) else value.dtype}")
+                    if value.shape != p.shape:
+                        raise ValueError(
+                            f"{where}[{key!r}] has shape {tuple(value.shape)}, but {label} has shape {tuple(p.shape)}"
+                        )
+                if "step" in entry:
+                    check_number("['step']", entry["step"], where)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _params_to_step(self):
+        """Every (group, params with grads) after checking them all: raises before any change.
+
+        What cannot change unseen is checked at every step (grads, dtypes, backends); what rarely
+        changes is checked again whenever it did: a group's hyperparameters or parameter list, and a
+        parameter's shape, layout, dtype, device or memory, or its state tensors (a load, a hand
+        edit). A state in another memory layout than its parameter (``model.to(memory_format=
+        torch.channels_last)`` after some steps) is copied into the parameter's layout, once every
+        check has passed."""
+        env = os.environ.get(ENV_VAR)
+        revalidated = self._check_groups()
+        changed = bool(revalidated)
+        work, relayouts, rechecked = [], [], []
+        for group_index, group in enumerate(self.param_groups):
+            params = []
+            for param_index, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+                    raise_bad_grad(p, param_label(group_index, param_index, group), type(self).__name__)
+                shard = local(p)  # (looked up once: the host work per tensor is the step's cost on small ones)
+                if shard is not p or is_dtensor(g):
+                    label = param_label(group_index, param_index, group)
+                    check_grad(p, label)
+                    sharding_of(p, label)  # raises for a placement the step cannot handle
+                name = self._check_param(p, env, group_index, param_index, group, shard)
+                state = self.state.get(p)
+                known = self._checked_params.get(p)
+                if known is None or known[0] != self._param_key(p, shard, name, state)[0]:
+                    changed = True
+                    if state:
+                        label = param_label(group_index, param_index, group)
+                        relayouts += [(p, state, k) for k in self._state_relayouts(p, state, name, label)]
+                    rechecked.append((p, shard, name))
+                params.append((p, name, (group_index, param_index), shard))
+            if params:
+                work.append((group, params))
+        if changed:
+            check_distinct(self.param_groups, self.state, self._STATE_KEYS)
+        for p, state, k in relayouts:
+            state[k] = _in_layout_of(p, state[k])
+        # Remembered only now that every check has passed: a refused step is checked again in full.
+        for group, key in revalidated:
+            self._checked_groups[id(group)] = (group, key)
+        for p, shard, name in rechecked:
+            self._checked_params[p] = self._param_key(p, shard, name, self.state.get(p))
+        return work
+
+    def _param_key(self, p: torch.Tensor, shard: torch.Tensor, name: str, state) -> tuple:
+        """What a parameter's last check depends on: its backend, shape, strides, dtype, device and
+        address, and which objects its state entries are (by id); with those objects, kept so that
+        their ids cannot be reused while the key is."""
+        objects = tuple(map(state.get, self._STATE_KEYS)) if state else ()
+        key = (name, shard.shape, shard.stride(), shard.dtype, shard.device, shard.data_ptr(), *map(id, objects))
+        if shard is not p:
+            key += (p.shape, tuple(p.placements), p.device_mesh)
+        return key, objects
+
+    def _check_groups(self) -> list:
+        """Validates, as the constructor does, every group whose hyperparameters or parameter list
+        changed since it was last validated (set by hand, by a scheduler or by a load); returns
+        those groups with their keys, to be remembered once the whole step has been checked."""
+        revalidated = []
+        for group_index, group in enumerate(self.param_groups):
+            if not isinstance(group.get("params"), list):
+                raise ValueError(f"param_groups[{group_index}] must hold its parameters as a list under 'params', "
+                                 f"got {type(group.get('params')).__name__}")
+            key = group_key(group)
+            known = self._checked_groups.get(id(group))
+            if known is None or known[0] is not group or known[1] != key:
+                self._validate_group(group, f"param_groups[{group_index}]: ")
+                for param_index, p in enumerate(group["params"]):
+                    if not isinstance(p, torch.Tensor):
+                        raise TypeError(f"{param_label(group_index, param_index, group)} is a {type(p).__name__}, "
+                                        "not a tensor")
+                revalidated.append((group, key))
+        return revalidated
+
+    def _state_relayouts(self, p: torch.Tensor, state: dict, backend_name: str, label: str) -> list:
+        """The state entries to copy into p's memory layout; raises unless the state fits p: its
+        shape and device, and for the multi-tensor kernels (which index p and its state alike) fp32."""
+        relayouts = []
+        fits = all(key in state for key in self._REQUIRED_STATE)
+        if "step" in self._REQUIRED_STATE and "step" in state:
+            # A one-element float tensor, on the CPU or on the parameter's device (capturable).
+            step = state["step"]
+            fits = fits and torch.is_tensor(step) and step.numel() == 1 and step.is_floating_point() and (
+                step.device.type == "cpu" or step.device == p.device)
+        for key in self._STATE_TENSORS:
+            t = state.get(key)
+            if t is None and key not in self._REQUIRED_STATE:
+                continue
+            if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device or not _sharded_alike(t, p):
+                fits = False
+            elif backend_name != "torch" and t.dtype != STATE_DTYPE:
+                fits = False
+            elif local(t).stride() != local(p).stride() and is_dense(local(p)):
+                relayouts.append(key)
+        if not fits:
+            self._raise_bad_state(p, state, label)
+        return relayouts
+
+    def _raise_bad_state(self, p: torch.Tensor, state: dict, label: str):
+        details = ", ".join(
+            f"{key}: {tuple(t.shape)} {t.dtype} on {t.device}, strides {t.stride()}" if torch.is_tensor(t)
+            else f"{key}: {t!r}" if key in state else f"{key}: missing"
+            for key, t in ((key, state.get(key)) for key in (*self._STATE_TENSORS, "step"))
+            if key in state or key in self._REQUIRED_STATE
+        )
+        raise ValueError(
+            f"the optimizer state of {label} ({tuple(p.shape)} {p.dtype} on {p.device}, strides "
+            f"{p.stride()}) does not fit it: {details}. Was the parameter replaced after its state was "
+            "created? Load a state dict that matches it, or delete optimizer.state[param] to start afresh"
+        )
+
+    def _segment_for(self, p: torch.Tensor, name: str, position: tuple, shard: torch.Tensor, segments_of_group: dict,
+                     buckets: dict, make_segment):
+        """The segment of p's group in p's (device, dtype, backend) bucket, created by
+        `make_segment()` on first use; p's grad, sharding and position (group, index: the same on
+        every rank, whatever the buckets) are appended to it (the caller appends the weights)."""
+        key = (p.device, p.dtype, name)
+        seg = segments_of_group.get(key)
+        if seg is None:
+            seg = segments_of_group[key] = make_segment()
+            buckets.setdefault(key, []).append(seg)
+        seg.grads.append(self._grad_for(p, shard, name))
+        seg.shardings.append(None if shard is p else sharding_of(p, ""))
+        seg.positions.append(position)
+        return seg
+
+    @staticmethod
+    def _grad_for(p: torch.Tensor, shard: torch.Tensor, backend_name: str) -> torch.Tensor:
+        # Multi-tensor kernels index p, g, m and v alike; a grad laid out unlike its parameter is
+        # copied into the parameter's layout (reading the user's grad, never writing it).
+        g = p.grad if shard is p else p.grad._local_tensor
+        if backend_name != "torch" and g.stride() != shard.stride() and g.numel() > 1:
+            return torch.empty_like(shard).copy_(g)
+        return g
+
+    def _backend(self, key):
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = self._backends[key] = create_backend(key[2])
+        return backend
+
+
+def bucket_shardings(plans, adaptive_only: bool = False) -> tuple:
+    """(per bucket, per tensor, its Sharding or None; per bucket, per tensor, its position), or ()
+    when no tensor is sharded. With `adaptive_only` (LARS), tensors whose group does not adapt get
+    None: their norms are not read, and which bucket computes norms may differ between ranks."""
+    shardings = [[s if not adaptive_only or seg.adaptation else None for seg in plan.segments for s in seg.shardings]
+                 for _, _, plan in plans]
+    if not any(s is not None for bucket in shardings for s in bucket):
+        return ()
+    return shardings, [flat(plan.segments, "positions") for _, _, plan in plans]
+
+
+def on_device(t, device):
+    return None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
+
+
+def lr_of(group: dict):
+    """The group's lr: a float, or the one-element tensor itself as a 0-d view (read on the device
+    by the kernels, so a value a scheduler writes in place is the one used)."""
+    lr = group["lr"]
+    return lr.reshape(()) if torch.is_tensor(lr) else float(lr)

@@ -1,0 +1,145 @@
+"""The checks every optimizer makes before a step or a load changes anything: numbers and switches
+of a param group, the group's validation key, parameters and state tensors each stepped once, grads
+that fit their parameters. Each error names the argument, the hyperparameter or the parameter."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+
+from ..contract import is_dense
+from ..distributed import local
+
+
+def param_label(group_index: int, param_index: int, group: dict) -> str:
+    names = group.get("param_names")
+    label = f"param_groups[{group_index}]['params'][{param_index}]"
+    return f"{label} ({names[param_index]!r})" if names and param_index < len(names) else label
+
+
+def check_number(name: str, value, where: str, lo: float = 0.0, hi: float = math.inf, hi_open=False):
+    """A real number, or a one-element tensor (its value is checked when it lives on the CPU: on a
+    device, reading it would wait for the device). Strings are refused, as torch.optim refuses them."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{where}{name} must be a number or a one-element real tensor, got a tensor of "
+                             f"shape {tuple(value.shape)} and dtype {value.dtype}")
+        if value.device.type != "cpu":
+            return
+        number = float(value)
+    elif isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        raise TypeError(f"{where}{name} must be a number, got {value!r}")
+    too_high = number >= hi if hi_open else number > hi
+    if math.isnan(number) or number < lo or too_high:
+        bracket = ")" if hi_open else "]"
+        raise ValueError(f"{where}{name} must be in [{lo}, {hi}{bracket}, got {value!r}")
+
+
+def check_flag(name: str, value, where: str, none_ok: bool = False) -> None:
+    """A switch: a bool (or 0 / 1); None too where the group may leave the choice to the optimizer."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return
+    allowed = "True, False or None" if none_ok else "True or False"
+    raise TypeError(f"{where}{name} must be {allowed}, got {value!r}")
+
+
+def hyperparameter(group: dict, name: str, where: str):
+    """group[name], or a ValueError naming the missing hyperparameter."""
+    try:
+        return group[name]
+    except KeyError:
+        raise ValueError(f"{where}the hyperparameter {name!r} is missing") from None
+
+
+class _Same:
+    """Equal to another _Same of the very same object: how a group's key compares tensors (a tensor
+    lr that a scheduler writes in place stays the same) and other objects without a plain value."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return type(other) is _Same and other.obj is self.obj
+
+    __hash__ = None
+
+
+def _frozen(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if torch.is_tensor(value) and value.device.type == "cpu" and value.numel() == 1 and not value.is_complex():
+        # A value written in place (lr.fill_(...)) is checked again; reading it on the CPU is free.
+        return _Same(value), float(value)
+    return _Same(value)
+
+
+def group_key(group: dict) -> tuple:
+    """What a group's validation depends on: its hyperparameters, and which parameters it holds (the
+    parameters themselves, so that their ids cannot be reused while the key is kept)."""
+    hyper = tuple((key, _frozen(value)) for key, value in group.items() if key not in ("params", "param_names"))
+    return hyper, tuple(_Same(p) for p in group["params"])
+
+
+def _memory_span(p: torch.Tensor) -> tuple:
+    """(device, first byte, one past the last byte) of a dense tensor's elements."""
+    extent = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
+    start = p.data_ptr()
+    device = (p.device.type, -1 if p.device.index is None else p.device.index)
+    return device, start, start + (extent + 1) * p.element_size()
+
+
+def check_distinct(groups, state=None, state_keys=()) -> None:
+    """Each parameter at most once in an optimizer, and no two sharing memory, nor any two of their
+    state tensors (`state_keys` of `state`): the fused step reads every parameter before it writes
+    any, so an element stepped twice would be stepped from stale values (and, on the multi-tensor
+    backends, written by two threads at once). Views with gaps (not dense) are left out of the
+    memory check: their address ranges may interleave without a shared element."""
+    seen = {}
+    spans = []
+    for group_index, group in enumerate(groups):
+        for param_index, p in enumerate(group["params"]):
+            label = param_label(group_index, param_index, group)
+            first = seen.setdefault(id(p), label)
+            if first is not label:
+                raise ValueError(f"{label} is {first} again: each parameter may appear once in an optimizer")
+            entries = state.get(p, {}) if state is not None else {}
+            tensors = [(label, p)] + [(f"the {key!r} state of {label}", entries[key]) for key in state_keys
+                                      if torch.is_tensor(entries.get(key))]
+            for what, t in tensors:
+                shard = local(t)
+                if shard.numel() and is_dense(shard):
+                    spans.append((*_memory_span(shard), what))
+    spans.sort(key=lambda span: span[:2])
+    device, reach, reach_label = None, 0, None
+    for span_device, start, end, label in spans:
+        if span_device == device and start < reach:
+            raise ValueError(f"{label} and {reach_label} share memory: each element may be stepped once; "
+                             "give the optimizer one of them")
+        if span_device != device or end > reach:
+            device, reach, reach_label = span_device, end, label
+
+
+def check_scaler_tensor(name: str, t) -> None:
+    if t is not None and (not torch.is_tensor(t) or t.numel() != 1 or not t.is_floating_point()):
+        raise TypeError(f"optimizer.{name} must be a one-element floating-point tensor (set by GradScaler), got {t!r}")
+
+
+def raise_bad_grad(p: torch.Tensor, label: str, optimizer: str):
+    g = p.grad
+    if g.is_sparse:
+        raise RuntimeError(f"the grad of {label} is sparse; {optimizer} does not support sparse gradients")
+    if g.dtype != p.dtype:
+        raise TypeError(f"the grad of {label} has dtype {g.dtype}, the parameter {p.dtype}")
+    if g.device != p.device:
+        raise ValueError(f"the grad of {label} is on {g.device}, the parameter on {p.device}")
+    raise ValueError(f"the grad of {label} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")

@@ -1,0 +1,349 @@
+"""FusedLAMB (apex's signature) and FusedMixedPrecisionLamb: their hyperparameters and state, and
+`lamb_step`, the one place the order of LAMB's stages lives (docs/design.md section 2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..contract import LambSegment
+from ..distributed import all_reduce_sharded_
+from .base import STATE_DTYPE, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
+from .checks import check_flag, check_number, hyperparameter
+
+
+def _validate_lamb_group(group: dict, where: str = "") -> None:
+    """Raise naming the hyperparameter that is out of range (ValueError) or of the wrong type
+    (TypeError); `where` names the group."""
+    for name in ("lr", "eps", "weight_decay"):
+        check_number(name, hyperparameter(group, name, where), where)
+    betas = hyperparameter(group, "betas", where)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+    check_number("betas[0]", betas[0], where, hi=1.0, hi_open=True)
+    check_number("betas[1]", betas[1], where, hi=1.0, hi_open=True)
+    if hyperparameter(group, "max_grad_norm", where) is not None:
+        check_number("max_grad_norm", group["max_grad_norm"], where)
+    for name in ("bias_correction", "grad_averaging", "adam_w_mode", "use_nvlamb"):
+        check_flag(name, hyperparameter(group, name, where), where)
+    check_flag("layer_adaptation", group.get("layer_adaptation"), where, none_ok=True)
+    check_flag("capturable", group.get("capturable", False), where)
+    bounds = group.get("trust_ratio_bounds")
+    if bounds is not None:
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise ValueError(f"{where}trust_ratio_bounds must be a pair (lo, hi), got {bounds!r}")
+        check_number("trust_ratio_bounds[0]", bounds[0], where)
+        check_number("trust_ratio_bounds[1]", bounds[1], where, lo=float(bounds[0]))
+
+
+def _clip_threshold(max_grad_norm) -> float:
+    """docs/design.md section 2, step 1: None, 0 and inf all disable clipping, encoded as 0.0 for the backends."""
+    if max_grad_norm is None or not 0 < float(max_grad_norm) < math.inf:
+        return 0.0
+    return float(max_grad_norm)
+
+
+class FusedLAMB(MultiTensorOptimizer):
+    """LAMB (You et al., 2019) with the signature, defaults and math of apex's FusedLAMB.
+
+    Differences from apex: grads are read, never overwritten; the kernels run on CPU and CUDA with
+    no compilation at install; bf16 parameters; per-group overrides of every hyperparameter, including
+    ``max_grad_norm``, ``adam_w_mode``, ``use_nvlamb`` and ``layer_adaptation`` (bool: force the
+    trust ratio on or off for a group); optional ``trust_ratio_bounds=(lo, hi)``; per-parameter step
+    counts in ``state[p]["step"]``. ``load_state_dict`` also accepts a state dict saved by apex.
+
+    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic and fp32 states.
+    ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
+    (``master_param``, saved in ``state_dict``); the step updates it, and writes the parameter from
+    it in the same pass. ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the
+    scale and ``found_inf``: grads are unscaled in the kernels, and a non-finite grad skips the whole
+    step on the device. ``lr`` may be a tensor; ``capturable=True`` keeps step counts on the
+    parameters' device, so ``step()`` can be captured in a CUDA graph.
+
+    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton",
+    "cpp" or "torch"; see ``lamb_kernels.available_backends``.
+    """
+
+    _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")
+    _STATE_KEYS = (*_STATE_TENSORS, "step")
+    _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")
+    _validate_group = staticmethod(_validate_lamb_group)
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        bias_correction=True,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.01,
+        amsgrad=False,
+        adam_w_mode=True,
+        grad_averaging=True,
+        set_grad_none=True,
+        max_grad_norm=1.0,
+        use_nvlamb=False,
+        *,
+        trust_ratio_bounds=None,
+        master_weights=False,
+        capturable=False,
+        backend="auto",
+    ):
+        if amsgrad:
+            raise ValueError("amsgrad=True: FusedLAMB does not support the AMSGrad variant (nor does apex)")
+        defaults = dict(
+            lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
+            grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adam_w_mode=adam_w_mode,
+            use_nvlamb=use_nvlamb, trust_ratio_bounds=trust_ratio_bounds, capturable=bool(capturable),
+        )
+        self.set_grad_none = set_grad_none
+        super().__init__(params, defaults, backend, master_weights)
+
+    @staticmethod
+    def _new_step_count(p: torch.Tensor, group: dict) -> torch.Tensor:
+        return _new_step_count(p, group)
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else set_to_none)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also accepts apex FusedLAMB's format, whose step count is a per-group int."""
+        super().load_state_dict(_state_dict_from_apex(state_dict))
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["set_grad_none"] = self.set_grad_none
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("set_grad_none", True)
+
+    def _init_state(self, work: list, found_inf) -> set:
+        """Moments for the parameters stepping for the first time; every step count advanced (by 0
+        where a GradScaler found a non-finite grad, decided on the device)."""
+        for group, params in work:
+            steps = []
+            for p, *_ in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = self._new_step_count(p, group)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
+                _move_step_count_for(found_inf, p, state)
+                steps.append(state["step"])
+            _advance_step_counts(steps, found_inf)
+        return set()
+
+    def _bucket(self, work: list, fresh: set) -> dict:
+        """Per group, one LambSegment per bucket it has parameters in, with each tensor's bias
+        corrections from its (advanced) step count."""
+        buckets = {}
+        for group, params in work:
+            make_segment = _segment_maker(group)
+            states = [self.state[p] for p, *_ in params]
+            segments_of_group = {}
+            for (p, name, position, shard), state in zip(params, states):
+                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment)
+                seg.params.append(self._weights(p, shard, state, seg))
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                seg.exp_avgs.append(exp_avg if shard is p else exp_avg._local_tensor)
+                seg.exp_avg_sqs.append(exp_avg_sq if shard is p else exp_avg_sq._local_tensor)
+            _add_bias_corrections(group, params, states, segments_of_group)
+        return buckets
+
+    def _prepare(self, backend, segments):
+        return backend.prepare_lamb(segments)
+
+    @staticmethod
+    def _run(plans: list, grad_scale, found_inf) -> None:
+        lamb_step(plans, grad_scale, found_inf)
+
+
+def _segment_maker(group: dict):
+    """A function that makes an empty LambSegment with `group`'s hyperparameters."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    wd = float(group["weight_decay"])
+    adaptation = group.get("layer_adaptation")
+    if adaptation is None:
+        adaptation = bool(group["use_nvlamb"]) or wd != 0
+    bounds = group.get("trust_ratio_bounds") or (0.0, math.inf)
+    lr = lr_of(group)
+
+    def make_segment():
+        return LambSegment(
+            params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], bias_correction1=[], bias_correction2=[], lr=lr,
+            beta1=beta1, beta2=beta2, beta3=1.0 - beta1 if group["grad_averaging"] else 1.0,
+            eps=float(group["eps"]), weight_decay=wd, adam_w_mode=bool(group["adam_w_mode"]),
+            layer_adaptation=bool(adaptation), max_grad_norm=_clip_threshold(group["max_grad_norm"]),
+            trust_ratio_bounds=(float(bounds[0]), float(bounds[1])),
+        )
+
+    return make_segment
+
+
+def _add_bias_corrections(group: dict, params: list, states: list, segments_of_group: dict) -> None:
+    """Each tensor's 1 - beta^t into its segment: floats when the group's step counts are on the
+    CPU, else one float32 tensor per segment computed on the step counts' device (no sync)."""
+    segments = list(segments_of_group.values())
+    if not group["bias_correction"]:
+        for seg in segments:
+            seg.bias_correction1 = [1.0] * len(seg.params)
+            seg.bias_correction2 = [1.0] * len(seg.params)
+        return
+    beta1, beta2 = (float(b) for b in group["betas"])
+    steps = [state["step"] for state in states]
+    seg_of = [segments_of_group[(p.device, p.dtype, name)] for p, name, *_ in params]
+    if not group.get("capturable") and all(t.device.type == "cpu" for t in steps):
+        for seg, t in zip(seg_of, torch.stack(steps).tolist()):
+            # (t is 0 only when a GradScaler skipped a first step: nothing reads it)
+            seg.bias_correction1.append(1.0 - beta1 ** max(t, 1.0))
+            seg.bias_correction2.append(1.0 - beta2 ** max(t, 1.0))
+        return
+    for seg in segments:
+        seg_steps = [step for step, owner in zip(steps, seg_of) if owner is seg]
+        # In float64 on the step counts' device, then rounded once, as the host path rounds.
+        t = torch.stack(seg_steps).to(torch.float64).clamp(min=1.0)
+        seg.bias_correction1 = (1.0 - torch.pow(beta1, t)).to(torch.float32)
+        seg.bias_correction2 = (1.0 - torch.pow(beta2, t)).to(torch.float32)
+
+
+def lamb_step(plans, grad_scale, found_inf) -> None:
+    """One LAMB step on every bucket: the only place the order of its stages lives (docs/design.md
+    section 2). `plans`: (backend, (device, dtype, backend name), plan) per bucket."""
+    # 1. Global grad norm over every parameter with a grad, in all groups; skipped when no group
+    # clips. Bucket sums are added in a fixed order, so reruns give the same bits. Under a
+    # GradScaler these are sums over the scaled grads: the kernels divide the norm by the scale.
+    # Sharded tensors' sums are summed over their ranks first (lamb_kernels/distributed.py).
+    shardings = bucket_shardings(plans)
+    grad_sumsq = None
+    if any(_plan_clips(plan) for _, _, plan in plans):
+        per_tensor = [backend.grad_sums_of_squares(plan) for backend, _, plan in plans]
+        if shardings:
+            all_reduce_sharded_(per_tensor, *shardings)
+        sums = [sums.sum() for sums in per_tensor]
+        grad_sumsq = sums[0]
+        for partial in sums[1:]:
+            grad_sumsq = grad_sumsq + partial.to(grad_sumsq.device)
+
+    # 2-5 on every bucket, then the per-tensor ||p||^2, ||u||^2 of sharded tensors summed over
+    # their ranks, then 6-7.
+    norms, founds = [], []
+    for backend, (device, _, _), plan in plans:
+        scale, found = on_device(grad_scale, device), on_device(found_inf, device)
+        norms.append(backend.lamb_moments_(plan, None if grad_sumsq is None else grad_sumsq.to(device), scale, found))
+        founds.append(found)
+    if shardings:
+        all_reduce_sharded_(norms, *shardings)
+    for (backend, _, plan), bucket_norms, found in zip(plans, norms, founds):
+        backend.lamb_apply_(plan, bucket_norms, found)
+
+
+def _plan_clips(plan) -> bool:
+    """Whether any group in a LAMB plan clips (every backend's plan keeps its segments)."""
+    return any(seg.max_grad_norm > 0 for seg in plan.segments)
+
+
+def _new_step_count(p: torch.Tensor, group: dict) -> torch.Tensor:
+    # On the CPU, where reading it costs no sync; with capturable, on the parameter's device.
+    return torch.zeros((), dtype=torch.float32, device=p.device if group.get("capturable") else "cpu")
+
+
+def _move_step_count_for(found_inf, p: torch.Tensor, state: dict) -> None:
+    """A GradScaler's found_inf on a device decides whether step counts advance: they move to the
+    parameter's device (once), so that decision never waits on the host, as in torch's fused optimizers."""
+    if found_inf is not None and found_inf.device.type != "cpu" and state["step"].device != p.device:
+        state["step"] = state["step"].to(p.device)
+
+
+def _advance_step_counts(steps: list, found_inf) -> None:
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+        return
+    by_device = {}
+    for t in steps:
+        by_device.setdefault(t.device, []).append(t)
+    for device, counts in by_device.items():
+        # + 1, or + 0 when a grad was not finite: no host round trip.
+        torch._foreach_add_(counts, 1.0 - (found_inf.to(device, torch.float32).reshape(()) != 0).float())
+
+
+def _state_dict_from_apex(state_dict: dict) -> dict:
+    """apex keeps one int step per group (``param_groups[i]["step"]``); we keep one per parameter."""
+    groups = state_dict["param_groups"]
+    if not any("step" in group for group in groups):
+        return state_dict
+    state = {key: dict(value) for key, value in state_dict["state"].items()}
+    converted_groups = []
+    for group in groups:
+        group = dict(group)
+        step = group.pop("step", None)
+        if step is not None:
+            for param_id in group["params"]:
+                if param_id in state:
+                    state[param_id].setdefault("step", torch.tensor(float(step)))
+        converted_groups.append(group)
+    return {**state_dict, "state": state, "param_groups": converted_groups}
+
+
+class FusedMixedPrecisionLamb(FusedLAMB):
+    """A drop-in for apex's ``FusedMixedPrecisionLamb``: its signature and defaults, FusedLAMB's math.
+
+    As in apex: parameters of ``reduced_precision_dtype`` get fp32 master weights (here in the state,
+    saved by ``state_dict``), ``lr`` lives as a tensor on the parameters' device, step counts too
+    (``capturable``), and the step takes a GradScaler's scale and ``found_inf`` without a host sync.
+    ``step`` is the step count every parameter starts from. Unlike apex, the step count is kept per
+    parameter, a group may mix dtypes, and every backend runs it (apex: CUDA only).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        step=0,
+        bias_correction=True,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.01,
+        amsgrad=False,
+        adam_w_mode=True,
+        grad_averaging=True,
+        max_grad_norm=1.0,
+        use_nvlamb=False,
+        reduced_precision_dtype=None,
+        *,
+        backend="auto",
+    ):
+        if reduced_precision_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"reduced_precision_dtype must be None, torch.bfloat16 or torch.float16, got {reduced_precision_dtype!r}"
+            )
+        check_number("step", step, "")
+        self.reduced_precision_dtype = reduced_precision_dtype
+        self.initial_step = float(step)
+        super().__init__(
+            params, lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, adam_w_mode=adam_w_mode, grad_averaging=grad_averaging, max_grad_norm=max_grad_norm,
+            use_nvlamb=use_nvlamb, master_weights=reduced_precision_dtype is not None, capturable=True,
+            backend=backend,
+        )
+        for group in self.param_groups:
+            if not torch.is_tensor(group["lr"]) and group["params"]:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=group["params"][0].device)
+
+    def _wants_master(self, p: torch.Tensor) -> bool:
+        return self.reduced_precision_dtype is not None and p.dtype == self.reduced_precision_dtype
+
+    def _new_step_count(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        return super()._new_step_count(p, group).fill_(self.initial_step)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["reduced_precision_dtype"] = self.reduced_precision_dtype
+        state["initial_step"] = self.initial_step
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("reduced_precision_dtype", None)
+        self.__dict__.setdefault("initial_step", 0.0)

@@ -1,0 +1,158 @@
+"""FusedLARS (timm's signature, apex's LARC clipping): its hyperparameters and state, and
+`lars_step`, the one place the order of LARS's stages lives (docs/design.md section 3)."""
+from __future__ import annotations
+
+import torch
+
+from ..contract import LarsSegment
+from ..distributed import all_reduce_sharded_, local
+from .base import STATE_DTYPE, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
+from .checks import check_flag, check_number, hyperparameter
+
+
+def _validate_lars_group(group: dict, where: str = "") -> None:
+    """Raise naming the hyperparameter that is out of range (ValueError) or of the wrong type
+    (TypeError); `where` names the group."""
+    for name in ("lr", "momentum", "dampening", "weight_decay", "trust_coeff", "eps"):
+        check_number(name, hyperparameter(group, name, where), where)
+    for name in ("nesterov", "trust_clip", "always_adapt"):
+        check_flag(name, hyperparameter(group, name, where), where)
+    check_flag("layer_adaptation", group.get("layer_adaptation"), where, none_ok=True)
+    check_flag("capturable", group.get("capturable", False), where)
+    if group["nesterov"] and (float(group["momentum"]) <= 0 or float(group["dampening"]) != 0):
+        raise ValueError(
+            f"{where}nesterov=True needs momentum > 0 and dampening == 0, got momentum="
+            f"{group['momentum']!r}, dampening={group['dampening']!r}"
+        )
+
+
+class FusedLARS(MultiTensorOptimizer):
+    """LARS (You et al., 2017) with the signature, defaults and math of timm's ``Lars``, apex's LARC
+    clipping included (``trust_clip=True``).
+
+    Per parameter: with weight decay (or ``always_adapt``), the trust ratio
+    ``r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps)`` (1 when a norm is 0; ``min(r / lr, 1)``
+    with ``trust_clip``) scales ``g + wd p``; then SGD momentum (``dampening``, ``nesterov``) and
+    ``p <- p - lr d``. A group may set ``layer_adaptation`` (bool) to force the trust ratio and
+    decay on or off, as ``lamb_kernels.param_groups`` does for biases and norm weights. State:
+    ``momentum_buffer`` when ``momentum != 0``, created on a parameter's first step as in
+    ``torch.optim.SGD``; timm checkpoints load as they are. Grads are read, never written.
+    ``foreach`` is accepted for compatibility with timm and has no effect: the step is always
+    multi-tensor.
+
+    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic and fp32 states.
+    ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
+    (``master_param``, saved in ``state_dict``); the step updates it, and writes the parameter from
+    it in the same pass. ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the
+    scale and ``found_inf``: grads are unscaled in the kernels, and a non-finite grad skips the whole
+    step on the device. ``lr`` may be a tensor; ``capturable=True`` keeps step counts on the
+    parameters' device, so ``step()`` can be captured in a CUDA graph.
+
+    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton",
+    "cpp" or "torch"; see ``lamb_kernels.available_backends``.
+    """
+
+    _STATE_TENSORS = ("momentum_buffer", "master_param")
+    _STATE_KEYS = _STATE_TENSORS
+    _REQUIRED_STATE = ()
+    _validate_group = staticmethod(_validate_lars_group)
+
+    def __init__(
+        self,
+        params,
+        lr=1.0,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        trust_coeff=0.001,
+        eps=1e-8,
+        trust_clip=False,
+        always_adapt=False,
+        foreach=None,
+        *,
+        master_weights=False,
+        capturable=False,
+        backend="auto",
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
+            foreach=foreach, capturable=bool(capturable),
+        )
+        super().__init__(params, defaults, backend, master_weights)
+
+    def _init_state(self, work: list, found_inf) -> set:
+        """A momentum buffer for each parameter of a group with momentum that has none; returns
+        their ids. A new buffer becomes d in the first step, as in torch's SGD."""
+        fresh = set()
+        for group, params in work:
+            if float(group["momentum"]) == 0:
+                continue
+            for p, *_ in params:
+                state = self.state[p]
+                if state.get("momentum_buffer") is None:
+                    # Under a GradScaler that first step may be skipped on the device: the buffer
+                    # then starts from zeros, which momentum * 0 + d reads as d again (exactly when
+                    # dampening is 0).
+                    new = torch.empty_like if found_inf is None else torch.zeros_like
+                    state["momentum_buffer"] = new(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
+                    fresh.add(id(p))
+        return fresh
+
+    def _bucket(self, work: list, fresh: set) -> dict:
+        """Per group, one LarsSegment per bucket it has parameters in."""
+        buckets = {}
+        for group, params in work:
+            make_segment = _segment_maker(group)
+            momentum = float(group["momentum"]) != 0
+            segments_of_group = {}
+            for p, name, position, shard in params:
+                state = self.state[p]
+                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment)
+                seg.params.append(self._weights(p, shard, state, seg))
+                buffer = state["momentum_buffer"] if momentum else None
+                seg.momentum_buffers.append(buffer if buffer is None or shard is p else local(buffer))
+                seg.first_step.append(id(p) in fresh)
+        return buckets
+
+    def _prepare(self, backend, segments):
+        return backend.prepare_lars(segments)
+
+    @staticmethod
+    def _run(plans: list, grad_scale, found_inf) -> None:
+        lars_step(plans, grad_scale, found_inf)
+
+
+def _segment_maker(group: dict):
+    """A function that makes an empty LarsSegment with `group`'s hyperparameters."""
+    wd = float(group["weight_decay"])
+    adaptation = group.get("layer_adaptation")
+    if adaptation is None:
+        adaptation = wd != 0 or bool(group["always_adapt"])
+    lr = lr_of(group)
+
+    def make_segment():
+        return LarsSegment(
+            params=[], grads=[], momentum_buffers=[], first_step=[], lr=lr, momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]), weight_decay=wd, nesterov=bool(group["nesterov"]),
+            trust_coeff=float(group["trust_coeff"]), eps=float(group["eps"]), trust_clip=bool(group["trust_clip"]),
+            adaptation=bool(adaptation),
+        )
+
+    return make_segment
+
+
+def lars_step(plans, grad_scale, found_inf) -> None:
+    """One LARS step on every bucket: the only place the order of its stages lives (docs/design.md
+    section 3). `plans` as in lamb_step."""
+    # Per-tensor ||p||^2, ||g||^2 of every bucket (none without adaptation in the bucket: no pass
+    # over memory for norms), those of sharded tensors summed over their ranks, then the update.
+    norms = [backend.lars_sums_of_squares(plan) if any(seg.adaptation for seg in plan.segments) else None
+             for backend, _, plan in plans]
+    shardings = bucket_shardings(plans, adaptive_only=True)
+    if shardings:
+        reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
+        all_reduce_sharded_([norms[i] for i in reduced], *([part[i] for i in reduced] for part in shardings))
+    for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
+        backend.lars_apply_(plan, bucket_norms, on_device(grad_scale, device), on_device(found_inf, device))
