@@ -3,9 +3,8 @@ import torch
 
 from lamb_float64 import Float64LAMB
 from lamb_kernels import FusedLAMB
+from tolerances import PARAM_RTOL, UPDATE_RTOL
 
-PARAM_RTOL = 2e-5  # params and optimizer states, relative to the float64 reference
-UPDATE_RTOL = 1e-3  # the accumulated update p_t - p_0
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

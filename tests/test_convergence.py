@@ -17,6 +17,7 @@ from bench.convergence import (
 )
 from bench.report import Progress
 from bench.convergence_data import CLASSES, PatchCNN, _masks, make_shapes
+from tolerances import FORWARD_TOL
 
 
 def tiny_study(**changes) -> Study:
@@ -64,7 +65,7 @@ def test_patch_cnn_layers_are_convolutions_with_kernel_equal_to_stride():
     x = F.relu(F.conv2d(images, as_conv(model.conv1, 1, 4), model.conv1.bias, stride=4))
     x = F.relu(F.conv2d(x, as_conv(model.conv2, 8, 2), model.conv2.bias, stride=2))
     expected = model.head(x.permute(0, 2, 3, 1).flatten(1))  # the head reads the map channels-last
-    torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(images), expected, rtol=FORWARD_TOL, atol=FORWARD_TOL)
     assert sum(p.numel() for p in PatchCNN().parameters()) == 11_370
 
 

@@ -19,10 +19,10 @@ if not dist.is_available():
     pytest.skip("torch without distributed support", allow_module_level=True)
 
 from distributed_harness import CountingAllReduce, full, rel_error, spawn  # noqa: E402
-from harness import PARAM_RTOL  # noqa: E402
 
 import lamb_kernels  # noqa: E402
 from lamb_kernels import FusedLAMB, FusedLARS  # noqa: E402
+from tolerances import PARAM_RTOL  # noqa: E402
 
 STEPS = 5
 BACKENDS = lamb_kernels.available_backends("cpu")

@@ -9,9 +9,10 @@ import torch
 
 import lamb_kernels
 import lamb_kernels.torch_backend
-from harness import PARAM_RTOL, rel_error
+from harness import rel_error
 from lamb_float64 import Float64LAMB
 from lamb_kernels import FusedLAMB, FusedLARS
+from tolerances import BACKENDS_EXTREME_RTOL, LONG_SUM_RTOL, PARAM_RTOL, SAME_MATH_ATOL, SAME_MATH_RTOL
 
 LARS_OPTIONS = dict(lr=0.2, momentum=0.9, weight_decay=1e-4)
 OPTIMIZERS = [pytest.param(FusedLAMB, {}, id="lamb"), pytest.param(FusedLARS, LARS_OPTIONS, id="lars")]
@@ -101,7 +102,7 @@ def test_state_follows_a_parameter_moved_to_channels_last(device, backend, optim
 
     switched, straight = run(True), run(False)
     for a, b in zip(switched[0] + switched[1], straight[0] + straight[1]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
 
 
 # -- 2-4. hyperparameters edited in param_groups, strings, tensor learning rates --------------------
@@ -182,7 +183,7 @@ def test_lr_tensor_must_have_one_element(device, backend, optimizer, options):
         train(opt, params, 3)
         runs.append([p.detach().clone() for p in params])
     for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
 
 
 def test_saved_groups_are_validated_before_loading(device, backend):
@@ -283,7 +284,7 @@ def test_non_finite_trust_ratio_behaves_alike_on_every_backend(device, backend, 
     expected = _huge_run("cpu", "torch", optimizer, options)
     actual = _huge_run(device, backend, optimizer, options)
     for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=0, equal_nan=True)
+        torch.testing.assert_close(a, e, rtol=BACKENDS_EXTREME_RTOL, atol=0, equal_nan=True)
     huge = expected[0]
     if ratio == "nan":
         assert huge.isnan().all()
@@ -325,7 +326,7 @@ def test_torch_backend_sums_of_squares_are_accurate_whatever_the_length():
     sums = lamb_kernels.torch_backend._sums_of_squares(tensors)
     for t, s in zip(tensors, sums):
         exact = float(t.double().square().sum())
-        assert abs(float(s) - exact) <= 1e-6 * exact, t.shape
+        assert abs(float(s) - exact) <= LONG_SUM_RTOL * exact, t.shape
 
 
 def test_torch_backend_lamb_step_on_50m_elements_matches_float64():

@@ -9,6 +9,7 @@ import torch
 
 import lamb_kernels
 from lamb_kernels import FusedLAMB, available_backends
+from tolerances import SAME_MATH_ATOL, SAME_MATH_RTOL
 
 SHAPES = [(17,), (4097,), (0,), (3, 5, 7)]
 
@@ -280,7 +281,7 @@ def test_grad_laid_out_unlike_its_parameter(device, backend):
         opt.step()
         opt_expected.step()
     for p, e in zip(params, expected):
-        torch.testing.assert_close(p.detach().cpu(), e.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.detach().cpu(), e.detach(), rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
         assert p.grad.dtype == e.grad.dtype  # the user's grad tensors were not replaced
     assert params[0].is_contiguous(memory_format=torch.channels_last)
 
@@ -315,7 +316,7 @@ def test_contiguous_checkpoint_resumes_a_channels_last_model(device, backend):
             resumed.step()
         return q.detach().cpu().contiguous()
 
-    torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(run(True), run(False), rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
 
 
 def test_checkpoint_of_other_shapes_is_refused_before_loading(device, backend):

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import lamb_kernels
-from harness import PARAM_RTOL, UPDATE_RTOL, rel_error, run_both
+from harness import rel_error, run_both
 from lamb_kernels import FusedLARS
 from lars_float64 import Float64LARS
 
 from lamb_kernels.cpp import CHUNK as CPP_CHUNK
+from tolerances import ELEMENT_ATOL, PARAM_RTOL, UPDATE_RTOL
 
 try:
     from lamb_kernels.triton.multi_tensor import CHUNK
@@ -235,7 +236,7 @@ def test_lars_non_finite_grads_propagate_like_the_reference(device, backend, bad
         opt.step()
         reference.step([grads])
     for p, expected in zip(params, reference.groups[0]["params"]):
-        torch.testing.assert_close(p.detach().cpu().double(), expected, rtol=2e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(p.detach().cpu().double(), expected, rtol=PARAM_RTOL, atol=ELEMENT_ATOL, equal_nan=True)
 
 
 def test_lars_checkpoint_of_other_shapes_is_refused(device, backend):

@@ -11,6 +11,7 @@ from lamb_float64 import Float64LAMB
 from lars_float64 import Float64LARS
 from lamb_kernels import FusedLAMB, FusedLARS, FusedMixedPrecisionLamb
 from lamb_kernels.hyper import LarsColumn
+from tolerances import BF16_RTOL, PARAM_RTOL, SAME_MATH_ATOL, SAME_MATH_RTOL
 
 LOW = (torch.bfloat16, torch.float16)
 SIZES = [(7,), (33, 65), (2, 3, 1025)]  # odd sizes; one spans several triton interpreter chunks
@@ -89,7 +90,7 @@ def test_master_weights_track_the_fp32_run(device, backend, dtype, algorithm):
     for p, reference_p in zip(params, fp32):
         master = opt.state[p]["master_param"]
         assert master.dtype == torch.float32
-        assert rel_error(master, reference_p.detach().cpu().double()) < 2e-5
+        assert rel_error(master, reference_p.detach().cpu().double()) < PARAM_RTOL
         assert torch.equal(p.detach(), master.to(dtype))
 
 
@@ -161,7 +162,7 @@ def test_scaled_grads_are_unscaled_in_the_kernels(device, backend, algorithm):
     params, _ = run(algorithm, device, backend, torch.float32, steps=5)
     scaled, _, _ = _scaled_run(algorithm, device, backend, torch.float32, [2.0**10, 2.0**11, 2.0**12, 2.0**6, 2.0**-3])
     for p, q in zip(params, scaled):
-        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(q, p, rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
 
 
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
@@ -265,7 +266,7 @@ def test_tensor_lr_and_capturable_match_floats(device, backend, algorithm):
                 assert all(opt.state[p]["step"].device == p.device for p in params)
         results.append(params)
     for p, q in zip(*results):
-        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(q, p, rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
 
 
 def test_fused_mixed_precision_lamb_is_apex_shaped(device, backend):
@@ -288,7 +289,7 @@ def test_fused_mixed_precision_lamb_is_apex_shaped(device, backend):
     assert "master_param" in opt.state[params[0]] and "master_param" not in opt.state[params[-1]]
     assert float(opt.state[params[0]]["step"]) == 13
     for p, q in zip(params, twin):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=0)
+        torch.testing.assert_close(p, q, rtol=SAME_MATH_RTOL, atol=0)
     with pytest.raises(ValueError, match="reduced_precision_dtype"):
         FusedMixedPrecisionLamb(params, reduced_precision_dtype=torch.float64)
 
@@ -339,8 +340,8 @@ def test_compiled_step_equals_eager(device, backend, algorithm):
     # bf16 rounding on the params.
     for p, q in zip(eager, compiled):
         torch.testing.assert_close(compiled_opt.state[q]["master_param"], eager_opt.state[p]["master_param"],
-                                   rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(q.float(), p.float(), rtol=2.0**-8, atol=0)
+                                   rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
+        torch.testing.assert_close(q.float(), p.float(), rtol=BF16_RTOL, atol=0)
     targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     if backend != "torch":
         prefix = "lamb_kernels.triton_" if backend == "triton" else "lamb_kernels."

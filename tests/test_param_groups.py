@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from lamb_float64 import Float64LAMB
-from harness import PARAM_RTOL, rel_error
+from harness import rel_error
 from lamb_kernels import FusedLAMB, FusedLARS, param_groups
+from tolerances import PARAM_RTOL
 from lars_float64 import Float64LARS
 
 

@@ -21,18 +21,15 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis comes with the
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from harness import PARAM_RTOL  # noqa: E402
 from lamb_float64 import APEX_DEFAULTS, Float64LAMB  # noqa: E402
 from lars_float64 import TIMM_DEFAULTS, Float64LARS  # noqa: E402
 from lamb_kernels import FusedLAMB, FusedLARS, available_backends  # noqa: E402
+from tolerances import ELEMENT_ATOL, PARAM_RTOL  # noqa: E402
 
 # Chunk edges: 8192 elements per program in the interpreted Triton kernels, 16384 per C++ chunk and
 # per row of the torch backend's long sums of squares.
 SHAPES = [(), (0,), (1,), (3,), (7, 5), (3, 0, 2), (2, 3, 4), (2, 3, 2, 2), (8191,), (8193,), (16385,), (3, 5, 7, 2)]
 LAYOUTS = ["contiguous", "channels_last", "transposed", "strided"]
-# Where fp32 rounding meets cancellation (an element stepped close to 0), a relative bound alone is
-# meaningless: each element may also be off by this much (about 10 fp32 ulps at the size of a grad).
-ELEMENT_ATOL = 1e-6
 STEPS = 3
 
 
