@@ -5,18 +5,15 @@
 //    update (reads p g m v, writes m v: 24 bytes/param);
 // 3. lamb_apply: steps 6-7, u recomputed from m and v (reads p m v, writes p: 16 bytes/param).
 //
-// fp32 arithmetic, IEEE square root and division per element, no fast-math. Per-tensor scalars
-// (1 / bc1, 1 / bc2, 1 / c) are inverted once per chunk and multiplied in, where the Triton kernels
-// divide: on data that sits in cache the divide unit bounds these loops, and each element already
-// needs one division and one square root for u. The results stay within one rounding of dividing.
+// The math of each element is in optimizer_math.h, shared with the CUDA kernels.
 //
 // The element loops are templates on the storage types of params (P), grads (G) and the params'
 // low-precision copies (C, NoCopy when there are none): elements are converted to float on load and
 // rounded to the nearest even on store (multi_tensor_cpu.h). Moments stay float32. A loop that reads
 // grads is also a template on kScaled (a grad_scale was given), so that the fp32 loop without one is
 // the loop of before grad scaling.
-#include "hyper_columns.h"
 #include "multi_tensor_cpu.h"
+#include "optimizer_math.h"
 
 #include <cmath>
 #include <optional>
@@ -24,44 +21,21 @@
 namespace lamb_kernels {
 namespace {
 
-// Steps 4-5: u = (m / bc1) / (sqrt(v / bc2) + eps) + wd_decoupled * p. A weight decay of 0 adds
-// nothing, not 0 * p: an infinite p stays infinite, as in the torch backend and torch.optim.
-struct LambUpdate {
-  float inv_bc1, inv_bc2, eps, wd_decoupled;
-
-  explicit LambUpdate(const float* h)
-      : inv_bc1(1.0f / h[kLambBc1]), inv_bc2(1.0f / h[kLambBc2]), eps(h[kLambEps]),
-        wd_decoupled(h[kLambWdDecoupled]) {}
-
-  float operator()(float p, float m, float v) const {
-    const float u = (m * inv_bc1) / (std::sqrt(v * inv_bc2) + eps);
-    return wd_decoupled != 0 ? u + wd_decoupled * p : u;
-  }
-};
-
 template <typename P, typename G, bool kScaled>
 void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restrict__ g, float* __restrict__ m,
                    float* __restrict__ v, const float* h, float grad_norm, float inv_scale, float* partial) {
-  const float beta1 = h[kLambBeta1], beta2 = h[kLambBeta2], beta3 = h[kLambBeta3];
-  const float one_minus_beta2 = h[kLambOneMinusBeta2], wd_l2 = h[kLambWdL2];
-  // 1. c = G / max_grad_norm when G exceeds it (a NaN G clips nothing, as in the reference).
-  const float max_norm = h[kLambMaxGradNorm];
-  const float inv_clip = (max_norm > 0 && grad_norm > max_norm) ? 1.0f / (grad_norm / max_norm) : 1.0f;
+  const LambMoments moments(h, grad_norm);
   const LambUpdate update(h);
   float acc_p[kLanes] = {}, acc_u[kLanes] = {};
   auto element = [&](int64_t i, int64_t lane) {
     const float param = static_cast<float>(p[i]);
-    // The loss scale comes off first, then the clip, as two products: with a power-of-two scale the
-    // first is exact, and a scaled step has the bits of the unscaled one.
     float grad = static_cast<float>(g[i]);
     if constexpr (kScaled) grad = grad * inv_scale;
-    grad = grad * inv_clip;
-    if (wd_l2 != 0) grad = grad + wd_l2 * param;  // 2. L2 mode (wd_l2 is 0 in AdamW mode)
-    const float exp_avg = beta1 * m[i] + beta3 * grad;  // 3.
-    const float exp_avg_sq = beta2 * v[i] + one_minus_beta2 * grad * grad;
+    float exp_avg = m[i], exp_avg_sq = v[i];
+    moments(param, grad, exp_avg, exp_avg_sq);  // 1-3.
     m[i] = exp_avg;
     v[i] = exp_avg_sq;
-    const float u = update(param, exp_avg, exp_avg_sq);
+    const float u = update(param, exp_avg, exp_avg_sq);  // 4-5.
     acc_p[lane] += param * param;
     acc_u[lane] += u * u;
   };
@@ -80,15 +54,7 @@ void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restr
 template <typename P, typename C>
 void apply_chunk(const Chunk& chunk, P* __restrict__ p, const float* __restrict__ m, const float* __restrict__ v,
                  C* __restrict__ copy, const float* h, const float* norms) {
-  // 6. Trust ratio ||p|| / ||u||, 1 unless both norms are > 0; bounds clamp only then. They clamp an
-  // infinite ratio; a NaN one (both norms overflowed fp32) stays NaN, as on every backend.
-  const float param_norm = std::sqrt(norms[0]), update_norm = std::sqrt(norms[1]);
-  const bool adapt = h[kLambAdapt] != 0 && param_norm > 0 && update_norm > 0;
-  const float raw_ratio = param_norm / update_norm;
-  const float ratio = !adapt ? 1.0f
-                      : std::isnan(raw_ratio) ? raw_ratio
-                                              : std::min(std::max(raw_ratio, h[kLambRatioLo]), h[kLambRatioHi]);
-  const float step_size = h[kLambLr] * ratio;
+  const float step_size = lamb_step_size(h, norms);  // 6.
   const LambUpdate update(h);
   const int64_t n = chunk.size;
   for (int64_t i = 0; i < n; ++i) {

@@ -7,9 +7,10 @@
 //
 // The element loops are templates on the storage types of params (P), grads (G) and the params'
 // low-precision copies (C, NoCopy when there are none), and on kScaled (a grad_scale was given), as
-// in lamb_cpu.cpp; buffers stay float32.
-#include "hyper_columns.h"
+// in lamb_cpu.cpp; buffers stay float32. The math of each element is in optimizer_math.h, shared
+// with the CUDA kernels.
 #include "multi_tensor_cpu.h"
+#include "optimizer_math.h"
 
 #include <cmath>
 #include <optional>
@@ -17,44 +18,24 @@
 namespace lamb_kernels {
 namespace {
 
-enum class Momentum { kNone, kFirstStep, kLater };
-
-// The per-tensor scalars of a chunk.
-struct StepScalars {
-  float lr, ratio, weight_decay, momentum, one_minus_dampening, inv_scale;
-};
-
 // The element loop with the per-tensor choices made at compile time, so each variant vectorises
 // as one straight loop.
 template <typename P, typename G, typename C, bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov>
 void apply_chunk(int64_t n, P* __restrict__ p, const G* __restrict__ g, float* __restrict__ buf, C* __restrict__ copy,
-                 const StepScalars& s) {
-  const float lr = s.lr, ratio = s.ratio, weight_decay = s.weight_decay, momentum = s.momentum;
-  const float one_minus_dampening = s.one_minus_dampening, inv_scale = s.inv_scale;
+                 const LarsScalars& s) {
   for (int64_t i = 0; i < n; ++i) {
-    // The weight-decay product comes before the loss-scale product on purpose: GCC's -ffp-contract
-    // fuses the first product it meets into the add, so this order keeps fma(wd, p, g) as before the
-    // grads were scaled, and g * (1 / scale) rounds on its own (exactly, for a power-of-two scale).
-    const float param = static_cast<float>(p[i]);
-    const float decay = weight_decay * param;
-    float grad = static_cast<float>(g[i]);
-    if constexpr (kScaled) grad = grad * inv_scale;  // unscaled before any other use of g
-    // 1. A weight decay of 0 adds nothing, not 0 * p (an infinite p stays infinite).
-    const float d = kAdapt ? (weight_decay != 0 ? grad + decay : grad) * ratio : grad;
-    float step = d;
-    if constexpr (kMomentum != Momentum::kNone) {  // 2. a new buffer is not read: it becomes d
-      const float b = kMomentum == Momentum::kFirstStep ? d : momentum * buf[i] + one_minus_dampening * d;
-      buf[i] = b;
-      step = kNesterov ? d + momentum * b : b;
-    }
-    const float next = param - lr * step;  // 3.
+    float b = 0.0f;
+    if constexpr (kMomentum == Momentum::kLater) b = buf[i];  // a new buffer is not read
+    const float next = lars_element<kScaled, kAdapt, kMomentum, kNesterov>(static_cast<float>(p[i]),
+                                                                            static_cast<float>(g[i]), b, s);
+    if constexpr (kMomentum != Momentum::kNone) buf[i] = b;
     p[i] = static_cast<P>(next);
     if constexpr (kWritesCopy<C>) copy[i] = static_cast<C>(next);  // the fp32 master weight, rounded
   }
 }
 
 template <typename P, typename G, typename C, bool kScaled, bool kAdapt, Momentum kMomentum>
-void apply_chunk(bool nesterov, int64_t n, P* p, const G* g, float* buf, C* copy, const StepScalars& s) {
+void apply_chunk(bool nesterov, int64_t n, P* p, const G* g, float* buf, C* copy, const LarsScalars& s) {
   auto run = nesterov ? apply_chunk<P, G, C, kScaled, kAdapt, kMomentum, true>
                       : apply_chunk<P, G, C, kScaled, kAdapt, kMomentum, false>;
   run(n, p, g, buf, copy, s);
@@ -62,27 +43,11 @@ void apply_chunk(bool nesterov, int64_t n, P* p, const G* g, float* buf, C* copy
 
 template <typename P, typename G, typename C, bool kScaled, bool kAdapt>
 void apply_chunk(Momentum mode, bool nesterov, int64_t n, P* p, const G* g, float* buf, C* copy,
-                 const StepScalars& s) {
+                 const LarsScalars& s) {
   auto run = mode == Momentum::kNone        ? apply_chunk<P, G, C, kScaled, kAdapt, Momentum::kNone>
              : mode == Momentum::kFirstStep ? apply_chunk<P, G, C, kScaled, kAdapt, Momentum::kFirstStep>
                                             : apply_chunk<P, G, C, kScaled, kAdapt, Momentum::kLater>;
   run(nesterov, n, p, g, buf, copy, s);
-}
-
-// 1. r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps), 1 unless both norms are > 0; then, with
-// LARC, min(r / lr, 1) whatever r is (so r = 1 with lr > 1 still clips to 1 / lr), a NaN propagating
-// as in torch.minimum (lr = 0 with r = 0 gives 0 / 0). norms[1] sums the still-scaled grads, so
-// ||g|| = sqrt(norms[1]) / scale.
-float trust_ratio(const float* h, const float* norms, float inv_scale) {
-  const float param_norm = std::sqrt(norms[0]);
-  const float decay_norm = h[kLarsWeightDecay] * param_norm;  // before the scale product: see apply_chunk
-  const float grad_norm = std::sqrt(norms[1]) * inv_scale;
-  const float ratio = param_norm > 0 && grad_norm > 0
-                          ? h[kLarsTrustCoeff] * param_norm / (grad_norm + decay_norm + h[kLarsEps])
-                          : 1.0f;
-  if (h[kLarsTrustClip] == 0) return ratio;
-  const float clipped = ratio / h[kLarsLr];
-  return std::isnan(clipped) ? clipped : std::min(clipped, 1.0f);
 }
 
 }  // namespace
@@ -127,7 +92,7 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
           const int64_t t = chunk.tensor;
           const float* ht = h + t * kLarsColumns;
           const bool adapt = ht[kLarsAdapt] != 0;
-          const float ratio = adapt ? trust_ratio(ht, norm_data + 2 * t, inv_scale) : 1.0f;
+          const float ratio = adapt ? lars_trust_ratio(ht, norm_data + 2 * t, inv_scale) : 1.0f;
           const Momentum mode = ht[kLarsHasMomentum] == 0 ? Momentum::kNone
                                 : ht[kLarsFirstStep] != 0 ? Momentum::kFirstStep
                                                           : Momentum::kLater;
@@ -136,7 +101,7 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
           float* buf = mode == Momentum::kNone ? nullptr : b_data[t] + chunk.begin;
           C* copy = nullptr;
           if constexpr (kWritesCopy<C>) copy = c_data[t] + chunk.begin;
-          const StepScalars scalars{ht[kLarsLr], ratio, ht[kLarsWeightDecay], ht[kLarsMomentum],
+          const LarsScalars scalars{ht[kLarsLr], ratio, ht[kLarsWeightDecay], ht[kLarsMomentum],
                                     ht[kLarsOneMinusDampening], inv_scale};
           auto run = adapt ? apply_chunk<P, G, C, kScaled, true> : apply_chunk<P, G, C, kScaled, false>;
           run(mode, ht[kLarsNesterov] != 0, chunk.size, p, g, buf, copy, scalars);

@@ -50,7 +50,7 @@ def _find_csrc() -> Path:
 
 CSRC = _find_csrc()
 SOURCES = ("ops.cpp", "multi_tensor_cpu.cpp", "lamb_cpu.cpp", "lars_cpu.cpp")
-HEADERS = ("multi_tensor_cpu.h", "hyper_columns.h")
+HEADERS = ("multi_tensor.h", "multi_tensor_cpu.h", "hyper_columns.h", "optimizer_math.h")
 # No fast-math: IEEE division and square root, as in the Triton kernels. -fno-math-errno only lets
 # the compiler use the vector square-root instruction (errno is never read); FMA contraction is on
 # as on the GPU. The just-in-time build is tuned to the machine that will run it.
