@@ -49,7 +49,7 @@ def parse_args(argv=None):
                         help="default: cuda when a GPU is present, else cpu")
     parser.add_argument("--backends", default=None,
                         help="comma-separated lamb_kernels backends to time (default: all; on CPU all but "
-                             "triton, whose interpreter is not worth timing)")
+                             "triton, whose interpreter is not worth timing, and cuda)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype")
     parser.add_argument("--master-weights", action="store_true",
                         help="our optimizers keep fp32 master weights of bf16/fp16 params (charged their bytes)")

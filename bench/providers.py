@@ -148,5 +148,6 @@ def _backend_providers(class_name, cls, algorithm, options, device, backends) ->
 
 def default_backends(device) -> list:
     """lamb_kernels' backends worth timing on `device`: on CPU not triton, whose interpreter is a
-    correctness tool (about a millisecond per program instance); name it in --backends to time it."""
-    return [name for name in BACKEND_NAMES if not (torch.device(device).type == "cpu" and name == "triton")]
+    correctness tool (about a millisecond per program instance; name it in --backends to time it),
+    nor cuda, which runs on CUDA tensors only."""
+    return [name for name in BACKEND_NAMES if not (torch.device(device).type == "cpu" and name in ("triton", "cuda"))]

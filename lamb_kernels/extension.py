@@ -1,4 +1,5 @@
-"""Builds or loads the C++ operators in csrc/ (the "cpp" backend), and describes them to torch.
+"""Builds or loads the C++ operators in csrc/ (the "cpp" backend) and their CUDA implementations
+(csrc/cuda/, the "cuda" backend), and describes them to torch.
 
 Nothing is built at ``import lamb_kernels``. The first time the "cpp" backend is considered
 (``available_backends("cpu")``, or an optimizer stepping CPU parameters with ``backend="auto"``):
@@ -15,6 +16,12 @@ Nothing is built at ``import lamb_kernels``. The first time the "cpp" backend is
 
 A build that fails logs one warning; "auto" then falls back to the "torch" backend, and asking for
 "cpp" by name raises an error that carries the build's message.
+
+The CUDA library (``load_cuda``) follows the same three steps: ``lamb_kernels/_C_cuda*.so`` from
+the ahead-of-time build (when torch and nvcc have CUDA there), else a cached or fresh just-in-time
+build for the current device's compute capability (a minute or two), keyed also by torch's CUDA
+version, the architecture and nvcc. It holds only the CUDA kernels of the operators: the CPU library,
+which declares them, is loaded first. A failure warns once; "auto" then takes the next backend.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -58,6 +66,16 @@ CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"]
 JIT_ARCH_FLAGS = ["-march=native"]
 LIBRARY_NAME = "lamb_kernels_cpp"
 STAMP_NAME = "_C.build.json"  # beside an ahead-of-time library: what it was built from
+
+CUDA_SOURCES = ("cuda/register.cpp", "cuda/multi_tensor.cpp", "cuda/sums_of_squares.cu", "cuda/lamb.cu",
+                "cuda/lars.cu")
+CUDA_HEADERS = ("cuda/multi_tensor.h", "cuda/kernels.cuh", "optimizer_math.h", "hyper_columns.h", "multi_tensor.h")
+# nvcc's defaults keep IEEE division and square root (-prec-div, -prec-sqrt; never --use_fast_math);
+# the kernels also use the _rn intrinsics, and the build check reads the PTX for approximations.
+CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+CUDA_LIBRARY_NAME = "lamb_kernels_cuda"
+CUDA_STAMP_NAME = "_C_cuda.build.json"
+AHEAD_OF_TIME_ARCHES = ("80", "90")  # sm_80 and sm_90 machine code, and compute_90 PTX for later GPUs
 STALE_LOCK_SECONDS = 900  # a build takes one to three minutes; a lock this old belongs to a dead one
 
 
@@ -73,9 +91,9 @@ def _cpu_features() -> str:
         return platform.processor()
 
 
-def _source_hash() -> str:
+def _source_hash(names=None) -> str:
     digest = hashlib.sha256()
-    for name in (*SOURCES, *HEADERS):
+    for name in names or (*SOURCES, *HEADERS):
         digest.update(name.encode())
         digest.update((CSRC / name).read_bytes())
     return digest.hexdigest()
@@ -100,17 +118,22 @@ def cache_directory() -> Path:
     return Path(root or Path.home() / ".cache" / "torch_extensions")
 
 
-def _prebuilt_library() -> str | None:
+def cuda_prebuilt_stamp() -> dict:
+    """What an ahead-of-time CUDA library must have been built from: these sources, this torch."""
+    return {"sources": _source_hash((*CUDA_SOURCES, *CUDA_HEADERS)), "torch": torch.__version__}
+
+
+def _prebuilt_library(module: str = "lamb_kernels._C", stamp_name: str = STAMP_NAME, expected=None) -> str | None:
     """The ahead-of-time library, if one is installed and was built from these sources for this
     torch; a stale one (sources edited since, torch upgraded) is passed over with one log line."""
-    spec = importlib.util.find_spec("lamb_kernels._C")
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         return None
     try:
-        stamp = json.loads(Path(spec.origin).with_name(STAMP_NAME).read_text())
+        stamp = json.loads(Path(spec.origin).with_name(stamp_name).read_text())
     except (OSError, ValueError):
         stamp = None
-    if stamp != prebuilt_stamp():
+    if stamp != (expected or prebuilt_stamp()):
         logger.warning("lamb_kernels: ignoring %s, built from other sources or for another torch", spec.origin)
         return None
     return spec.origin
@@ -145,37 +168,92 @@ def _remove_stale_lock(work: Path) -> None:
 
 
 def _load_cached_or_build() -> str:
-    """Loads the just-in-time built library from the cache, building it first when it is missing.
+    """Loads the just-in-time built CPU library from the cache, building it first when it is missing."""
+    return _cached_or_built(LIBRARY_NAME, _build_key(), "the C++ CPU kernels (first use; about a minute)",
+                            lambda work: _build_cpu(work))
+
+
+def _build_cpu(work: Path) -> None:
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(  # builds, and loads the library from the work folder
+        name=LIBRARY_NAME,
+        sources=[str(CSRC / name) for name in SOURCES],
+        extra_cflags=CFLAGS + JIT_ARCH_FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(work),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _cached_or_built(library_name: str, key: str, what: str, build) -> str:
+    """Loads a just-in-time built library from the cache, calling `build(work_folder)` first when it
+    is missing.
 
     The build runs in a work folder under torch's own lock; only a complete library is then moved,
     atomically, to the path other processes load, so none of them can see a half-written file."""
     if not (CSRC / SOURCES[0]).exists():
         raise ExtensionUnavailable(f"the C++ sources are not installed (looked in {CSRC})")
-    build_dir = cache_directory() / f"{LIBRARY_NAME}_{_build_key()}"
-    library = build_dir / f"{LIBRARY_NAME}.so"
+    build_dir = cache_directory() / f"{library_name}_{key}"
+    library = build_dir / f"{library_name}.so"
     if library.exists():
         torch.ops.load_library(str(library))
         return str(library)
-    from torch.utils import cpp_extension
-
-    logger.warning("lamb_kernels: building the C++ CPU kernels (first use; about a minute) in %s", build_dir)
+    logger.warning("lamb_kernels: building %s in %s", what, build_dir)
     work = build_dir / "build"
     work.mkdir(parents=True, exist_ok=True)
     _remove_stale_lock(work)
     with _ninja_on_path():
-        cpp_extension.load(  # builds, and loads the library from the work folder
-            name=LIBRARY_NAME,
-            sources=[str(CSRC / name) for name in SOURCES],
-            extra_cflags=CFLAGS + JIT_ARCH_FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(work),
-            is_python_module=False,
-            verbose=False,
-        )
-    staging = build_dir / f".{LIBRARY_NAME}.{os.getpid()}.so"
-    shutil.copyfile(work / f"{LIBRARY_NAME}.so", staging)
+        build(work)
+    staging = build_dir / f".{library_name}.{os.getpid()}.so"
+    shutil.copyfile(work / f"{library_name}.so", staging)
     os.replace(staging, library)
     return str(library)
+
+
+def cuda_arch_flags(arches) -> list:
+    """nvcc flags for machine code of each compute capability in `arches` ("90", say)."""
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in arches]
+
+
+def build_cuda(work: Path, arches, extra_cuda_flags=(), verbose: bool = False, extra_cflags=()) -> None:
+    """Compiles csrc/cuda into `work`/lamb_kernels_cuda.so (and loads it) for the compute
+    capabilities `arches`; the build check (tests/test_cuda_build.py) adds its own flags."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name=CUDA_LIBRARY_NAME,
+        sources=[str(CSRC / name) for name in CUDA_SOURCES],
+        extra_cflags=["-O3", *extra_cflags],
+        extra_cuda_cflags=[*CUDA_FLAGS, *cuda_arch_flags(arches), *extra_cuda_flags],
+        build_directory=str(work),
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def _nvcc_version() -> str:
+    from torch.utils import cpp_extension
+
+    nvcc = Path(cpp_extension.CUDA_HOME or "") / "bin" / "nvcc"
+    try:
+        return subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ExtensionUnavailable(f"nvcc not found or not working ({nvcc}: {exc})") from None
+
+
+def _device_arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}"
+
+
+def _cuda_build_key(arch: str) -> str:
+    digest = hashlib.sha256(_source_hash((*CUDA_SOURCES, *CUDA_HEADERS)).encode())
+    for part in (CUDA_FLAGS, arch, torch.__version__, torch.version.cuda, sys.version, platform.machine(),
+                 _nvcc_version(), os.environ.get("CXX", "")):
+        digest.update(repr(part).encode())
+    return digest.hexdigest()[:16]
 
 
 _outcome = None  # the library's path, or the ExtensionUnavailable that explains its absence
@@ -227,6 +305,52 @@ def unavailable_reason() -> str | None:
         load()
     except ExtensionUnavailable as exc:
         return f"the C++ extension could not be built or loaded: {exc}"
+    return None
+
+
+_cuda_outcome = None
+
+
+def load_cuda() -> str:
+    """Loads the CUDA kernels of the operators (after the CPU library, which declares them) and
+    returns the library's path; raises ExtensionUnavailable with the reason. Tried once per process."""
+    global _cuda_outcome
+    load()
+    with _lock:
+        if _cuda_outcome is None:
+            _cuda_outcome = _load_cuda()
+    if isinstance(_cuda_outcome, ExtensionUnavailable):
+        raise _cuda_outcome
+    return _cuda_outcome
+
+
+def _load_cuda():
+    failures = []
+    prebuilt = _prebuilt_library("lamb_kernels._C_cuda", CUDA_STAMP_NAME, cuda_prebuilt_stamp())
+    if prebuilt is not None:
+        try:
+            torch.ops.load_library(prebuilt)
+            return prebuilt
+        except Exception as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+    try:
+        arch = _device_arch()
+        return _cached_or_built(CUDA_LIBRARY_NAME, _cuda_build_key(arch),
+                                f"the CUDA kernels for sm_{arch} (first use; a minute or two)",
+                                lambda work: build_cuda(work, [arch]))
+    except Exception as exc:  # no nvcc, a compiler error, no device...
+        failures.append(str(exc) if isinstance(exc, ExtensionUnavailable) else f"{type(exc).__name__}: {exc}")
+    message = "; ".join(failures).strip()
+    warnings.warn(f"lamb_kernels: the CUDA C++ backend is unavailable ({message[:2000]})", RuntimeWarning,
+                  stacklevel=4)
+    return ExtensionUnavailable(message)
+
+
+def cuda_unavailable_reason() -> str | None:
+    try:
+        load_cuda()
+    except ExtensionUnavailable as exc:
+        return f"the CUDA extension could not be built or loaded: {exc}"
     return None
 
 

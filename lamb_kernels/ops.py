@@ -1,8 +1,9 @@
 """The choice among backends: which can run where, "auto", $LAMB_KERNELS_BACKEND, and a fresh backend
 object for a bucket. What a backend computes is in contract.py.
 
-Backends: "triton" (lamb_kernels/triton, CUDA, or CPU tensors under the interpreter), "cpp" (the C++
-operators of csrc/, CPU; lamb_kernels/cpp.py) and "torch" (lamb_kernels/torch_backend.py, any device).
+Backends: "triton" (lamb_kernels/triton, CUDA, or CPU tensors under the interpreter), "cuda" (the
+hand-written CUDA kernels of csrc/cuda; lamb_kernels/cuda.py), "cpp" (the C++ operators of csrc/, CPU;
+lamb_kernels/cpp.py) and "torch" (lamb_kernels/torch_backend.py, any device).
 Each is imported only when it is asked for, so a missing or broken one never breaks the others.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-BACKEND_NAMES = ("triton", "cpp", "torch")
+BACKEND_NAMES = ("triton", "cuda", "cpp", "torch")
 ENV_VAR = "LAMB_KERNELS_BACKEND"
 
 
@@ -41,9 +42,23 @@ def _cpp_unavailable_reason(device_type: str) -> str | None:
     return extension.unavailable_reason()
 
 
+def _cuda_unavailable_reason(device_type: str) -> str | None:
+    if device_type != "cuda":
+        return "the CUDA kernels run on CUDA tensors only"
+    if not torch.version.cuda:
+        return "this torch is built without CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from . import extension  # builds the kernels on first use, or loads them from the cache
+
+    return extension.cuda_unavailable_reason()
+
+
 def _unavailable_reason(name: str, device_type: str) -> str | None:
     if name == "torch":
         return None
+    if name == "cuda":
+        return _cuda_unavailable_reason(device_type)
     if name == "triton":
         return _triton_unavailable_reason(device_type)
     if name == "cpp":
@@ -53,7 +68,8 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
 
 def _preference(device_type: str) -> tuple:
     # Under the interpreter triton is far slower than eager torch, so "auto" never picks it on CPU.
-    return ("triton", "torch") if device_type == "cuda" else ("cpp", "torch", "triton")
+    # On CUDA triton comes before the CUDA C++ kernels until a GPU run has measured both.
+    return ("triton", "cuda", "torch") if device_type == "cuda" else ("cpp", "torch", "triton")
 
 
 def available_backends(device="cpu") -> list:
@@ -77,8 +93,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto" and os.environ.get(ENV_VAR):
         requested, source = os.environ[ENV_VAR], ENV_VAR
     device_type = torch.device(device).type
-    if requested == "auto":
-        return available_backends(device_type)[0]
+    if requested == "auto":  # the first that can run: the later ones are not built or imported
+        return next(name for name in _preference(device_type) if _unavailable_reason(name, device_type) is None)
     if requested not in BACKEND_NAMES:
         raise ValueError(
             f"{source}={requested!r} is not a backend; choose 'auto' or one of: {', '.join(BACKEND_NAMES)}"
@@ -102,6 +118,10 @@ def create_backend(name: str):
         from .cpp import CppBackend
 
         return CppBackend()
+    if name == "cuda":
+        from .cuda import CudaBackend
+
+        return CudaBackend()
     from .triton import TritonBackend
 
     return TritonBackend()

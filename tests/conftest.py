@@ -24,7 +24,7 @@ def backend_cases():
     else:
         cases += [pytest.param("cuda", name, id=f"cuda-{name}",
                                marks=[pytest.mark.gpu, pytest.mark.skip(reason="no CUDA device")])
-                  for name in ("triton", "torch")]
+                  for name in ("triton", "cuda", "torch")]
     return cases
 
 

@@ -267,7 +267,7 @@ def test_defaults_sweep_at_least_six_batch_sizes_over_64x_and_quick_is_one_seed_
     (["--decay-power", "0"], "--decay-power"),
     (["--noise", "-1"], "--noise"),
     (["--workers", "0"], "--workers"),
-    (["--backend", "cuda"], "--backend"),
+    (["--backend", "tpu"], "--backend"),
 ])
 def test_bad_arguments_are_refused_by_name(argv, option, capsys):
     with pytest.raises(SystemExit) as exit_info:

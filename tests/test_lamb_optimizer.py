@@ -249,9 +249,12 @@ def test_public_names():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_step_never_synchronises_with_the_host():
+@pytest.mark.parametrize("backend_name", ["triton", "cuda", "torch"])
+def test_cuda_step_never_synchronises_with_the_host(backend_name):
+    if backend_name not in available_backends("cuda"):
+        pytest.skip(f"{backend_name} unavailable: {lamb_kernels.ops._unavailable_reason(backend_name, 'cuda')}")
     params = make_params("cuda")
-    opt = FusedLAMB(params, lr=1e-2)
+    opt = FusedLAMB(params, lr=1e-2, backend=backend_name)
     train(opt, params, 2)  # first steps build tables and compile
     for p in params:
         p.grad = torch.randn_like(p)

@@ -9,7 +9,8 @@ import torch
 from harness import rel_error
 from lamb_float64 import Float64LAMB
 from lars_float64 import Float64LARS
-from lamb_kernels import FusedLAMB, FusedLARS, FusedMixedPrecisionLamb
+import lamb_kernels
+from lamb_kernels import FusedLAMB, FusedLARS, FusedMixedPrecisionLamb, available_backends
 from lamb_kernels.hyper import LarsColumn
 from tolerances import BF16_RTOL, PARAM_RTOL, SAME_MATH_ATOL, SAME_MATH_RTOL
 
@@ -386,8 +387,9 @@ def test_opcheck_every_operator(device, backend, dtype, master):
     plain_sgd[:, LarsColumn.ADAPT] = 0.0
     w, g, m, v, c = lamb_seg.params, lamb_seg.grads, lamb_seg.exp_avgs, lamb_seg.exp_avg_sqs, lamb_seg.copies
     b = lars_seg.momentum_buffers
-    # One schema per stage: the C++ operators and the Triton ones take the same arguments.
-    prefix, chunk = ("", 256) if backend == "cpp" else ("triton_", 256)
+    # One schema per stage: the C++ operators (CPU and CUDA kernels) and the Triton ones take the same
+    # arguments.
+    prefix, chunk = ("", 256) if backend in ("cpp", "cuda") else ("triton_", 256)
     op = {stage: getattr(ops, prefix + stage) for stage in ("sums_of_squares", "lamb_moments", "lamb_apply", "lars_apply")}
     calls = [
         (op["sums_of_squares"], (g, None, chunk)), (op["sums_of_squares"], (w, g, chunk)),
@@ -404,12 +406,14 @@ def test_opcheck_every_operator(device, backend, dtype, master):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
-@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("backend_name", ["triton", "cuda", "torch"])
 def test_cuda_graph_capture_replays_like_eager(algorithm, backend_name):
     """capturable=True with a tensor lr: a captured step(), replayed with new grads and a new lr,
     equals eager steps; a replay allocates nothing."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if backend_name not in available_backends("cuda"):
+        pytest.skip(f"{backend_name} unavailable: {lamb_kernels.ops._unavailable_reason(backend_name, 'cuda')}")
     cls, defaults, _ = ALGORITHMS[algorithm]
     steps = 6
     grads = make_grads(make_params(torch.bfloat16, "cuda"), steps)

@@ -15,6 +15,11 @@ ELEMENT_ATOL = 1e-6
 SAME_MATH_RTOL = 1e-6
 SAME_MATH_ATOL = 1e-7
 
+# Two backends whose arithmetic rounds in other places (the C++ and CUDA kernels multiply by
+# 1 / (1 - beta^t) where the Triton kernels divide), after a few steps.
+BACKENDS_RTOL = 1e-5
+BACKENDS_ATOL = 1e-6
+
 # Two backends through steps whose values reach the fp32 extremes (a trust ratio near overflow):
 # their reductions add in another order, and the extremes magnify that.
 BACKENDS_EXTREME_RTOL = 1e-5

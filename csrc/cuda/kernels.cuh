@@ -1,0 +1,174 @@
+// Multi-tensor machinery of the CUDA operators, device side: which chunk a block runs, loads and
+// stores of one element or of a pack of kPack elements, and a fixed-order block sum.
+//
+// Loads convert to fp32 and stores round to the nearest even (c10's BFloat16 and Half), as on the
+// CPU. The vectorized path moves each list's pack with 128-bit accesses (two for fp32, one for
+// 16-bit types); the host chooses it per launch when every pointer is 16-byte aligned, and chunks
+// start at multiples of kPack elements, so every pack is aligned too.
+#pragma once
+
+#include "../optimizer_math.h"
+#include "multi_tensor.h"
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace lamb_kernels {
+namespace cuda {
+
+// The chunk this block runs: its tensor, its first element in the tensor, its length.
+struct ChunkView {
+  int64_t tensor, begin, size;
+
+  __device__ explicit ChunkView(const TensorTable& table) {
+    const int64_t chunk = blockIdx.x;
+    const int64_t* numels = table.data + table.n_lists * table.n_tensors;
+    const int64_t* first_chunk = numels + table.n_tensors;
+    const int64_t* chunk_tensor = first_chunk + table.n_tensors + 1;
+    tensor = chunk_tensor[chunk];
+    begin = (chunk - first_chunk[tensor]) * table.chunk_size;
+    const int64_t rest = numels[tensor] - begin;
+    size = rest < table.chunk_size ? rest : table.chunk_size;
+  }
+
+  // Whether the chunk's tensor in list `list` has memory (a placeholder has none).
+  __device__ bool has_memory(const TensorTable& table, int list) const {
+    return table.data[list * table.n_tensors + tensor] != 0;
+  }
+
+  // The chunk's first element in list `list` of the table, as a T*.
+  template <typename T>
+  __device__ T* pointer(const TensorTable& table, int list) const {
+    return reinterpret_cast<T*>(table.data[list * table.n_tensors + tensor]) + begin;
+  }
+};
+
+// An element's value from its bits, and its bits from a value rounded to the nearest even.
+template <typename T>
+__device__ __forceinline__ float from_bits(uint32_t bits) {
+  if constexpr (std::is_same_v<T, float>) {
+    return __uint_as_float(bits);
+  } else {
+    return static_cast<float>(T(static_cast<uint16_t>(bits), T::from_bits()));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t to_bits(float value) {
+  if constexpr (std::is_same_v<T, float>) {
+    return __float_as_uint(value);
+  } else {
+    return static_cast<T>(value).x;
+  }
+}
+
+// The bits of one element as the global-memory intrinsics take them.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 4, unsigned int, unsigned short>;
+
+// kCount elements from x[i]: one scalar access, or a pack through 128-bit accesses (each a uint4,
+// unpacked with bit operations, so the compiler keeps the access whole). The pointers come from the
+// table as integers, so the compiler cannot tell they are global: the intrinsics say so (ld.global,
+// cached in L2 only: every element is read once).
+template <int kCount, typename T>
+__device__ __forceinline__ void load(const T* x, int64_t i, float (&out)[kCount]) {
+  if constexpr (kCount == 1) {
+    out[0] = from_bits<T>(__ldcg(reinterpret_cast<const Bits<T>*>(x + i)));
+  } else {
+    static_assert(kCount * sizeof(T) % 16 == 0, "a pack is whole 128-bit words");
+    constexpr int kPerWord = 4 / sizeof(T);  // elements per 32-bit part of a word
+    const uint4* words = reinterpret_cast<const uint4*>(x + i);
+#pragma unroll
+    for (int w = 0; w < kCount / (4 * kPerWord); ++w) {
+      const uint4 word = __ldcg(words + w);
+      const uint32_t parts[4] = {word.x, word.y, word.z, word.w};
+#pragma unroll
+      for (int k = 0; k < 4 * kPerWord; ++k) {
+        const uint32_t part = parts[k / kPerWord];
+        out[w * 4 * kPerWord + k] = from_bits<T>(kPerWord == 1 ? part : (k % 2 == 0 ? part & 0xffffu : part >> 16));
+      }
+    }
+  }
+}
+
+template <int kCount, typename T>
+__device__ __forceinline__ void store(T* x, int64_t i, const float (&values)[kCount]) {
+  if constexpr (kCount == 1) {
+    __stcg(reinterpret_cast<Bits<T>*>(x + i), static_cast<Bits<T>>(to_bits<T>(values[0])));
+  } else {
+    constexpr int kPerWord = 4 / sizeof(T);
+    uint4* words = reinterpret_cast<uint4*>(x + i);
+#pragma unroll
+    for (int w = 0; w < kCount / (4 * kPerWord); ++w) {
+      uint32_t parts[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float* v = values + w * 4 * kPerWord + k * kPerWord;
+        parts[k] = kPerWord == 1 ? to_bits<T>(v[0]) : (to_bits<T>(v[0]) | (to_bits<T>(v[kPerWord - 1]) << 16));
+      }
+      __stcg(words + w, make_uint4(parts[0], parts[1], parts[2], parts[3]));
+    }
+  }
+}
+
+// Calls body(Count<k>{}, i) over the chunk's n elements: packs of kPack from i = kPack * thread
+// (when kAligned), then single elements for the rest. Which thread handles which element depends
+// only on n, so each thread's partial sums, and the block's, are the same on every run.
+template <int kCount>
+struct Count {
+  static constexpr int value = kCount;
+};
+
+template <bool kAligned, typename Body>
+__device__ __forceinline__ void for_each_element(int64_t n, Body&& body) {
+  int64_t packed = 0;
+  if constexpr (kAligned) {
+    packed = n / kPack * kPack;
+    for (int64_t i = int64_t(threadIdx.x) * kPack; i < packed; i += int64_t(kThreads) * kPack) body(Count<kPack>{}, i);
+  }
+  for (int64_t i = packed + threadIdx.x; i < n; i += kThreads) body(Count<1>{}, i);
+}
+
+// The sum of each of kWidth values over the block, in a fixed order (a shuffle tree in each warp,
+// then the warps' sums in order); the result is in thread 0. No atomics: the same bits every run.
+template <int kWidth, typename Acc>
+__device__ __forceinline__ void block_sum(Acc (&values)[kWidth]) {
+  __shared__ Acc warp_sums[kThreads / 32][kWidth];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) values[k] += __shfl_down_sync(0xffffffffu, values[k], offset);
+    if (lane == 0) warp_sums[warp][k] = values[k];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) {
+      Acc total = warp_sums[0][k];
+      for (int w = 1; w < kThreads / 32; ++w) total += warp_sums[w][k];
+      values[k] = total;
+    }
+  }
+}
+
+// A GradScaler's found_inf, read on the device: nonzero (a NaN too) means nothing is written.
+__device__ __forceinline__ bool skips_step(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.0f;
+}
+
+// 1 / grad_scale (one IEEE division), or 1 without a scale.
+__device__ __forceinline__ float inverse_grad_scale(const float* grad_scale) {
+  return grad_scale != nullptr ? divide(1.0f, *grad_scale) : 1.0f;
+}
+
+// The loss scale's product, never fused into a following add: with a power-of-two scale it is exact
+// and a scaled step has the bits of an unscaled one.
+__device__ __forceinline__ float unscale(float grad, float inv_scale) { return __fmul_rn(grad, inv_scale); }
+
+}  // namespace cuda
+}  // namespace lamb_kernels

@@ -1,0 +1,175 @@
+// LAMB on CUDA tensors: docs/design.md section 2 in the Triton kernels' three passes over memory.
+//
+// 1. sums_of_squares over the grads (sums_of_squares.cu), for the global grad norm (reads g: 4
+//    bytes/param);
+// 2. lamb_moments: steps 1-5, moments in place, per-tensor ||p||^2 and ||u||^2 with p taken before
+//    the update (reads p g m v, writes m v: 24 bytes/param), then the per-tensor sums;
+// 3. lamb_apply: steps 6-7, u recomputed from m and v (reads p m v, writes p: 16 bytes/param).
+//
+// The math of each element is optimizer_math.h, shared with the CPU operators. The kernels are
+// templates on the storage types of params (P), grads (G) and the params' low-precision copies (C,
+// NoCopy when there are none), and on kAligned (the vectorized path). The grad scale, the global
+// grad norm and found_inf are read on the device: no host sync, and a CUDA graph replays them.
+#include "kernels.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <optional>
+
+namespace lamb_kernels {
+namespace cuda {
+namespace {
+
+// Lists of the moments table: p g m v.
+template <typename P, typename G, bool kAligned>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    lamb_moments_kernel(TensorTable table, const float* __restrict__ hyper, const float* grad_sumsq,
+                        const float* grad_scale, const float* found_inf, float* __restrict__ partials) {
+  float sums[2] = {0.0f, 0.0f};  // ||p||^2, ||u||^2 of this chunk
+  if (skips_step(found_inf)) {   // nothing written; the norms are 0
+    if (threadIdx.x == 0) partials[2 * blockIdx.x] = partials[2 * blockIdx.x + 1] = 0.0f;
+    return;
+  }
+  const ChunkView chunk(table);
+  const float* h = hyper + chunk.tensor * kLambColumns;
+  const float inv_scale = inverse_grad_scale(grad_scale);
+  // grad_sumsq sums the still-scaled grads: G = sqrt(grad_sumsq) / scale; without clipping, 0 never
+  // exceeds a max_grad_norm.
+  const float grad_norm = grad_sumsq != nullptr ? square_root(*grad_sumsq) * inv_scale : 0.0f;
+  const LambMoments moments(h, grad_norm);
+  const LambUpdate update(h);
+  const P* p = chunk.pointer<const P>(table, 0);
+  const G* g = chunk.pointer<const G>(table, 1);
+  float* m = chunk.pointer<float>(table, 2);
+  float* v = chunk.pointer<float>(table, 3);
+  for_each_element<kAligned>(chunk.size, [&](auto count, int64_t i) {
+    constexpr int n = decltype(count)::value;
+    float param[n], grad[n], exp_avg[n], exp_avg_sq[n];
+    load<n>(p, i, param);
+    load<n>(g, i, grad);
+    load<n>(m, i, exp_avg);
+    load<n>(v, i, exp_avg_sq);
+#pragma unroll
+    for (int k = 0; k < n; ++k) {
+      if (grad_scale != nullptr) grad[k] = unscale(grad[k], inv_scale);
+      moments(param[k], grad[k], exp_avg[k], exp_avg_sq[k]);  // 1-3.
+      const float u = update(param[k], exp_avg[k], exp_avg_sq[k]);  // 4-5.
+      sums[0] += param[k] * param[k];
+      sums[1] += u * u;
+    }
+    store<n>(m, i, exp_avg);
+    store<n>(v, i, exp_avg_sq);
+  });
+  block_sum<2>(sums);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = sums[0];
+    partials[2 * blockIdx.x + 1] = sums[1];
+  }
+}
+
+// Lists of the apply table: p m v, and the low-precision copies when C is not NoCopy. The new value
+// of a param goes to the param and, rounded, to its copy: the fp32 master weight's value.
+template <typename P, typename C, bool kAligned>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    lamb_apply_kernel(TensorTable table, const float* __restrict__ hyper, const float* __restrict__ norms,
+                      const float* found_inf) {
+  if (skips_step(found_inf)) return;
+  const ChunkView chunk(table);
+  const float* h = hyper + chunk.tensor * kLambColumns;
+  const float step_size = lamb_step_size(h, norms + 2 * chunk.tensor);  // 6.
+  const LambUpdate update(h);
+  P* p = chunk.pointer<P>(table, 0);
+  const float* m = chunk.pointer<const float>(table, 1);
+  const float* v = chunk.pointer<const float>(table, 2);
+  C* copy = nullptr;
+  if constexpr (kWritesCopy<C>) copy = chunk.pointer<C>(table, 3);
+  for_each_element<kAligned>(chunk.size, [&](auto count, int64_t i) {
+    constexpr int n = decltype(count)::value;
+    float param[n], exp_avg[n], exp_avg_sq[n];
+    load<n>(p, i, param);
+    load<n>(m, i, exp_avg);
+    load<n>(v, i, exp_avg_sq);
+#pragma unroll
+    for (int k = 0; k < n; ++k) param[k] = param[k] - step_size * update(param[k], exp_avg[k], exp_avg_sq[k]);  // 7.
+    store<n>(p, i, param);
+    if constexpr (kWritesCopy<C>) store<n>(copy, i, param);
+  });
+}
+
+}  // namespace
+
+at::Tensor lamb_moments_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, const at::Tensor& hyper,
+                             const std::optional<at::Tensor>& grad_sumsq, const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf, int64_t chunk_size) {
+  const char* op = "lamb_moments";
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  const at::Device device = hyper.device();
+  check_chunk_size(op, chunk_size);
+  check_lists(op,
+              {{"params", params},
+               {"grads", grads},
+               {"exp_avgs", exp_avgs, Storage::kFloat32},
+               {"exp_avg_sqs", exp_avg_sqs, Storage::kFloat32}},
+              device);
+  check_table_argument(op, "hyper", hyper, device, n_tensors, kLambColumns);
+  const float* sumsq = scalar_pointer(op, "grad_sumsq", grad_sumsq, device);
+  const float* scale = scalar_pointer(op, "grad_scale", grad_scale, device);
+  const float* found = scalar_pointer(op, "found_inf", found_inf, device);
+  if (n_tensors == 0) return at::zeros({0, 2}, hyper.options());
+  const c10::cuda::CUDAGuard guard(device);
+  const TensorTable table = tensor_table({params, grads, exp_avgs, exp_avg_sqs}, chunk_size);
+  at::Tensor partials = at::empty({table.n_chunks, 2}, hyper.options());
+  if (table.n_chunks > 0) {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    dispatch_element(element_type(params), [&](auto param_type) {
+      using P = typename decltype(param_type)::type;
+      dispatch_element(element_type(grads), [&](auto grad_type) {
+        using G = typename decltype(grad_type)::type;
+        dispatch_bool(table.aligned, [&](auto aligned) {
+          lamb_moments_kernel<P, G, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
+              table, hyper.const_data_ptr<float>(), sumsq, scale, found, partials.mutable_data_ptr<float>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+  }
+  return per_tensor_sums(partials, table, 2);
+}
+
+void lamb_apply_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     const at::Tensor& hyper, const at::Tensor& norms, const std::optional<at::Tensor>& found_inf,
+                     at::TensorList copies, int64_t chunk_size) {
+  const char* op = "lamb_apply";
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  const at::Device device = hyper.device();
+  check_chunk_size(op, chunk_size);
+  check_lists(op,
+              {{"params", params},
+               {"exp_avgs", exp_avgs, Storage::kFloat32},
+               {"exp_avg_sqs", exp_avg_sqs, Storage::kFloat32}},
+              device);
+  check_copies(op, params, copies, device);
+  check_table_argument(op, "hyper", hyper, device, n_tensors, kLambColumns);
+  check_table_argument(op, "norms", norms, device, n_tensors, 2);
+  const float* found = scalar_pointer(op, "found_inf", found_inf, device);
+  if (n_tensors == 0) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const TensorTable table = copies.empty() ? tensor_table({params, exp_avgs, exp_avg_sqs}, chunk_size)
+                                           : tensor_table({params, exp_avgs, exp_avg_sqs, copies}, chunk_size);
+  if (table.n_chunks == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_params_and_copies(params, copies, [&](auto param_type, auto copy_type) {
+    using P = typename decltype(param_type)::type;
+    using C = typename decltype(copy_type)::type;
+    dispatch_bool(table.aligned, [&](auto aligned) {
+      lamb_apply_kernel<P, C, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
+          table, hyper.const_data_ptr<float>(), norms.const_data_ptr<float>(), found);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace lamb_kernels

@@ -1,0 +1,154 @@
+// LARS on CUDA tensors: docs/design.md section 3 in the Triton kernels' two passes over memory.
+//
+// 1. per-tensor ||p||^2 and ||g||^2: sums_of_squares on the params and on the grads (reads p g:
+//    8 bytes/param), skipped when no param group adapts;
+// 2. lars_apply: trust ratio, weight decay, momentum and the update (reads p g b, writes p b:
+//    20 bytes/param).
+//
+// The math of each element is optimizer_math.h, shared with the CPU operators. A block runs one
+// chunk of one tensor, so the tensor's choices (trust ratio, momentum, first step, nesterov, grad
+// scale) are the same for the whole block: the kernel branches once to a loop with them fixed.
+#include "kernels.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <optional>
+
+namespace lamb_kernels {
+namespace cuda {
+namespace {
+
+// Twenty loop variants in one kernel need more registers than the LAMB kernels: at least two blocks
+// per SM (at most 128 registers a thread), under which ptxas allocates every variant without spills.
+constexpr int kLarsMinBlocksPerSm = 2;
+
+// Lists of the table: p g b, and the low-precision copies when C is not NoCopy. A tensor without
+// momentum has an empty placeholder as its buffer, never read or written.
+template <bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov, bool kAligned, typename P, typename G,
+          typename C>
+__device__ __forceinline__ void lars_chunk(int64_t n, P* p, const G* g, float* buf, C* copy, const LarsScalars& s) {
+  for_each_element<kAligned>(n, [&](auto count, int64_t i) {
+    constexpr int k_n = decltype(count)::value;
+    float param[k_n], grad[k_n], b[k_n] = {};
+    load<k_n>(p, i, param);
+    load<k_n>(g, i, grad);
+    if constexpr (kMomentum == Momentum::kLater) load<k_n>(buf, i, b);  // a new buffer is not read
+#pragma unroll
+    for (int k = 0; k < k_n; ++k) {
+      if constexpr (kScaled) grad[k] = unscale(grad[k], s.inv_scale);
+      param[k] = lars_element<false, kAdapt, kMomentum, kNesterov>(param[k], grad[k], b[k], s);
+    }
+    if constexpr (kMomentum != Momentum::kNone) store<k_n>(buf, i, b);
+    store<k_n>(p, i, param);
+    if constexpr (kWritesCopy<C>) store<k_n>(copy, i, param);  // the fp32 master weight, rounded
+  });
+}
+
+template <bool kScaled, bool kAdapt, bool kAligned, typename P, typename G, typename C>
+__device__ __forceinline__ void lars_chunk(Momentum mode, bool nesterov, int64_t n, P* p, const G* g, float* buf,
+                                           C* copy, const LarsScalars& s) {
+  if (mode == Momentum::kNone) {
+    lars_chunk<kScaled, kAdapt, Momentum::kNone, false, kAligned>(n, p, g, buf, copy, s);
+  } else if (mode == Momentum::kFirstStep) {
+    if (nesterov) {
+      lars_chunk<kScaled, kAdapt, Momentum::kFirstStep, true, kAligned>(n, p, g, buf, copy, s);
+    } else {
+      lars_chunk<kScaled, kAdapt, Momentum::kFirstStep, false, kAligned>(n, p, g, buf, copy, s);
+    }
+  } else if (nesterov) {
+    lars_chunk<kScaled, kAdapt, Momentum::kLater, true, kAligned>(n, p, g, buf, copy, s);
+  } else {
+    lars_chunk<kScaled, kAdapt, Momentum::kLater, false, kAligned>(n, p, g, buf, copy, s);
+  }
+}
+
+template <typename P, typename G, typename C, bool kAligned>
+__global__ void __launch_bounds__(kThreads, kLarsMinBlocksPerSm)
+    lars_apply_kernel(TensorTable table, const float* __restrict__ hyper, const float* norms, const float* grad_scale,
+                      const float* found_inf) {
+  if (skips_step(found_inf)) return;
+  const ChunkView chunk(table);
+  const float* h = hyper + chunk.tensor * kLarsColumns;
+  const float inv_scale = inverse_grad_scale(grad_scale);
+  const bool adapt = h[kLarsAdapt] != 0;
+  // The host cannot see the hyperparameter table without a sync, so the arguments it implies are
+  // checked here: norms for a tensor that adapts, a buffer for a tensor with momentum. A failed check
+  // stops the kernel with a device-side assertion, which the next synchronising call reports.
+  CUDA_KERNEL_ASSERT(!adapt || norms != nullptr);
+  CUDA_KERNEL_ASSERT(h[kLarsHasMomentum] == 0 || chunk.has_memory(table, 2));
+  // 1. The trust ratio, from the per-tensor norms (none are given when no tensor adapts).
+  const float ratio = adapt ? lars_trust_ratio(h, norms + 2 * chunk.tensor, inv_scale) : 1.0f;
+  const Momentum mode = h[kLarsHasMomentum] == 0 ? Momentum::kNone
+                        : h[kLarsFirstStep] != 0 ? Momentum::kFirstStep
+                                                 : Momentum::kLater;
+  const LarsScalars s{h[kLarsLr], ratio, h[kLarsWeightDecay], h[kLarsMomentum], h[kLarsOneMinusDampening], inv_scale};
+  P* p = chunk.pointer<P>(table, 0);
+  const G* g = chunk.pointer<const G>(table, 1);
+  float* buf = mode == Momentum::kNone ? nullptr : chunk.pointer<float>(table, 2);
+  C* copy = nullptr;
+  if constexpr (kWritesCopy<C>) copy = chunk.pointer<C>(table, 3);
+  const bool nesterov = h[kLarsNesterov] != 0;
+  if (grad_scale != nullptr) {
+    if (adapt) {
+      lars_chunk<true, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s);
+    } else {
+      lars_chunk<true, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s);
+    }
+  } else if (adapt) {
+    lars_chunk<false, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s);
+  } else {
+    lars_chunk<false, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s);
+  }
+}
+
+}  // namespace
+
+void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     at::TensorList copies, int64_t chunk_size) {
+  const char* op = "lars_apply";
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  const at::Device device = hyper.device();
+  check_chunk_size(op, chunk_size);
+  check_lists(op, {{"params", params}, {"grads", grads}}, device);
+  check_copies(op, params, copies, device);
+  check_table_argument(op, "hyper", hyper, device, n_tensors, kLarsColumns);
+  if (norms.has_value()) check_table_argument(op, "norms", *norms, device, n_tensors, 2);
+  TORCH_CHECK(static_cast<int64_t>(momentum_buffers.size()) == n_tensors, op, ": momentum_buffers has ",
+              momentum_buffers.size(), " tensors, params has ", n_tensors);
+  // Which tensors adapt and have momentum is in the hyperparameter table, on the device, so the
+  // kernel checks that those have norms and buffers; here a buffer is an empty placeholder or laid
+  // out as its parameter.
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    if (momentum_buffers[t].numel() == 0 && params[t].numel() != 0) continue;
+    check_lists(op, {{"params", params.slice(t, 1)}, {"momentum_buffers", momentum_buffers.slice(t, 1), Storage::kFloat32}},
+                device);
+  }
+  const float* norm_data = norms.has_value() ? norms->const_data_ptr<float>() : nullptr;
+  const float* scale = scalar_pointer(op, "grad_scale", grad_scale, device);
+  const float* found = scalar_pointer(op, "found_inf", found_inf, device);
+  if (n_tensors == 0) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const TensorTable table = copies.empty()
+                                ? tensor_table({params, grads, momentum_buffers}, chunk_size)
+                                : tensor_table({params, grads, momentum_buffers, copies}, chunk_size);
+  if (table.n_chunks == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_params_and_copies(params, copies, [&](auto param_type, auto copy_type) {
+    using P = typename decltype(param_type)::type;
+    using C = typename decltype(copy_type)::type;
+    dispatch_element(element_type(grads), [&](auto grad_type) {
+      using G = typename decltype(grad_type)::type;
+      dispatch_bool(table.aligned, [&](auto aligned) {
+        lars_apply_kernel<P, G, C, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
+            table, hyper.const_data_ptr<float>(), norm_data, scale, found);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace lamb_kernels
