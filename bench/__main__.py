@@ -31,6 +31,7 @@ from .harness import device_name, make_params, run_group
 from .presets import PRESETS, preset_shapes
 from .providers import COMPILED, Provider, default_backends, lamb_providers, lars_providers
 from .report import Progress, chart_title, group_rows, read_csv, table, write_csv, write_png
+from .stages import run_stages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALGORITHMS = ("lamb", "lars")
@@ -64,6 +65,9 @@ def parse_args(argv=None):
     parser.add_argument("--chart-from", metavar="CSV", default=None,
                         help="time nothing: draw steps.png into --out from a steps.csv written earlier (a "
                              "GPU machine without matplotlib writes the CSV; the chart is drawn elsewhere)")
+    parser.add_argument("--stages", action="store_true",
+                        help="time each stage of a step on its own per lamb_kernels backend (GB/s, %% of copy, "
+                             "launches): stages.csv and stages.png instead of steps.csv and steps.png")
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
                         help="LAMB's global grad-norm clipping; 0 turns it off (default: 1.0, apex's)")
     args = parser.parse_args(argv)
@@ -142,6 +146,9 @@ def main(argv=None) -> list:
         "warmup": args.warmup, "repeats": args.repeats, "lamb_kernels": lamb_kernels.__version__,
         "torch": torch.__version__, "triton": _version("triton"), "python": platform.python_version(),
     }
+    os.makedirs(args.out, exist_ok=True)
+    if args.stages:
+        return run_stages(args, context, dtype, args.presets, Progress)
     plan = [(preset, algorithm, _providers(algorithm, args)) for preset in args.presets for algorithm in args.algorithms]
     total = sum(sum(p.unavailable is None for p in providers) for _, _, providers in plan) * (args.warmup + args.repeats)
     progress = Progress(total)

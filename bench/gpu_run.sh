@@ -9,10 +9,11 @@
 # 2. the benchmark on bert-large and many-small with every backend (many-small without the
 #    torch.compile providers, whose first step compiled for over 13 minutes on CPU), steps.csv and,
 #    when matplotlib is installed, steps.png per preset (otherwise draw it elsewhere with
-#    `python -m bench --chart-from steps.csv --out DIR`).
+#    `python -m bench --chart-from steps.csv --out DIR`);
+# 3. each stage on its own on bert-large (`--stages`): GB/s and % of copy per stage and backend.
 #
-# $OUT holds at most 6 files, one folder deep: versions.txt, tests.txt, bert-large/steps.{csv,png},
-# many-small/steps.{csv,png}. Each part has its own time limit ($TEST_SECONDS, $BENCH_SECONDS) so
+# $OUT holds at most 8 files, one folder deep: versions.txt, tests.txt, bert-large/steps.{csv,png},
+# many-small/steps.{csv,png}, stages/stages.{csv,png}. Each part has its own time limit ($TEST_SECONDS, $BENCH_SECONDS) so
 # that a hang in one still leaves the other's results. Exit status: the tests' (or the benchmark's
 # when the tests passed).
 set -uo pipefail
@@ -35,10 +36,11 @@ tests=${PIPESTATUS[0]}
 bench=0
 timeout "$BENCH_SECONDS" python -m bench --device cuda --preset bert-large --out "$OUT/bert-large" || bench=$?
 timeout "$BENCH_SECONDS" python -m bench --device cuda --preset many-small --no-compile --out "$OUT/many-small" || bench=$?
+timeout "$BENCH_SECONDS" python -m bench --device cuda --preset bert-large --stages --out "$OUT/stages" || bench=$?
 
 echo "== summary: tests $(tail -1 "$OUT/tests.txt")"
-for preset in bert-large many-small; do
-    [ -f "$OUT/$preset/steps.csv" ] && echo "== $preset: $(wc -l < "$OUT/$preset/steps.csv") rows in $OUT/$preset/steps.csv"
+for preset in bert-large many-small stages; do
+    for csv in "$OUT/$preset"/*.csv; do [ -f "$csv" ] && echo "== $preset: $(($(wc -l < "$csv") - 1)) rows in $csv"; done
 done
 [ "$tests" -ne 0 ] && exit "$tests"
 exit "$bench"

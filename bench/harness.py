@@ -24,22 +24,28 @@ import torch
 # FusedLAMB, for one, moves 52 fp32 bytes. torch's AdamW and SGD keep states in the parameters'
 # dtype, so their bytes scale with it; ours keep fp32 states. With master weights, the passes read
 # and write the fp32 master where they would read and write p, and the apply pass also writes p.
-def bytes_moved(algorithm: str, role: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False) -> int:
+def stage_bytes(algorithm: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False) -> dict:
+    """Bytes per parameter of each stage of a step, in the order a step runs them (a stage a step
+    skips is left out): LAMB "grad norm", "moments", "apply"; LARS "norms", "apply"."""
     s, state = param_bytes, 4
+    w = state if master_weights else s  # the weights the passes read: master or p
+    copy = s if master_weights else 0
+    if algorithm == "lamb":
+        stages = {"grad norm": s} if clipping else {}  # read g
+        stages["moments"] = w + s + 4 * state  # read p g m v, write m v
+        stages["apply"] = w + 2 * state + w + copy  # read p m v, write p (and the model's copy)
+        return stages
+    return {"norms": w + s,  # read p g
+            "apply": w + s + state + w + state + copy}  # read p g b, write p b (and the copy)
+
+
+def bytes_moved(algorithm: str, role: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False) -> int:
+    s = param_bytes
     if role == "copy":
         return 2 * s  # read, write
     if role == "yardstick":
         return (7 if algorithm == "lamb" else 5) * s  # AdamW: read p g m v, write p m v; SGD: p g b, p b
-    w = state if master_weights else s  # the weights the passes read: master or p
-    copy = s if master_weights else 0
-    if algorithm == "lamb":
-        grad_norm = s if clipping else 0  # read g
-        moments = w + s + 4 * state  # read p g m v, write m v
-        apply = w + 2 * state + w + copy  # read p m v, write p (and the model's copy)
-        return grad_norm + moments + apply
-    norms = w + s  # read p g
-    apply = w + s + state + w + state + copy  # read p g b, write p b (and the copy)
-    return norms + apply
+    return sum(stage_bytes(algorithm, clipping, param_bytes, master_weights).values())
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.__main__ import main, parse_args
-from bench.harness import Outcome, bytes_moved, make_params, quantile, run_group
+from bench.harness import Outcome, bytes_moved, make_params, quantile, run_group, stage_bytes
 from bench.presets import PRESETS, preset_shapes
 from bench.providers import Provider
 from bench.report import COLUMNS, Progress, group_rows, table
@@ -349,3 +349,37 @@ def test_distributed_benchmark_refuses_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             bench.distributed.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_stage_bytes_are_spec_section_4_stage_by_stage():
+    assert stage_bytes("lamb", clipping=True) == {"grad norm": 4, "moments": 24, "apply": 16}
+    assert stage_bytes("lamb", clipping=False) == {"moments": 24, "apply": 16}
+    assert stage_bytes("lars", clipping=True) == {"norms": 8, "apply": 20}
+    # bf16 params and grads with fp32 masters: the passes read and write the master, and apply also
+    # writes the bf16 param.
+    assert stage_bytes("lamb", True, 2, True) == {"grad norm": 2, "moments": 4 + 2 + 16, "apply": 4 + 8 + 4 + 2}
+    assert stage_bytes("lars", True, 2, True) == {"norms": 4 + 2, "apply": 4 + 2 + 4 + 4 + 4 + 2}
+    for algorithm in ("lamb", "lars"):
+        for args in ((True,), (False,), (True, 2), (True, 2, True)):
+            assert sum(stage_bytes(algorithm, *args).values()) == bytes_moved(algorithm, "ours", *args)
+
+
+def test_stages_on_the_tiny_preset_time_every_stage_of_every_backend(tmp_path, capsys):
+    rows = main(["--stages", "--preset", "tiny", "--device", "cpu", "--repeats", "2", "--warmup", "1",
+                 "--out", str(tmp_path)])
+    import lamb_kernels
+
+    backends = [name for name in lamb_kernels.available_backends("cpu") if name != "triton"]
+    expected = [(algorithm, backend, stage) for algorithm in ("lamb", "lars") for backend in backends
+                for stage in stage_bytes(algorithm, True)]
+    assert [(row["algorithm"], row["backend"], row["stage"]) for row in rows] == expected
+    numel = sum(p.numel() for p in make_params(preset_shapes("tiny"), "cpu", torch.float32))
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["bytes_per_param"] == stage_bytes(row["algorithm"], True)[row["stage"]]
+        assert math.isclose(row["gb_per_s"], row["bytes_per_param"] * numel / (row["median_ms"] / 1e3) / 1e9)
+        assert math.isclose(row["pct_of_copy"], 100 * row["gb_per_s"] / row["copy_gb_per_s"])
+    with open(tmp_path / "stages.csv", newline="", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "stages.png").exists() or importlib.util.find_spec("matplotlib") is None
+    assert "moments" in capsys.readouterr().out
