@@ -9,8 +9,6 @@ from lamb_kernels import FusedLAMB
 if "triton" not in lamb_kernels.available_backends("cpu") + lamb_kernels.available_backends("cuda"):
     pytest.skip("the triton backend is not available here", allow_module_level=True)
 
-import triton.language as tl  # noqa: E402
-
 from lamb_kernels.triton import lamb, multi_tensor  # noqa: E402
 from tolerances import LONG_SUM_RTOL  # noqa: E402
 
@@ -94,8 +92,46 @@ def test_chunk_map_covers_every_element_once():
     table = multi_tensor.MultiTensorTable(torch.device(DEVICE))
     tensors = [torch.ones(n, device=DEVICE) for n in sizes]
     table.update([tensors])
-    assert table.per_tensor_sumsq([tl.float32]).sum().item() == sum(sizes)
+    assert table.per_tensor_sumsq(1).sum().item() == sum(sizes)
     assert table.tensor_chunks.tolist() == [0, 0, 1, 2, 4, 4, 7]
     per_chunk = torch.empty(table.n_chunks, 1, device=DEVICE)
     per_chunk[:] = 1.0
     assert table.per_tensor_sum(per_chunk).flatten().tolist() == [0, 1, 1, 2, 0, 3]
+
+
+def test_the_vectorized_variant_is_chosen_where_every_tensor_is_16_byte_aligned(monkeypatch):
+    aligned = [torch.randn(n, device=DEVICE) for n in (5, 3000)]
+    table = multi_tensor.MultiTensorTable(torch.device(DEVICE))
+    table.update([aligned])
+    assert table.align
+    view = torch.randn(3001, device=DEVICE)[1:]  # four bytes into its storage
+    table.update([[aligned[0], view]])
+    assert not table.align
+    monkeypatch.setenv(multi_tensor.VECTORIZE_VAR, "0")
+    forced = multi_tensor.MultiTensorTable(torch.device(DEVICE))
+    forced.update([aligned])
+    assert not forced.align
+
+
+@pytest.mark.parametrize("algorithm", ["lamb", "lars"])
+def test_scalar_and_vectorized_variants_give_the_same_bits(monkeypatch, algorithm):
+    """The ALIGN hint changes how memory is accessed, never the arithmetic: both variants step alike,
+    bf16 params with fp32 masters and momentum included."""
+    results = []
+    for vectorize in ("1", "0"):
+        monkeypatch.setenv(multi_tensor.VECTORIZE_VAR, vectorize)
+        multi_tensor._TABLES.clear()
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(DEVICE, torch.bfloat16))
+                  for n in (3, multi_tensor.BLOCK + 5, multi_tensor.CHUNK + 9)]
+        options = dict(lr=1e-2, weight_decay=0.01) if algorithm == "lamb" else dict(lr=0.1, momentum=0.9,
+                                                                                      weight_decay=1e-4)
+        cls = FusedLAMB if algorithm == "lamb" else lamb_kernels.FusedLARS
+        opt = cls(params, backend="triton", master_weights=True, **options)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, torch.bfloat16)
+            opt.step()
+        assert all(table.align == (vectorize == "1") for table in multi_tensor._TABLES.values())
+        results.append([p.detach().clone() for p in params] + [opt.state[p]["master_param"] for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..hyper import WIDTH, LambColumn
 from ..schemas import SCHEMAS
-from .multi_tensor import chunk_opening, column_pointer, launch, scalar_or, store_rounded, table_for, tl_dtype
+from .multi_tensor import chunk_opening, column_pointer, launch, load_f32, scalar_or, store_rounded, table_for
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LambColumn.LR.value)
@@ -68,8 +68,34 @@ def _lamb_update(p, m, v, h):
 
 
 @triton.jit
+def _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, h, acc_p, acc_u, inv_scale, clip, beta1, beta2, beta3,
+                   one_minus_beta2, wd_l2, HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr):
+    p = load_f32(p_ptr + offs, mask, MASKED)
+    g = load_f32(g_ptr + offs, mask, MASKED)
+    m = load_f32(m_ptr + offs, mask, MASKED)
+    v = load_f32(v_ptr + offs, mask, MASKED)
+    if HAS_SCALE:
+        g = g * inv_scale
+    if CLIP:
+        g = tl.div_rn(g, clip)
+    g = tl.where(wd_l2 != 0, g + wd_l2 * p, g)  # 2. L2 mode (wd_l2 is 0 in AdamW mode)
+    m = beta1 * m + beta3 * g  # 3.
+    v = beta2 * v + one_minus_beta2 * g * g
+    store_rounded(m_ptr + offs, m, mask, MASKED)
+    store_rounded(v_ptr + offs, v, mask, MASKED)
+    u = _lamb_update(p, m, v, h)
+    acc_p += p * p
+    if MASKED:
+        acc_u += tl.where(mask, u * u, 0.0)  # masked lanes give 0/0 when eps is 0
+    else:
+        acc_u += u * u
+    return acc_p, acc_u
+
+
+@triton.jit
 def _lamb_moments_kernel(
-    ptrs,  # int64 [n_tensors, 4]: addresses of p, g, m, v
+    p_base, g_base, m_base, v_base,  # the columns' base pointers (multi_tensor.py)
+    ptrs,  # int64 [n_tensors, 4]: element offsets of p, g, m, v from the bases
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
@@ -82,17 +108,16 @@ def _lamb_moments_kernel(
     CLIP: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
-    P_DTYPE: tl.constexpr,
-    G_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """Steps 1-5 of docs/design.md section 2 on one chunk: moments in place, partial sums of p^2 and u^2."""
     t, start, n, h = chunk_opening(numels, chunk_tensor, chunk_offset, hyper, found_inf, N_HYPER, HAS_FOUND_INF, CHUNK)
-    p_ptr = column_pointer(ptrs, t, start, 4, _P, P_DTYPE)
-    g_ptr = column_pointer(ptrs, t, start, 4, _G, G_DTYPE)
-    m_ptr = column_pointer(ptrs, t, start, 4, _M, tl.float32)
-    v_ptr = column_pointer(ptrs, t, start, 4, _V, tl.float32)
+    p_ptr = column_pointer(p_base, ptrs, t, start, 4, _P, ALIGN)
+    g_ptr = column_pointer(g_base, ptrs, t, start, 4, _G, ALIGN)
+    m_ptr = column_pointer(m_base, ptrs, t, start, 4, _M, ALIGN)
+    v_ptr = column_pointer(v_base, ptrs, t, start, 4, _V, ALIGN)
     beta1 = tl.load(h + _BETA1)
     beta2 = tl.load(h + _BETA2)
     beta3 = tl.load(h + _BETA3)
@@ -101,6 +126,7 @@ def _lamb_moments_kernel(
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = tl.div_rn(1.0, tl.load(grad_scale))
+    clip = 1.0
     if CLIP:
         # 1. c = G / max_grad_norm when G (of the unscaled grads) exceeds it; division, as apex.
         grad_norm = tl.sqrt_rn(tl.load(grad_sumsq)) * inv_scale
@@ -109,33 +135,36 @@ def _lamb_moments_kernel(
         clip = tl.where(clips, tl.div_rn(grad_norm, tl.where(clips, max_norm, 1.0)), 1.0)
     acc_p = tl.zeros([BLOCK], tl.float32)
     acc_u = tl.zeros([BLOCK], tl.float32)
-    for i in range(0, n, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        if HAS_SCALE:
-            g = g * inv_scale
-        if CLIP:
-            g = tl.div_rn(g, clip)
-        g = tl.where(wd_l2 != 0, g + wd_l2 * p, g)  # 2. L2 mode (wd_l2 is 0 in AdamW mode)
-        m = beta1 * m + beta3 * g  # 3.
-        v = beta2 * v + one_minus_beta2 * g * g
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        u = _lamb_update(p, m, v, h)
-        acc_p += p * p
-        acc_u += tl.where(mask, u * u, 0.0)  # masked lanes give 0/0 when eps is 0
+    whole = n // BLOCK * BLOCK  # whole blocks unmasked, then the rest masked
+    for i in range(0, whole, BLOCK):
+        acc_p, acc_u = _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, i + tl.arange(0, BLOCK), None, h, acc_p, acc_u,
+                                      inv_scale, clip, beta1, beta2, beta3, one_minus_beta2, wd_l2, HAS_SCALE, CLIP,
+                                      False)
+    offs = whole + tl.arange(0, BLOCK)
+    acc_p, acc_u = _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, h, acc_p, acc_u, inv_scale, clip,
+                                  beta1, beta2, beta3, one_minus_beta2, wd_l2, HAS_SCALE, CLIP, True)
     c = tl.program_id(0)
     tl.store(partials + c * 2 + 0, tl.sum(acc_p, axis=0))
     tl.store(partials + c * 2 + 1, tl.sum(acc_u, axis=0))
 
 
 @triton.jit
+def _apply_block(p_ptr, m_ptr, v_ptr, copy_ptr, offs, mask, h, step_size, HAS_COPY: tl.constexpr,
+                 MASKED: tl.constexpr):
+    p = load_f32(p_ptr + offs, mask, MASKED)
+    m = load_f32(m_ptr + offs, mask, MASKED)
+    v = load_f32(v_ptr + offs, mask, MASKED)
+    u = _lamb_update(p, m, v, h)
+    p = p - step_size * u  # 7.
+    store_rounded(p_ptr + offs, p, mask, MASKED)
+    if HAS_COPY:
+        store_rounded(copy_ptr + offs, p, mask, MASKED)
+
+
+@triton.jit
 def _lamb_apply_kernel(
-    ptrs,  # int64 [n_tensors, N_COLS]: addresses of p, m, v (and the low-precision copy)
+    p_base, m_base, v_base, copy_base,  # the columns' base pointers (copy_base: p_base without copies)
+    ptrs,  # int64 [n_tensors, N_COLS]: element offsets of p, m, v (and the low-precision copy)
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
@@ -143,18 +172,20 @@ def _lamb_apply_kernel(
     norms,  # fp32 [n_tensors, 2]: ||p||^2 (before the update) and ||u||^2 per tensor
     found_inf,  # fp32 [1]: nonzero skips the step (read only when HAS_FOUND_INF)
     N_HYPER: tl.constexpr,
-    N_COLS: tl.constexpr,
+    N_COLS: tl.constexpr,  # 4 with copies
     HAS_FOUND_INF: tl.constexpr,
-    P_DTYPE: tl.constexpr,
-    COPY_DTYPE: tl.constexpr,  # None: no copies
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """Steps 6-7 of docs/design.md section 2 on one chunk: p <- p - lr * r * u, u recomputed from m and v."""
     t, start, n, h = chunk_opening(numels, chunk_tensor, chunk_offset, hyper, found_inf, N_HYPER, HAS_FOUND_INF, CHUNK)
-    p_ptr = column_pointer(ptrs, t, start, N_COLS, _P, P_DTYPE)
-    m_ptr = column_pointer(ptrs, t, start, N_COLS, _APPLY_M, tl.float32)
-    v_ptr = column_pointer(ptrs, t, start, N_COLS, _APPLY_V, tl.float32)
+    p_ptr = column_pointer(p_base, ptrs, t, start, N_COLS, _P, ALIGN)
+    m_ptr = column_pointer(m_base, ptrs, t, start, N_COLS, _APPLY_M, ALIGN)
+    v_ptr = column_pointer(v_base, ptrs, t, start, N_COLS, _APPLY_V, ALIGN)
+    copy_ptr = p_ptr
+    if N_COLS == 4:
+        copy_ptr = column_pointer(copy_base, ptrs, t, start, N_COLS, _APPLY_COPY, ALIGN)
     # 6. Trust ratio, on the device: no host round trip for the norms.
     param_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 0))
     update_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1))
@@ -166,17 +197,11 @@ def _lamb_apply_kernel(
                        tl.load(h + _RATIO_HI), propagate_nan=tl.PropagateNan.ALL)
     ratio = tl.where(adapt, ratio, 1.0)
     step_size = tl.load(h + _LR) * ratio
-    for i in range(0, n, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        u = _lamb_update(p, m, v, h)
-        p = p - step_size * u  # 7.
-        store_rounded(p_ptr + offs, p, mask, P_DTYPE)
-        if COPY_DTYPE is not None:
-            store_rounded(column_pointer(ptrs, t, start, N_COLS, _APPLY_COPY, COPY_DTYPE) + offs, p, mask, COPY_DTYPE)
+    whole = n // BLOCK * BLOCK
+    for i in range(0, whole, BLOCK):
+        _apply_block(p_ptr, m_ptr, v_ptr, copy_ptr, i + tl.arange(0, BLOCK), None, h, step_size, N_COLS == 4, False)
+    offs = whole + tl.arange(0, BLOCK)
+    _apply_block(p_ptr, m_ptr, v_ptr, copy_ptr, offs, offs < n, h, step_size, N_COLS == 4, True)
 
 
 @torch.library.custom_op("lamb_kernels::triton_lamb_moments", mutates_args=("exp_avgs", "exp_avg_sqs"),
@@ -190,8 +215,7 @@ def lamb_moments(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
     partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=hyper.device)
     launch(_lamb_moments_kernel, table, hyper, scalar_or(grad_sumsq, hyper), scalar_or(grad_scale, hyper),
            scalar_or(found_inf, hyper), partials, N_HYPER=N_HYPER, CLIP=grad_sumsq is not None,
-           HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params),
-           G_DTYPE=tl_dtype(grads))
+           HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
     return table.per_tensor_sum(partials)
 
 
@@ -205,6 +229,7 @@ def lamb_apply(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg
     new value too, rounded to its dtype."""
     columns = [params, exp_avgs, exp_avg_sqs] + ([copies] if copies else [])
     table = table_for("lamb_apply", columns, chunk_size)
+    if not copies:
+        table.bases.append(table.bases[0])  # the kernel's copy_base, never written
     launch(_lamb_apply_kernel, table, hyper, norms.contiguous(), scalar_or(found_inf, hyper), N_HYPER=N_HYPER,
-           N_COLS=len(columns), HAS_FOUND_INF=found_inf is not None, P_DTYPE=tl_dtype(params),
-           COPY_DTYPE=tl_dtype(copies, None))
+           N_COLS=len(columns), HAS_FOUND_INF=found_inf is not None)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..hyper import WIDTH, LarsColumn
 from ..schemas import SCHEMAS
-from .multi_tensor import chunk_opening, column_pointer, launch, scalar_or, store_rounded, table_for, tl_dtype
+from .multi_tensor import chunk_opening, column_pointer, launch, load_f32, scalar_or, store_rounded, table_for
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LarsColumn.LR.value)
@@ -43,8 +43,35 @@ _COPY = tl.constexpr(3)
 
 
 @triton.jit
+def _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, offs, mask, lr, ratio, weight_decay, momentum, one_minus_dampening,
+                inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, HAS_SCALE: tl.constexpr,
+                HAS_COPY: tl.constexpr, MASKED: tl.constexpr):
+    p = load_f32(p_ptr + offs, mask, MASKED)
+    g = load_f32(g_ptr + offs, mask, MASKED)
+    if HAS_SCALE:
+        g = g * inv_scale
+    # A weight decay of 0 adds nothing, not 0 * p (an infinite p stays infinite).
+    d = tl.where(adapt, tl.where(weight_decay != 0, g + weight_decay * p, g) * ratio, g)
+    # 2. Momentum; a new buffer is not read: it becomes d. (Whether a tensor has a buffer, and
+    # whether it is new, is the same for the whole program: a branch, not a mask.)
+    buf = tl.zeros_like(d)
+    if read_buffer:
+        buf = load_f32(b_ptr + offs, mask, MASKED)
+    buf = tl.where(first_step, d, momentum * buf + one_minus_dampening * d)
+    if has_momentum:
+        store_rounded(b_ptr + offs, buf, mask, MASKED)
+    step = tl.where(nesterov, d + momentum * buf, buf)
+    step = tl.where(has_momentum, step, d)
+    p = p - lr * step  # 3.
+    store_rounded(p_ptr + offs, p, mask, MASKED)
+    if HAS_COPY:
+        store_rounded(copy_ptr + offs, p, mask, MASKED)
+
+
+@triton.jit
 def _lars_apply_kernel(
-    ptrs,  # int64 [n_tensors, N_COLS]: addresses of p, g, momentum buffer (and low-precision copy)
+    p_base, g_base, b_base, copy_base,  # the columns' base pointers (copy_base: p_base without copies)
+    ptrs,  # int64 [n_tensors, N_COLS]: element offsets of p, g, momentum buffer (and low-precision copy)
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
@@ -53,21 +80,22 @@ def _lars_apply_kernel(
     grad_scale,  # fp32 [1]: the loss scale (read only when HAS_SCALE)
     found_inf,  # fp32 [1]: nonzero skips the step (read only when HAS_FOUND_INF)
     N_HYPER: tl.constexpr,
-    N_COLS: tl.constexpr,
+    N_COLS: tl.constexpr,  # 4 with copies
     ADAPTIVE: tl.constexpr,  # False: no tensor of this launch adapts, and the norm pass was skipped
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
-    P_DTYPE: tl.constexpr,
-    G_DTYPE: tl.constexpr,
-    COPY_DTYPE: tl.constexpr,  # None: no copies
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """docs/design.md section 3 on one chunk: p <- p - lr * d, d through trust ratio and momentum."""
     t, start, n, h = chunk_opening(numels, chunk_tensor, chunk_offset, hyper, found_inf, N_HYPER, HAS_FOUND_INF, CHUNK)
-    p_ptr = column_pointer(ptrs, t, start, N_COLS, _P, P_DTYPE)
-    g_ptr = column_pointer(ptrs, t, start, N_COLS, _G, G_DTYPE)
-    b_ptr = column_pointer(ptrs, t, start, N_COLS, _BUF, tl.float32)
+    p_ptr = column_pointer(p_base, ptrs, t, start, N_COLS, _P, ALIGN)
+    g_ptr = column_pointer(g_base, ptrs, t, start, N_COLS, _G, ALIGN)
+    b_ptr = column_pointer(b_base, ptrs, t, start, N_COLS, _BUF, ALIGN)
+    copy_ptr = p_ptr
+    if N_COLS == 4:
+        copy_ptr = column_pointer(copy_base, ptrs, t, start, N_COLS, _COPY, ALIGN)
     lr = tl.load(h + _LR)
     momentum = tl.load(h + _MOMENTUM)
     one_minus_dampening = tl.load(h + _ONE_MINUS_DAMPENING)
@@ -75,9 +103,7 @@ def _lars_apply_kernel(
     nesterov = tl.load(h + _NESTEROV) != 0
     has_momentum = tl.load(h + _HAS_MOMENTUM) != 0
     first_step = tl.load(h + _FIRST_STEP) != 0
-    # The buffer's elements to read (none when it is new or absent) and to write (none when absent).
-    n_read = tl.where(has_momentum & (tl.load(h + _FIRST_STEP) == 0), n, 0)
-    n_write = tl.where(has_momentum, n, 0)
+    read_buffer = has_momentum & (tl.load(h + _FIRST_STEP) == 0)
     weight_decay = tl.load(h + _WEIGHT_DECAY)
     inv_scale = 1.0
     if HAS_SCALE:
@@ -95,25 +121,15 @@ def _lars_apply_kernel(
         ratio = tl.where(tl.load(h + _TRUST_CLIP) != 0, clipped, ratio)
     else:
         ratio = 1.0
-    for i in range(0, n, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            g = g * inv_scale
-        # A weight decay of 0 adds nothing, not 0 * p (an infinite p stays infinite).
-        d = tl.where(adapt, tl.where(weight_decay != 0, g + weight_decay * p, g) * ratio, g)
-        # 2. Momentum; a new buffer is not read: it becomes d.
-        buf = tl.load(b_ptr + offs, mask=offs < n_read, other=0.0)
-        buf = tl.where(first_step, d, momentum * buf + one_minus_dampening * d)
-        tl.store(b_ptr + offs, buf, mask=offs < n_write)
-        step = tl.where(nesterov, d + momentum * buf, buf)
-        step = tl.where(has_momentum, step, d)
-        p = p - lr * step  # 3.
-        store_rounded(p_ptr + offs, p, mask, P_DTYPE)
-        if COPY_DTYPE is not None:
-            store_rounded(column_pointer(ptrs, t, start, N_COLS, _COPY, COPY_DTYPE) + offs, p, mask, COPY_DTYPE)
+    whole = n // BLOCK * BLOCK  # whole blocks unmasked, then the rest masked
+    for i in range(0, whole, BLOCK):
+        _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, i + tl.arange(0, BLOCK), None, lr, ratio, weight_decay, momentum,
+                    one_minus_dampening, inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, HAS_SCALE,
+                    N_COLS == 4, False)
+    offs = whole + tl.arange(0, BLOCK)
+    _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, offs, offs < n, lr, ratio, weight_decay, momentum,
+                one_minus_dampening, inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, HAS_SCALE,
+                N_COLS == 4, True)
 
 
 @torch.library.custom_op("lamb_kernels::triton_lars_apply", mutates_args=("params", "momentum_buffers", "copies"),
@@ -121,12 +137,13 @@ def _lars_apply_kernel(
 def lars_apply(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
                hyper: torch.Tensor, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
                found_inf: Optional[torch.Tensor], copies: list[torch.Tensor], chunk_size: int) -> None:
-    """docs/design.md section 3. A tensor without momentum has an empty placeholder in momentum_buffers (its
-    address, 0, is never read: the table's HAS_MOMENTUM column is 0). `norms` is None when no tensor
+    """docs/design.md section 3. A tensor without momentum has an empty placeholder in momentum_buffers (never
+    read or written: the table's HAS_MOMENTUM column is 0). `norms` is None when no tensor
     adapts; `copies` as in triton_lamb_apply."""
     columns = [params, grads, momentum_buffers] + ([copies] if copies else [])
-    table = table_for("lars_apply", columns, chunk_size)
+    table = table_for("lars_apply", columns, chunk_size, stand_in=hyper)  # (a column of placeholders only)
+    if not copies:
+        table.bases.append(table.bases[0])  # the kernel's copy_base, never written
     launch(_lars_apply_kernel, table, hyper, hyper if norms is None else norms.contiguous(),
            scalar_or(grad_scale, hyper), scalar_or(found_inf, hyper), N_HYPER=N_HYPER, N_COLS=len(columns),
-           ADAPTIVE=norms is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-           P_DTYPE=tl_dtype(params), G_DTYPE=tl_dtype(grads), COPY_DTYPE=tl_dtype(copies, None))
+           ADAPTIVE=norms is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)

@@ -4,8 +4,13 @@ Every tensor of a bucket is cut into chunks of ``CHUNK`` elements; one program h
 so a launch covers any number of tensors and one huge tensor still spreads over many programs.
 The tables that make this possible are plain device tensors:
 
-- pointer table ``int64 [n_tensors, n_columns]``: the address of each tensor of each column
-  (p, g, m, v for LAMB), cast back to typed pointers inside the kernels;
+- a base pointer per column (p, g, m, v for LAMB), passed to the kernel as a typed argument, and the
+  offset table ``int64 [n_tensors, n_columns]``: each tensor's first element as an element offset
+  from its column's base. Where every tensor of a launch starts on a 16-byte boundary (the caching
+  allocator's blocks do; views may not), the kernel is told the offsets are multiples of 16 bytes
+  (``ALIGN``): with the base pointers' own alignment, which Triton sees, the loads and stores of
+  whole blocks become 128-bit (``ld.global.v4``). Otherwise a scalar variant runs, and
+  ``LAMB_KERNELS_TRITON_VECTORIZE=0`` forces it (to measure both);
 - chunk map ``chunk_tensor int32 [n_chunks]``, ``chunk_offset int64 [n_chunks]`` (element offset of
   the chunk inside its tensor, int64 so tensors past 2^31 elements work), ``numels int64 [n_tensors]``;
 - ``tensor_chunks int32 [n_tensors + 1]``: the chunks of tensor t are
@@ -36,6 +41,7 @@ from ..contract import to_device
 from ..schemas import SCHEMAS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+VECTORIZE_VAR = "LAMB_KERNELS_TRITON_VECTORIZE"  # "0": the scalar variant for every launch
 
 # Under the interpreter each program costs about a millisecond whatever its size, so blocks are
 # large; compiled, a chunk is looped over in register-sized blocks.
@@ -71,12 +77,15 @@ def chunk_opening(numels, chunk_tensor, chunk_offset, hyper, found_inf, N_HYPER:
 
 
 def launch(kernel, table, *args, **constexprs) -> None:
-    """Runs `kernel` once per chunk of `table`: its pointer table, sizes and chunk map come first,
-    then `args`, with the chunking constants and launch options; a bucket without a chunk (only
-    empty tensors) launches nothing. A new optimizer's launcher passes only its own arguments."""
+    """Runs `kernel` once per chunk of `table`: the columns' base pointers, its offset table, sizes
+    and chunk map come first, then `args`, with the chunking constants, each column's ALIGN and the
+    launch options; a bucket without a chunk (only empty tensors) launches nothing. A new
+    optimizer's launcher passes only its own arguments."""
+    bases, table.bases = table.bases, None  # the call's tensors: not kept past the launch
     if table.n_chunks:
-        kernel[(table.n_chunks,)](table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, *args,
-                                  CHUNK=table.chunk, BLOCK=BLOCK, **constexprs, **LAUNCH_OPTIONS)
+        kernel[(table.n_chunks,)](*bases, table.pointers, table.numels, table.chunk_tensor, table.chunk_offset, *args,
+                                  CHUNK=table.chunk, BLOCK=BLOCK, ALIGN=table.align, **constexprs,
+                                  **LAUNCH_OPTIONS)
 
 
 def scalar_or(t, stand_in: torch.Tensor) -> torch.Tensor:
@@ -85,37 +94,60 @@ def scalar_or(t, stand_in: torch.Tensor) -> torch.Tensor:
     return stand_in if t is None else t
 
 
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def tl_dtype(tensors, default=tl.float32):
-    """The Triton element type of a list of same-dtype tensors (`default` for an empty list)."""
-    return TL_DTYPES[tensors[0].dtype] if tensors else default
+@triton.jit
+def column_pointer(base, ptrs, t, start, N_COLS: tl.constexpr, COL: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointer to element `start` (int64) of tensor t of column COL: the column's base pointer plus
+    the tensor's element offset from it. ALIGN: the offset is a multiple of 16 bytes, and whole
+    blocks move 128 bits at a time."""
+    offset = tl.load(ptrs + t * N_COLS + COL) + start
+    if ALIGN:
+        offset = tl.multiple_of(offset, 128 // base.dtype.element_ty.primitive_bitwidth)
+    return base + offset
 
 
 @triton.jit
-def column_pointer(ptrs, t, start, N_COLS: tl.constexpr, COL: tl.constexpr, DTYPE: tl.constexpr):
-    """Pointer to element `start` (int64) of tensor t of column COL of the pointer table."""
-    return tl.load(ptrs + t * N_COLS + COL).to(tl.pointer_type(DTYPE)) + start
+def load_f32(ptr, mask, MASKED: tl.constexpr):
+    """Elements as fp32; masked (0 outside) only in a chunk's last, partial block: a whole block has
+    no mask, which is what lets the compiler vectorize it."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr).to(tl.float32)
 
 
 @triton.jit
-def store_rounded(ptr, x, mask, DTYPE: tl.constexpr):
-    """Stores fp32 `x` as DTYPE, rounded to nearest even. For bf16 the rounding is done on the bits
-    (as torch's own conversion does), so compiled and interpreted kernels agree with torch."""
+def store_rounded(ptr, x, mask, MASKED: tl.constexpr):
+    """Stores fp32 `x` in the pointer's element type, rounded to nearest even (masked as in
+    `load_f32`). For bf16 the rounding is done on the bits (as torch's own conversion does), so
+    compiled and interpreted kernels agree with torch."""
+    DTYPE: tl.constexpr = ptr.dtype.element_ty
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        half = tl.where(is_nan, (bits >> 16) | 0x40, rounded).to(tl.uint16)
-        tl.store(ptr, half.to(tl.bfloat16, bitcast=True), mask=mask)
+        value = tl.where(is_nan, (bits >> 16) | 0x40, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        tl.store(ptr, x.to(DTYPE), mask=mask)
+        value = x.to(DTYPE)
+    if MASKED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def _squares(a_ptr, b_ptr, offs, mask, acc0, acc1, TWO: tl.constexpr, MASKED: tl.constexpr):
+    a = load_f32(a_ptr + offs, mask, MASKED)
+    acc0 += a * a
+    if TWO:
+        b = load_f32(b_ptr + offs, mask, MASKED)
+        acc1 += b * b
+    return acc0, acc1
 
 
 @triton.jit
 def _chunk_sumsq_kernel(
-    ptrs,  # int64 [n_tensors, N_COLS]: tensor addresses
+    a_base,  # column COL0's base pointer
+    b_base,  # column COL1's (column COL0's when there is none)
+    ptrs,  # int64 [n_tensors, N_COLS]: element offsets from the bases
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
@@ -123,25 +155,23 @@ def _chunk_sumsq_kernel(
     N_COLS: tl.constexpr,
     COL0: tl.constexpr,
     COL1: tl.constexpr,  # -1: reduce COL0 only
-    DTYPE0: tl.constexpr,
-    DTYPE1: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """partials[c, k] = sum(x[i]^2) over chunk c of column COL_k, in fp32; one pass reads both."""
     t, start, n = chunk_extent(numels, chunk_tensor, chunk_offset, CHUNK)
-    a_ptr = column_pointer(ptrs, t, start, N_COLS, COL0, DTYPE0)
-    acc0 = tl.zeros([BLOCK], tl.float32)
+    a_ptr = column_pointer(a_base, ptrs, t, start, N_COLS, COL0, ALIGN)
+    b_ptr = a_ptr
     if COL1 >= 0:
-        b_ptr = column_pointer(ptrs, t, start, N_COLS, COL1, DTYPE1)
-        acc1 = tl.zeros([BLOCK], tl.float32)
-    for i in range(0, n, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        a = tl.load(a_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        acc0 += a * a
-        if COL1 >= 0:
-            b = tl.load(b_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-            acc1 += b * b
+        b_ptr = column_pointer(b_base, ptrs, t, start, N_COLS, COL1, ALIGN)
+    acc0 = tl.zeros([BLOCK], tl.float32)
+    acc1 = tl.zeros([BLOCK], tl.float32)
+    whole = n // BLOCK * BLOCK
+    for i in range(0, whole, BLOCK):
+        acc0, acc1 = _squares(a_ptr, b_ptr, i + tl.arange(0, BLOCK), None, acc0, acc1, COL1 >= 0, False)
+    offs = whole + tl.arange(0, BLOCK)
+    acc0, acc1 = _squares(a_ptr, b_ptr, offs, offs < n, acc0, acc1, COL1 >= 0, True)
     c = tl.program_id(0)
     if COL1 >= 0:
         tl.store(partials + c * 2, tl.sum(acc0, axis=0))
@@ -183,21 +213,32 @@ class MultiTensorTable:
         self.device = device
         self.chunk = chunk  # elements per chunk: one program each
         self.builds = {"chunks": 0, "pointers": 0}
+        self.bases = None  # per column, the tensor whose address the offsets start from (this call's)
         self._numels = None
         self._addresses = None
 
-    def update(self, columns) -> None:
-        """`columns`: lists of tensors, one per column; the first column gives the sizes. An empty
-        tensor's address is 0: a column entry that the kernels never dereference."""
+    def update(self, columns, stand_in: torch.Tensor | None = None) -> None:
+        """`columns`: lists of tensors, one per column; the first column gives the sizes. A column's
+        base is its first tensor with elements; an empty tensor's offset is never dereferenced, and a
+        column with no element at all (LARS's placeholder buffers) takes `stand_in` as its base."""
         numels = tuple(t.numel() for t in columns[0])
         if numels != self._numels:
             self._build_chunk_map(numels)
-        addresses = tuple(t.data_ptr() for column in columns for t in column)
+        self.bases = [next((t for t in column if t.numel()), stand_in if stand_in is not None else column[0])
+                      for column in columns]
+        addresses = tuple(t.data_ptr() for column in columns for t in column) + tuple(
+            base.data_ptr() for base in self.bases)
         if addresses != self._addresses:
-            # Column-major tuple -> row-major [n_tensors, n_columns] table.
-            table = np.array(addresses, dtype=np.int64).reshape(len(columns), -1).T.copy()
-            self.pointers = to_device(table, self.device)
+            offsets = np.zeros((len(columns), len(columns[0])), dtype=np.int64)
+            aligned = os.environ.get(VECTORIZE_VAR, "1") != "0"
+            for k, (column, base) in enumerate(zip(columns, self.bases)):
+                for j, t in enumerate(column):
+                    if t.numel():
+                        offsets[k, j] = (t.data_ptr() - base.data_ptr()) // t.element_size()
+                        aligned = aligned and t.data_ptr() % 16 == 0
+            self.pointers = to_device(offsets.T.copy(), self.device)  # row-major [n_tensors, n_columns]
             self.n_columns = len(columns)
+            self.align = aligned
             self._addresses = addresses
             self.builds["pointers"] += 1
 
@@ -217,13 +258,13 @@ class MultiTensorTable:
         self._numels = numels
         self.builds["chunks"] += 1
 
-    def per_tensor_sumsq(self, dtypes) -> torch.Tensor:
-        """Per tensor, the sums of squares of every column ([n_tensors, 1 or 2]; two launches);
-        `dtypes`: the columns' Triton element types."""
-        width = len(dtypes)
+    def per_tensor_sumsq(self, width: int) -> torch.Tensor:
+        """Per tensor, the sums of squares of the first `width` columns ([n_tensors, 1 or 2]; two
+        launches)."""
         partials = torch.empty((self.n_chunks, width), dtype=torch.float32, device=self.device)
-        launch(_chunk_sumsq_kernel, self, partials, N_COLS=self.n_columns, COL0=0, COL1=1 if width > 1 else -1,
-               DTYPE0=dtypes[0], DTYPE1=dtypes[-1])
+        if width == 1:
+            self.bases.append(self.bases[0])  # the kernel's second base, never read
+        launch(_chunk_sumsq_kernel, self, partials, N_COLS=self.n_columns, COL0=0, COL1=1 if width > 1 else -1)
         return self.per_tensor_sum(partials)
 
     def per_tensor_sum(self, partials: torch.Tensor) -> torch.Tensor:
@@ -235,7 +276,7 @@ _TABLES = collections.OrderedDict()
 _TABLES_KEPT = 64  # enough for several optimizers with several buckets each
 
 
-def table_for(operator: str, columns, chunk: int = CHUNK) -> MultiTensorTable:
+def table_for(operator: str, columns, chunk: int = CHUNK, stand_in=None) -> MultiTensorTable:
     """The cached table of `operator` for these tensors: one per (device, chunk size, sizes, address
     of the first tensor), which tells optimizers apart; a new grad tensor (``zero_grad(set_to_none=
     True)``) rebuilds only the pointer table, as in `MultiTensorTable.update`."""
@@ -249,7 +290,7 @@ def table_for(operator: str, columns, chunk: int = CHUNK) -> MultiTensorTable:
         while len(_TABLES) > _TABLES_KEPT:
             _TABLES.popitem(last=False)
     _TABLES.move_to_end(key)
-    table.update(columns)
+    table.update(columns, stand_in)
     return table
 
 
@@ -260,7 +301,7 @@ def sums_of_squares(tensors: list[torch.Tensor], paired: Optional[list[torch.Ten
     [n_tensors], or [n_tensors, 2] with `paired` (read in the same pass)."""
     columns = [list(tensors), list(paired)] if paired is not None else [list(tensors)]
     table = table_for("sums_of_squares", columns, chunk_size)
-    sums = table.per_tensor_sumsq([tl_dtype(column) for column in columns])
+    sums = table.per_tensor_sumsq(len(columns))
     return sums if paired is not None else sums.reshape(-1)
 
 
