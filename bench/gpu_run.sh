@@ -10,17 +10,21 @@
 #    torch.compile providers, whose first step compiled for over 13 minutes on CPU), steps.csv and,
 #    when matplotlib is installed, steps.png per preset (otherwise draw it elsewhere with
 #    `python -m bench --chart-from steps.csv --out DIR`);
-# 3. each stage on its own on bert-large (`--stages`): GB/s and % of copy per stage and backend.
+# 3. each stage on its own on bert-large (`--stages`): GB/s and % of copy per stage and backend;
+#    then the Triton kernels' scalar variant alone (LAMB_KERNELS_TRITON_VECTORIZE=0), to compare
+#    with the vectorized one of the same run.
 #
 # $OUT holds at most 8 files, one folder deep: versions.txt, tests.txt, bert-large/steps.{csv,png},
-# many-small/steps.{csv,png}, stages/stages.{csv,png}. Each part has its own time limit ($TEST_SECONDS, $BENCH_SECONDS) so
-# that a hang in one still leaves the other's results. Exit status: the tests' (or the benchmark's
+# many-small/steps.csv, stages/stages.{csv,png}, stages-scalar/stages.csv (the charts that would
+# make more are left out; draw them elsewhere from the CSVs). Each part has its own time limit
+# ($TEST_SECONDS, default 240, and $BENCH_SECONDS per benchmark, default 70: at most 9 minutes in
+# all), so that a hang in one still leaves the others' results. Exit status: the tests' (or the benchmark's
 # when the tests passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu}"
-TEST_SECONDS="${TEST_SECONDS:-300}"
-BENCH_SECONDS="${BENCH_SECONDS:-200}"
+TEST_SECONDS="${TEST_SECONDS:-240}"
+BENCH_SECONDS="${BENCH_SECONDS:-70}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
@@ -37,10 +41,24 @@ bench=0
 timeout "$BENCH_SECONDS" python -m bench --device cuda --preset bert-large --out "$OUT/bert-large" || bench=$?
 timeout "$BENCH_SECONDS" python -m bench --device cuda --preset many-small --no-compile --out "$OUT/many-small" || bench=$?
 timeout "$BENCH_SECONDS" python -m bench --device cuda --preset bert-large --stages --out "$OUT/stages" || bench=$?
+LAMB_KERNELS_TRITON_VECTORIZE=0 timeout "$BENCH_SECONDS" python -m bench --device cuda --preset bert-large --stages \
+    --backends triton --out "$OUT/stages-scalar" || bench=$?
+rm -f "$OUT/many-small/steps.png" "$OUT/stages-scalar/stages.png"
 
-echo "== summary: tests $(tail -1 "$OUT/tests.txt")"
-for preset in bert-large many-small stages; do
-    for csv in "$OUT/$preset"/*.csv; do [ -f "$csv" ] && echo "== $preset: $(($(wc -l < "$csv") - 1)) rows in $csv"; done
-done
+echo "== tests: $(tail -1 "$OUT/tests.txt")"
+python - "$OUT" <<'PY'
+import csv, glob, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "*.csv"))):
+    print(f"== {os.path.relpath(path, sys.argv[1])}")
+    for row in csv.DictReader(open(path, newline="", encoding="utf-8")):
+        name = row.get("provider") or f"{row['backend']}: {row['stage']}"
+        if row["status"] != "ok":
+            print(f"   {row['algorithm']:<5} {name:<48} {row['status']}")
+            continue
+        ratio = row.get("ratio_to_yardstick") or ""
+        ratio = f"{float(ratio):.2f}x" if ratio else ""
+        print(f"   {row['algorithm']:<5} {name:<48} {float(row['gb_per_s']):8.1f} GB/s "
+              f"{float(row['pct_of_copy'] or 'nan'):5.0f}% copy {ratio:>7}")
+PY
 [ "$tests" -ne 0 ] && exit "$tests"
 exit "$bench"
