@@ -72,12 +72,13 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         """Raise naming the hyperparameter of `group` that is out of range or of the wrong type."""
         raise NotImplementedError
 
-    def _init_state(self, work: list, found_inf) -> set:
+    def _init_state(self, work: list, found_inf) -> list:
         """Create the missing state entries of the parameters about to step, and advance their step
-        counts; returns the parameters whose state entries were created by this call."""
+        counts; returns, per group of `work` and per parameter, what `_bucket` needs of its state
+        (its state dict; LARS: with whether its buffer is new)."""
         raise NotImplementedError
 
-    def _bucket(self, work: list, fresh: set) -> dict:
+    def _bucket(self, work: list, states: list) -> dict:
         """The parameters about to step as segments, per (device, dtype, backend name) bucket."""
         raise NotImplementedError
 
@@ -120,8 +121,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         work = self._params_to_step()
         if not work:
             return []
-        fresh = self._init_state(work, found_inf)
-        buckets = self._bucket(work, fresh)
+        states = self._init_state(work, found_inf)
+        buckets = self._bucket(work, states)
         plans = []
         for key, segments in buckets.items():
             backend = self._backend(key)
@@ -317,7 +318,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------------
 
     def _params_to_step(self):
-        """Every (group, params with grads) after checking them all: raises before any change.
+        """Every (group, params with grads) after checking them all: raises before any change. A
+        parameter comes as (p, backend name, (group, index), its local shard, its state or None).
 
         What cannot change unseen is checked at every step (grads, dtypes, backends); what rarely
         changes is checked again whenever it did: a group's hyperparameters or parameter list, and a
@@ -351,7 +353,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                         label = param_label(group_index, param_index, group)
                         relayouts += [(p, state, k) for k in self._state_relayouts(p, state, name, label)]
                     rechecked.append((p, shard, name))
-                params.append((p, name, (group_index, param_index), shard))
+                params.append((p, name, (group_index, param_index), shard, state))
             if params:
                 work.append((group, params))
         if changed:

@@ -119,37 +119,39 @@ class FusedLAMB(MultiTensorOptimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("set_grad_none", True)
 
-    def _init_state(self, work: list, found_inf) -> set:
+    def _init_state(self, work: list, found_inf) -> list:
         """Moments for the parameters stepping for the first time; every step count advanced (by 0
-        where a GradScaler found a non-finite grad, decided on the device)."""
+        where a GradScaler found a non-finite grad, decided on the device). Returns the states."""
+        states = []
         for group, params in work:
-            steps = []
-            for p, *_ in params:
-                state = self.state[p]
+            group_states = []
+            for p, _, _, _, state in params:
                 if not state:
+                    state = self.state[p]
                     state["step"] = self._new_step_count(p, group)
                     state["exp_avg"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
                 _move_step_count_for(found_inf, p, state)
-                steps.append(state["step"])
-            _advance_step_counts(steps, found_inf)
-        return set()
+                group_states.append(state)
+            _advance_step_counts([state["step"] for state in group_states], found_inf)
+            states.append(group_states)
+        return states
 
-    def _bucket(self, work: list, fresh: set) -> dict:
+    def _bucket(self, work: list, states: list) -> dict:
         """Per group, one LambSegment per bucket it has parameters in, with each tensor's bias
         corrections from its (advanced) step count."""
         buckets = {}
-        for group, params in work:
+        for (group, params), group_states in zip(work, states):
             make_segment = _segment_maker(group)
-            states = [self.state[p] for p, *_ in params]
-            segments_of_group = {}
-            for (p, name, position, shard), state in zip(params, states):
+            segments_of_group, seg_of = {}, []
+            for (p, name, position, shard, _), state in zip(params, group_states):
                 seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment)
                 seg.params.append(self._weights(p, shard, state, seg))
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 seg.exp_avgs.append(exp_avg if shard is p else exp_avg._local_tensor)
                 seg.exp_avg_sqs.append(exp_avg_sq if shard is p else exp_avg_sq._local_tensor)
-            _add_bias_corrections(group, params, states, segments_of_group)
+                seg_of.append(seg)
+            _add_bias_corrections(group, group_states, seg_of, list(segments_of_group.values()))
         return buckets
 
     def _prepare(self, backend, segments):
@@ -182,10 +184,10 @@ def _segment_maker(group: dict):
     return make_segment
 
 
-def _add_bias_corrections(group: dict, params: list, states: list, segments_of_group: dict) -> None:
-    """Each tensor's 1 - beta^t into its segment: floats when the group's step counts are on the
-    CPU, else one float32 tensor per segment computed on the step counts' device (no sync)."""
-    segments = list(segments_of_group.values())
+def _add_bias_corrections(group: dict, states: list, seg_of: list, segments: list) -> None:
+    """Each tensor's 1 - beta^t into its segment (`seg_of`: per tensor): floats when the group's step
+    counts are on the CPU, else one float32 tensor per segment computed on the step counts' device
+    (no sync)."""
     if not group["bias_correction"]:
         for seg in segments:
             seg.bias_correction1 = [1.0] * len(seg.params)
@@ -193,7 +195,6 @@ def _add_bias_corrections(group: dict, params: list, states: list, segments_of_g
         return
     beta1, beta2 = (float(b) for b in group["betas"])
     steps = [state["step"] for state in states]
-    seg_of = [segments_of_group[(p.device, p.dtype, name)] for p, name, *_ in params]
     if not group.get("capturable") and all(t.device.type == "cpu" for t in steps):
         for seg, t in zip(seg_of, torch.stack(steps).tolist()):
             # (t is 0 only when a GradScaler skipped a first step: nothing reads it)

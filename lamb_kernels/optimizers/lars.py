@@ -82,38 +82,41 @@ class FusedLARS(MultiTensorOptimizer):
         )
         super().__init__(params, defaults, backend, master_weights)
 
-    def _init_state(self, work: list, found_inf) -> set:
-        """A momentum buffer for each parameter of a group with momentum that has none; returns
-        their ids. A new buffer becomes d in the first step, as in torch's SGD."""
-        fresh = set()
+    def _init_state(self, work: list, found_inf) -> list:
+        """A momentum buffer for each parameter of a group with momentum that has none. Returns per
+        parameter (its state, whether its buffer is new): a new buffer becomes d in the first step,
+        as in torch's SGD."""
+        states = []
         for group, params in work:
-            if float(group["momentum"]) == 0:
-                continue
-            for p, *_ in params:
-                state = self.state[p]
-                if state.get("momentum_buffer") is None:
+            momentum = float(group["momentum"]) != 0
+            group_states = []
+            for p, _, _, _, state in params:
+                if state is None:
+                    state = self.state[p]
+                new = momentum and state.get("momentum_buffer") is None
+                if new:
                     # Under a GradScaler that first step may be skipped on the device: the buffer
                     # then starts from zeros, which momentum * 0 + d reads as d again (exactly when
                     # dampening is 0).
-                    new = torch.empty_like if found_inf is None else torch.zeros_like
-                    state["momentum_buffer"] = new(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
-                    fresh.add(id(p))
-        return fresh
+                    make = torch.empty_like if found_inf is None else torch.zeros_like
+                    state["momentum_buffer"] = make(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
+                group_states.append((state, new))
+            states.append(group_states)
+        return states
 
-    def _bucket(self, work: list, fresh: set) -> dict:
+    def _bucket(self, work: list, states: list) -> dict:
         """Per group, one LarsSegment per bucket it has parameters in."""
         buckets = {}
-        for group, params in work:
+        for (group, params), group_states in zip(work, states):
             make_segment = _segment_maker(group)
             momentum = float(group["momentum"]) != 0
             segments_of_group = {}
-            for p, name, position, shard in params:
-                state = self.state[p]
+            for (p, name, position, shard, _), (state, new) in zip(params, group_states):
                 seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment)
                 seg.params.append(self._weights(p, shard, state, seg))
                 buffer = state["momentum_buffer"] if momentum else None
                 seg.momentum_buffers.append(buffer if buffer is None or shard is p else local(buffer))
-                seg.first_step.append(id(p) in fresh)
+                seg.first_step.append(new)
         return buckets
 
     def _prepare(self, backend, segments):
