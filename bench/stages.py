@@ -186,14 +186,16 @@ def run_stages(args, context, dtype, presets, progress_factory) -> list:
     progress = progress_factory(sum(sum(p.unavailable is None for p in providers) for *_, providers in plan)
                                 * (args.warmup + args.repeats))
     rows = []
-    for preset, algorithm, providers in plan:
+    for index in range(len(plan)):
+        preset, algorithm, providers = plan[index]
+        plan[index] = None  # a group's optimizers (held by its providers) go with it
         progress.start(f"{preset} {algorithm} stages")
         params = make_params(preset_shapes(preset), args.device, dtype)
         outcomes = run_group(providers, params, args.device, warmup=args.warmup, repeats=args.repeats,
                              progress=progress)
         rows += stage_rows(outcomes, preset=preset, algorithm=algorithm, params=params, clipping=clipping,
                            master_weights=context["master_weights"], context=context)
-        del params, outcomes
+        del params, outcomes, providers
         if args.device == "cuda":
             torch.cuda.empty_cache()
         write_csv(rows, csv_path, COLUMNS)

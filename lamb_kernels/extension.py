@@ -327,7 +327,10 @@ def load_cuda() -> str:
 def _load_cuda():
     failures = []
     prebuilt = _prebuilt_library("lamb_kernels._C_cuda", CUDA_STAMP_NAME, cuda_prebuilt_stamp())
-    if prebuilt is not None:
+    # The ahead-of-time build has machine code for sm_80 (which runs on every 8.x) and sm_90, and
+    # compute_90 PTX for later GPUs: an older GPU needs its own build.
+    if prebuilt is not None and torch.cuda.get_device_capability()[0] < 8:
+        prebuilt = None
         try:
             torch.ops.load_library(prebuilt)
             return prebuilt

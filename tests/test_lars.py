@@ -136,6 +136,27 @@ def test_lars_reads_grads_and_keeps_no_state_without_momentum(device, backend):
     assert not any(opt.state[p] for p in params if p in opt.state)
 
 
+def test_empty_parameters_step_beside_others_with_and_without_momentum(device, backend):
+    """Parameters with no element (a 2-D one included) in groups with and without momentum: the
+    others step as they would alone, and the empty ones are left as they are."""
+    groups = {"no momentum": [(0, 5), (7,)], "momentum": [(0,), (3, 4)]}
+    runs = []
+    for with_empty in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        made = {name: [torch.nn.Parameter(torch.randn(shape, generator=gen).to(device)) for shape in shapes
+                       if with_empty or 0 not in shape] for name, shapes in groups.items()}
+        opt = FusedLARS([{"params": made["no momentum"], "momentum": 0.0}, {"params": made["momentum"]}],
+                        lr=0.1, momentum=0.9, weight_decay=1e-4, backend=backend)
+        params = made["no momentum"] + made["momentum"]
+        for step in range(2):
+            for p in params:
+                p.grad = torch.full_like(p, 1.0 + step)
+            opt.step()
+        runs.append([p for p in params if p.numel()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_lars_signature_and_defaults_are_timm():
     import inspect
 

@@ -122,7 +122,7 @@ void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   // kernel checks that those have norms and buffers; here a buffer is an empty placeholder or laid
   // out as its parameter.
   for (int64_t t = 0; t < n_tensors; ++t) {
-    if (momentum_buffers[t].numel() == 0 && params[t].numel() != 0) continue;
+    if (momentum_buffers[t].numel() == 0) continue;  // a placeholder (or a tensor with no element)
     check_lists(op, {{"params", params.slice(t, 1)}, {"momentum_buffers", momentum_buffers.slice(t, 1), Storage::kFloat32}},
                 device);
   }

@@ -220,17 +220,19 @@ class MultiTensorTable:
     def update(self, columns, stand_in: torch.Tensor | None = None) -> None:
         """`columns`: lists of tensors, one per column; the first column gives the sizes. A column's
         base is its first tensor with elements; an empty tensor's offset is never dereferenced, and a
-        column with no element at all (LARS's placeholder buffers) takes `stand_in` as its base."""
+        column with no element at all (LARS's placeholder buffers) takes `stand_in` as its base (an
+        empty list of tensors has no chunk and launches nothing)."""
         numels = tuple(t.numel() for t in columns[0])
         if numels != self._numels:
             self._build_chunk_map(numels)
-        self.bases = [next((t for t in column if t.numel()), stand_in if stand_in is not None else column[0])
-                      for column in columns]
+        fallback = [stand_in] if stand_in is not None else []
+        self.bases = [next((t for t in column if t.numel()), (fallback or column or [None])[0]) for column in columns]
         addresses = tuple(t.data_ptr() for column in columns for t in column) + tuple(
-            base.data_ptr() for base in self.bases)
+            0 if base is None else base.data_ptr() for base in self.bases)
         if addresses != self._addresses:
             offsets = np.zeros((len(columns), len(columns[0])), dtype=np.int64)
-            aligned = os.environ.get(VECTORIZE_VAR, "1") != "0"
+            # (Chunks start at multiples of `chunk` elements: those must keep 16-byte alignment too.)
+            aligned = os.environ.get(VECTORIZE_VAR, "1") != "0" and self.chunk % 8 == 0
             for k, (column, base) in enumerate(zip(columns, self.bases)):
                 for j, t in enumerate(column):
                     if t.numel():
