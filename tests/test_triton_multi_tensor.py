@@ -143,3 +143,20 @@ def test_operators_take_empty_lists_as_the_cpp_ones_do():
     assert ops.triton_lamb_moments([], [], [], [], hyper, None, None, None, multi_tensor.CHUNK).shape == (0, 2)
     ops.triton_lamb_apply([], [], [], hyper, torch.zeros(0, 2, device=DEVICE), None, [], multi_tensor.CHUNK)
     assert ops.triton_sums_of_squares([], None, multi_tensor.CHUNK).shape == (0,)
+
+
+def test_a_table_a_cuda_graph_holds_is_never_evicted_and_keeps_what_it_replaces(monkeypatch):
+    """A captured graph reads a table's device tensors at every replay (pinned is set while capturing,
+    which needs a GPU; here it is set by hand)."""
+    monkeypatch.setattr(multi_tensor, "_TABLES_KEPT", 2)
+    multi_tensor._TABLES.clear()
+    held = multi_tensor.table_for("held", [[torch.randn(3, device=DEVICE)]])
+    held.pinned = True
+    for name in ("a", "b", "c"):
+        multi_tensor.table_for(name, [[torch.randn(3, device=DEVICE)]])
+    assert any(table is held for table in multi_tensor._TABLES.values())
+    assert len(multi_tensor._TABLES) == 2
+    replaced = held.pointers
+    held.update([[torch.randn(3, device=DEVICE)]])  # a new address: the offsets are rebuilt
+    assert held.pointers is not replaced and any(t is replaced for t in held._kept)
+    multi_tensor._TABLES.clear()

@@ -2,6 +2,7 @@
 #include "multi_tensor.h"
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <list>
 #include <map>
@@ -16,6 +17,7 @@ namespace {
 struct CachedTable {
   at::Tensor device;  // keeps the table's memory alive
   TensorTable table;
+  bool pinned;  // used while a CUDA graph was captured: the graph reads it at every replay
 };
 
 // Most recently used first. The key holds every pointer and size, so a hit is the same table.
@@ -49,10 +51,15 @@ TensorTable tensor_table(std::initializer_list<at::TensorList> lists, int64_t ch
   }
   for (const at::Tensor& t : first) key.push_back(t.numel());
 
+  // A table that a captured graph holds is never evicted (a few kilobytes each, for the process's
+  // life). Capture after a warm-up step, as for any graph: then the tables exist and nothing is
+  // uploaded while capturing.
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   std::lock_guard<std::mutex> lock(cache_mutex);
   const auto hit = cache_index.find(key);
   if (hit != cache_index.end()) {
     cache.splice(cache.begin(), cache, hit->second);
+    hit->second->second.pinned = hit->second->second.pinned || capturing;
     return hit->second->second.table;
   }
   TensorTable table;
@@ -80,11 +87,16 @@ TensorTable tensor_table(std::initializer_list<at::TensorList> lists, int64_t ch
   // Asynchronous from pinned memory: torch keeps the staging block until the copy has run.
   at::Tensor on_device = host.to(device, /*non_blocking=*/true);
   table.data = on_device.const_data_ptr<int64_t>();
-  cache.emplace_front(key, CachedTable{on_device, table});
+  cache.emplace_front(key, CachedTable{on_device, table, capturing});
   cache_index[key] = cache.begin();
-  if (static_cast<int64_t>(cache.size()) > kTablesKept) {
-    cache_index.erase(cache.back().first);
-    cache.pop_back();
+  if (static_cast<int64_t>(cache.size()) > kTablesKept) {  // the least recently used unpinned table goes
+    for (auto entry = std::prev(cache.end()); entry != cache.begin(); --entry) {
+      if (!entry->second.pinned) {
+        cache_index.erase(entry->first);
+        cache.erase(entry);
+        break;
+      }
+    }
   }
   return table;
 }

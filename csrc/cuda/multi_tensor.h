@@ -10,8 +10,10 @@
 //   int64 [n_chunks]             the tensor of each chunk
 //
 // A table is built on the host, uploaded once through pinned memory, and kept (up to kTablesKept of
-// them) while the same tensors, at the same addresses and sizes, come back: a steady training loop,
-// or a CUDA graph captured after a warm-up step, copies nothing from the host.
+// them, and always those used while a CUDA graph was captured) while the same tensors, at the same
+// addresses and sizes, come back: a steady training loop, or a CUDA graph captured after a warm-up
+// step, copies nothing from the host. A table is uploaded on the stream of its first use, which
+// later uses are expected to share (an optimizer steps on one stream).
 #pragma once
 
 #include "../multi_tensor.h"

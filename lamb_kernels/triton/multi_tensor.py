@@ -214,6 +214,8 @@ class MultiTensorTable:
         self.chunk = chunk  # elements per chunk: one program each
         self.builds = {"chunks": 0, "pointers": 0}
         self.bases = None  # per column, the tensor whose address the offsets start from (this call's)
+        self.pinned = False  # used while a CUDA graph was captured: its tensors must outlive the graph
+        self._kept = []  # a pinned table's replaced tensors, which a captured graph may still read
         self._numels = None
         self._addresses = None
 
@@ -238,6 +240,7 @@ class MultiTensorTable:
                     if t.numel():
                         offsets[k, j] = (t.data_ptr() - base.data_ptr()) // t.element_size()
                         aligned = aligned and t.data_ptr() % 16 == 0
+            self._retire("pointers")
             self.pointers = to_device(offsets.T.copy(), self.device)  # row-major [n_tensors, n_columns]
             self.n_columns = len(columns)
             self.align = aligned
@@ -253,12 +256,17 @@ class MultiTensorTable:
         self.n_chunks = int(tensor_chunks[-1])
         chunk_tensor = np.repeat(np.arange(len(sizes), dtype=np.int32), counts)
         chunk_index = np.arange(self.n_chunks, dtype=np.int64) - tensor_chunks[:-1][chunk_tensor]
+        self._retire("numels", "chunk_tensor", "chunk_offset", "tensor_chunks")
         self.numels = to_device(sizes, self.device)
         self.chunk_tensor = to_device(chunk_tensor, self.device)
         self.chunk_offset = to_device(chunk_index * self.chunk, self.device)
         self.tensor_chunks = to_device(tensor_chunks, self.device)
         self._numels = numels
         self.builds["chunks"] += 1
+
+    def _retire(self, *names) -> None:
+        if self.pinned:
+            self._kept += [getattr(self, name) for name in names if hasattr(self, name)]
 
     def per_tensor_sumsq(self, width: int) -> torch.Tensor:
         """Per tensor, the sums of squares of the first `width` columns ([n_tensors, 1 or 2]; two
@@ -281,7 +289,8 @@ _TABLES_KEPT = 64  # enough for several optimizers with several buckets each
 def table_for(operator: str, columns, chunk: int = CHUNK, stand_in=None) -> MultiTensorTable:
     """The cached table of `operator` for these tensors: one per (device, chunk size, sizes, address
     of the first tensor), which tells optimizers apart; a new grad tensor (``zero_grad(set_to_none=
-    True)``) rebuilds only the pointer table, as in `MultiTensorTable.update`."""
+    True)``) rebuilds only the pointer table, as in `MultiTensorTable.update`. A table used while a
+    CUDA graph is captured is never evicted, and keeps the device tensors it replaces."""
     first = columns[0][0] if columns[0] else None
     device = first.device if first is not None else torch.device("cpu")
     key = (operator, device, chunk, len(columns), tuple(t.numel() for t in columns[0]),
@@ -289,9 +298,14 @@ def table_for(operator: str, columns, chunk: int = CHUNK, stand_in=None) -> Mult
     table = _TABLES.get(key)
     if table is None:
         table = _TABLES[key] = MultiTensorTable(device, chunk)
-        while len(_TABLES) > _TABLES_KEPT:
-            _TABLES.popitem(last=False)
+        while len(_TABLES) > _TABLES_KEPT:  # the least recently used table that no graph holds goes
+            oldest = next((k for k, kept in _TABLES.items() if not kept.pinned), None)
+            if oldest is None:
+                break
+            del _TABLES[oldest]
     _TABLES.move_to_end(key)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        table.pinned = True  # a captured graph reads its tensors at every replay
     table.update(columns, stand_in)
     return table
 
