@@ -62,7 +62,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         """What the step remembers of its last checks, so that it checks again only what changed."""
         self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
         self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
-        self._checked_params = {}  # param -> _param_key(...) at its last check
+        self._checked_params = {}  # id(param) -> (param, *_param_key(...)) at its last check
         self._checked_groups = {}  # id(group) -> (group, group_key(group)) last validated
 
     # -- what each optimizer defines -----------------------------------------------------------
@@ -344,15 +344,19 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                     label = param_label(group_index, param_index, group)
                     check_grad(p, label)
                     sharding_of(p, label)  # raises for a placement the step cannot handle
-                name = self._check_param(p, env, group_index, param_index, group, shard)
                 state = self.state.get(p)
-                known = self._checked_params.get(p)
-                if known is None or known[0] != self._param_key(p, shard, name, state)[0]:
-                    changed = True
-                    if state:
-                        label = param_label(group_index, param_index, group)
-                        relayouts += [(p, state, k) for k in self._state_relayouts(p, state, name, label)]
-                    rechecked.append((p, shard, name))
+                known = self._checked_params.get(id(p))  # (by id: a tensor's hash is a Python call)
+                name = self._resolved.get((p.device, env))
+                # Checked before with this backend, shape, layout, dtype, address and state: the
+                # checks of _check_param passed then and would pass again.
+                if name is None or not self._still_checked(known, p, shard, name, state):
+                    name = self._check_param(p, env, group_index, param_index, group, shard)
+                    if not self._still_checked(known, p, shard, name, state):
+                        changed = True
+                        if state:
+                            label = param_label(group_index, param_index, group)
+                            relayouts += [(p, state, k) for k in self._state_relayouts(p, state, name, label)]
+                        rechecked.append((p, shard, name))
                 params.append((p, name, (group_index, param_index), shard, state))
             if params:
                 work.append((group, params))
@@ -364,8 +368,12 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         for group, key in revalidated:
             self._checked_groups[id(group)] = (group, key)
         for p, shard, name in rechecked:
-            self._checked_params[p] = self._param_key(p, shard, name, self.state.get(p))
+            self._checked_params[id(p)] = (p, *self._param_key(p, shard, name, self.state.get(p)))
         return work
+
+    def _still_checked(self, known, p: torch.Tensor, shard: torch.Tensor, name: str, state) -> bool:
+        """Whether `known` (p's entry in _checked_params, or None) is of p as it is now."""
+        return known is not None and known[0] is p and known[1] == self._param_key(p, shard, name, state)[0]
 
     def _param_key(self, p: torch.Tensor, shard: torch.Tensor, name: str, state) -> tuple:
         """What a parameter's last check depends on: its backend, shape, strides, dtype, device and
