@@ -229,8 +229,9 @@ class MultiTensorTable:
             self._build_chunk_map(numels)
         fallback = [stand_in] if stand_in is not None else []
         self.bases = [next((t for t in column if t.numel()), (fallback or column or [None])[0]) for column in columns]
-        addresses = tuple(t.data_ptr() for column in columns for t in column) + tuple(
-            0 if base is None else base.data_ptr() for base in self.bases)
+        # (A base is a tensor of its column, or a stand-in for a column whose offsets are never read:
+        # the columns' addresses decide the offsets.)
+        addresses = tuple(t.data_ptr() for column in columns for t in column)
         if addresses != self._addresses:
             offsets = np.zeros((len(columns), len(columns[0])), dtype=np.int64)
             # (Chunks start at multiples of `chunk` elements: those must keep 16-byte alignment too.)
