@@ -1,6 +1,5 @@
 // The operators' schemas (what each reads and mutates) and their CPU kernels. Fake kernels for
 // torch.compile and opcheck are registered from Python (lamb_kernels/extension.py).
-#include <Python.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -58,10 +57,3 @@ TORCH_LIBRARY_IMPL(lamb_kernels, CPU, m) {
 }
 
 }  // namespace lamb_kernels
-
-// An importable module for the ahead-of-time build (`import lamb_kernels._C` loads the operators
-// above); the just-in-time build loads the same library with torch.ops.load_library.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lamb_kernels' C++ operators", -1, nullptr};
-  return PyModule_Create(&module);
-}

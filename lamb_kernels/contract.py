@@ -74,6 +74,10 @@ class LambSegment:
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
 
+    # The group-wide values (a reused step copies them when a group's hyperparameters change).
+    HYPERPARAMETERS = ("lr", "beta1", "beta2", "beta3", "eps", "weight_decay", "adam_w_mode", "layer_adaptation",
+                       "max_grad_norm", "trust_ratio_bounds")
+
 
 @dataclass
 class LarsSegment:
@@ -97,6 +101,8 @@ class LarsSegment:
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
 
+    HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coeff", "eps", "trust_clip",
+                       "adaptation")
 
 
 @dataclass(eq=False)
@@ -117,22 +123,25 @@ class Plan:
     hyper: Optional[torch.Tensor] = None  # native backends: the hyperparameter table (hyper.py)
     scratch: list = field(default_factory=list)  # torch backend: per segment, fp32 tensors like seg.params
     step_values: list = field(default_factory=list)  # torch backend: per segment, the values a step changes
+    kind: str = ""  # "lamb" or "lars"
+    sharded: bool = False  # whether any tensor is a shard of a DTensor (its norms are all-reduced)
 
 
-def _plan(segments, **lists) -> Plan:
+def _plan(segments, kind: str, **lists) -> Plan:
     params, copies = flat(segments, "params"), flat(segments, "copies")
+    sharded = any(s is not None for seg in segments for s in seg.shardings)
     return Plan(segments=segments, device=params[0].device, params=params, grads=flat(segments, "grads"),
-                copies=copies, written=params + copies, **lists)
+                copies=copies, written=params + copies, kind=kind, sharded=sharded, **lists)
 
 
 def lamb_plan(segments) -> Plan:
     """The plan of a bucket of LambSegments, before the backend adds what it keeps."""
-    return _plan(segments, exp_avgs=flat(segments, "exp_avgs"), exp_avg_sqs=flat(segments, "exp_avg_sqs"))
+    return _plan(segments, "lamb", exp_avgs=flat(segments, "exp_avgs"), exp_avg_sqs=flat(segments, "exp_avg_sqs"))
 
 
 def lars_plan(segments) -> Plan:
     """The plan of a bucket of LarsSegments, before the backend adds what it keeps."""
-    plan = _plan(segments, momentum_buffers=flat(segments, "momentum_buffers"))
+    plan = _plan(segments, "lars", momentum_buffers=flat(segments, "momentum_buffers"))
     plan.written += [b for b in plan.momentum_buffers if b is not None]
     return plan
 
@@ -155,6 +164,12 @@ class Backend(Protocol):
     def lamb_apply_(self, plan: Plan, norms: torch.Tensor, found_inf: Optional[torch.Tensor] = None) -> None: ...
 
     def prepare_lars(self, segments: list) -> Plan: ...
+
+    def refresh(self, plan: Plan, hyper_changed: bool = False) -> None:
+        """A plan of an earlier step, reused: its segments now hold this step's grads (``plan.grads``
+        too) and per-tensor values (bias corrections), and with `hyper_changed` new group-wide
+        hyperparameters; the backend renews what it derived from them. Its tensors are otherwise
+        the very ones it was prepared with (optimizers/step_cache.py)."""
 
     def lars_sums_of_squares(self, plan: Plan) -> torch.Tensor: ...
 

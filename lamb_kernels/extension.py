@@ -57,7 +57,7 @@ def _find_csrc() -> Path:
 
 
 CSRC = _find_csrc()
-SOURCES = ("ops.cpp", "multi_tensor_cpu.cpp", "lamb_cpu.cpp", "lars_cpu.cpp")
+SOURCES = ("ops.cpp", "multi_tensor_cpu.cpp", "lamb_cpu.cpp", "lars_cpu.cpp", "host.cpp")
 HEADERS = ("multi_tensor.h", "multi_tensor_cpu.h", "hyper_columns.h", "optimizer_math.h")
 # No fast-math: IEEE division and square root, as in the Triton kernels. -fno-math-errno only lets
 # the compiler use the vector square-root instruction (errno is never read); FMA contraction is on
@@ -209,7 +209,9 @@ def _cached_or_built(library_name: str, key: str, what: str, build) -> str:
     staging = build_dir / f".{library_name}.{os.getpid()}.so"
     shutil.copyfile(work / f"{library_name}.so", staging)
     os.replace(staging, library)
-    return str(library)
+    # The library this process loaded (the build loads it from the work folder): loading the copy
+    # too would register the operators twice.
+    return str(work / f"{library_name}.so")
 
 
 def cuda_arch_flags(arches) -> list:
@@ -271,6 +273,35 @@ def load() -> str:
     if isinstance(_outcome, ExtensionUnavailable):
         raise _outcome
     return _outcome
+
+
+_host = None  # csrc/host.cpp's module once imported
+
+
+def host_module():
+    """The CPU library as a Python module (csrc/host.cpp: the optimizers' host-path helpers) when the
+    library is loaded, or loads without a build (ahead of time, or cached); else None, and the caller
+    does the same work in Python. Never starts a build: a step must not wait a minute for a helper."""
+    global _host
+    if _host is None:
+        if _outcome is None and not _loads_without_build():
+            return None
+        try:
+            path = load()
+        except ExtensionUnavailable:
+            _host = False
+            return None
+        spec = importlib.util.spec_from_file_location("lamb_kernels._C", path)  # (by path: PyInit__C)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _host = module if hasattr(module, "layouts") else False
+    return _host or None
+
+
+def _loads_without_build() -> bool:
+    if _prebuilt_library() is not None:
+        return True
+    return (cache_directory() / f"{LIBRARY_NAME}_{_build_key()}" / f"{LIBRARY_NAME}.so").exists()
 
 
 def _load_prebuilt() -> str | None:

@@ -32,6 +32,10 @@ class NativeBackend:
             table = self._hyper[kind] = make(device)
         return table.update(segments)
 
+    def refresh(self, plan: Plan, hyper_changed: bool = False) -> None:
+        """A reused plan (contract.Backend.refresh): its table renewed from its segments' values."""
+        plan.hyper = self._hyper_table(plan.kind, plan.segments, lamb_hyper if plan.kind == "lamb" else lars_hyper)
+
     def _op(self, stage: str):
         return getattr(self._ops, self._prefix + stage)
 

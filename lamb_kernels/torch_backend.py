@@ -128,6 +128,10 @@ class TorchBackend:
     def prepare_lamb(self, segments) -> Plan:
         return self._scratch_for(lamb_plan(segments))
 
+    def refresh(self, plan: Plan, hyper_changed: bool = False) -> None:
+        """A reused plan (contract.Backend.refresh): its per-step values renewed from its segments."""
+        plan.step_values = [_step_values(seg) for seg in plan.segments]
+
     def prepare_lars(self, segments) -> Plan:
         return self._scratch_for(lars_plan(segments))
 

@@ -21,7 +21,8 @@ from ..contract import flat, is_dense
 from ..distributed import check_grad, check_not_flat, distributed_like, is_dtensor, local, sharding_of
 from ..ops import ENV_VAR, check_backend_name, create_backend, resolve_backend
 from .checks import (check_distinct, check_number, check_scaler_tensor, group_key, param_label,
-                     raise_bad_grad)
+                     raise_bad_grad, same_items)
+from .step_cache import BucketCache, StepCache, device_of, layouts_function, state_lists, tracked
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype
@@ -57,13 +58,16 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         self.master_weights = bool(master_weights)
         self._reset_caches()
         super().__init__(params, defaults)
+        self.state = tracked(self.state)
 
     def _reset_caches(self) -> None:
         """What the step remembers of its last checks, so that it checks again only what changed."""
         self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
         self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
         self._checked_params = {}  # id(param) -> (param, *_param_key(...)) at its last check
-        self._checked_groups = {}  # id(group) -> (group, group_key(group)) last validated
+        self._checked_groups = {}  # id(group) -> (group, group_key(group), its params) last validated
+        self._step_cache = None  # the last full step's plans, while they hold (step_cache.py)
+        self.reused_steps = 0  # steps that reused the plans of an earlier one (for tests and benchmarks)
 
     # -- what each optimizer defines -----------------------------------------------------------
 
@@ -85,6 +89,29 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     def _prepare(self, backend, segments):
         """The backend's Plan for one bucket (``backend.prepare_lamb`` or ``prepare_lars``)."""
         raise NotImplementedError
+
+    def _hyper_segment(self, group: dict):
+        """An empty segment with `group`'s hyperparameters (the template a reused step copies them from
+        when a group's hyperparameters change)."""
+        raise NotImplementedError
+
+    def _structure(self, group: dict) -> tuple:
+        """What of a group's hyperparameters decides its state and segments' shape (not only their
+        values): a change takes the full path."""
+        return (bool(group.get("capturable")),)
+
+    def _reusable(self, states: list) -> bool:
+        """Whether the plans of a step with these states (`_init_state`'s result) may be reused: not
+        when this step created state (a first step differs from the next)."""
+        raise NotImplementedError
+
+    def _remember_step_counts(self, cache: StepCache) -> bool:
+        """Prepares the step counts of a step whose plans are kept (LAMB packs them); False when
+        they do not allow reuse."""
+        return True
+
+    def _advance_reused(self, cache: StepCache, found_inf) -> None:
+        """The per-step values of a reused step (LAMB: step counts and bias corrections)."""
 
     @staticmethod
     def _run(plans: list, grad_scale, found_inf) -> None:
@@ -118,6 +145,12 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         graph break."""
         check_scaler_tensor("grad_scale", grad_scale)
         check_scaler_tensor("found_inf", found_inf)
+        if self._step_cache is not None:
+            plans = self._reuse_plans(grad_scale, found_inf)
+            if plans is not None:
+                self.reused_steps += 1
+                return plans
+            self._step_cache = None
         work = self._params_to_step()
         if not work:
             return []
@@ -127,7 +160,99 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         for key, segments in buckets.items():
             backend = self._backend(key)
             plans.append((backend, key, self._prepare(backend, segments)))
+        if self._reusable(states):
+            self._step_cache = self._remember(work, plans, grad_scale, found_inf)
         return plans
+
+    # -- a steady loop's host path (step_cache.py) ----------------------------------------------
+
+    def _remember(self, work: list, plans: list, grad_scale, found_inf) -> StepCache | None:
+        """The cache of a step that passed every check, or None when its plans cannot be reused: a
+        sharded parameter, a grad copied into its parameter's layout, a CUDA graph being captured."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None
+        stepped = [item for _, params in work for item in params]
+        if any(shard is not p or p.grad is None for p, _, _, shard, _ in stepped):
+            return None
+        segments = [seg for _, _, plan in plans for seg in plan.segments]
+        if sum(len(seg.grads) for seg in segments) != len(stepped):
+            return None
+        grads_of = {id(g) for seg in segments for g in seg.grads}
+        if any(id(p.grad) not in grads_of for p, _, _, _, _ in stepped):
+            return None  # a grad was copied into its parameter's layout
+        self.state = tracked(self.state)
+        states = [self.state[p] for p, _, _, _, _ in stepped]
+        cache = StepCache(
+            state=self.state, version=self.state.version, env=os.environ.get(ENV_VAR),
+            scaler=(device_of(grad_scale), device_of(found_inf)),
+            groups=[(group, group["params"], self._structure(group)) for group in self.param_groups],
+            params=[p for group in self.param_groups for p in group["params"]],
+            states=states, layouts=layouts_function(),
+        )
+        # Where each bucket's grads are in cache.params, and each segment's rows in its bucket.
+        position = {(gi, pi): i for i, (gi, pi) in enumerate(
+            (gi, pi) for gi, group in enumerate(self.param_groups) for pi in range(len(group["params"])))}
+        state_at = {position: state for (_, _, position, _, _), state in zip(stepped, states)}
+        for backend, key, plan in plans:
+            index = [position[pos] for seg in plan.segments for pos in seg.positions]
+            rows, first = [], 0
+            for seg in plan.segments:
+                rows.append((seg, seg.positions[0][0], first, first + len(seg.grads)))
+                first += len(seg.grads)
+            cache.buckets.append(BucketCache(
+                backend, key, plan, None if index == list(range(len(cache.params))) else index, rows,
+                [state_at[pos] for seg in plan.segments for pos in seg.positions]))
+        if not self._remember_step_counts(cache):
+            return None
+        cache.signature = self._signature(cache, [p.grad for p in cache.params])
+        return cache if cache.signature is not None else None
+
+    def _signature(self, cache: StepCache, grads: list) -> tuple | None:
+        """The layouts of the parameters, their state entries and grads; None when one of them is
+        neither a tensor nor None (a state entry set by hand: the full path judges it)."""
+        layouts = cache.layouts
+        try:
+            return (layouts(cache.params, True), *(layouts(entries, True) for entries in
+                                                   state_lists(cache.states, self._STATE_KEYS)), layouts(grads, False))
+        except TypeError:
+            return None
+
+    def _reuse_plans(self, grad_scale, found_inf) -> list | None:
+        """The cached plans, with this step's grads and per-step values, when every check of a full
+        step would pass on what they hold; else None (the full path then runs, and raises where a
+        check fails). Raises only what the full path would: a group's new hyperparameter refused."""
+        cache = self._step_cache
+        if (self.state is not cache.state or self.state.version != cache.version
+                or os.environ.get(ENV_VAR) != cache.env
+                or (device_of(grad_scale), device_of(found_inf)) != cache.scaler
+                or len(self.param_groups) != len(cache.groups)):
+            return None
+        revalidated = self._check_groups()  # raises for a refused hyperparameter, as the full path
+        changed = set()
+        for group, _, params in revalidated:
+            index = next((i for i, known in enumerate(cache.groups) if known[0] is group), None)
+            if index is None or params is not None or self._structure(group) != cache.groups[index][2]:
+                return None  # another group or parameter list: planned afresh
+            changed.add(index)
+        if any(group is not known or group["params"] is not params
+               for group, (known, params, _) in zip(self.param_groups, cache.groups)):
+            return None
+        grads = [p.grad for p in cache.params]
+        if self._signature(cache, grads) != cache.signature:
+            return None
+        for group, key, _ in revalidated:
+            self._checked_groups[id(group)] = (group, key, tuple(group["params"]))
+        for bucket in cache.buckets:
+            bucket_grads = grads if bucket.grad_index is None else [grads[i] for i in bucket.grad_index]
+            for seg, group_index, first, end in bucket.segments:
+                seg.grads = bucket_grads[first:end] if len(bucket.segments) > 1 else bucket_grads
+                if group_index in changed:
+                    _copy_hyperparameters(self._hyper_segment(self.param_groups[group_index]), seg)
+            bucket.plan.grads = bucket_grads
+        self._advance_reused(cache, found_inf)
+        for bucket in cache.buckets:
+            bucket.backend.refresh(bucket.plan, hyper_changed=bool(changed))
+        return cache.plans()
 
     # -- what the optimizers' segments share ----------------------------------------------------
 
@@ -180,7 +305,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
-        self._checked_groups[id(group)] = (group, group_key(group))
+        self._checked_groups[id(group)] = (group, group_key(group), tuple(group["params"]))
+        self._step_cache = None
 
     def _check_param(self, p: torch.Tensor, env, group_index: int, param_index: int, group: dict, shard=None) -> str:
         """Checks a parameter on its own; returns the backend name that will step it. `env` is the
@@ -214,6 +340,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("master_weights", False)
         self._reset_caches()
+        self.state = tracked(self.state)
         self._fill_defaults()
 
     def _fill_defaults(self) -> None:
@@ -252,9 +379,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             placed[p] = self._placed_state(p, saved, capturable)
         super().load_state_dict({**state_dict, "state": {}})
         self._fill_defaults()
+        self.state = tracked(self.state)
         self.state.update(placed)
         self._checked_params.clear()  # holds the replaced state tensors otherwise
         self._checked_groups.clear()
+        self._step_cache = None
 
     def _placed_state(self, p: torch.Tensor, saved: dict, capturable) -> dict:
         """A saved state as this optimizer keeps it (see `_loaded_value`), its step count an fp32
@@ -365,8 +494,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         for p, state, k in relayouts:
             state[k] = _in_layout_of(p, state[k])
         # Remembered only now that every check has passed: a refused step is checked again in full.
-        for group, key in revalidated:
-            self._checked_groups[id(group)] = (group, key)
+        for group, key, _ in revalidated:
+            self._checked_groups[id(group)] = (group, key, tuple(group["params"]))
         for p, shard, name in rechecked:
             self._checked_params[id(p)] = (p, *self._param_key(p, shard, name, self.state.get(p)))
         return work
@@ -388,7 +517,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     def _check_groups(self) -> list:
         """Validates, as the constructor does, every group whose hyperparameters or parameter list
         changed since it was last validated (set by hand, by a scheduler or by a load); returns
-        those groups with their keys, to be remembered once the whole step has been checked."""
+        those groups as (group, key, None when only its hyperparameters changed, else True), to be
+        remembered once the whole step has been checked."""
         revalidated = []
         for group_index, group in enumerate(self.param_groups):
             if not isinstance(group.get("params"), list):
@@ -396,13 +526,14 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                                  f"got {type(group.get('params')).__name__}")
             key = group_key(group)
             known = self._checked_groups.get(id(group))
-            if known is None or known[0] is not group or known[1] != key:
+            same_params = known is not None and known[0] is group and same_items(group["params"], known[2])
+            if not same_params or known[1] != key:
                 self._validate_group(group, f"param_groups[{group_index}]: ")
                 for param_index, p in enumerate(group["params"]):
                     if not isinstance(p, torch.Tensor):
                         raise TypeError(f"{param_label(group_index, param_index, group)} is a {type(p).__name__}, "
                                         "not a tensor")
-                revalidated.append((group, key))
+                revalidated.append((group, key, None if same_params else True))
         return revalidated
 
     def _state_relayouts(self, p: torch.Tensor, state: dict, backend_name: str, label: str) -> list:
@@ -473,10 +604,18 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         return backend
 
 
+def _copy_hyperparameters(template, seg) -> None:
+    """A segment's group-wide values from `template` (a segment of the group's new hyperparameters)."""
+    for name in template.HYPERPARAMETERS:
+        setattr(seg, name, getattr(template, name))
+
+
 def bucket_shardings(plans, adaptive_only: bool = False) -> tuple:
     """(per bucket, per tensor, its Sharding or None; per bucket, per tensor, its position), or ()
     when no tensor is sharded. With `adaptive_only` (LARS), tensors whose group does not adapt get
     None: their norms are not read, and which bucket computes norms may differ between ranks."""
+    if not any(plan.sharded for _, _, plan in plans):
+        return ()
     shardings = [[s if not adaptive_only or seg.adaptation else None for seg in plan.segments for s in seg.shardings]
                  for _, _, plan in plans]
     if not any(s is not None for bucket in shardings for s in bucket):

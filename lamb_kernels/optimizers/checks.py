@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import numpy as np
 import torch
@@ -84,10 +85,15 @@ def _frozen(value):
 
 
 def group_key(group: dict) -> tuple:
-    """What a group's validation depends on: its hyperparameters, and which parameters it holds (the
-    parameters themselves, so that their ids cannot be reused while the key is kept)."""
-    hyper = tuple((key, _frozen(value)) for key, value in group.items() if key not in ("params", "param_names"))
-    return hyper, tuple(_Same(p) for p in group["params"])
+    """What a group's validation depends on, besides which parameters it holds (see `same_items`):
+    its hyperparameters."""
+    return tuple((key, _frozen(value)) for key, value in group.items() if key not in ("params", "param_names"))
+
+
+def same_items(items, known: tuple) -> bool:
+    """Whether the list `items` holds the very objects of `known`, in order (by identity: comparing
+    tensors with == would compare their elements)."""
+    return len(items) == len(known) and all(map(operator.is_, items, known))
 
 
 def _memory_span(p: torch.Tensor) -> tuple:

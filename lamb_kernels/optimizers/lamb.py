@@ -121,19 +121,21 @@ class FusedLAMB(MultiTensorOptimizer):
 
     def _init_state(self, work: list, found_inf) -> list:
         """Moments for the parameters stepping for the first time; every step count advanced (by 0
-        where a GradScaler found a non-finite grad, decided on the device). Returns the states."""
+        where a GradScaler found a non-finite grad, decided on the device). Returns per parameter
+        (its state, whether it is new)."""
         states = []
         for group, params in work:
             group_states = []
             for p, _, _, _, state in params:
-                if not state:
+                new = not state
+                if new:
                     state = self.state[p]
                     state["step"] = self._new_step_count(p, group)
                     state["exp_avg"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
                 _move_step_count_for(found_inf, p, state)
-                group_states.append(state)
-            _advance_step_counts([state["step"] for state in group_states], found_inf)
+                group_states.append((state, new))
+            _advance_step_counts([state["step"] for state, _ in group_states], found_inf)
             states.append(group_states)
         return states
 
@@ -144,18 +146,53 @@ class FusedLAMB(MultiTensorOptimizer):
         for (group, params), group_states in zip(work, states):
             make_segment = _segment_maker(group)
             segments_of_group, seg_of = {}, []
-            for (p, name, position, shard, _), state in zip(params, group_states):
+            for (p, name, position, shard, _), (state, _) in zip(params, group_states):
                 seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment)
                 seg.params.append(self._weights(p, shard, state, seg))
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 seg.exp_avgs.append(exp_avg if shard is p else exp_avg._local_tensor)
                 seg.exp_avg_sqs.append(exp_avg_sq if shard is p else exp_avg_sq._local_tensor)
                 seg_of.append(seg)
-            _add_bias_corrections(group, group_states, seg_of, list(segments_of_group.values()))
+            _add_bias_corrections(group, [state["step"] for state, _ in group_states], seg_of,
+                                  list(segments_of_group.values()))
         return buckets
 
     def _prepare(self, backend, segments):
         return backend.prepare_lamb(segments)
+
+    # -- reused steps (step_cache.py) ------------------------------------------------------------
+
+    def _hyper_segment(self, group: dict) -> LambSegment:
+        return _segment_maker(group)()
+
+    def _reusable(self, states: list) -> bool:
+        return not any(new for group_states in states for _, new in group_states)
+
+    def _remember_step_counts(self, cache) -> bool:
+        """Each bucket's step counts packed into one tensor, each parameter's ``state["step"]`` a
+        0-d view of it (its value, dtype and device unchanged): a reused step advances a bucket's
+        counts with one add, and reads them with one copy."""
+        for bucket in cache.buckets:
+            steps = [state["step"] for state in bucket.states]
+            device = steps[0].device
+            if any(t.dim() != 0 or t.dtype != torch.float32 or t.device != device for t in steps):
+                return False
+            packed = torch.stack(steps)
+            for i, state in enumerate(bucket.states):
+                state["step"] = packed[i]
+            bucket.step_counts = packed
+        return True
+
+    def _advance_reused(self, cache, found_inf) -> None:
+        for bucket in cache.buckets:
+            counts = bucket.step_counts
+            _advance_step_counts([counts], found_inf)
+            values = counts.tolist() if counts.device.type == "cpu" else None
+            for seg, group_index, first, end in bucket.segments:
+                group = self.param_groups[group_index]
+                on_host = values is not None and not group.get("capturable")
+                seg.bias_correction1, seg.bias_correction2 = _corrections(
+                    group, values[first:end] if on_host else counts[first:end])
 
     @staticmethod
     def _run(plans: list, grad_scale, found_inf) -> None:
@@ -184,29 +221,33 @@ def _segment_maker(group: dict):
     return make_segment
 
 
-def _add_bias_corrections(group: dict, states: list, seg_of: list, segments: list) -> None:
-    """Each tensor's 1 - beta^t into its segment (`seg_of`: per tensor): floats when the group's step
-    counts are on the CPU, else one float32 tensor per segment computed on the step counts' device
-    (no sync)."""
-    if not group["bias_correction"]:
-        for seg in segments:
-            seg.bias_correction1 = [1.0] * len(seg.params)
-            seg.bias_correction2 = [1.0] * len(seg.params)
-        return
-    beta1, beta2 = (float(b) for b in group["betas"])
-    steps = [state["step"] for state in states]
-    if not group.get("capturable") and all(t.device.type == "cpu" for t in steps):
-        for seg, t in zip(seg_of, torch.stack(steps).tolist()):
-            # (t is 0 only when a GradScaler skipped a first step: nothing reads it)
-            seg.bias_correction1.append(1.0 - beta1 ** max(t, 1.0))
-            seg.bias_correction2.append(1.0 - beta2 ** max(t, 1.0))
-        return
+def _add_bias_corrections(group: dict, steps: list, seg_of: list, segments: list) -> None:
+    """Each tensor's 1 - beta^t into its segment (`steps`: the group's step counts; `seg_of`: per
+    tensor, its segment): floats when the group's step counts are on the CPU, else one float32
+    tensor per segment computed on the step counts' device (no sync)."""
+    on_host = not group.get("capturable") and all(t.device.type == "cpu" for t in steps)
     for seg in segments:
-        seg_steps = [step for step, owner in zip(steps, seg_of) if owner is seg]
-        # In float64 on the step counts' device, then rounded once, as the host path rounds.
-        t = torch.stack(seg_steps).to(torch.float64).clamp(min=1.0)
-        seg.bias_correction1 = (1.0 - torch.pow(beta1, t)).to(torch.float32)
-        seg.bias_correction2 = (1.0 - torch.pow(beta2, t)).to(torch.float32)
+        counts = torch.stack([step for step, owner in zip(steps, seg_of) if owner is seg])
+        seg.bias_correction1, seg.bias_correction2 = _corrections(group, counts.tolist() if on_host else counts)
+
+
+def _corrections(group: dict, counts) -> tuple:
+    """(1 - beta1^t, 1 - beta2^t) per tensor of step count t: `counts` a list of floats (the result:
+    lists of floats, a value computed once when all counts agree) or a tensor on the step counts'
+    device (the result: float32 tensors, computed there in float64 and rounded once, as the host
+    rounds). 1.0 without bias correction. (t is 0 only when a GradScaler skipped a first step:
+    nothing reads it then.)"""
+    n = len(counts)
+    if not group["bias_correction"]:
+        return [1.0] * n, [1.0] * n
+    beta1, beta2 = (float(b) for b in group["betas"])
+    if isinstance(counts, list):
+        if n and min(counts) == max(counts):
+            t = max(counts[0], 1.0)
+            return [1.0 - beta1 ** t] * n, [1.0 - beta2 ** t] * n
+        return [1.0 - beta1 ** max(t, 1.0) for t in counts], [1.0 - beta2 ** max(t, 1.0) for t in counts]
+    t = counts.to(torch.float64).clamp(min=1.0)
+    return (1.0 - torch.pow(beta1, t)).to(torch.float32), (1.0 - torch.pow(beta2, t)).to(torch.float32)
 
 
 def lamb_step(plans, grad_scale, found_inf) -> None:

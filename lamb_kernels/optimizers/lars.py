@@ -122,6 +122,17 @@ class FusedLARS(MultiTensorOptimizer):
     def _prepare(self, backend, segments):
         return backend.prepare_lars(segments)
 
+    # -- reused steps (step_cache.py) ------------------------------------------------------------
+
+    def _hyper_segment(self, group: dict) -> LarsSegment:
+        return _segment_maker(group)()
+
+    def _structure(self, group: dict) -> tuple:
+        return (*super()._structure(group), float(group["momentum"]) != 0)
+
+    def _reusable(self, states: list) -> bool:
+        return not any(new for group_states in states for _, new in group_states)
+
     @staticmethod
     def _run(plans: list, grad_scale, found_inf) -> None:
         lars_step(plans, grad_scale, found_inf)
