@@ -6,8 +6,9 @@
 #
 # 1. the gpu-marked tests and every CUDA case of the suites (triton, cuda and torch backends; the
 #    cuda backend's kernels compile first, a minute or two), log in $OUT/tests.txt;
-# 2. the benchmark on bert-large and many-small with every backend (many-small without the
-#    torch.compile providers, whose first step compiled for over 13 minutes on CPU), steps.csv and,
+# 2. the benchmark on bert-large, many-small and host-bound with every backend (the last two without
+#    the torch.compile providers, whose first step compiled for over 13 minutes on CPU; host-bound:
+#    1000 tensors of 16 elements, a step whose time is the host's work), steps.csv and,
 #    when matplotlib is installed, steps.png per preset (otherwise draw it elsewhere with
 #    `python -m bench --chart-from steps.csv --out DIR`);
 # 3. each stage on its own on bert-large (`--stages`): GB/s and % of copy per stage and backend;
@@ -17,14 +18,22 @@
 # $OUT holds at most 8 files, one folder deep: versions.txt, tests.txt, bert-large/steps.{csv,png},
 # many-small/steps.csv, stages/stages.{csv,png}, stages-scalar/stages.csv (the charts that would
 # make more are left out; draw them elsewhere from the CSVs). Each part has its own time limit
-# ($TEST_SECONDS, default 240, and $BENCH_SECONDS per benchmark, default 70: at most 9 minutes in
-# all), so that a hang in one still leaves the others' results. Exit status: the tests' (or the benchmark's
-# when the tests passed).
+# ($TEST_SECONDS, default 240, and $BENCH_SECONDS per benchmark, default 70, 90 for the two small
+# presets: at most 9 minutes in all), so that a hang in one still leaves the others' results. Exit
+# status: the tests' (or the benchmark's when the tests passed).
+#
+# DRY_RUN=1 runs the same steps on the CPU in seconds (the tests of one file, the `tiny` preset with
+# the cpp backend and two timed steps): a check of this script where no GPU is (tests/test_bench.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu}"
 TEST_SECONDS="${TEST_SECONDS:-240}"
 BENCH_SECONDS="${BENCH_SECONDS:-70}"
+DEVICE=cuda BIG=bert-large SMALL=many-small,host-bound SCALAR_BACKENDS=triton TESTS=() QUICK=()
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    DEVICE=cpu BIG=tiny SMALL=tiny SCALAR_BACKENDS=cpp TESTS=(tests/test_host_path.py)
+    QUICK=(--backends cpp --repeats 2 --warmup 1)
+fi
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
@@ -34,15 +43,18 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     nvcc --version | tail -2
 } 2>&1 | tee "$OUT/versions.txt"
 
-timeout "$TEST_SECONDS" python -m pytest -q -rs -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
+timeout "$TEST_SECONDS" python -m pytest -q -rs -m gpu -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT/tests.txt"
 tests=${PIPESTATUS[0]}
 
 bench=0
-timeout "$BENCH_SECONDS" python -m bench --device cuda --preset bert-large --out "$OUT/bert-large" || bench=$?
-timeout "$BENCH_SECONDS" python -m bench --device cuda --preset many-small --no-compile --out "$OUT/many-small" || bench=$?
-timeout "$BENCH_SECONDS" python -m bench --device cuda --preset bert-large --stages --out "$OUT/stages" || bench=$?
-LAMB_KERNELS_TRITON_VECTORIZE=0 timeout "$BENCH_SECONDS" python -m bench --device cuda --preset bert-large --stages \
-    --backends triton --out "$OUT/stages-scalar" || bench=$?
+timeout "$BENCH_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" "${QUICK[@]}" --out "$OUT/bert-large" \
+    || bench=$?
+timeout "$((BENCH_SECONDS + 20))" python -m bench --device "$DEVICE" --preset "$SMALL" --no-compile "${QUICK[@]}" \
+    --out "$OUT/many-small" || bench=$?
+timeout "$BENCH_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" --stages "${QUICK[@]}" --out "$OUT/stages" \
+    || bench=$?
+LAMB_KERNELS_TRITON_VECTORIZE=0 timeout "$BENCH_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" --stages \
+    "${QUICK[@]}" --backends "$SCALAR_BACKENDS" --out "$OUT/stages-scalar" || bench=$?
 rm -f "$OUT/many-small/steps.png" "$OUT/stages-scalar/stages.png"
 
 echo "== tests: $(tail -1 "$OUT/tests.txt")"

@@ -67,6 +67,13 @@ def _many_small(count: int = 4000, largest: int = 65536) -> list:
     return [(int(n),) for n in np.clip(np.rint(sizes), 1, largest)]
 
 
+def _host_bound(count: int) -> list:
+    """`count` tensors of 16 elements: a step moves a few hundred KB, so on any device its time is
+    the host's work per tensor (checks, bookkeeping, dispatch), the cost a model of many small
+    tensors pays on a fast GPU."""
+    return [(16,)] * count
+
+
 PRESETS = {
     "bert-base": lambda: _bert(12, 768, 3072),
     "bert-large": lambda: _bert(24, 1024, 4096),
@@ -74,6 +81,8 @@ PRESETS = {
     "gpt2": _gpt2,
     "vit-b/16": _vit,
     "many-small": _many_small,
+    "host-bound": lambda: _host_bound(1000),
+    "host-bound-200": lambda: _host_bound(200),
     # For the harness's own tests: finishes in seconds, even under the Triton interpreter.
     "tiny": lambda: [(64, 33), (33,), (7,), (1,), (3, 5, 2, 2)],
 }

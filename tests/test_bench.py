@@ -383,3 +383,28 @@ def test_stages_on_the_tiny_preset_time_every_stage_of_every_backend(tmp_path, c
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "stages.png").exists() or importlib.util.find_spec("matplotlib") is None
     assert "moments" in capsys.readouterr().out
+
+
+def test_gpu_run_script_runs_its_steps_dry_on_the_cpu(tmp_path):
+    """bench/gpu_run.sh with DRY_RUN=1: every step of the GPU run on the CPU, its files within the
+    loan's limits (at most 8, one folder deep), the summary printed, exit status 0."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "gpu")}
+    run = subprocess.run(["bash", str(root / "bench" / "gpu_run.sh")], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    files = sorted(p.relative_to(tmp_path / "gpu") for p in (tmp_path / "gpu").rglob("*") if p.is_file())
+    assert 0 < len(files) <= 8 and all(len(p.parts) <= 2 for p in files), files
+    assert {"versions.txt", "tests.txt", "many-small/steps.csv", "stages/stages.csv"} <= {str(p) for p in files}
+    tests_line = next(line for line in run.stdout.splitlines() if line.startswith("== tests:"))
+    assert "skipped" in tests_line and "failed" not in tests_line and "error" not in tests_line  # (gpu-marked)
+    assert "FusedLAMB cpp" in run.stdout and "cpp: apply" in run.stdout
+
+
+def test_host_bound_presets_are_tiny_tensors():
+    assert preset_shapes("host-bound") == [(16,)] * 1000
+    assert preset_shapes("host-bound-200") == [(16,)] * 200
