@@ -28,7 +28,7 @@ import lamb_kernels
 from lamb_kernels.ops import BACKEND_NAMES
 
 from .harness import device_name, make_params, run_group
-from .presets import PRESETS, preset_shapes
+from .presets import ALL, PRESETS, preset_shapes
 from .providers import COMPILED, Provider, default_backends, lamb_providers, lars_providers
 from .report import Progress, chart_title, group_rows, read_csv, table, write_csv, write_png
 from .stages import run_stages
@@ -72,8 +72,8 @@ def parse_args(argv=None):
                         help="LAMB's global grad-norm clipping; 0 turns it off (default: 1.0, apex's)")
     args = parser.parse_args(argv)
 
-    # "all" means the real models; "tiny" exists for the harness's own tests.
-    args.presets = [p for p in PRESETS if p != "tiny"] if args.preset == "all" else _list(args.preset)
+    # "all" means the real models and many-small; "tiny" exists for the harness's own tests.
+    args.presets = list(ALL) if args.preset == "all" else _list(args.preset)
     for name in args.presets:
         if name not in PRESETS:
             parser.error(f"--preset {name!r} is not a preset; choose from: {', '.join(PRESETS)}, all")

@@ -86,6 +86,8 @@ PRESETS = {
     # For the harness's own tests: finishes in seconds, even under the Triton interpreter.
     "tiny": lambda: [(64, 33), (33,), (7,), (1,), (3, 5, 2, 2)],
 }
+# `--preset all`: the models and many-small (the host-bound presets measure the host, not the kernels).
+ALL = [name for name in PRESETS if name not in ("tiny", "host-bound", "host-bound-200")]
 
 
 def preset_shapes(name: str) -> list:

@@ -187,7 +187,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             scaler=(device_of(grad_scale), device_of(found_inf)),
             groups=[(group, group["params"], self._structure(group)) for group in self.param_groups],
             params=[p for group in self.param_groups for p in group["params"]],
-            states=states, layouts=layouts_function(),
+            # On a GPU the host path is what a step may wait for: the C++ library is built for it.
+            states=states, layouts=layouts_function(build=any(key[0].type == "cuda" for _, key, _ in plans)),
         )
         # Where each bucket's grads are in cache.params, and each segment's rows in its bucket.
         position = {(gi, pi): i for i, (gi, pi) in enumerate(

@@ -1,5 +1,5 @@
 """The host path of a steady training loop: what a full step planned (its segments and each bucket's
-Plan), kept for the next steps while nothing it depends on has changed (docs/design.md section 8).
+Plan), kept for the next steps while nothing it depends on has changed (docs/design.md section 10).
 
 A full step (`MultiTensorOptimizer._params_to_step` and what follows) checks every group, parameter,
 grad and state entry, in Python, per tensor. Most steps change none of that but the grads, which are
@@ -103,9 +103,15 @@ def _layout(t, addresses: bool):
             _address(t) if addresses and strided else None)
 
 
-def layouts_function():
-    """csrc/host.cpp's ``layouts`` when the C++ library is loaded or loads without a build, else
-    `python_layouts`."""
+def layouts_function(build: bool = False):
+    """csrc/host.cpp's ``layouts`` when the C++ library is loaded or loads without a build (or, with
+    `build`, once built: a minute, the first time on a machine), else `python_layouts`, which costs
+    about what the full path's checks cost."""
+    if build:
+        try:
+            extension.load()
+        except extension.ExtensionUnavailable:
+            pass
     module = extension.host_module()
     return python_layouts if module is None else module.layouts
 
