@@ -53,6 +53,24 @@ def assert_same(before, after):
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (i, key)
 
 
+def assert_steps_as_a_full_step(make, change, seed):
+    """After reused steps, new grads (from `seed`), `change(opt, params)` and one more step: the same
+    bits whether that step may reuse the plans or must take the full path. `make()` returns
+    (optimizer, params)."""
+    runs = []
+    for reuse in (True, False):
+        opt, params = make()
+        warm(opt, params)
+        set_grads(params, seed)
+        change(opt, params)
+        if not reuse:
+            opt._step_cache = None
+        opt.step()
+        runs.append(snapshot(opt, params))
+    assert_same(*runs)
+    return opt
+
+
 def assert_refused(opt, params, error, match):
     before = snapshot(opt, params)
     with pytest.raises(error, match=match):
@@ -160,16 +178,30 @@ def test_a_grad_on_another_device_after_reused_steps_is_refused(device, backend,
 def test_a_grad_in_another_layout_steps_as_a_full_step(device, backend, optimizer, options):
     """A grad with the parameter's shape but other strides (a transposed copy) is copied into the
     parameter's layout by the full path: the reused plans must not hand it to the kernels."""
+    def make():
+        params = make_params(device)
+        return optimizer(params, backend=backend, **options), params
+
+    def transpose(opt, params):
+        params[1].grad = params[1].grad.t().contiguous().t()  # (3, 4) with strides (1, 3)
+
+    assert_steps_as_a_full_step(make, transpose, seed=11)
+
+
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_grads_in_another_layout_at_every_step_step_as_full_steps(device, backend, optimizer, options):
+    """Grads laid out unlike their parameter at every step (a model's backward that writes them
+    transposed): each is copied into its parameter's layout, however many steps come."""
     runs = []
     for reuse in (True, False):
         params = make_params(device)
         opt = optimizer(params, backend=backend, **options)
-        warm(opt, params)
-        set_grads(params, 11)
-        params[1].grad = params[1].grad.t().contiguous().t()  # (3, 4) with strides (1, 3)
-        if not reuse:
-            opt._step_cache = None
-        opt.step()
+        for step in range(4):
+            set_grads(params, 400 + step)
+            params[1].grad = params[1].grad.t().contiguous().t()
+            if not reuse:
+                opt._step_cache = None
+            opt.step()
         runs.append(snapshot(opt, params))
     assert_same(*runs)
 
@@ -186,18 +218,14 @@ def test_a_parameter_replaced_in_place_is_refused(device, backend, optimizer, op
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
 def test_a_parameter_moved_to_other_memory_steps_from_there(device, backend, optimizer, options):
-    runs = []
-    for reuse in (True, False):
+    def make():
         params = make_params(device)
-        opt = optimizer(params, backend=backend, **options)
-        warm(opt, params)
+        return optimizer(params, backend=backend, **options), params
+
+    def move(opt, params):
         params[2].data = params[2].data.clone()  # same values, new memory: the old is stale now
-        set_grads(params, 13)
-        if not reuse:
-            opt._step_cache = None
-        opt.step()
-        runs.append(snapshot(opt, params))
-    assert_same(*runs)
+
+    assert_steps_as_a_full_step(make, move, seed=13)
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
@@ -225,21 +253,17 @@ def test_state_replaced_by_hand_is_checked_or_used(device, backend, optimizer, o
 def test_state_replaced_by_an_equal_tensor_is_the_one_stepped(device, backend, optimizer, options):
     """A state entry replaced by a new tensor of the same shape, dtype and layout (only its memory
     differs): the step must update the new tensor, as a full step does."""
-    runs = []
-    for reuse in (True, False):
+    def make():
         params = make_params(device)
-        opt = optimizer(params, backend=backend, **options)
-        warm(opt, params)
+        return optimizer(params, backend=backend, **options), params
+
+    def replace(opt, params):
         for key in opt._STATE_TENSORS:
             if key in opt.state[params[1]]:
                 opt.state[params[1]][key] = opt.state[params[1]][key].clone()
-        set_grads(params, 22)
-        if not reuse:
-            opt._step_cache = None
-        opt.step()
-        assert opt.reused_steps == 1  # (warm's step; this one is planned afresh, by either run)
-        runs.append(snapshot(opt, params))
-    assert_same(*runs)
+
+    opt = assert_steps_as_a_full_step(make, replace, seed=22)
+    assert opt.reused_steps == 1  # (warm's step; the last one is planned afresh)
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
@@ -267,19 +291,15 @@ def test_step_count_replaced_by_a_number_is_refused(device, backend):
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
 def test_state_deleted_or_replaced_starts_afresh_as_in_a_full_step(device, backend, optimizer, options):
-    runs = []
-    for reuse in (True, False):
+    def make():
         params = make_params(device)
-        opt = optimizer(params, backend=backend, **options)
-        warm(opt, params)
+        return optimizer(params, backend=backend, **options), params
+
+    def forget(opt, params):
         del opt.state[params[0]]
         opt.state[params[1]] = {}
-        set_grads(params, 16)
-        if not reuse:
-            opt._step_cache = None
-        opt.step()
-        runs.append(snapshot(opt, params))
-    assert_same(*runs)
+
+    assert_steps_as_a_full_step(make, forget, seed=16)
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
@@ -352,19 +372,15 @@ def test_momentum_switched_on_creates_buffers(device, backend):
 
 def test_a_new_hyperparameter_value_is_used_at_once(device, backend):
     """weight_decay from 0 to 0.1 turns layer adaptation on in a reused step: as a full step."""
-    runs = []
-    for reuse in (True, False):
+    def make():
         params = make_params(device)
-        opt = FusedLAMB(params, weight_decay=0.0, backend=backend)
-        warm(opt, params)
+        return FusedLAMB(params, weight_decay=0.0, backend=backend), params
+
+    def edit(opt, params):
         opt.param_groups[0]["weight_decay"] = 0.1
         opt.param_groups[0]["betas"] = (0.8, 0.99)
-        set_grads(params, 21)
-        if not reuse:
-            opt._step_cache = None
-        opt.step()
-        runs.append(snapshot(opt, params))
-    assert_same(*runs)
+
+    assert_steps_as_a_full_step(make, edit, seed=21)
 
 
 # -- 3. the layouts a reused step compares --------------------------------------------------------
