@@ -414,3 +414,75 @@ def test_layouts_tell_every_difference_the_checks_depend_on(layouts):
     assert layouts(moved, True) != layouts(same, True)
     with pytest.raises(TypeError):
         layouts([base, 3], True)
+
+
+# -- found by review ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_master_weights_switched_after_reused_steps_step_as_full_steps(device, backend, optimizer, options):
+    for before in (True, False):
+        def make():
+            params = make_params(device, dtype=torch.bfloat16)
+            return optimizer(params, backend=backend, master_weights=before, **options), params
+
+        def switch(opt, params):
+            opt.master_weights = not before
+
+        opt = assert_steps_as_a_full_step(make, switch, seed=30)
+        assert all(("master_param" in opt.state[p]) is (not before) for p in opt.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_state_aliased_in_place_is_refused_even_with_a_new_lr(device, backend, optimizer, options):
+    key = "exp_avg" if optimizer is FusedLAMB else "momentum_buffer"
+    params = make_params(device, shapes=((5,), (3, 4), (5,)))
+    opt = optimizer(params, backend=backend, **options)
+    warm(opt, params)
+    opt.state[params[2]][key].set_(opt.state[params[0]][key])  # the same tensor object, aliased
+    set_grads(params, 31)
+    assert_refused(opt, params, ValueError, "share memory")
+    opt.param_groups[0]["lr"] = 0.002
+    assert_refused(opt, params, ValueError, "share memory")
+
+
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_one_grad_shared_by_parameters_of_two_layouts(device, backend, optimizer, options):
+    """p0 contiguous, p1 a transposed view of the same shape, both given the one grad tensor, laid
+    out as p1: p0's copy into its own layout must be made at every step."""
+    runs = []
+    for reuse in (True, False):
+        p0 = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(5)).to(device))
+        p1 = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(6)).to(device).t())
+        opt = optimizer([p0, p1], backend=backend, **options)
+        for step in range(4):
+            g = torch.randn(4, 3, generator=torch.Generator().manual_seed(step)).to(device).t()
+            p0.grad, p1.grad = g, g
+            if not reuse:
+                opt._step_cache = None
+            opt.step()
+        runs.append(snapshot(opt, [p0, p1]))
+    assert_same(*runs)
+
+
+def test_step_counts_of_any_one_element_shape_without_bias_correction(device, backend):
+    params = make_params(device)
+    opt = FusedLAMB(params, bias_correction=False, backend=backend)
+    warm(opt, params)
+    opt.state[params[0]]["step"] = torch.tensor([5.0])  # (as some checkpoints hold it)
+    set_grads(params, 32)
+    opt.step()
+    assert float(opt.state[params[0]]["step"]) == 6.0
+
+
+def test_packed_step_counts_are_kept_by_a_later_full_step(device, backend):
+    """A CUDA graph captured during a reused step advances the packed counts: a later full step
+    (a plan made afresh) keeps the very tensors the state holds."""
+    params = make_params(device)
+    opt = FusedLAMB(params, backend=backend)
+    warm(opt, params)
+    counts = [opt.state[p]["step"] for p in params]
+    opt._step_cache = None
+    set_grads(params, 33)
+    opt.step()
+    assert all(opt.state[p]["step"] is t for p, t in zip(params, counts))
+    assert [float(t) for t in counts] == [4.0] * 3

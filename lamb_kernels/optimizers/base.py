@@ -22,7 +22,8 @@ from ..distributed import check_grad, check_not_flat, distributed_like, is_dtens
 from ..ops import ENV_VAR, check_backend_name, create_backend, resolve_backend
 from .checks import (check_distinct, check_number, check_scaler_tensor, group_key, param_label,
                      raise_bad_grad, same_items)
-from .step_cache import BucketCache, StepCache, device_of, layouts_function, state_lists, tracked
+from .step_cache import (BucketCache, StepCache, device_of, layouts_function, python_layouts, state_lists,
+                         tracked)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype
@@ -94,6 +95,10 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         """An empty segment with `group`'s hyperparameters (the template a reused step copies them from
         when a group's hyperparameters change)."""
         raise NotImplementedError
+
+    def _settings(self) -> tuple:
+        """The optimizer's own attributes a step's plans depend on (which parameters get masters)."""
+        return self.backend, self.master_weights
 
     def _structure(self, group: dict) -> tuple:
         """What of a group's hyperparameters decides its state and segments' shape (not only their
@@ -171,19 +176,22 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         sharded parameter, a grad copied into its parameter's layout, a CUDA graph being captured."""
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return None
+        if any(torch.is_tensor(value) and value.device.type != "cpu" and key != "lr"
+               for group in self.param_groups for key, value in group.items()):
+            return None  # (read by every full step; a group's key compares such tensors by identity)
         stepped = [item for _, params in work for item in params]
         if any(shard is not p or p.grad is None for p, _, _, shard, _ in stepped):
             return None
         segments = [seg for _, _, plan in plans for seg in plan.segments]
         if sum(len(seg.grads) for seg in segments) != len(stepped):
             return None
-        grads_of = {id(g) for seg in segments for g in seg.grads}
-        if any(id(p.grad) not in grads_of for p, _, _, _, _ in stepped):
+        grad_at = {position: g for seg in segments for position, g in zip(seg.positions, seg.grads)}
+        if any(grad_at[position] is not p.grad for p, _, position, _, _ in stepped):
             return None  # a grad was copied into its parameter's layout
         self.state = tracked(self.state)
         states = [self.state[p] for p, _, _, _, _ in stepped]
         cache = StepCache(
-            state=self.state, version=self.state.version, env=os.environ.get(ENV_VAR),
+            state=self.state, version=self.state.version, env=os.environ.get(ENV_VAR), settings=self._settings(),
             scaler=(device_of(grad_scale), device_of(found_inf)),
             groups=[(group, group["params"], self._structure(group)) for group in self.param_groups],
             params=[p for group in self.param_groups for p in group["params"]],
@@ -224,7 +232,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         check fails). Raises only what the full path would: a group's new hyperparameter refused."""
         cache = self._step_cache
         if (self.state is not cache.state or self.state.version != cache.version
-                or os.environ.get(ENV_VAR) != cache.env
+                or os.environ.get(ENV_VAR) != cache.env or self._settings() != cache.settings
                 or (device_of(grad_scale), device_of(found_inf)) != cache.scaler
                 or len(self.param_groups) != len(cache.groups)):
             return None
@@ -247,8 +255,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             bucket_grads = grads if bucket.grad_index is None else [grads[i] for i in bucket.grad_index]
             for seg, group_index, first, end in bucket.segments:
                 seg.grads = bucket_grads[first:end] if len(bucket.segments) > 1 else bucket_grads
+                group = self.param_groups[group_index]
                 if group_index in changed:
-                    _copy_hyperparameters(self._hyper_segment(self.param_groups[group_index]), seg)
+                    _copy_hyperparameters(self._hyper_segment(group), seg)
+                elif torch.is_tensor(group["lr"]):
+                    seg.lr = lr_of(group)  # (a view of it as it is now: ``lr.data = ...`` moves it)
             bucket.plan.grads = bucket_grads
         self._advance_reused(cache, found_inf)
         for bucket in cache.buckets:
@@ -507,10 +518,12 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
     def _param_key(self, p: torch.Tensor, shard: torch.Tensor, name: str, state) -> tuple:
         """What a parameter's last check depends on: its backend, shape, strides, dtype, device and
-        address, and which objects its state entries are (by id); with those objects, kept so that
-        their ids cannot be reused while the key is."""
+        address, and which objects its state entries are (by id) with, for tensors, their layouts and
+        addresses (an entry aliased in place, ``t.set_(other)``, is checked again); with those
+        objects, kept so that their ids cannot be reused while the key is."""
         objects = tuple(map(state.get, self._STATE_KEYS)) if state else ()
-        key = (name, shard.shape, shard.stride(), shard.dtype, shard.device, shard.data_ptr(), *map(id, objects))
+        key = (name, shard.shape, shard.stride(), shard.dtype, shard.device, shard.data_ptr(), *map(id, objects),
+               *(python_layouts([t], True) if torch.is_tensor(t) else None for t in objects))
         if shard is not p:
             key += (p.shape, tuple(p.placements), p.device_mesh)
         return key, objects

@@ -162,6 +162,9 @@ class FusedLAMB(MultiTensorOptimizer):
 
     # -- reused steps (step_cache.py) ------------------------------------------------------------
 
+    def _settings(self) -> tuple:
+        return (*super()._settings(), getattr(self, "reduced_precision_dtype", None))
+
     def _hyper_segment(self, group: dict) -> LambSegment:
         return _segment_maker(group)()
 
@@ -177,9 +180,11 @@ class FusedLAMB(MultiTensorOptimizer):
             device = steps[0].device
             if any(t.dim() != 0 or t.dtype != torch.float32 or t.device != device for t in steps):
                 return False
-            packed = torch.stack(steps)
-            for i, state in enumerate(bucket.states):
-                state["step"] = packed[i]
+            packed = _packed(steps)
+            if packed is None:
+                packed = torch.stack(steps)
+                for i, state in enumerate(bucket.states):
+                    state["step"] = packed[i]
             bucket.step_counts = packed
         return True
 
@@ -221,13 +226,28 @@ def _segment_maker(group: dict):
     return make_segment
 
 
+def _packed(steps: list):
+    """The tensor whose elements `steps` are, in order, when they are (packed by an earlier step: kept,
+    so that a CUDA graph captured since still advances the counts the state holds); else None."""
+    base = steps[0]._base
+    if base is None or base.dim() != 1 or base.numel() != len(steps) or base.stride(0) != 1:
+        return None
+    first = base.storage_offset()
+    if all(t._base is base and t.storage_offset() == first + i for i, t in enumerate(steps)):
+        return base
+    return None
+
+
 def _add_bias_corrections(group: dict, steps: list, seg_of: list, segments: list) -> None:
     """Each tensor's 1 - beta^t into its segment (`steps`: the group's step counts; `seg_of`: per
     tensor, its segment): floats when the group's step counts are on the CPU, else one float32
     tensor per segment computed on the step counts' device (no sync)."""
     on_host = not group.get("capturable") and all(t.device.type == "cpu" for t in steps)
     for seg in segments:
-        counts = torch.stack([step for step, owner in zip(steps, seg_of) if owner is seg])
+        if not group["bias_correction"]:  # (no count is read: a one-element count of any shape is fine)
+            seg.bias_correction1 = seg.bias_correction2 = [1.0] * len(seg.params)
+            continue
+        counts = torch.cat([step.reshape(1) for step, owner in zip(steps, seg_of) if owner is seg])
         seg.bias_correction1, seg.bias_correction2 = _corrections(group, counts.tolist() if on_host else counts)
 
 

@@ -135,6 +135,7 @@ class StepCache:
     state: TrackedState
     version: int
     env: str | None
+    settings: tuple  # MultiTensorOptimizer._settings()
     scaler: tuple  # devices of grad_scale and found_inf (None where absent)
     groups: list  # per group: (group, its params list, structure key)
     params: list  # every parameter of every group, in order
