@@ -19,6 +19,8 @@ enum LambColumn : int {
   kLambAdapt = 11,        // 1: apply the trust ratio
   kLambRatioLo = 12,
   kLambRatioHi = 13,
+  kLambKeyLo = 14,        // bf16 states: this step's rounding key (lamb_kernels/rounding.py), low 16 bits
+  kLambKeyHi = 15,        //   and high 16 bits
   kLambColumns = 16,
 };
 

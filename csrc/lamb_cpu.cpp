@@ -9,7 +9,9 @@
 //
 // The element loops are templates on the storage types of params (P), grads (G) and the params'
 // low-precision copies (C, NoCopy when there are none): elements are converted to float on load and
-// rounded to the nearest even on store (multi_tensor_cpu.h). Moments stay float32. A loop that reads
+// rounded to the nearest even on store (multi_tensor_cpu.h). Moments (S) are float32, or bfloat16
+// written with stochastic rounding (optimizer_math.h), the norms taken from the rounded values that
+// the apply pass will read. A loop that reads
 // grads is also a template on kScaled (a grad_scale was given), so that the fp32 loop without one is
 // the loop of before grad scaling.
 #include "multi_tensor_cpu.h"
@@ -21,20 +23,25 @@
 namespace lamb_kernels {
 namespace {
 
-template <typename P, typename G, bool kScaled>
-void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restrict__ g, float* __restrict__ m,
-                   float* __restrict__ v, const float* h, float grad_norm, float inv_scale, float* partial) {
+template <typename P, typename G, typename S, bool kScaled>
+void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restrict__ g, S* __restrict__ m,
+                   S* __restrict__ v, const float* h, float grad_norm, float inv_scale, float* partial) {
   const LambMoments moments(h, grad_norm);
   const LambUpdate update(h);
+  [[maybe_unused]] const uint32_t key = rounding_key(h, kLambKeyLo);
   float acc_p[kLanes] = {}, acc_u[kLanes] = {};
   auto element = [&](int64_t i, int64_t lane) {
     const float param = static_cast<float>(p[i]);
     float grad = static_cast<float>(g[i]);
     if constexpr (kScaled) grad = grad * inv_scale;
-    float exp_avg = m[i], exp_avg_sq = v[i];
+    float exp_avg = static_cast<float>(m[i]), exp_avg_sq = static_cast<float>(v[i]);
     moments(param, grad, exp_avg, exp_avg_sq);  // 1-3.
-    m[i] = exp_avg;
-    v[i] = exp_avg_sq;
+    if constexpr (std::is_same_v<S, at::BFloat16>) {
+      exp_avg = round_bf16_stochastic(exp_avg, key, chunk.begin + i, 0);
+      exp_avg_sq = round_bf16_stochastic(exp_avg_sq, key, chunk.begin + i, 1);
+    }
+    m[i] = static_cast<S>(exp_avg);  // (exact for bf16: the value is one already)
+    v[i] = static_cast<S>(exp_avg_sq);
     const float u = update(param, exp_avg, exp_avg_sq);  // 4-5.
     acc_p[lane] += param * param;
     acc_u[lane] += u * u;
@@ -51,15 +58,15 @@ void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restr
 
 // The new value of a param goes to the param and, rounded, to its low-precision copy: the copy is
 // the fp32 master weight's value, not an update of the copy's own value.
-template <typename P, typename C>
-void apply_chunk(const Chunk& chunk, P* __restrict__ p, const float* __restrict__ m, const float* __restrict__ v,
+template <typename P, typename C, typename S>
+void apply_chunk(const Chunk& chunk, P* __restrict__ p, const S* __restrict__ m, const S* __restrict__ v,
                  C* __restrict__ copy, const float* h, const float* norms) {
   const float step_size = lamb_step_size(h, norms);  // 6.
   const LambUpdate update(h);
   const int64_t n = chunk.size;
   for (int64_t i = 0; i < n; ++i) {
     const float param = static_cast<float>(p[i]);
-    const float next = param - step_size * update(param, m[i], v[i]);  // 7.
+    const float next = param - step_size * update(param, static_cast<float>(m[i]), static_cast<float>(v[i]));  // 7.
     p[i] = static_cast<P>(next);
     if constexpr (kWritesCopy<C>) copy[i] = static_cast<C>(next);
   }
@@ -75,8 +82,9 @@ at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::Ten
   const int64_t n_tensors = static_cast<int64_t>(params.size());
   check_lists(op, {{"params", params},
                    {"grads", grads},
-                   {"exp_avgs", exp_avgs, Storage::kFloat32},
-                   {"exp_avg_sqs", exp_avg_sqs, Storage::kFloat32}});
+                   {"exp_avgs", exp_avgs, Storage::kState},
+                   {"exp_avg_sqs", exp_avg_sqs, Storage::kState}});
+  check_same_dtype(op, "exp_avg_sqs", exp_avg_sqs, "exp_avgs", exp_avgs);
   check_hyper(op, hyper, n_tensors, kLambColumns);
   const float inv_scale = inverse_grad_scale(op, grad_scale);
   // grad_sumsq sums the still-scaled grads: G = sqrt(grad_sumsq) / scale. Without clipping, 0 never
@@ -87,18 +95,22 @@ at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::Ten
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
   std::vector<float> partials(2 * chunks.size());
   const float* h = hyper.const_data_ptr<float>();
-  const std::vector<float*> m = mutable_pointers(exp_avgs), v = mutable_pointers(exp_avg_sqs);
   dispatch_element(element_type(params), [&](auto param_type) {
     using P = typename decltype(param_type)::type;
     dispatch_element(element_type(grads), [&](auto grad_type) {
       using G = typename decltype(grad_type)::type;
-      dispatch_bool(grad_scale.has_value(), [&](auto scaled) {
-        const std::vector<const P*> p = const_pointers<P>(params);
-        const std::vector<const G*> g = const_pointers<G>(grads);
-        parallel_over_chunks(chunks, [&](int64_t c, const Chunk& chunk) {
-          const int64_t t = chunk.tensor, b = chunk.begin;
-          moments_chunk<P, G, decltype(scaled)::value>(chunk, p[t] + b, g[t] + b, m[t] + b, v[t] + b,
-                                                      h + t * kLambColumns, grad_norm, inv_scale, &partials[2 * c]);
+      dispatch_state(element_type(exp_avgs), [&](auto state_type) {
+        using S = typename decltype(state_type)::type;
+        dispatch_bool(grad_scale.has_value(), [&](auto scaled) {
+          const std::vector<const P*> p = const_pointers<P>(params);
+          const std::vector<const G*> g = const_pointers<G>(grads);
+          const std::vector<S*> m = mutable_pointers<S>(exp_avgs), v = mutable_pointers<S>(exp_avg_sqs);
+          parallel_over_chunks(chunks, [&](int64_t c, const Chunk& chunk) {
+            const int64_t t = chunk.tensor, b = chunk.begin;
+            moments_chunk<P, G, S, decltype(scaled)::value>(chunk, p[t] + b, g[t] + b, m[t] + b, v[t] + b,
+                                                           h + t * kLambColumns, grad_norm, inv_scale,
+                                                           &partials[2 * c]);
+          });
         });
       });
     });
@@ -112,8 +124,9 @@ void lamb_apply_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
   const char* op = "lamb_apply";
   const int64_t n_tensors = static_cast<int64_t>(params.size());
   check_lists(op, {{"params", params},
-                   {"exp_avgs", exp_avgs, Storage::kFloat32},
-                   {"exp_avg_sqs", exp_avg_sqs, Storage::kFloat32}});
+                   {"exp_avgs", exp_avgs, Storage::kState},
+                   {"exp_avg_sqs", exp_avg_sqs, Storage::kState}});
+  check_same_dtype(op, "exp_avg_sqs", exp_avg_sqs, "exp_avgs", exp_avgs);
   check_copies(op, params, copies);
   check_hyper(op, hyper, n_tensors, kLambColumns);
   check_norms(op, norms, n_tensors);
@@ -121,17 +134,20 @@ void lamb_apply_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
   const float* h = hyper.const_data_ptr<float>();
   const float* norm_data = norms.const_data_ptr<float>();
-  const std::vector<const float*> m = const_pointers(exp_avgs), v = const_pointers(exp_avg_sqs);
   dispatch_params_and_copies(params, copies, [&](auto param_type, auto copy_type) {
     using P = typename decltype(param_type)::type;
     using C = typename decltype(copy_type)::type;
-    const std::vector<P*> p = mutable_pointers<P>(params);
-    const std::vector<C*> copy = copy_pointers<C>(copies);
-    parallel_over_chunks(chunks, [&](int64_t, const Chunk& chunk) {
-      const int64_t t = chunk.tensor, b = chunk.begin;
-      C* copy_chunk = nullptr;
-      if constexpr (kWritesCopy<C>) copy_chunk = copy[t] + b;
-      apply_chunk(chunk, p[t] + b, m[t] + b, v[t] + b, copy_chunk, h + t * kLambColumns, norm_data + 2 * t);
+    dispatch_state(element_type(exp_avgs), [&](auto state_type) {
+      using S = typename decltype(state_type)::type;
+      const std::vector<P*> p = mutable_pointers<P>(params);
+      const std::vector<C*> copy = copy_pointers<C>(copies);
+      const std::vector<const S*> m = const_pointers<S>(exp_avgs), v = const_pointers<S>(exp_avg_sqs);
+      parallel_over_chunks(chunks, [&](int64_t, const Chunk& chunk) {
+        const int64_t t = chunk.tensor, b = chunk.begin;
+        C* copy_chunk = nullptr;
+        if constexpr (kWritesCopy<C>) copy_chunk = copy[t] + b;
+        apply_chunk(chunk, p[t] + b, m[t] + b, v[t] + b, copy_chunk, h + t * kLambColumns, norm_data + 2 * t);
+      });
     });
   });
 }

@@ -82,9 +82,20 @@ void dispatch_bool(bool flag, const F& f) {
   }
 }
 
-// What a list may hold: float32 only (optimizer states, buffers); float32, bfloat16 or float16
-// (params, grads); bfloat16 or float16 (the low-precision copies of fp32 master weights).
-enum class Storage { kFloat32, kFloating, kLowPrecision };
+// Calls f(Element<float>{}) or f(Element<at::BFloat16>{}): the storage of a list of optimizer states.
+template <typename F>
+void dispatch_state(at::ScalarType dtype, const F& f) {
+  if (dtype == at::kBFloat16) {
+    f(Element<at::BFloat16>{});
+  } else {
+    f(Element<float>{});
+  }
+}
+
+// What a list may hold: float32 only (buffers); float32 or bfloat16 (optimizer states); float32,
+// bfloat16 or float16 (params, grads); bfloat16 or float16 (the low-precision copies of fp32 master
+// weights).
+enum class Storage { kFloat32, kState, kFloating, kLowPrecision };
 
 struct ListArg {
   const char* name;
@@ -97,6 +108,8 @@ inline bool storable(Storage storage, at::ScalarType dtype) {
   switch (storage) {
     case Storage::kFloat32:
       return dtype == at::kFloat;
+    case Storage::kState:
+      return dtype == at::kFloat || dtype == at::kBFloat16;
     case Storage::kFloating:
       return dtype == at::kFloat || low;
     case Storage::kLowPrecision:
@@ -109,6 +122,8 @@ inline const char* storable_names(Storage storage) {
   switch (storage) {
     case Storage::kFloat32:
       return "float32";
+    case Storage::kState:
+      return "float32 or bfloat16";
     case Storage::kFloating:
       return "float32, bfloat16 or float16";
     case Storage::kLowPrecision:
@@ -142,6 +157,13 @@ inline void check_lists(const char* op, std::initializer_list<ListArg> lists, at
                   "] has ", other.sizes(), " and ", other.strides());
     }
   }
+}
+
+// Two lists of one dtype each (check_lists) that must also share it (a kernel's m and v).
+inline void check_same_dtype(const char* op, const char* name, at::TensorList list, const char* other_name,
+                             at::TensorList other) {
+  TORCH_CHECK(list.empty() || other.empty() || list[0].scalar_type() == other[0].scalar_type(), op, ": ", name,
+              " has dtype ", list[0].scalar_type(), ", but ", other_name, " has ", other[0].scalar_type());
 }
 
 // copies: empty, or the low-precision model parameters that the fp32 master weights `params` are

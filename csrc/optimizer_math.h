@@ -12,6 +12,8 @@
 #include "hyper_columns.h"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define LAMB_KERNELS_HD __host__ __device__ __forceinline__
@@ -38,6 +40,53 @@ LAMB_KERNELS_HD float divide(float a, float b) {
 }
 
 LAMB_KERNELS_HD bool is_nan(float x) { return x != x; }
+
+// -- Stochastic rounding to bfloat16, for states kept in bf16 (lamb_kernels/rounding.py) -----------
+
+LAMB_KERNELS_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  return x ^ (x >> 16);
+}
+
+// A tensor's key for this step, from its two hyperparameter columns (16-bit halves, exact in fp32).
+LAMB_KERNELS_HD uint32_t rounding_key(const float* h, int low_column) {
+  return static_cast<uint32_t>(h[low_column]) | (static_cast<uint32_t>(h[low_column + 1]) << 16);
+}
+
+LAMB_KERNELS_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+LAMB_KERNELS_HD float bits_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// x rounded to a bfloat16 value (returned as the float it is exactly), up or down at random with the
+// probabilities that make it unbiased; `index` is the element's index in its tensor, `state` 0 for m
+// (or a momentum buffer), 1 for v. An infinity or NaN is kept; a finite value does not round to inf.
+LAMB_KERNELS_HD float round_bf16_stochastic(float x, uint32_t key, int64_t index, uint32_t state) {
+  const uint32_t random = mix32(key ^ mix32(2U * static_cast<uint32_t>(index & 0x7fffffff) + state));
+  const uint32_t pattern = float_bits(x);
+  if ((pattern & 0x7f800000U) == 0x7f800000U) return x;
+  uint32_t rounded = (pattern + (random & 0xffffU)) & 0xffff0000U;
+  if ((rounded & 0x7f800000U) == 0x7f800000U) rounded = (pattern & 0x80000000U) | 0x7f7f0000U;
+  return bits_float(rounded);
+}
 
 // -- LAMB ------------------------------------------------------------------------------------------
 

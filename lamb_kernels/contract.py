@@ -70,6 +70,10 @@ class LambSegment:
     layer_adaptation: bool
     max_grad_norm: float  # 0.0 means: no clipping for this group
     trust_ratio_bounds: tuple = field(default=(0.0, math.inf))
+    state_dtype: torch.dtype = torch.float32  # of exp_avgs and exp_avg_sqs: float32, or bfloat16
+    # bfloat16 states: per tensor, this step's stochastic-rounding key (lamb_kernels/rounding.py): a
+    # list of ints, or an int64 tensor on the step counts' device; None for float32 states.
+    rounding_keys: Optional[object] = None
     copies: list = field(default_factory=list)
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank

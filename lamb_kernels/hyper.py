@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .contract import to_device
+from .rounding import key_halves
 
 WIDTH = 16
 
@@ -37,6 +38,8 @@ class LambColumn(IntEnum):
     ADAPT = 11  # 1: apply the trust ratio
     RATIO_LO = 12
     RATIO_HI = 13
+    KEY_LO = 14  # bf16 states: this step's rounding key, low and high 16 bits (lamb_kernels/rounding.py)
+    KEY_HI = 15
 
 
 class LarsColumn(IntEnum):
@@ -57,6 +60,7 @@ def _lamb_columns(seg):
     """(column, value) pairs of one LambSegment: a value is the group's scalar or one per tensor."""
     wd = seg.weight_decay
     c = LambColumn
+    key_lo, key_hi = key_halves(seg.rounding_keys)
     return (
         (c.LR, seg.lr), (c.BETA1, seg.beta1), (c.BETA2, seg.beta2), (c.BETA3, seg.beta3),
         (c.ONE_MINUS_BETA2, 1.0 - seg.beta2), (c.EPS, seg.eps),
@@ -64,6 +68,7 @@ def _lamb_columns(seg):
         (c.BC1, seg.bias_correction1), (c.BC2, seg.bias_correction2),
         (c.MAX_GRAD_NORM, seg.max_grad_norm), (c.ADAPT, float(seg.layer_adaptation)),
         (c.RATIO_LO, seg.trust_ratio_bounds[0]), (c.RATIO_HI, seg.trust_ratio_bounds[1]),
+        (c.KEY_LO, key_lo), (c.KEY_HI, key_hi),
     )
 
 

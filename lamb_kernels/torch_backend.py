@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .contract import LambSegment, Plan, is_dense, lamb_plan, lars_plan
+from .rounding import round_bf16_stochastic
 
 
 # Elements per partial sum of squares. torch's fp32 norm of one long vector on the CPU drifts with
@@ -172,11 +173,19 @@ class TorchBackend:
                     torch._foreach_add_(grads, seg.params, alpha=seg.weight_decay)
                 else:
                     torch._foreach_add_(grads, torch._foreach_mul(seg.params, _keep_or(found_inf, seg.weight_decay, 0.0)))
-            # 3. Moments.
-            torch._foreach_mul_(seg.exp_avgs, beta1)
-            torch._foreach_add_(seg.exp_avgs, grads, alpha=seg.beta3)
-            torch._foreach_mul_(seg.exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(seg.exp_avg_sqs, grads, grads, value=1 - seg.beta2)
+            # 3. Moments (bf16 states: in fp32 copies, stored back with stochastic rounding; the update
+            # below reads the stored values, as the apply stage will).
+            bf16 = seg.state_dtype == torch.bfloat16
+            exp_avgs = [m.float() for m in seg.exp_avgs] if bf16 else seg.exp_avgs
+            exp_avg_sqs = [v.float() for v in seg.exp_avg_sqs] if bf16 else seg.exp_avg_sqs
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, grads, alpha=seg.beta3)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - seg.beta2)
+            if bf16:
+                for i, key in enumerate(seg.rounding_keys):
+                    seg.exp_avgs[i].copy_(round_bf16_stochastic(exp_avgs[i], key, 0))
+                    seg.exp_avg_sqs[i].copy_(round_bf16_stochastic(exp_avg_sqs[i], key, 1))
             # 4-5. The update, only to measure it here; the apply stage recomputes it.
             updates = _lamb_updates_(seg, scratch, bias_corrections)
             norms.append(torch.stack([_sums_of_squares(seg.params), _sums_of_squares(updates)], dim=1))

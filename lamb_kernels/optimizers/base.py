@@ -37,9 +37,13 @@ def _sharded_alike(t, p) -> bool:
     return is_dtensor(t) and t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements)
 
 
-def _in_layout_of(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A copy of state tensor t in p's memory layout (its values and dtype unchanged)."""
-    return torch.empty_like(p, dtype=t.dtype).copy_(t)
+def _in_layout_of(p: torch.Tensor, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of state tensor t in p's memory layout (its values unchanged, its dtype `dtype` if given:
+    bfloat16 states from float32 ones round to the nearest)."""
+    return torch.empty_like(p, dtype=t.dtype if dtype is None else dtype).copy_(t)
+
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)  # what `state_dtype` may be
 
 
 class MultiTensorOptimizer(torch.optim.Optimizer):
@@ -103,7 +107,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     def _structure(self, group: dict) -> tuple:
         """What of a group's hyperparameters decides its state and segments' shape (not only their
         values): a change takes the full path."""
-        return (bool(group.get("capturable")),)
+        return bool(group.get("capturable")), group.get("state_dtype", STATE_DTYPE)
+
+    def _state_dtype(self, group: dict | None, key: str) -> torch.dtype:
+        """The dtype the state entry `key` of a parameter of `group` is kept in."""
+        return STATE_DTYPE
 
     def _reusable(self, states: list) -> bool:
         """Whether the plans of a step with these states (`_init_state`'s result) may be reused: not
@@ -326,6 +334,9 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         name = self._resolved.get((p.device, env))
         if name is None:
             name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
+        if name == "cuda" and group.get("state_dtype", STATE_DTYPE) != STATE_DTYPE:
+            raise ValueError(f"param_groups[{group_index}]: state_dtype={group['state_dtype']} is not supported by "
+                             "the cuda backend yet; the triton, cpp and torch backends support it")
         if p.dtype in SUPPORTED_DTYPES and (name == "torch" or is_dense(local(p) if shard is None else shard)):
             return name
         if p.dtype in SUPPORTED_DTYPES and self.backend == "auto" and not env:
@@ -382,14 +393,20 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         targets = {param_id: (p, saved_group) for saved_group, group in zip(saved_groups, self.param_groups)
                    for param_id, p in zip(saved_group["params"], group["params"])}
         placed = {}
+        configured = [group.get("state_dtype") for group in self.param_groups]
         for param_id, saved in state_dict["state"].items():
             if param_id not in targets:
                 placed[param_id] = saved
                 continue
             p, saved_group = targets[param_id]
             capturable = saved_group.get("capturable", self.defaults.get("capturable"))
-            placed[p] = self._placed_state(p, saved, capturable)
+            group = self.param_groups[next(i for i, g in enumerate(saved_groups) if g is saved_group)]
+            placed[p] = self._placed_state(p, saved, capturable, group)
         super().load_state_dict({**state_dict, "state": {}})
+        # The states' dtypes are this optimizer's, whatever the checkpoint's (its states are converted).
+        for group, state_dtype in zip(self.param_groups, configured):
+            if state_dtype is not None:
+                group["state_dtype"] = state_dtype
         self._fill_defaults()
         self.state = tracked(self.state)
         self.state.update(placed)
@@ -397,11 +414,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         self._checked_groups.clear()
         self._step_cache = None
 
-    def _placed_state(self, p: torch.Tensor, saved: dict, capturable) -> dict:
+    def _placed_state(self, p: torch.Tensor, saved: dict, capturable, group: dict | None = None) -> dict:
         """A saved state as this optimizer keeps it (see `_loaded_value`), its step count an fp32
         tensor on the CPU (on the parameter's device when capturable), its param-shaped tensors in
         the parameter's memory layout."""
-        state = {key: self._loaded_value(p, key, value) for key, value in saved.items()}
+        state = {key: self._loaded_value(p, key, value, group) for key, value in saved.items()}
         if "step" in state:
             device = p.device if capturable else "cpu"
             state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=device)
@@ -410,14 +427,15 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 state[key] = _in_layout_of(p, state[key])
         return state
 
-    def _loaded_value(self, p: torch.Tensor, key, value):
-        """A saved state entry as this optimizer keeps it: its own param-shaped entries fp32 on the
-        parameter's device; any other tensor as torch.optim places it (the parameter's device, and
-        its dtype when both are floating point); anything else as it is."""
+    def _loaded_value(self, p: torch.Tensor, key, value, group: dict | None = None):
+        """A saved state entry as this optimizer keeps it: its own param-shaped entries on the
+        parameter's device in their dtype (`_state_dtype`: fp32, or the group's ``state_dtype``); any
+        other tensor as torch.optim places it (the parameter's device, and its dtype when both are
+        floating point); anything else as it is."""
         if not torch.is_tensor(value) or key == "step":
             return value
         if key in self._STATE_TENSORS:
-            value = value.to(device=p.device, dtype=STATE_DTYPE, copy=True)
+            value = value.to(device=p.device, dtype=self._state_dtype(group, key), copy=True)
             # A full state dict's entry for a sharded parameter: each rank keeps its own part.
             return distributed_like(p, value) if is_dtensor(p) and not is_dtensor(value) else value
         if p.is_floating_point() and value.is_floating_point():
@@ -490,39 +508,41 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 name = self._resolved.get((p.device, env))
                 # Checked before with this backend, shape, layout, dtype, address and state: the
                 # checks of _check_param passed then and would pass again.
-                if name is None or not self._still_checked(known, p, shard, name, state):
+                if name is None or not self._still_checked(known, p, shard, name, state, group):
                     name = self._check_param(p, env, group_index, param_index, group, shard)
-                    if not self._still_checked(known, p, shard, name, state):
+                    if not self._still_checked(known, p, shard, name, state, group):
                         changed = True
                         if state:
                             label = param_label(group_index, param_index, group)
-                            relayouts += [(p, state, k) for k in self._state_relayouts(p, state, name, label)]
-                        rechecked.append((p, shard, name))
+                            relayouts += [(p, state, k, dtype)
+                                          for k, dtype in self._state_relayouts(p, state, name, label, group)]
+                        rechecked.append((p, shard, name, group))
                 params.append((p, name, (group_index, param_index), shard, state))
             if params:
                 work.append((group, params))
         if changed:
             check_distinct(self.param_groups, self.state, self._STATE_KEYS)
-        for p, state, k in relayouts:
-            state[k] = _in_layout_of(p, state[k])
+        for p, state, k, dtype in relayouts:
+            state[k] = _in_layout_of(p, state[k], dtype)
         # Remembered only now that every check has passed: a refused step is checked again in full.
         for group, key, _ in revalidated:
             self._checked_groups[id(group)] = (group, key, tuple(group["params"]))
-        for p, shard, name in rechecked:
-            self._checked_params[id(p)] = (p, *self._param_key(p, shard, name, self.state.get(p)))
+        for p, shard, name, group in rechecked:
+            self._checked_params[id(p)] = (p, *self._param_key(p, shard, name, self.state.get(p), group))
         return work
 
-    def _still_checked(self, known, p: torch.Tensor, shard: torch.Tensor, name: str, state) -> bool:
+    def _still_checked(self, known, p: torch.Tensor, shard: torch.Tensor, name: str, state, group) -> bool:
         """Whether `known` (p's entry in _checked_params, or None) is of p as it is now."""
-        return known is not None and known[0] is p and known[1] == self._param_key(p, shard, name, state)[0]
+        return known is not None and known[0] is p and known[1] == self._param_key(p, shard, name, state, group)[0]
 
-    def _param_key(self, p: torch.Tensor, shard: torch.Tensor, name: str, state) -> tuple:
+    def _param_key(self, p: torch.Tensor, shard: torch.Tensor, name: str, state, group) -> tuple:
         """What a parameter's last check depends on: its backend, shape, strides, dtype, device and
         address, and which objects its state entries are (by id) with, for tensors, their layouts and
         addresses (an entry aliased in place, ``t.set_(other)``, is checked again); with those
         objects, kept so that their ids cannot be reused while the key is."""
         objects = tuple(map(state.get, self._STATE_KEYS)) if state else ()
         key = (name, shard.shape, shard.stride(), shard.dtype, shard.device, shard.data_ptr(), *map(id, objects),
+               group.get("state_dtype"),
                *(python_layouts([t], True) if torch.is_tensor(t) else None for t in objects))
         if shard is not p:
             key += (p.shape, tuple(p.placements), p.device_mesh)
@@ -550,9 +570,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 revalidated.append((group, key, None if same_params else True))
         return revalidated
 
-    def _state_relayouts(self, p: torch.Tensor, state: dict, backend_name: str, label: str) -> list:
-        """The state entries to copy into p's memory layout; raises unless the state fits p: its
-        shape and device, and for the multi-tensor kernels (which index p and its state alike) fp32."""
+    def _state_relayouts(self, p: torch.Tensor, state: dict, backend_name: str, label: str, group=None) -> list:
+        """(key, dtype) of the state entries to copy into p's memory layout, or into the dtype the
+        group keeps them in (`_state_dtype`: a checkpoint or a group's ``state_dtype`` changed between
+        float32 and bfloat16); raises unless the state fits p: its shape and device, and for the
+        multi-tensor kernels (which index p and its state alike) that dtype."""
         relayouts = []
         fits = all(key in state for key in self._REQUIRED_STATE)
         if "step" in self._REQUIRED_STATE and "step" in state:
@@ -564,12 +586,15 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             t = state.get(key)
             if t is None and key not in self._REQUIRED_STATE:
                 continue
+            expected = self._state_dtype(group, key)
             if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device or not _sharded_alike(t, p):
                 fits = False
-            elif backend_name != "torch" and t.dtype != STATE_DTYPE:
+            elif t.dtype != expected and t.dtype in STATE_DTYPES and not is_dtensor(t):
+                relayouts.append((key, expected))
+            elif backend_name != "torch" and t.dtype != expected:
                 fits = False
             elif local(t).stride() != local(p).stride() and is_dense(local(p)):
-                relayouts.append(key)
+                relayouts.append((key, None))
         if not fits:
             self._raise_bad_state(p, state, label)
         return relayouts
@@ -588,11 +613,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         )
 
     def _segment_for(self, p: torch.Tensor, name: str, position: tuple, shard: torch.Tensor, segments_of_group: dict,
-                     buckets: dict, make_segment):
-        """The segment of p's group in p's (device, dtype, backend) bucket, created by
+                     buckets: dict, make_segment, state_dtype: torch.dtype = STATE_DTYPE):
+        """The segment of p's group in p's (device, dtype, backend, state dtype) bucket, created by
         `make_segment()` on first use; p's grad, sharding and position (group, index: the same on
         every rank, whatever the buckets) are appended to it (the caller appends the weights)."""
-        key = (p.device, p.dtype, name)
+        key = (p.device, p.dtype, name, state_dtype)
         seg = segments_of_group.get(key)
         if seg is None:
             seg = segments_of_group[key] = make_segment()

@@ -50,6 +50,19 @@ def check_flag(name: str, value, where: str, none_ok: bool = False) -> None:
     raise TypeError(f"{where}{name} must be {allowed}, got {value!r}")
 
 
+def check_state_dtype(value, allowed, where: str) -> None:
+    """A group's ``state_dtype``: one of `allowed` (torch dtypes)."""
+    if value not in allowed:
+        names = ", ".join(f"torch.{str(d).split('.')[-1]}" for d in allowed)
+        raise ValueError(f"{where}state_dtype must be one of {names}, got {value!r}")
+
+
+def check_seed(value, where: str) -> None:
+    """A group's ``seed`` for stochastic rounding: an int in [0, 2^32)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**32:
+        raise ValueError(f"{where}seed must be an int in [0, 2**32), got {value!r}")
+
+
 def hyperparameter(group: dict, name: str, where: str):
     """group[name], or a ValueError naming the missing hyperparameter."""
     try:

@@ -8,8 +8,9 @@ import torch
 
 from ..contract import LambSegment
 from ..distributed import all_reduce_sharded_
-from .base import STATE_DTYPE, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
-from .checks import check_flag, check_number, hyperparameter
+from ..rounding import mixed_positions, tensor_keys
+from .base import STATE_DTYPE, STATE_DTYPES, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
+from .checks import check_flag, check_number, check_seed, check_state_dtype, hyperparameter
 
 
 def _validate_lamb_group(group: dict, where: str = "") -> None:
@@ -28,6 +29,8 @@ def _validate_lamb_group(group: dict, where: str = "") -> None:
         check_flag(name, hyperparameter(group, name, where), where)
     check_flag("layer_adaptation", group.get("layer_adaptation"), where, none_ok=True)
     check_flag("capturable", group.get("capturable", False), where)
+    check_state_dtype(group.get("state_dtype", STATE_DTYPE), STATE_DTYPES, where)
+    check_seed(group.get("seed", 0), where)
     bounds = group.get("trust_ratio_bounds")
     if bounds is not None:
         if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
@@ -51,6 +54,12 @@ class FusedLAMB(MultiTensorOptimizer):
     ``max_grad_norm``, ``adam_w_mode``, ``use_nvlamb`` and ``layer_adaptation`` (bool: force the
     trust ratio on or off for a group); optional ``trust_ratio_bounds=(lo, hi)``; per-parameter step
     counts in ``state[p]["step"]``. ``load_state_dict`` also accepts a state dict saved by apex.
+
+    ``state_dtype=torch.bfloat16`` (per group too) keeps m and v in bf16, written with stochastic
+    rounding from a counter-based stream (``seed``, the step count, the parameter's position):
+    32 bytes per fp32 parameter and step instead of 44, 4 bytes of state per parameter instead of 8,
+    the same bits on every run (docs/states.md; the cuda backend keeps float32 states only for
+    now). The default, float32, is unchanged.
 
     Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic and fp32 states.
     ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
@@ -87,6 +96,8 @@ class FusedLAMB(MultiTensorOptimizer):
         trust_ratio_bounds=None,
         master_weights=False,
         capturable=False,
+        state_dtype=torch.float32,
+        seed=0,
         backend="auto",
     ):
         if amsgrad:
@@ -95,6 +106,7 @@ class FusedLAMB(MultiTensorOptimizer):
             lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adam_w_mode=adam_w_mode,
             use_nvlamb=use_nvlamb, trust_ratio_bounds=trust_ratio_bounds, capturable=bool(capturable),
+            state_dtype=state_dtype, seed=seed,
         )
         self.set_grad_none = set_grad_none
         super().__init__(params, defaults, backend, master_weights)
@@ -131,8 +143,9 @@ class FusedLAMB(MultiTensorOptimizer):
                 if new:
                     state = self.state[p]
                     state["step"] = self._new_step_count(p, group)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
+                    dtype = self._state_dtype(group, "exp_avg")
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 _move_step_count_for(found_inf, p, state)
                 group_states.append((state, new))
             _advance_step_counts([state["step"] for state, _ in group_states], found_inf)
@@ -145,17 +158,34 @@ class FusedLAMB(MultiTensorOptimizer):
         buckets = {}
         for (group, params), group_states in zip(work, states):
             make_segment = _segment_maker(group)
+            state_dtype = self._state_dtype(group, "exp_avg")
             segments_of_group, seg_of = {}, []
             for (p, name, position, shard, _), (state, _) in zip(params, group_states):
-                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment)
+                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment,
+                                        state_dtype)
                 seg.params.append(self._weights(p, shard, state, seg))
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 seg.exp_avgs.append(exp_avg if shard is p else exp_avg._local_tensor)
                 seg.exp_avg_sqs.append(exp_avg_sq if shard is p else exp_avg_sq._local_tensor)
                 seg_of.append(seg)
             _add_bias_corrections(group, [state["step"] for state, _ in group_states], seg_of,
-                                  list(segments_of_group.values()))
+                                  list(segments_of_group.values()), self._mixed_positions)
         return buckets
+
+    def _state_dtype(self, group, key: str) -> torch.dtype:
+        if group is None or key not in ("exp_avg", "exp_avg_sq"):
+            return STATE_DTYPE
+        return group.get("state_dtype", STATE_DTYPE)
+
+    def _mixed_positions(self, seg):
+        """The mixed positions (rounding.py) of a segment's tensors, kept on the segment."""
+        mixed = getattr(seg, "mixed_positions", None)
+        if mixed is None:
+            offsets = [0]
+            for group in self.param_groups:
+                offsets.append(offsets[-1] + len(group["params"]))
+            mixed = seg.mixed_positions = mixed_positions([offsets[g] + i for g, i in seg.positions])
+        return mixed
 
     def _prepare(self, backend, segments):
         return backend.prepare_lamb(segments)
@@ -196,8 +226,10 @@ class FusedLAMB(MultiTensorOptimizer):
             for seg, group_index, first, end in bucket.segments:
                 group = self.param_groups[group_index]
                 on_host = values is not None and not group.get("capturable")
-                seg.bias_correction1, seg.bias_correction2 = _corrections(
-                    group, values[first:end] if on_host else counts[first:end])
+                seg_counts = values[first:end] if on_host else counts[first:end]
+                seg.bias_correction1, seg.bias_correction2 = _corrections(group, seg_counts)
+                if seg.state_dtype != torch.float32:
+                    seg.rounding_keys = tensor_keys(group.get("seed", 0), seg_counts, self._mixed_positions(seg))
 
     @staticmethod
     def _run(plans: list, grad_scale, found_inf) -> None:
@@ -213,6 +245,7 @@ def _segment_maker(group: dict):
         adaptation = bool(group["use_nvlamb"]) or wd != 0
     bounds = group.get("trust_ratio_bounds") or (0.0, math.inf)
     lr = lr_of(group)
+    state_dtype = group.get("state_dtype", STATE_DTYPE)
 
     def make_segment():
         return LambSegment(
@@ -220,7 +253,7 @@ def _segment_maker(group: dict):
             beta1=beta1, beta2=beta2, beta3=1.0 - beta1 if group["grad_averaging"] else 1.0,
             eps=float(group["eps"]), weight_decay=wd, adam_w_mode=bool(group["adam_w_mode"]),
             layer_adaptation=bool(adaptation), max_grad_norm=_clip_threshold(group["max_grad_norm"]),
-            trust_ratio_bounds=(float(bounds[0]), float(bounds[1])),
+            trust_ratio_bounds=(float(bounds[0]), float(bounds[1])), state_dtype=state_dtype,
         )
 
     return make_segment
@@ -238,17 +271,22 @@ def _packed(steps: list):
     return None
 
 
-def _add_bias_corrections(group: dict, steps: list, seg_of: list, segments: list) -> None:
+def _add_bias_corrections(group: dict, steps: list, seg_of: list, segments: list, mixed_positions) -> None:
     """Each tensor's 1 - beta^t into its segment (`steps`: the group's step counts; `seg_of`: per
     tensor, its segment): floats when the group's step counts are on the CPU, else one float32
-    tensor per segment computed on the step counts' device (no sync)."""
+    tensor per segment computed on the step counts' device (no sync); and for bf16 states, each
+    tensor's rounding key from its count (`mixed_positions(seg)`: rounding.py)."""
     on_host = not group.get("capturable") and all(t.device.type == "cpu" for t in steps)
     for seg in segments:
-        if not group["bias_correction"]:  # (no count is read: a one-element count of any shape is fine)
+        rounds = seg.state_dtype != torch.float32
+        if not group["bias_correction"] and not rounds:  # (no count is read: any one-element count is fine)
             seg.bias_correction1 = seg.bias_correction2 = [1.0] * len(seg.params)
             continue
         counts = torch.cat([step.reshape(1) for step, owner in zip(steps, seg_of) if owner is seg])
-        seg.bias_correction1, seg.bias_correction2 = _corrections(group, counts.tolist() if on_host else counts)
+        counts = counts.tolist() if on_host else counts
+        seg.bias_correction1, seg.bias_correction2 = _corrections(group, counts)
+        if rounds:
+            seg.rounding_keys = tensor_keys(group.get("seed", 0), counts, mixed_positions(seg))
 
 
 def _corrections(group: dict, counts) -> tuple:
@@ -291,7 +329,7 @@ def lamb_step(plans, grad_scale, found_inf) -> None:
     # 2-5 on every bucket, then the per-tensor ||p||^2, ||u||^2 of sharded tensors summed over
     # their ranks, then 6-7.
     norms, founds = [], []
-    for backend, (device, _, _), plan in plans:
+    for backend, (device, *_), plan in plans:
         scale, found = on_device(grad_scale, device), on_device(found_inf, device)
         norms.append(backend.lamb_moments_(plan, None if grad_sumsq is None else grad_sumsq.to(device), scale, found))
         founds.append(found)

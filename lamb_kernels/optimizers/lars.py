@@ -168,5 +168,5 @@ def lars_step(plans, grad_scale, found_inf) -> None:
     if shardings:
         reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
         all_reduce_sharded_([norms[i] for i in reduced], *([part[i] for i in reduced] for part in shardings))
-    for (backend, (device, _, _), plan), bucket_norms in zip(plans, norms):
+    for (backend, (device, *_), plan), bucket_norms in zip(plans, norms):
         backend.lars_apply_(plan, bucket_norms, on_device(grad_scale, device), on_device(found_inf, device))

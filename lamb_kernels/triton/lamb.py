@@ -24,7 +24,8 @@ import triton.language as tl
 
 from ..hyper import WIDTH, LambColumn
 from ..schemas import SCHEMAS
-from .multi_tensor import chunk_opening, column_pointer, launch, load_f32, scalar_or, store_rounded, table_for
+from .multi_tensor import (chunk_opening, column_pointer, launch, load_f32, round_bf16_stochastic, rounding_key,
+                           scalar_or, store_rounded, table_for)
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LambColumn.LR.value)
@@ -41,6 +42,7 @@ _MAX_GRAD_NORM = tl.constexpr(LambColumn.MAX_GRAD_NORM.value)
 _ADAPT = tl.constexpr(LambColumn.ADAPT.value)
 _RATIO_LO = tl.constexpr(LambColumn.RATIO_LO.value)
 _RATIO_HI = tl.constexpr(LambColumn.RATIO_HI.value)
+_KEY_LO = tl.constexpr(LambColumn.KEY_LO.value)
 N_HYPER = WIDTH
 
 # Columns of the pointer tables: p g m v (moments); p m v, and the low-precision copies (apply).
@@ -69,7 +71,8 @@ def _lamb_update(p, m, v, h):
 
 @triton.jit
 def _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, h, acc_p, acc_u, inv_scale, clip, beta1, beta2, beta3,
-                   one_minus_beta2, wd_l2, HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr):
+                   one_minus_beta2, wd_l2, key, start, HAS_SCALE: tl.constexpr, CLIP: tl.constexpr,
+                   MASKED: tl.constexpr):
     p = load_f32(p_ptr + offs, mask, MASKED)
     g = load_f32(g_ptr + offs, mask, MASKED)
     m = load_f32(m_ptr + offs, mask, MASKED)
@@ -81,6 +84,9 @@ def _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, h, acc_p, acc_u, inv_
     g = tl.where(wd_l2 != 0, g + wd_l2 * p, g)  # 2. L2 mode (wd_l2 is 0 in AdamW mode)
     m = beta1 * m + beta3 * g  # 3.
     v = beta2 * v + one_minus_beta2 * g * g
+    if m_ptr.dtype.element_ty == tl.bfloat16:  # bf16 states: stochastic rounding, u from the stored values
+        m = round_bf16_stochastic(m, key, start + offs, 0)
+        v = round_bf16_stochastic(v, key, start + offs, 1)
     store_rounded(m_ptr + offs, m, mask, MASKED)
     store_rounded(v_ptr + offs, v, mask, MASKED)
     u = _lamb_update(p, m, v, h)
@@ -133,16 +139,17 @@ def _lamb_moments_kernel(
         max_norm = tl.load(h + _MAX_GRAD_NORM)
         clips = (max_norm > 0) & (grad_norm > max_norm)
         clip = tl.where(clips, tl.div_rn(grad_norm, tl.where(clips, max_norm, 1.0)), 1.0)
+    key = rounding_key(h, _KEY_LO)
     acc_p = tl.zeros([BLOCK], tl.float32)
     acc_u = tl.zeros([BLOCK], tl.float32)
     whole = n // BLOCK * BLOCK  # whole blocks unmasked, then the rest masked
     for i in range(0, whole, BLOCK):
         acc_p, acc_u = _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, i + tl.arange(0, BLOCK), None, h, acc_p, acc_u,
-                                      inv_scale, clip, beta1, beta2, beta3, one_minus_beta2, wd_l2, HAS_SCALE, CLIP,
-                                      False)
+                                      inv_scale, clip, beta1, beta2, beta3, one_minus_beta2, wd_l2, key, start,
+                                      HAS_SCALE, CLIP, False)
     offs = whole + tl.arange(0, BLOCK)
     acc_p, acc_u = _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, h, acc_p, acc_u, inv_scale, clip,
-                                  beta1, beta2, beta3, one_minus_beta2, wd_l2, HAS_SCALE, CLIP, True)
+                                  beta1, beta2, beta3, one_minus_beta2, wd_l2, key, start, HAS_SCALE, CLIP, True)
     c = tl.program_id(0)
     tl.store(partials + c * 2 + 0, tl.sum(acc_p, axis=0))
     tl.store(partials + c * 2 + 1, tl.sum(acc_u, axis=0))

@@ -115,6 +115,37 @@ def load_f32(ptr, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _mix32(x):
+    """lamb_kernels/rounding.py's mix32 on uint32 values (their products wrap modulo 2^32)."""
+    x ^= x >> 16
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x ^= x >> 15
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def rounding_key(h, KEY_LO: tl.constexpr):
+    """A tensor's stochastic-rounding key from its two hyperparameter columns (16-bit halves)."""
+    return tl.load(h + KEY_LO).to(tl.uint32) | (tl.load(h + KEY_LO + 1).to(tl.uint32) << 16)
+
+
+@triton.jit
+def round_bf16_stochastic(x, key, index, STATE: tl.constexpr):
+    """fp32 `x` rounded stochastically to a bf16 value (returned as the fp32 it is exactly): the
+    element's random bits from `key` and its int64 `index` in its tensor, as in rounding.py."""
+    lanes = (index & 0x7FFFFFFF).to(tl.uint32)
+    random = _mix32(key ^ _mix32(lanes * 2 + STATE))
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (random & 0xFFFF)) & tl.full([], 0xFFFF0000, tl.uint32)
+    exponent = tl.full([], 0x7F800000, tl.uint32)
+    overflowed = (rounded & exponent) == exponent
+    rounded = tl.where(overflowed, (bits & tl.full([], 0x80000000, tl.uint32)) | 0x7F7F0000, rounded)
+    rounded = tl.where((bits & exponent) == exponent, bits, rounded)  # inf and NaN kept
+    return rounded.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def store_rounded(ptr, x, mask, MASKED: tl.constexpr):
     """Stores fp32 `x` in the pointer's element type, rounded to nearest even (masked as in
     `load_f32`). For bf16 the rounding is done on the bits (as torch's own conversion does), so

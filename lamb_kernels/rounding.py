@@ -1,0 +1,114 @@
+"""Stochastic rounding of fp32 values to bfloat16, for optimizer states kept in bf16 (docs/states.md).
+
+Rounding a state to the nearest bf16 at every step loses small updates: with beta2 = 0.999 the
+change of v per step is about 0.1% of v, under half of bf16's spacing (2^-8 relative), so nearest
+rounding would leave v stuck. Stochastic rounding rounds up with probability equal to the distance
+to the lower neighbour, so the stored value is unbiased: its expectation is the fp32 value.
+
+The random bits come from a counter-based hash, not a random generator's state, so a step's bits
+depend only on (seed, step count, parameter position, element index, which state): reruns and
+every backend give the same bits for the same fp32 values. Every implementation follows this
+module: csrc/optimizer_math.h (C++ and CUDA), lamb_kernels/triton/multi_tensor.py (Triton) and
+`round_bf16_stochastic` below (the torch backend, and the tests' reference).
+
+- ``mix32(x)``: a 32-bit integer hash (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15;
+  x *= 0x846ca68b; x ^= x >> 16, modulo 2^32);
+- a tensor's key per step: ``mix32(seed ^ mix32(step ^ mix32(position)))``, `position` the
+  parameter's index over all param groups in order, `step` its step count after this step's
+  advance; kept in two hyperparameter-table columns as 16-bit halves (exact in fp32);
+- an element's random bits: ``mix32(key ^ mix32(2 * index + state))``, `index` the element's index
+  in the tensor (mod 2^31), `state` 0 for m, 1 for v;
+- rounding: add the low 16 random bits to the fp32 bit pattern and clear its low 16 bits; an
+  infinity or NaN is kept; a finite value that would become infinite keeps bf16's largest finite
+  magnitude.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MASK32 = 0xFFFFFFFF
+_M1, _M2 = 0x7FEB352D, 0x846CA68B
+
+
+def mix32_int(x: int) -> int:
+    """mix32 of one Python int (taken mod 2^32)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * _M1) & MASK32
+    x ^= x >> 15
+    x = (x * _M2) & MASK32
+    return x ^ (x >> 16)
+
+
+def mix32_numpy(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.uint32).copy()
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(_M1)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(_M2)
+        x ^= x >> np.uint32(16)
+    return x
+
+
+def _times_mod32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2^32 for int64 x in [0, 2^32) without overflowing int64: by 16-bit halves of x.
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32_torch(x: torch.Tensor) -> torch.Tensor:
+    """mix32 of an int64 tensor holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _times_mod32(x, _M1)
+    x = x ^ (x >> 15)
+    x = _times_mod32(x, _M2)
+    return x ^ (x >> 16)
+
+
+def mixed_positions(positions) -> np.ndarray:
+    """mix32 of each parameter position (uint32): computed once, when a segment is made."""
+    return np.asarray([mix32_int(int(p)) for p in positions], dtype=np.uint32)
+
+
+def tensor_keys(seed: int, steps, mixed: np.ndarray):
+    """Per tensor, its key for this step: from its step count (`steps`: a list of floats, giving a
+    list of ints; or a tensor, giving int64 values in [0, 2^32) on its device, computed there) and
+    its mixed position."""
+    if torch.is_tensor(steps):
+        counts = steps.to(torch.int64) & MASK32
+        return mix32_torch((seed & MASK32) ^ mix32_torch(counts ^ torch.from_numpy(mixed.astype(np.int64)).to(steps.device)))
+    counts = np.asarray(steps, dtype=np.float64).astype(np.int64).astype(np.uint32)
+    return mix32_numpy(np.uint32(seed & MASK32) ^ mix32_numpy(counts ^ mixed)).tolist()
+
+
+def key_halves(keys):
+    """(low 16 bits, high 16 bits) of keys, as float values (exact in fp32): the table's two columns.
+    None (float32 states, no rounding) gives 0.0 for both."""
+    if keys is None:
+        return 0.0, 0.0
+    if torch.is_tensor(keys):
+        return (keys & 0xFFFF).to(torch.float32), (keys >> 16).to(torch.float32)
+    return [float(k & 0xFFFF) for k in keys], [float(k >> 16) for k in keys]
+
+
+def round_bf16_stochastic(x: torch.Tensor, key: int | torch.Tensor, state: int) -> torch.Tensor:
+    """x (float32, dense: elements are indexed in memory order, as the kernels walk them) rounded
+    stochastically to bfloat16 with a tensor's `key` (a Python int or a 0-d int64 tensor) and `state`
+    (0: m, 1: v); the result has x's memory layout."""
+    n = x.numel()
+    flat = x.as_strided((n,), (1,))  # (dense: memory order, whatever the strides)
+    index = torch.arange(n, device=x.device, dtype=torch.int64) & 0x7FFFFFFF
+    key = key if torch.is_tensor(key) else torch.tensor(key & MASK32, dtype=torch.int64, device=x.device)
+    bits = mix32_torch(key ^ mix32_torch(2 * index + state))
+    pattern = flat.view(torch.int32).to(torch.int64) & MASK32
+    rounded = (pattern + (bits & 0xFFFF)) & 0xFFFF0000
+    exponent_max = 0x7F800000
+    overflowed = (rounded & exponent_max) == exponent_max
+    rounded = torch.where(overflowed, (pattern & 0x80000000) | 0x7F7F0000, rounded)
+    rounded = torch.where((pattern & exponent_max) == exponent_max, pattern, rounded)  # inf, NaN kept
+    signed = rounded - ((rounded >> 31) << 32)  # as int32 values
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    out.as_strided((n,), (1,)).copy_(signed.to(torch.int32).view(torch.float32))  # (exact: low bits are 0)
+    return out
