@@ -136,7 +136,7 @@ def test_one_operator_call_per_stage_whatever_the_tensor_count(optimizer, kwargs
     opt = optimizer([{"params": params[:20]}, {"params": params[20:], "lr": 5e-3}], backend="cpp", **kwargs)
     for p in params:
         p.grad = torch.randn_like(p)
-    opt._backend((torch.device("cpu"), torch.float32, "cpp"))._ops = Counting()
+    opt._backend((torch.device("cpu"), torch.float32, "cpp", torch.float32))._ops = Counting()
     opt.step()
     assert calls == expected
 

@@ -49,7 +49,7 @@ def test_every_backend_fills_the_one_plan_type(optimizer):
         assert len(plans) == 1, name
         backend, key, plan = plans[0]
         assert type(plan) is Plan, name
-        assert key == (torch.device("cpu"), torch.float32, name)
+        assert key == (torch.device("cpu"), torch.float32, name, torch.float32)  # (device, dtype, backend, states)
         assert [seg.lr for seg in plan.segments] == [1e-3 if optimizer == "FusedLAMB" else 1.0, 0.5]
         assert all(a is b for a, b in zip(plan.params, params)) and len(plan.params) == 3, name
         assert all(a is b.grad for a, b in zip(plan.grads, params)), name
