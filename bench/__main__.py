@@ -54,6 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype")
     parser.add_argument("--master-weights", action="store_true",
                         help="our optimizers keep fp32 master weights of bf16/fp16 params (charged their bytes)")
+    parser.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="FusedLAMB's state_dtype (m and v; charged their bytes); LARS keeps float32 states")
     parser.add_argument("--algorithms", default="lamb,lars", help="comma-separated: lamb, lars")
     parser.add_argument("--out", default="out", help="folder for steps.csv and steps.png (default: out)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per provider (default: cpu 15, cuda 50)")
@@ -115,10 +117,16 @@ def _version(package: str) -> str:
         return ""
 
 
+def _state_bytes(state_dtype: str, algorithm: str) -> int:
+    """Bytes of each of LAMB's m and v (LARS keeps float32 buffers)."""
+    return 2 if state_dtype == "bfloat16" and algorithm == "lamb" else 4
+
+
 def _providers(algorithm: str, args) -> list:
     copy = Provider("copy (torch.Tensor.copy_, as many elements)", algorithm, "copy", version=torch.__version__)
     if algorithm == "lamb":
-        providers = lamb_providers(args.device, args.backends, args.max_grad_norm, args.master_weights)
+        providers = lamb_providers(args.device, args.backends, args.max_grad_norm, args.master_weights,
+                                   DTYPES[args.state_dtype])
     else:
         providers = lars_providers(args.device, args.backends, args.master_weights)
     return [copy, *(p for p in providers if not (args.no_compile and p.name.endswith(COMPILED)))]
@@ -141,7 +149,7 @@ def main(argv=None) -> list:
     context = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
-        "master_weights": args.master_weights and args.dtype != "float32",
+        "master_weights": args.master_weights and args.dtype != "float32", "state_dtype": args.state_dtype,
         "threads": torch.get_num_threads() if args.device == "cpu" else "",
         "warmup": args.warmup, "repeats": args.repeats, "lamb_kernels": lamb_kernels.__version__,
         "torch": torch.__version__, "triton": _version("triton"), "python": platform.python_version(),
@@ -163,8 +171,10 @@ def main(argv=None) -> list:
                              progress=progress)
         rows += group_rows(outcomes, preset=preset, algorithm=algorithm, numel=sum(p.numel() for p in params),
                            tensors=len(params), itemsize=params[0].element_size(),
-                           clipping=args.max_grad_norm > 0, context=context,
-                           master_weights=context["master_weights"])
+                           clipping=args.max_grad_norm > 0,
+                           context={**context, "state_dtype": args.state_dtype if algorithm == "lamb" else "float32"},
+                           master_weights=context["master_weights"],
+                           state_bytes=_state_bytes(args.state_dtype, algorithm))
         del params, outcomes  # frees this group's states before the next group allocates its own
         if args.device == "cuda":
             torch.cuda.empty_cache()

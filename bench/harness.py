@@ -24,11 +24,15 @@ import torch
 # FusedLAMB, for one, moves 52 fp32 bytes. torch's AdamW and SGD keep states in the parameters'
 # dtype, so their bytes scale with it; ours keep fp32 states. With master weights, the passes read
 # and write the fp32 master where they would read and write p, and the apply pass also writes p.
-def stage_bytes(algorithm: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False) -> dict:
+def stage_bytes(algorithm: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False,
+                state_bytes: int = 4) -> dict:
     """Bytes per parameter of each stage of a step, in the order a step runs them (a stage a step
-    skips is left out): LAMB "grad norm", "moments", "apply"; LARS "norms", "apply"."""
+    skips is left out): LAMB "grad norm", "moments", "apply"; LARS "norms", "apply". `state_bytes`:
+    of each of LAMB's m and v (2 with ``state_dtype=torch.bfloat16``)."""
     s, state = param_bytes, 4
-    w = state if master_weights else s  # the weights the passes read: master or p
+    w = 4 if master_weights else s  # the weights the passes read: master or p
+    if algorithm == "lamb":
+        state = state_bytes
     copy = s if master_weights else 0
     if algorithm == "lamb":
         stages = {"grad norm": s} if clipping else {}  # read g
@@ -39,13 +43,14 @@ def stage_bytes(algorithm: str, clipping: bool, param_bytes: int = 4, master_wei
             "apply": w + s + state + w + state + copy}  # read p g b, write p b (and the copy)
 
 
-def bytes_moved(algorithm: str, role: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False) -> int:
+def bytes_moved(algorithm: str, role: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False,
+                state_bytes: int = 4) -> int:
     s = param_bytes
     if role == "copy":
         return 2 * s  # read, write
     if role == "yardstick":
         return (7 if algorithm == "lamb" else 5) * s  # AdamW: read p g m v, write p m v; SGD: p g b, p b
-    return sum(stage_bytes(algorithm, clipping, param_bytes, master_weights).values())
+    return sum(stage_bytes(algorithm, clipping, param_bytes, master_weights, state_bytes).values())
 
 
 @dataclass

@@ -70,11 +70,12 @@ def _compiled(make_optimizer):
     return build
 
 
-def lamb_providers(device, backends, max_grad_norm, master_weights=False) -> list:
+def lamb_providers(device, backends, max_grad_norm, master_weights=False, state_dtype=torch.float32) -> list:
     """The "lamb" group: AdamW(fused=True) as the yardstick, FusedLAMB on each backend, the pure-torch
     backend under torch.compile, and the LAMBs of other libraries."""
     clip = max_grad_norm if max_grad_norm > 0 else None
-    ours = {"lr": LR, "weight_decay": LAMB_WEIGHT_DECAY, "max_grad_norm": clip, "master_weights": master_weights}
+    ours = {"lr": LR, "weight_decay": LAMB_WEIGHT_DECAY, "max_grad_norm": clip, "master_weights": master_weights,
+            "state_dtype": state_dtype}
     providers = [Provider(
         "torch AdamW(fused=True)", "lamb", "yardstick",
         build=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=LAMB_WEIGHT_DECAY, eps=1e-6,

@@ -11,7 +11,7 @@ from .providers import ROLES
 
 COLUMNS = (
     "date", "preset", "algorithm", "provider", "role", "status", "reason",
-    "device", "device_name", "dtype", "master_weights", "threads", "tensors", "params", "bytes_per_param", "warmup", "repeats",
+    "device", "device_name", "dtype", "master_weights", "state_dtype", "threads", "tensors", "params", "bytes_per_param", "warmup", "repeats",
     "first_step_ms", "median_ms", "p20_ms", "p80_ms", "gb_per_s", "copy_gb_per_s", "pct_of_copy",
     "yardstick", "ratio_to_yardstick", "ratio_p20", "ratio_p80", "launches_per_step",
     "provider_version", "lamb_kernels", "torch", "triton", "python",
@@ -19,7 +19,7 @@ COLUMNS = (
 
 
 def group_rows(outcomes, *, preset, algorithm, numel, tensors, itemsize, clipping, context,
-               master_weights=False) -> list:
+               master_weights=False, state_bytes=4) -> list:
     """One row per outcome of one group. GB/s charges docs/design.md section 4's bytes to the median step;
     ratios are the median over repetitions of (provider's step / the yardstick's step in the same
     repetition)."""
@@ -29,8 +29,9 @@ def group_rows(outcomes, *, preset, algorithm, numel, tensors, itemsize, clippin
     copy, yardstick = by_role.get("copy"), by_role.get("yardstick")
 
     def bytes_per_param(outcome):
-        return bytes_moved(algorithm, outcome.provider.role, clipping, itemsize,
-                           master_weights and outcome.provider.role in ('ours', 'reference'))
+        ours = outcome.provider.role in ("ours", "reference")
+        return bytes_moved(algorithm, outcome.provider.role, clipping, itemsize, master_weights and ours,
+                           state_bytes if ours else 4)
 
     def gb_per_s(outcome):
         return bytes_per_param(outcome) * numel / quantile(outcome.times, 0.5) / 1e9
@@ -43,6 +44,8 @@ def group_rows(outcomes, *, preset, algorithm, numel, tensors, itemsize, clippin
                    status=outcome.status, reason=outcome.reason, tensors=tensors, params=numel,
                    provider_version=provider.version)
         row["bytes_per_param"] = bytes_per_param(outcome)
+        if provider.role not in ("ours", "reference"):
+            row["state_dtype"] = "float32"  # (the yardstick's and other libraries' states)
         if outcome.first_step is not None:
             row["first_step_ms"] = outcome.first_step * 1e3
         if outcome.status == "ok" and outcome.times:

@@ -25,7 +25,7 @@ from .report import pyplot, write_csv
 
 COLUMNS = (
     "date", "preset", "algorithm", "backend", "stage", "status", "reason", "device", "device_name", "dtype",
-    "master_weights", "threads", "tensors", "params", "bytes_per_param", "warmup", "repeats", "median_ms",
+    "master_weights", "state_dtype", "threads", "tensors", "params", "bytes_per_param", "warmup", "repeats", "median_ms",
     "p20_ms", "p80_ms", "gb_per_s", "copy_gb_per_s", "pct_of_copy", "launches", "lamb_kernels", "torch",
     "triton", "python",
 )
@@ -35,10 +35,11 @@ class _Stages:
     """One optimizer on the preset's parameters with its state created, and its buckets' plans: each
     stage is then a call of the backends' stage methods on those plans."""
 
-    def __init__(self, algorithm, backend, params, clipping, master_weights):
+    def __init__(self, algorithm, backend, params, clipping, master_weights, state_dtype=torch.float32):
         if algorithm == "lamb":
             self.opt = FusedLAMB(params, lr=LR, weight_decay=LAMB_WEIGHT_DECAY, backend=backend,
-                                 max_grad_norm=1.0 if clipping else None, master_weights=master_weights)
+                                 max_grad_norm=1.0 if clipping else None, master_weights=master_weights,
+                                 state_dtype=state_dtype)
         else:
             self.opt = FusedLARS(params, lr=LR, momentum=MOMENTUM, weight_decay=LARS_WEIGHT_DECAY, backend=backend,
                                  master_weights=master_weights)
@@ -84,7 +85,7 @@ class _Stages:
         return torch.no_grad()(call)
 
 
-def stage_providers(algorithm, device, backends, clipping, master_weights) -> list:
+def stage_providers(algorithm, device, backends, clipping, master_weights, state_dtype=torch.float32) -> list:
     """A copy of as many elements first, then one provider per (backend, stage)."""
     providers = [Provider("copy", algorithm, "copy", version=torch.__version__)]
     stages = list(stage_bytes(algorithm, clipping))
@@ -98,7 +99,7 @@ def stage_providers(algorithm, device, backends, clipping, master_weights) -> li
 
         def build(params, backend=backend, stage=None):
             if backend not in made:
-                made[backend] = _Stages(algorithm, backend, params, clipping, master_weights)
+                made[backend] = _Stages(algorithm, backend, params, clipping, master_weights, state_dtype)
             return made[backend].step_of(stage)
 
         providers += [Provider(f"{backend}: {stage}", algorithm, "ours", version=lamb_kernels.__version__,
@@ -107,10 +108,10 @@ def stage_providers(algorithm, device, backends, clipping, master_weights) -> li
     return providers
 
 
-def stage_rows(outcomes, *, preset, algorithm, params, clipping, master_weights, context) -> list:
+def stage_rows(outcomes, *, preset, algorithm, params, clipping, master_weights, context, state_bytes=4) -> list:
     numel = sum(p.numel() for p in params)
     itemsize = params[0].element_size()
-    bytes_of = stage_bytes(algorithm, clipping, itemsize, master_weights)
+    bytes_of = stage_bytes(algorithm, clipping, itemsize, master_weights, state_bytes)
     copy = next(o for o in outcomes if o.provider.role == "copy")
     copy_gbps = 2 * itemsize * numel / quantile(copy.times, 0.5) / 1e9 if copy.status == "ok" else None
     rows = []
@@ -180,8 +181,10 @@ def run_stages(args, context, dtype, presets, progress_factory) -> list:
 
     csv_path, png_path = os.path.join(args.out, "stages.csv"), os.path.join(args.out, "stages.png")
     clipping = args.max_grad_norm > 0
+    bf16 = getattr(args, "state_dtype", "float32") == "bfloat16"
     plan = [(preset, algorithm, stage_providers(algorithm, args.device, args.backends, clipping,
-                                                context["master_weights"]))
+                                                context["master_weights"],
+                                                torch.bfloat16 if bf16 and algorithm == "lamb" else torch.float32))
             for preset in presets for algorithm in args.algorithms]
     progress = progress_factory(sum(sum(p.unavailable is None for p in providers) for *_, providers in plan)
                                 * (args.warmup + args.repeats))
@@ -193,8 +196,11 @@ def run_stages(args, context, dtype, presets, progress_factory) -> list:
         params = make_params(preset_shapes(preset), args.device, dtype)
         outcomes = run_group(providers, params, args.device, warmup=args.warmup, repeats=args.repeats,
                              progress=progress)
+        lamb_bf16 = bf16 and algorithm == "lamb"
         rows += stage_rows(outcomes, preset=preset, algorithm=algorithm, params=params, clipping=clipping,
-                           master_weights=context["master_weights"], context=context)
+                           master_weights=context["master_weights"],
+                           context={**context, "state_dtype": "bfloat16" if lamb_bf16 else "float32"},
+                           state_bytes=2 if lamb_bf16 else 4)
         del params, outcomes, providers
         if args.device == "cuda":
             torch.cuda.empty_cache()

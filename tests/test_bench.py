@@ -409,3 +409,26 @@ def test_gpu_run_script_runs_its_steps_dry_on_the_cpu(tmp_path):
 def test_host_bound_presets_are_tiny_tensors():
     assert preset_shapes("host-bound") == [(16,)] * 1000
     assert preset_shapes("host-bound-200") == [(16,)] * 200
+
+
+def test_bf16_states_are_charged_their_bytes():
+    """SPEC section 4 with 2-byte m and v: LAMB 4 + (4 + 4 + 2 + 2 read, 2 + 2 written) + (4 + 2 + 2
+    read, 4 written) = 32 bytes per fp32 parameter with clipping, 28 without; LARS unchanged."""
+    assert stage_bytes("lamb", True, 4, False, 2) == {"grad norm": 4, "moments": 16, "apply": 12}
+    assert bytes_moved("lamb", "ours", True, 4, False, 2) == 32
+    assert bytes_moved("lamb", "ours", False, 4, False, 2) == 28
+    # bf16 params with fp32 masters: g 2; master 4, g 2, m v 2 + 2 read and written; master 4, m v, master 4, copy 2.
+    assert bytes_moved("lamb", "ours", True, 2, True, 2) == 2 + (4 + 2 + 4 + 4) + (4 + 4 + 4 + 2)
+    assert bytes_moved("lars", "ours", True, 4, False, 2) == bytes_moved("lars", "ours", True)
+
+
+def test_state_dtype_option_on_the_tiny_preset(tmp_path, capsys):
+    rows = main(["--preset", "tiny", "--device", "cpu", "--backends", "cpp", "--state-dtype", "bfloat16",
+                 "--no-compile", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)])
+    ours = {(r["algorithm"], r["provider"]): r for r in rows if r["role"] == "ours"}
+    lamb = ours[("lamb", "lamb_kernels FusedLAMB cpp")]
+    lars = ours[("lars", "lamb_kernels FusedLARS cpp")]
+    assert (lamb["state_dtype"], lamb["bytes_per_param"]) == ("bfloat16", 32)
+    assert (lars["state_dtype"], lars["bytes_per_param"]) == ("float32", 28)
+    yardstick = next(r for r in rows if r["role"] == "yardstick" and r["algorithm"] == "lamb")
+    assert yardstick["state_dtype"] == "float32"
