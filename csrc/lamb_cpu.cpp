@@ -23,6 +23,12 @@
 namespace lamb_kernels {
 namespace {
 
+// A float that is a bfloat16 value exactly (round_bf16_stochastic's result), stored as one: its high
+// 16 bits, with no rounding step (which would also cost the loop its vectorization).
+inline at::BFloat16 bf16_of_exact(float x) {
+  return at::BFloat16(static_cast<uint16_t>(float_bits(x) >> 16), at::BFloat16::from_bits());
+}
+
 template <typename P, typename G, typename S, bool kScaled>
 void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restrict__ g, S* __restrict__ m,
                    S* __restrict__ v, const float* h, float grad_norm, float inv_scale, float* partial) {
@@ -37,11 +43,15 @@ void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restr
     float exp_avg = static_cast<float>(m[i]), exp_avg_sq = static_cast<float>(v[i]);
     moments(param, grad, exp_avg, exp_avg_sq);  // 1-3.
     if constexpr (std::is_same_v<S, at::BFloat16>) {
-      exp_avg = round_bf16_stochastic(exp_avg, key, chunk.begin + i, 0);
-      exp_avg_sq = round_bf16_stochastic(exp_avg_sq, key, chunk.begin + i, 1);
+      const uint32_t random = element_random(key, chunk.begin + i);
+      exp_avg = round_bf16_stochastic(exp_avg, random & 0xffffU);
+      exp_avg_sq = round_bf16_stochastic(exp_avg_sq, random >> 16);
+      m[i] = bf16_of_exact(exp_avg);
+      v[i] = bf16_of_exact(exp_avg_sq);
+    } else {
+      m[i] = exp_avg;
+      v[i] = exp_avg_sq;
     }
-    m[i] = static_cast<S>(exp_avg);  // (exact for bf16: the value is one already)
-    v[i] = static_cast<S>(exp_avg_sq);
     const float u = update(param, exp_avg, exp_avg_sq);  // 4-5.
     acc_p[lane] += param * param;
     acc_u[lane] += u * u;

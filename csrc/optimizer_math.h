@@ -76,16 +76,20 @@ LAMB_KERNELS_HD float bits_float(uint32_t bits) {
 #endif
 }
 
+// The 32 random bits of element `index` of a tensor: the low 16 round m (or a momentum buffer), the
+// high 16 round v.
+LAMB_KERNELS_HD uint32_t element_random(uint32_t key, int64_t index) {
+  return mix32(key ^ (static_cast<uint32_t>(index) * 0x9e3779b9U));
+}
+
 // x rounded to a bfloat16 value (returned as the float it is exactly), up or down at random with the
-// probabilities that make it unbiased; `index` is the element's index in its tensor, `state` 0 for m
-// (or a momentum buffer), 1 for v. An infinity or NaN is kept; a finite value does not round to inf.
-LAMB_KERNELS_HD float round_bf16_stochastic(float x, uint32_t key, int64_t index, uint32_t state) {
-  const uint32_t random = mix32(key ^ mix32(2U * static_cast<uint32_t>(index & 0x7fffffff) + state));
+// probabilities that make it unbiased, from 16 random bits. An infinity or NaN is kept; a finite value
+// does not round to inf. No branch: the element loops stay vectorized.
+LAMB_KERNELS_HD float round_bf16_stochastic(float x, uint32_t random16) {
   const uint32_t pattern = float_bits(x);
-  if ((pattern & 0x7f800000U) == 0x7f800000U) return x;
-  uint32_t rounded = (pattern + (random & 0xffffU)) & 0xffff0000U;
-  if ((rounded & 0x7f800000U) == 0x7f800000U) rounded = (pattern & 0x80000000U) | 0x7f7f0000U;
-  return bits_float(rounded);
+  const uint32_t rounded = (pattern + random16) & 0xffff0000U;
+  const uint32_t kept = (rounded & 0x7f800000U) == 0x7f800000U ? (pattern & 0x80000000U) | 0x7f7f0000U : rounded;
+  return bits_float((pattern & 0x7f800000U) == 0x7f800000U ? pattern : kept);
 }
 
 // -- LAMB ------------------------------------------------------------------------------------------

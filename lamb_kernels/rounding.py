@@ -16,11 +16,11 @@ module: csrc/optimizer_math.h (C++ and CUDA), lamb_kernels/triton/multi_tensor.p
 - a tensor's key per step: ``mix32(seed ^ mix32(step ^ mix32(position)))``, `position` the
   parameter's index over all param groups in order, `step` its step count after this step's
   advance; kept in two hyperparameter-table columns as 16-bit halves (exact in fp32);
-- an element's random bits: ``mix32(key ^ mix32(2 * index + state))``, `index` the element's index
-  in the tensor (mod 2^31), `state` 0 for m, 1 for v;
-- rounding: add the low 16 random bits to the fp32 bit pattern and clear its low 16 bits; an
-  infinity or NaN is kept; a finite value that would become infinite keeps bf16's largest finite
-  magnitude.
+- an element's 32 random bits: ``mix32(key ^ (index * 0x9e3779b9))`` (mod 2^32), `index` the
+  element's index in the tensor in memory order (mod 2^32); the low 16 bits round m (or a momentum
+  buffer), the high 16 bits round v: one hash per element serves both;
+- rounding: add the 16 random bits to the fp32 bit pattern and clear its low 16 bits; an infinity
+  or NaN is kept; a finite value that would become infinite keeps bf16's largest finite magnitude.
 """
 from __future__ import annotations
 
@@ -52,19 +52,33 @@ def mix32_numpy(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _times_mod32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2^32 for int64 x in [0, 2^32) without overflowing int64: by 16-bit halves of x.
-    lo, hi = x & 0xFFFF, x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & MASK32
+_GOLDEN = 0x9E3779B9
+
+
+def _signed(c: int) -> int:
+    """A uint32 constant as the int32 with its bits."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _mix32_int32(x: torch.Tensor) -> torch.Tensor:
+    """mix32 on int32 tensors holding uint32 bit patterns: products wrap modulo 2^32 (two's
+    complement), and shifts are made logical by masking."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _signed(_M1)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _signed(_M2)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _to_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) as int32 bit patterns."""
+    x = x & MASK32
+    return (x - ((x >> 31) << 32)).to(torch.int32)
 
 
 def mix32_torch(x: torch.Tensor) -> torch.Tensor:
-    """mix32 of an int64 tensor holding values in [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = _times_mod32(x, _M1)
-    x = x ^ (x >> 15)
-    x = _times_mod32(x, _M2)
-    return x ^ (x >> 16)
+    """mix32 of an int64 tensor holding values in [0, 2^32); int64 results in [0, 2^32)."""
+    return _mix32_int32(_to_int32(x)).to(torch.int64) & MASK32
 
 
 def mixed_positions(positions) -> np.ndarray:
@@ -96,19 +110,19 @@ def key_halves(keys):
 def round_bf16_stochastic(x: torch.Tensor, key: int | torch.Tensor, state: int) -> torch.Tensor:
     """x (float32, dense: elements are indexed in memory order, as the kernels walk them) rounded
     stochastically to bfloat16 with a tensor's `key` (a Python int or a 0-d int64 tensor) and `state`
-    (0: m, 1: v); the result has x's memory layout."""
+    (0: m or a momentum buffer, the random bits' low half; 1: v, the high half); the result has x's
+    memory layout. In int32 arithmetic (bit patterns), so that it runs at the speed of a few passes."""
     n = x.numel()
     flat = x.as_strided((n,), (1,))  # (dense: memory order, whatever the strides)
-    index = torch.arange(n, device=x.device, dtype=torch.int64) & 0x7FFFFFFF
-    key = key if torch.is_tensor(key) else torch.tensor(key & MASK32, dtype=torch.int64, device=x.device)
-    bits = mix32_torch(key ^ mix32_torch(2 * index + state))
-    pattern = flat.view(torch.int32).to(torch.int64) & MASK32
-    rounded = (pattern + (bits & 0xFFFF)) & 0xFFFF0000
-    exponent_max = 0x7F800000
-    overflowed = (rounded & exponent_max) == exponent_max
-    rounded = torch.where(overflowed, (pattern & 0x80000000) | 0x7F7F0000, rounded)
-    rounded = torch.where((pattern & exponent_max) == exponent_max, pattern, rounded)  # inf, NaN kept
-    signed = rounded - ((rounded >> 31) << 32)  # as int32 values
+    index = _to_int32(torch.arange(n, device=x.device, dtype=torch.int64))
+    key = _to_int32(key if torch.is_tensor(key) else torch.tensor(key, dtype=torch.int64, device=x.device))
+    random = _mix32_int32(key ^ (index * _signed(_GOLDEN)))
+    random16 = random & 0xFFFF if state == 0 else (random >> 16) & 0xFFFF
+    pattern = flat.view(torch.int32)
+    rounded = (pattern + random16) & _signed(0xFFFF0000)
+    exponent = 0x7F800000
+    rounded = torch.where((rounded & exponent) == exponent, (pattern & _signed(0x80000000)) | 0x7F7F0000, rounded)
+    rounded = torch.where((pattern & exponent) == exponent, pattern, rounded)  # inf, NaN kept
     out = torch.empty_like(x, dtype=torch.bfloat16)
-    out.as_strided((n,), (1,)).copy_(signed.to(torch.int32).view(torch.float32))  # (exact: low bits are 0)
+    out.as_strided((n,), (1,)).copy_(rounded.view(torch.float32))  # (exact: the low bits are 0)
     return out

@@ -24,8 +24,8 @@ import triton.language as tl
 
 from ..hyper import WIDTH, LambColumn
 from ..schemas import SCHEMAS
-from .multi_tensor import (chunk_opening, column_pointer, launch, load_f32, round_bf16_stochastic, rounding_key,
-                           scalar_or, store_rounded, table_for)
+from .multi_tensor import (chunk_opening, column_pointer, element_random, launch, load_f32, round_bf16_stochastic,
+                           rounding_key, scalar_or, store_rounded, table_for)
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LambColumn.LR.value)
@@ -85,8 +85,9 @@ def _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, h, acc_p, acc_u, inv_
     m = beta1 * m + beta3 * g  # 3.
     v = beta2 * v + one_minus_beta2 * g * g
     if m_ptr.dtype.element_ty == tl.bfloat16:  # bf16 states: stochastic rounding, u from the stored values
-        m = round_bf16_stochastic(m, key, start + offs, 0)
-        v = round_bf16_stochastic(v, key, start + offs, 1)
+        random = element_random(key, start + offs)
+        m = round_bf16_stochastic(m, random & 0xFFFF)
+        v = round_bf16_stochastic(v, random >> 16)
     store_rounded(m_ptr + offs, m, mask, MASKED)
     store_rounded(v_ptr + offs, v, mask, MASKED)
     u = _lamb_update(p, m, v, h)

@@ -131,13 +131,19 @@ def rounding_key(h, KEY_LO: tl.constexpr):
 
 
 @triton.jit
-def round_bf16_stochastic(x, key, index, STATE: tl.constexpr):
-    """fp32 `x` rounded stochastically to a bf16 value (returned as the fp32 it is exactly): the
-    element's random bits from `key` and its int64 `index` in its tensor, as in rounding.py."""
-    lanes = (index & 0x7FFFFFFF).to(tl.uint32)
-    random = _mix32(key ^ _mix32(lanes * 2 + STATE))
+def element_random(key, index):
+    """The 32 random bits of the elements at int64 `index` of a tensor (rounding.py): the low 16
+    round m or a momentum buffer, the high 16 round v."""
+    lanes = (index & 0xFFFFFFFF).to(tl.uint32)
+    return _mix32(key ^ (lanes * tl.full([], 0x9E3779B9, tl.uint32)))
+
+
+@triton.jit
+def round_bf16_stochastic(x, random16):
+    """fp32 `x` rounded stochastically to a bf16 value (returned as the fp32 it is exactly), from
+    16 random bits per element, as in rounding.py."""
     bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + (random & 0xFFFF)) & tl.full([], 0xFFFF0000, tl.uint32)
+    rounded = (bits + random16) & tl.full([], 0xFFFF0000, tl.uint32)
     exponent = tl.full([], 0x7F800000, tl.uint32)
     overflowed = (rounded & exponent) == exponent
     rounded = tl.where(overflowed, (bits & tl.full([], 0x80000000, tl.uint32)) | 0x7F7F0000, rounded)
