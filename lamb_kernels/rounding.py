@@ -90,9 +90,11 @@ def tensor_keys(seed: int, steps, mixed: np.ndarray):
     """Per tensor, its key for this step: from its step count (`steps`: a list of floats, giving a
     list of ints; or a tensor, giving int64 values in [0, 2^32) on its device, computed there) and
     its mixed position."""
-    if torch.is_tensor(steps):
+    if torch.is_tensor(steps):  # (`mixed` may be given as an int64 tensor on the counts' device already)
         counts = steps.to(torch.int64) & MASK32
-        return mix32_torch((seed & MASK32) ^ mix32_torch(counts ^ torch.from_numpy(mixed.astype(np.int64)).to(steps.device)))
+        if not torch.is_tensor(mixed):
+            mixed = torch.from_numpy(mixed.astype(np.int64)).to(steps.device)
+        return mix32_torch((seed & MASK32) ^ mix32_torch(counts ^ mixed))
     counts = np.asarray(steps, dtype=np.float64).astype(np.int64).astype(np.uint32)
     return mix32_numpy(np.uint32(seed & MASK32) ^ mix32_numpy(counts ^ mixed)).tolist()
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import bench.convergence as study_module
 from bench.convergence import (
-    BASE_BATCH, RECIPES, RUN_COLUMNS, SUMMARY_COLUMNS, Run, Study, lr_factor, main, parse_args, run_study,
-    scaled_lr, summarise, train, write_png,
+    BASE_BATCH, RECIPES, RUN_COLUMNS, SUMMARY_COLUMNS, Run, Study, build_optimizer, lr_factor, main, parse_args,
+    run_study, scaled_lr, summarise, train, write_png,
 )
 from bench.report import Progress
 from bench.convergence_data import CLASSES, PatchCNN, _masks, make_shapes
@@ -268,6 +268,7 @@ def test_defaults_sweep_at_least_six_batch_sizes_over_64x_and_quick_is_one_seed_
     (["--noise", "-1"], "--noise"),
     (["--workers", "0"], "--workers"),
     (["--backend", "tpu"], "--backend"),
+    (["--state-dtypes", "float32,int8"], "--state-dtypes"),
 ])
 def test_bad_arguments_are_refused_by_name(argv, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -284,3 +285,12 @@ def test_a_backend_that_cannot_run_here_is_refused_by_name_before_any_run(monkey
     err = capsys.readouterr().err
     assert "--backend" in err and "switched off for this test" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_state_dtypes_study_fused_lamb_with_each():
+    both, _ = parse_args(["--quick", "--state-dtypes", "float32,bfloat16"])
+    assert both.optimizers == ("FusedLAMB", "AdamW", "FusedLARS", "SGD", "FusedLAMB-bf16")
+    only, _ = parse_args(["--optimizers", "FusedLAMB,AdamW", "--state-dtypes", "bfloat16"])
+    assert only.optimizers == ("AdamW", "FusedLAMB-bf16")
+    optimizer = build_optimizer("FusedLAMB-bf16", torch.nn.Linear(3, 2), 0.1, "torch")
+    assert optimizer.param_groups[0]["state_dtype"] == torch.bfloat16

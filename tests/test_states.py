@@ -242,3 +242,11 @@ def test_reused_steps_round_as_full_steps(device, backend):
     assert opt_a.reused_steps == 3 and opt_b.reused_steps == 0
     for p, q in zip(a, b):
         assert torch.equal(p, q) and torch.equal(opt_a.state[p]["exp_avg"], opt_b.state[q]["exp_avg"])
+
+
+def test_capturable_step_counts_round_as_host_ones(device, backend):
+    """Step counts on the device (capturable): the keys are computed there, with the same bits."""
+    runs = [run(device, backend, 3, capturable=capturable) for capturable in (False, True)]
+    (a, opt_a), (b, opt_b) = runs
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and torch.equal(opt_a.state[p]["exp_avg_sq"], opt_b.state[q]["exp_avg_sq"])

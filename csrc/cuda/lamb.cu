@@ -7,8 +7,9 @@
 // 3. lamb_apply: steps 6-7, u recomputed from m and v (reads p m v, writes p: 16 bytes/param).
 //
 // The math of each element is optimizer_math.h, shared with the CPU operators. The kernels are
-// templates on the storage types of params (P), grads (G) and the params' low-precision copies (C,
-// NoCopy when there are none), and on kAligned (the vectorized path). The grad scale, the global
+// templates on the storage types of params (P), grads (G), the moments (S: float, or bfloat16 written
+// with stochastic rounding, optimizer_math.h) and the params' low-precision copies (C, NoCopy when
+// there are none), and on kAligned (the vectorized path). The grad scale, the global
 // grad norm and found_inf are read on the device: no host sync, and a CUDA graph replays them.
 #include "kernels.cuh"
 
@@ -22,7 +23,7 @@ namespace cuda {
 namespace {
 
 // Lists of the moments table: p g m v.
-template <typename P, typename G, bool kAligned>
+template <typename P, typename G, typename S, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lamb_moments_kernel(TensorTable table, const float* __restrict__ hyper, const float* grad_sumsq,
                         const float* grad_scale, const float* found_inf, float* __restrict__ partials) {
@@ -41,8 +42,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const LambUpdate update(h);
   const P* p = chunk.pointer<const P>(table, 0);
   const G* g = chunk.pointer<const G>(table, 1);
-  float* m = chunk.pointer<float>(table, 2);
-  float* v = chunk.pointer<float>(table, 3);
+  S* m = chunk.pointer<S>(table, 2);
+  S* v = chunk.pointer<S>(table, 3);
+  [[maybe_unused]] const uint32_t key = rounding_key(h, kLambKeyLo);
   for_each_element<kAligned>(chunk.size, [&](auto count, int64_t i) {
     constexpr int n = decltype(count)::value;
     float param[n], grad[n], exp_avg[n], exp_avg_sq[n];
@@ -54,6 +56,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     for (int k = 0; k < n; ++k) {
       if (grad_scale != nullptr) grad[k] = unscale(grad[k], inv_scale);
       moments(param[k], grad[k], exp_avg[k], exp_avg_sq[k]);  // 1-3.
+      if constexpr (std::is_same_v<S, c10::BFloat16>) {  // the values the apply pass will read
+        const uint32_t random = element_random(key, chunk.begin + i + k);
+        exp_avg[k] = round_bf16_stochastic(exp_avg[k], random & 0xffffU);
+        exp_avg_sq[k] = round_bf16_stochastic(exp_avg_sq[k], random >> 16);
+      }
       const float u = update(param[k], exp_avg[k], exp_avg_sq[k]);  // 4-5.
       sums[0] += param[k] * param[k];
       sums[1] += u * u;
@@ -70,7 +77,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
 // Lists of the apply table: p m v, and the low-precision copies when C is not NoCopy. The new value
 // of a param goes to the param and, rounded, to its copy: the fp32 master weight's value.
-template <typename P, typename C, bool kAligned>
+template <typename P, typename C, typename S, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lamb_apply_kernel(TensorTable table, const float* __restrict__ hyper, const float* __restrict__ norms,
                       const float* found_inf) {
@@ -80,8 +87,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const float step_size = lamb_step_size(h, norms + 2 * chunk.tensor);  // 6.
   const LambUpdate update(h);
   P* p = chunk.pointer<P>(table, 0);
-  const float* m = chunk.pointer<const float>(table, 1);
-  const float* v = chunk.pointer<const float>(table, 2);
+  const S* m = chunk.pointer<const S>(table, 1);
+  const S* v = chunk.pointer<const S>(table, 2);
   C* copy = nullptr;
   if constexpr (kWritesCopy<C>) copy = chunk.pointer<C>(table, 3);
   for_each_element<kAligned>(chunk.size, [&](auto count, int64_t i) {
@@ -110,9 +117,10 @@ at::Tensor lamb_moments_cuda(at::TensorList params, at::TensorList grads, at::Te
   check_lists(op,
               {{"params", params},
                {"grads", grads},
-               {"exp_avgs", exp_avgs, Storage::kFloat32},
-               {"exp_avg_sqs", exp_avg_sqs, Storage::kFloat32}},
+               {"exp_avgs", exp_avgs, Storage::kState},
+               {"exp_avg_sqs", exp_avg_sqs, Storage::kState}},
               device);
+  check_same_dtype(op, "exp_avg_sqs", exp_avg_sqs, "exp_avgs", exp_avgs);
   check_table_argument(op, "hyper", hyper, device, n_tensors, kLambColumns);
   const float* sumsq = scalar_pointer(op, "grad_sumsq", grad_sumsq, device);
   const float* scale = scalar_pointer(op, "grad_scale", grad_scale, device);
@@ -127,10 +135,13 @@ at::Tensor lamb_moments_cuda(at::TensorList params, at::TensorList grads, at::Te
       using P = typename decltype(param_type)::type;
       dispatch_element(element_type(grads), [&](auto grad_type) {
         using G = typename decltype(grad_type)::type;
-        dispatch_bool(table.aligned, [&](auto aligned) {
-          lamb_moments_kernel<P, G, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
-              table, hyper.const_data_ptr<float>(), sumsq, scale, found, partials.mutable_data_ptr<float>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dispatch_state(element_type(exp_avgs), [&](auto state_type) {
+          using S = typename decltype(state_type)::type;
+          dispatch_bool(table.aligned, [&](auto aligned) {
+            lamb_moments_kernel<P, G, S, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
+                table, hyper.const_data_ptr<float>(), sumsq, scale, found, partials.mutable_data_ptr<float>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
     });
@@ -147,9 +158,10 @@ void lamb_apply_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorL
   check_chunk_size(op, chunk_size);
   check_lists(op,
               {{"params", params},
-               {"exp_avgs", exp_avgs, Storage::kFloat32},
-               {"exp_avg_sqs", exp_avg_sqs, Storage::kFloat32}},
+               {"exp_avgs", exp_avgs, Storage::kState},
+               {"exp_avg_sqs", exp_avg_sqs, Storage::kState}},
               device);
+  check_same_dtype(op, "exp_avg_sqs", exp_avg_sqs, "exp_avgs", exp_avgs);
   check_copies(op, params, copies, device);
   check_table_argument(op, "hyper", hyper, device, n_tensors, kLambColumns);
   check_table_argument(op, "norms", norms, device, n_tensors, 2);
@@ -163,10 +175,13 @@ void lamb_apply_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorL
   dispatch_params_and_copies(params, copies, [&](auto param_type, auto copy_type) {
     using P = typename decltype(param_type)::type;
     using C = typename decltype(copy_type)::type;
-    dispatch_bool(table.aligned, [&](auto aligned) {
-      lamb_apply_kernel<P, C, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
-          table, hyper.const_data_ptr<float>(), norms.const_data_ptr<float>(), found);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_state(element_type(exp_avgs), [&](auto state_type) {
+      using S = typename decltype(state_type)::type;
+      dispatch_bool(table.aligned, [&](auto aligned) {
+        lamb_apply_kernel<P, C, S, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
+            table, hyper.const_data_ptr<float>(), norms.const_data_ptr<float>(), found);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
 }

@@ -334,9 +334,6 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         name = self._resolved.get((p.device, env))
         if name is None:
             name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
-        if name == "cuda" and group.get("state_dtype", STATE_DTYPE) != STATE_DTYPE:
-            raise ValueError(f"param_groups[{group_index}]: state_dtype={group['state_dtype']} is not supported by "
-                             "the cuda backend yet; the triton, cpp and torch backends support it")
         if p.dtype in SUPPORTED_DTYPES and (name == "torch" or is_dense(local(p) if shard is None else shard)):
             return name
         if p.dtype in SUPPORTED_DTYPES and self.backend == "auto" and not env:

@@ -58,8 +58,7 @@ class FusedLAMB(MultiTensorOptimizer):
     ``state_dtype=torch.bfloat16`` (per group too) keeps m and v in bf16, written with stochastic
     rounding from a counter-based stream (``seed``, the step count, the parameter's position):
     32 bytes per fp32 parameter and step instead of 44, 4 bytes of state per parameter instead of 8,
-    the same bits on every run (docs/states.md; the cuda backend keeps float32 states only for
-    now). The default, float32, is unchanged.
+    the same bits on every run (docs/states.md). The default, float32, is unchanged.
 
     Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic and fp32 states.
     ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
@@ -177,15 +176,21 @@ class FusedLAMB(MultiTensorOptimizer):
             return STATE_DTYPE
         return group.get("state_dtype", STATE_DTYPE)
 
-    def _mixed_positions(self, seg):
-        """The mixed positions (rounding.py) of a segment's tensors, kept on the segment."""
+    def _mixed_positions(self, seg, device=None):
+        """The mixed positions (rounding.py) of a segment's tensors, kept on the segment: a numpy
+        array, or with `device` an int64 tensor there (copied once: a captured step copies nothing)."""
         mixed = getattr(seg, "mixed_positions", None)
         if mixed is None:
             offsets = [0]
             for group in self.param_groups:
                 offsets.append(offsets[-1] + len(group["params"]))
             mixed = seg.mixed_positions = mixed_positions([offsets[g] + i for g, i in seg.positions])
-        return mixed
+        if device is None:
+            return mixed
+        on_device = getattr(seg, "mixed_positions_on_device", None)
+        if on_device is None or on_device.device != device:
+            on_device = seg.mixed_positions_on_device = torch.from_numpy(mixed.astype("int64")).to(device)
+        return on_device
 
     def _prepare(self, backend, segments):
         return backend.prepare_lamb(segments)
@@ -229,7 +234,8 @@ class FusedLAMB(MultiTensorOptimizer):
                 seg_counts = values[first:end] if on_host else counts[first:end]
                 seg.bias_correction1, seg.bias_correction2 = _corrections(group, seg_counts)
                 if seg.state_dtype != torch.float32:
-                    seg.rounding_keys = tensor_keys(group.get("seed", 0), seg_counts, self._mixed_positions(seg))
+                    device = None if on_host else counts.device
+                    seg.rounding_keys = tensor_keys(group.get("seed", 0), seg_counts, self._mixed_positions(seg, device))
 
     @staticmethod
     def _run(plans: list, grad_scale, found_inf) -> None:
@@ -286,7 +292,8 @@ def _add_bias_corrections(group: dict, steps: list, seg_of: list, segments: list
         counts = counts.tolist() if on_host else counts
         seg.bias_correction1, seg.bias_correction2 = _corrections(group, counts)
         if rounds:
-            seg.rounding_keys = tensor_keys(group.get("seed", 0), counts, mixed_positions(seg))
+            seg.rounding_keys = tensor_keys(group.get("seed", 0), counts,
+                                            mixed_positions(seg, None if on_host else counts.device))
 
 
 def _corrections(group: dict, counts) -> tuple:
