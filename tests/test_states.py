@@ -250,3 +250,25 @@ def test_capturable_step_counts_round_as_host_ones(device, backend):
     (a, opt_a), (b, opt_b) = runs
     for p, q in zip(a, b):
         assert torch.equal(p, q) and torch.equal(opt_a.state[p]["exp_avg_sq"], opt_b.state[q]["exp_avg_sq"])
+
+
+def test_bf16_states_with_master_weights_and_a_skipped_step(device, backend):
+    """bf16 parameters with fp32 masters and bf16 states; a GradScaler's non-finite step leaves
+    every state bit, step count and parameter as it was."""
+    params = [torch.nn.Parameter(p.detach().to(BF16)) for p in make_params(device)]
+    opt = FusedLAMB(params, backend=backend, lr=0.05, state_dtype=BF16, master_weights=True)
+    for step in range(2):
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g.to(BF16)
+        opt.step()
+    assert all(opt.state[p]["master_param"].dtype == torch.float32 and opt.state[p]["exp_avg"].dtype == BF16
+               for p in params)
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    opt.grad_scale = torch.ones(1, device=device)
+    opt.found_inf = torch.ones(1, device=device)
+    opt.step()
+    after = opt.state_dict()
+    for key, entry in before[0]["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(after["state"][key][name], value), (key, name)
+    assert all(torch.equal(p, q) for p, q in zip(params, before[1]))
