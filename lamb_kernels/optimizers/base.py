@@ -374,7 +374,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         constructor checks them) and the state entries this optimizer uses (tensors of their
         parameters' shapes, a numeric step count). Other entries are kept as torch.optim keeps them.
         Once loaded, each state tensor takes its parameter's memory layout (a checkpoint of a
-        contiguous model may resume a channels_last one), states are fp32 whatever the parameter
+        contiguous model may resume a channels_last one), states are in their group's state dtype
+        (fp32 unless ``state_dtype`` says otherwise) whatever the parameter
         dtype, and step counts live on the CPU (where reading them costs no sync), or on the
         parameter's device with ``capturable=True``."""
         for group_index, saved in enumerate(state_dict["param_groups"]):

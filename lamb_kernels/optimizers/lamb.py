@@ -60,7 +60,8 @@ class FusedLAMB(MultiTensorOptimizer):
     32 bytes per fp32 parameter and step instead of 44, 4 bytes of state per parameter instead of 8,
     the same bits on every run (docs/states.md). The default, float32, is unchanged.
 
-    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic and fp32 states.
+    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic, fp32 states (bf16
+    with ``state_dtype``).
     ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
     (``master_param``, saved in ``state_dict``); the step updates it, and writes the parameter from
     it in the same pass. ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the
