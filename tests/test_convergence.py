@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import bench.convergence as study_module
 from bench.convergence import (
-    BASE_BATCH, RECIPES, RUN_COLUMNS, SUMMARY_COLUMNS, Run, Study, build_optimizer, lr_factor, main, parse_args,
+    BASE_BATCH, DEFAULT_OPTIMIZERS, RECIPES, RUN_COLUMNS, SUMMARY_COLUMNS, Run, Study, build_optimizer, lr_factor, main, parse_args,
     run_study, scaled_lr, summarise, train, write_png,
 )
 from bench.report import Progress
@@ -71,7 +71,7 @@ def test_patch_cnn_layers_are_convolutions_with_kernel_equal_to_stride():
 
 def test_learning_rate_rules_square_root_for_lamb_and_adamw_linear_for_lars_and_sgd():
     assert {name: recipe.rule for name, recipe in RECIPES.items()} == {
-        "FusedLAMB": "sqrt", "AdamW": "sqrt", "FusedLARS": "linear", "SGD": "linear"}
+        "FusedLAMB": "sqrt", "AdamW": "sqrt", "FusedLARS": "linear", "SGD": "linear", "FusedLAMB-bf16": "sqrt"}
     for name, recipe in RECIPES.items():
         assert scaled_lr(name, BASE_BATCH) == recipe.base_lr
         growth = 2.0 if recipe.rule == "sqrt" else 4.0
@@ -218,7 +218,7 @@ def test_tiny_study_end_to_end(tmp_path, capsys):
         runs = list(csv.DictReader(f))
     assert len(runs) == 4 * 2 * 2 * 2 and tuple(runs[0]) == RUN_COLUMNS
     assert {(r["optimizer"], int(r["batch_size"]), float(r["lr_multiplier"]), int(r["seed"])) for r in runs} == {
-        (o, b, m, s) for o in RECIPES for b in (16, 64) for m in (0.5, 1.0) for s in (0, 1)}
+        (o, b, m, s) for o in DEFAULT_OPTIMIZERS for b in (16, 64) for m in (0.5, 1.0) for s in (0, 1)}
     for r in runs:
         assert r["status"] == "ok" and 0 <= float(r["test_acc"]) <= 1 and r["date"] and r["torch"] == torch.__version__
         assert r["backend"] == ("torch" if r["optimizer"].startswith("Fused") else "torch.optim") and r["machine"]
