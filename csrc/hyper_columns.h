@@ -36,6 +36,8 @@ enum LarsColumn : int {
   kLarsNesterov = 8,
   kLarsHasMomentum = 9,  // 0: no buffer
   kLarsFirstStep = 10,   // 1: the buffer is new and becomes d
+  kLarsKeyLo = 11,       // bf16 buffers: this step's rounding key (lamb_kernels/rounding.py), low 16 bits
+  kLarsKeyHi = 12,       //   and high 16 bits
   kLarsColumns = 16,
 };
 

@@ -6,9 +6,9 @@
 //    20 bytes/param).
 //
 // The element loops are templates on the storage types of params (P), grads (G) and the params'
-// low-precision copies (C, NoCopy when there are none), and on kScaled (a grad_scale was given), as
-// in lamb_cpu.cpp; buffers stay float32. The math of each element is in optimizer_math.h, shared
-// with the CUDA kernels.
+// low-precision copies (C, NoCopy when there are none), the buffers (B: float, or bfloat16 written with
+// stochastic rounding), and on kScaled (a grad_scale was given), as in lamb_cpu.cpp. The math of
+// each element is in optimizer_math.h, shared with the CUDA kernels.
 #include "multi_tensor_cpu.h"
 #include "optimizer_math.h"
 
@@ -20,34 +20,45 @@ namespace {
 
 // The element loop with the per-tensor choices made at compile time, so each variant vectorises
 // as one straight loop.
-template <typename P, typename G, typename C, bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov>
-void apply_chunk(int64_t n, P* __restrict__ p, const G* __restrict__ g, float* __restrict__ buf, C* __restrict__ copy,
-                 const LarsScalars& s) {
+template <typename P, typename G, typename C, typename B, bool kScaled, bool kAdapt, Momentum kMomentum,
+          bool kNesterov>
+void apply_chunk(int64_t begin, int64_t n, P* __restrict__ p, const G* __restrict__ g, B* __restrict__ buf,
+                 C* __restrict__ copy, const LarsScalars& s, uint32_t key) {
+  constexpr bool kRound = std::is_same_v<B, at::BFloat16> && kMomentum != Momentum::kNone;
   for (int64_t i = 0; i < n; ++i) {
     float b = 0.0f;
-    if constexpr (kMomentum == Momentum::kLater) b = buf[i];  // a new buffer is not read
-    const float next = lars_element<kScaled, kAdapt, kMomentum, kNesterov>(static_cast<float>(p[i]),
-                                                                            static_cast<float>(g[i]), b, s);
-    if constexpr (kMomentum != Momentum::kNone) buf[i] = b;
+    if constexpr (kMomentum == Momentum::kLater) b = static_cast<float>(buf[i]);  // a new buffer is not read
+    uint32_t random16 = 0;
+    if constexpr (kRound) random16 = element_random(key, begin + i) & 0xffffU;
+    const float next = lars_element<kScaled, kAdapt, kMomentum, kNesterov, kRound>(
+        static_cast<float>(p[i]), static_cast<float>(g[i]), b, s, random16);
+    if constexpr (kMomentum != Momentum::kNone) {
+      if constexpr (std::is_same_v<B, at::BFloat16>) {
+        buf[i] = at::BFloat16(static_cast<uint16_t>(float_bits(b) >> 16), at::BFloat16::from_bits());  // exact
+      } else {
+        buf[i] = b;
+      }
+    }
     p[i] = static_cast<P>(next);
     if constexpr (kWritesCopy<C>) copy[i] = static_cast<C>(next);  // the fp32 master weight, rounded
   }
 }
 
-template <typename P, typename G, typename C, bool kScaled, bool kAdapt, Momentum kMomentum>
-void apply_chunk(bool nesterov, int64_t n, P* p, const G* g, float* buf, C* copy, const LarsScalars& s) {
-  auto run = nesterov ? apply_chunk<P, G, C, kScaled, kAdapt, kMomentum, true>
-                      : apply_chunk<P, G, C, kScaled, kAdapt, kMomentum, false>;
-  run(n, p, g, buf, copy, s);
+template <typename P, typename G, typename C, typename B, bool kScaled, bool kAdapt, Momentum kMomentum>
+void apply_chunk(bool nesterov, int64_t begin, int64_t n, P* p, const G* g, B* buf, C* copy, const LarsScalars& s,
+                 uint32_t key) {
+  auto run = nesterov ? apply_chunk<P, G, C, B, kScaled, kAdapt, kMomentum, true>
+                      : apply_chunk<P, G, C, B, kScaled, kAdapt, kMomentum, false>;
+  run(begin, n, p, g, buf, copy, s, key);
 }
 
-template <typename P, typename G, typename C, bool kScaled, bool kAdapt>
-void apply_chunk(Momentum mode, bool nesterov, int64_t n, P* p, const G* g, float* buf, C* copy,
-                 const LarsScalars& s) {
-  auto run = mode == Momentum::kNone        ? apply_chunk<P, G, C, kScaled, kAdapt, Momentum::kNone>
-             : mode == Momentum::kFirstStep ? apply_chunk<P, G, C, kScaled, kAdapt, Momentum::kFirstStep>
-                                            : apply_chunk<P, G, C, kScaled, kAdapt, Momentum::kLater>;
-  run(nesterov, n, p, g, buf, copy, s);
+template <typename P, typename G, typename C, typename B, bool kScaled, bool kAdapt>
+void apply_chunk(Momentum mode, bool nesterov, int64_t begin, int64_t n, P* p, const G* g, B* buf, C* copy,
+                 const LarsScalars& s, uint32_t key) {
+  auto run = mode == Momentum::kNone        ? apply_chunk<P, G, C, B, kScaled, kAdapt, Momentum::kNone>
+             : mode == Momentum::kFirstStep ? apply_chunk<P, G, C, B, kScaled, kAdapt, Momentum::kFirstStep>
+                                            : apply_chunk<P, G, C, B, kScaled, kAdapt, Momentum::kLater>;
+  run(nesterov, begin, n, p, g, buf, copy, s, key);
 }
 
 }  // namespace
@@ -65,24 +76,32 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const float* h = hyper.const_data_ptr<float>();
   TORCH_CHECK(static_cast<int64_t>(momentum_buffers.size()) == n_tensors, op, ": momentum_buffers has ",
               momentum_buffers.size(), " tensors, params has ", n_tensors);
+  std::optional<at::ScalarType> buffer_type;  // of the buffers that are not placeholders: one dtype
   for (int64_t t = 0; t < n_tensors; ++t) {
     TORCH_CHECK(h[t * kLarsColumns + kLarsAdapt] == 0 || norms.has_value(), op, ": params[", t,
                 "] adapts, but no norms were given");
     // A tensor without momentum has an empty placeholder in momentum_buffers.
     if (h[t * kLarsColumns + kLarsHasMomentum] == 0) continue;
     check_lists(op, {{"params", params.slice(t, 1)},
-                     {"momentum_buffers", momentum_buffers.slice(t, 1), Storage::kFloat32}});
+                     {"momentum_buffers", momentum_buffers.slice(t, 1), Storage::kState}});
+    const at::ScalarType type = momentum_buffers[t].scalar_type();
+    TORCH_CHECK(!buffer_type.has_value() || *buffer_type == type, op, ": momentum_buffers[", t, "] has dtype ", type,
+                ", but another buffer has ", *buffer_type, " (the buffers of one call share a dtype)");
+    buffer_type = type;
   }
   const float inv_scale = inverse_grad_scale(op, grad_scale);
   if (skips_step(op, found_inf)) return;
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
   const float* norm_data = norms.has_value() ? norms->const_data_ptr<float>() : nullptr;
-  const std::vector<float*> b_data = mutable_pointers(momentum_buffers);
   dispatch_params_and_copies(params, copies, [&](auto param_type, auto copy_type) {
     using P = typename decltype(param_type)::type;
     using C = typename decltype(copy_type)::type;
     dispatch_element(element_type(grads), [&](auto grad_type) {
       using G = typename decltype(grad_type)::type;
+      dispatch_state(buffer_type.value_or(at::kFloat), [&](auto buffer_element) {
+      using B = typename decltype(buffer_element)::type;
+      std::vector<B*> b_data;
+      for (const at::Tensor& b : momentum_buffers) b_data.push_back(b.numel() ? b.mutable_data_ptr<B>() : nullptr);
       dispatch_bool(grad_scale.has_value(), [&](auto scaled) {
         constexpr bool kScaled = decltype(scaled)::value;
         const std::vector<P*> p_data = mutable_pointers<P>(params);
@@ -98,14 +117,16 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                                                           : Momentum::kLater;
           P* p = p_data[t] + chunk.begin;
           const G* g = g_data[t] + chunk.begin;
-          float* buf = mode == Momentum::kNone ? nullptr : b_data[t] + chunk.begin;
+          B* buf = mode == Momentum::kNone ? nullptr : b_data[t] + chunk.begin;
           C* copy = nullptr;
           if constexpr (kWritesCopy<C>) copy = c_data[t] + chunk.begin;
           const LarsScalars scalars{ht[kLarsLr], ratio, ht[kLarsWeightDecay], ht[kLarsMomentum],
                                     ht[kLarsOneMinusDampening], inv_scale};
-          auto run = adapt ? apply_chunk<P, G, C, kScaled, true> : apply_chunk<P, G, C, kScaled, false>;
-          run(mode, ht[kLarsNesterov] != 0, chunk.size, p, g, buf, copy, scalars);
+          auto run = adapt ? apply_chunk<P, G, C, B, kScaled, true> : apply_chunk<P, G, C, B, kScaled, false>;
+          run(mode, ht[kLarsNesterov] != 0, chunk.begin, chunk.size, p, g, buf, copy, scalars,
+              rounding_key(ht, kLarsKeyLo));
         });
+      });
       });
     });
   });

@@ -171,9 +171,10 @@ struct LarsScalars {
 
 // Steps 1-3 for one element: returns the new param; `buf` is the momentum buffer's element, read
 // only for kLater (a new buffer becomes d). The grad is still scaled; kScaled multiplies it by
-// 1 / scale before any other use.
-template <bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov>
-LAMB_KERNELS_HD float lars_element(float param, float grad, float& buf, const LarsScalars& s) {
+// 1 / scale before any other use. kRound: the buffer is kept in bf16; its new value is rounded
+// stochastically with `random16` (the low 16 bits of element_random), and the step uses the rounded value.
+template <bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov, bool kRound = false>
+LAMB_KERNELS_HD float lars_element(float param, float grad, float& buf, const LarsScalars& s, uint32_t random16 = 0) {
   // The weight-decay product comes before the loss-scale product on purpose: GCC's -ffp-contract
   // fuses the first product it meets into the add, so this order keeps fma(wd, p, g) as before the
   // grads were scaled, and g * (1 / scale) rounds on its own (exactly, for a power-of-two scale).
@@ -184,6 +185,7 @@ LAMB_KERNELS_HD float lars_element(float param, float grad, float& buf, const La
   float step = d;
   if (kMomentum != Momentum::kNone) {  // 2.
     buf = kMomentum == Momentum::kFirstStep ? d : s.momentum * buf + s.one_minus_dampening * d;
+    if (kRound) buf = round_bf16_stochastic(buf, random16);
     step = kNesterov ? d + s.momentum * buf : buf;
   }
   return param - s.lr * step;  // 3.

@@ -101,6 +101,8 @@ class LarsSegment:
     eps: float
     trust_clip: bool
     adaptation: bool
+    state_dtype: torch.dtype = torch.float32  # of the momentum buffers: float32, or bfloat16
+    rounding_keys: Optional[object] = None  # bf16 buffers: per tensor, as LambSegment's
     copies: list = field(default_factory=list)
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank

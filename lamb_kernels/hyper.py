@@ -54,6 +54,8 @@ class LarsColumn(IntEnum):
     NESTEROV = 8
     HAS_MOMENTUM = 9  # 0: no buffer
     FIRST_STEP = 10  # 1: the buffer is new and becomes d
+    KEY_LO = 11  # bf16 buffers: this step's rounding key, low and high 16 bits (lamb_kernels/rounding.py)
+    KEY_HI = 12
 
 
 def _lamb_columns(seg):
@@ -75,12 +77,13 @@ def _lamb_columns(seg):
 def _lars_columns(seg):
     """(column, value) pairs of one LarsSegment."""
     c = LarsColumn
+    key_lo, key_hi = key_halves(seg.rounding_keys)
     return (
         (c.LR, seg.lr), (c.MOMENTUM, seg.momentum), (c.ONE_MINUS_DAMPENING, 1.0 - seg.dampening),
         (c.WEIGHT_DECAY, seg.weight_decay), (c.TRUST_COEFF, seg.trust_coeff), (c.EPS, seg.eps),
         (c.TRUST_CLIP, float(seg.trust_clip)), (c.ADAPT, float(seg.adaptation)),
         (c.NESTEROV, float(seg.nesterov)), (c.HAS_MOMENTUM, float(seg.momentum != 0)),
-        (c.FIRST_STEP, seg.first_step),
+        (c.FIRST_STEP, seg.first_step), (c.KEY_LO, key_lo), (c.KEY_HI, key_hi),
     )
 
 

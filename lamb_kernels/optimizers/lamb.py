@@ -8,7 +8,8 @@ import torch
 
 from ..contract import LambSegment
 from ..distributed import all_reduce_sharded_
-from ..rounding import mixed_positions, tensor_keys
+from .step_counts import (advance_reused, advance_step_counts, move_step_count_for, new_step_count, pack_step_counts,
+                          rounding_keys)
 from .base import STATE_DTYPE, STATE_DTYPES, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
 from .checks import check_flag, check_number, check_seed, check_state_dtype, hyperparameter
 
@@ -113,7 +114,7 @@ class FusedLAMB(MultiTensorOptimizer):
 
     @staticmethod
     def _new_step_count(p: torch.Tensor, group: dict) -> torch.Tensor:
-        return _new_step_count(p, group)
+        return new_step_count(p, group)
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else set_to_none)
@@ -146,9 +147,9 @@ class FusedLAMB(MultiTensorOptimizer):
                     dtype = self._state_dtype(group, "exp_avg")
                     state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                _move_step_count_for(found_inf, p, state)
+                move_step_count_for(found_inf, p, state)
                 group_states.append((state, new))
-            _advance_step_counts([state["step"] for state, _ in group_states], found_inf)
+            advance_step_counts([state["step"] for state, _ in group_states], found_inf)
             states.append(group_states)
         return states
 
@@ -168,30 +169,14 @@ class FusedLAMB(MultiTensorOptimizer):
                 seg.exp_avgs.append(exp_avg if shard is p else exp_avg._local_tensor)
                 seg.exp_avg_sqs.append(exp_avg_sq if shard is p else exp_avg_sq._local_tensor)
                 seg_of.append(seg)
-            _add_bias_corrections(group, [state["step"] for state, _ in group_states], seg_of,
-                                  list(segments_of_group.values()), self._mixed_positions)
+            _add_bias_corrections(self, group, [state["step"] for state, _ in group_states], seg_of,
+                                  list(segments_of_group.values()))
         return buckets
 
     def _state_dtype(self, group, key: str) -> torch.dtype:
         if group is None or key not in ("exp_avg", "exp_avg_sq"):
             return STATE_DTYPE
         return group.get("state_dtype", STATE_DTYPE)
-
-    def _mixed_positions(self, seg, device=None):
-        """The mixed positions (rounding.py) of a segment's tensors, kept on the segment: a numpy
-        array, or with `device` an int64 tensor there (copied once: a captured step copies nothing)."""
-        mixed = getattr(seg, "mixed_positions", None)
-        if mixed is None:
-            offsets = [0]
-            for group in self.param_groups:
-                offsets.append(offsets[-1] + len(group["params"]))
-            mixed = seg.mixed_positions = mixed_positions([offsets[g] + i for g, i in seg.positions])
-        if device is None:
-            return mixed
-        on_device = getattr(seg, "mixed_positions_on_device", None)
-        if on_device is None or on_device.device != device:
-            on_device = seg.mixed_positions_on_device = torch.from_numpy(mixed.astype("int64")).to(device)
-        return on_device
 
     def _prepare(self, backend, segments):
         return backend.prepare_lamb(segments)
@@ -208,35 +193,10 @@ class FusedLAMB(MultiTensorOptimizer):
         return not any(new for group_states in states for _, new in group_states)
 
     def _remember_step_counts(self, cache) -> bool:
-        """Each bucket's step counts packed into one tensor, each parameter's ``state["step"]`` a
-        0-d view of it (its value, dtype and device unchanged): a reused step advances a bucket's
-        counts with one add, and reads them with one copy."""
-        for bucket in cache.buckets:
-            steps = [state["step"] for state in bucket.states]
-            device = steps[0].device
-            if any(t.dim() != 0 or t.dtype != torch.float32 or t.device != device for t in steps):
-                return False
-            packed = _packed(steps)
-            if packed is None:
-                packed = torch.stack(steps)
-                for i, state in enumerate(bucket.states):
-                    state["step"] = packed[i]
-            bucket.step_counts = packed
-        return True
+        return pack_step_counts(cache)
 
     def _advance_reused(self, cache, found_inf) -> None:
-        for bucket in cache.buckets:
-            counts = bucket.step_counts
-            _advance_step_counts([counts], found_inf)
-            values = counts.tolist() if counts.device.type == "cpu" else None
-            for seg, group_index, first, end in bucket.segments:
-                group = self.param_groups[group_index]
-                on_host = values is not None and not group.get("capturable")
-                seg_counts = values[first:end] if on_host else counts[first:end]
-                seg.bias_correction1, seg.bias_correction2 = _corrections(group, seg_counts)
-                if seg.state_dtype != torch.float32:
-                    device = None if on_host else counts.device
-                    seg.rounding_keys = tensor_keys(group.get("seed", 0), seg_counts, self._mixed_positions(seg, device))
+        advance_reused(self, cache, found_inf, corrections=_corrections)
 
     @staticmethod
     def _run(plans: list, grad_scale, found_inf) -> None:
@@ -266,23 +226,11 @@ def _segment_maker(group: dict):
     return make_segment
 
 
-def _packed(steps: list):
-    """The tensor whose elements `steps` are, in order, when they are (packed by an earlier step: kept,
-    so that a CUDA graph captured since still advances the counts the state holds); else None."""
-    base = steps[0]._base
-    if base is None or base.dim() != 1 or base.numel() != len(steps) or base.stride(0) != 1:
-        return None
-    first = base.storage_offset()
-    if all(t._base is base and t.storage_offset() == first + i for i, t in enumerate(steps)):
-        return base
-    return None
-
-
-def _add_bias_corrections(group: dict, steps: list, seg_of: list, segments: list, mixed_positions) -> None:
+def _add_bias_corrections(optimizer, group: dict, steps: list, seg_of: list, segments: list) -> None:
     """Each tensor's 1 - beta^t into its segment (`steps`: the group's step counts; `seg_of`: per
     tensor, its segment): floats when the group's step counts are on the CPU, else one float32
     tensor per segment computed on the step counts' device (no sync); and for bf16 states, each
-    tensor's rounding key from its count (`mixed_positions(seg)`: rounding.py)."""
+    tensor's rounding key from its count (step_counts.rounding_keys)."""
     on_host = not group.get("capturable") and all(t.device.type == "cpu" for t in steps)
     for seg in segments:
         rounds = seg.state_dtype != torch.float32
@@ -292,9 +240,7 @@ def _add_bias_corrections(group: dict, steps: list, seg_of: list, segments: list
         counts = torch.cat([step.reshape(1) for step, owner in zip(steps, seg_of) if owner is seg])
         counts = counts.tolist() if on_host else counts
         seg.bias_correction1, seg.bias_correction2 = _corrections(group, counts)
-        if rounds:
-            seg.rounding_keys = tensor_keys(group.get("seed", 0), counts,
-                                            mixed_positions(seg, None if on_host else counts.device))
+        seg.rounding_keys = rounding_keys(optimizer, group, seg, counts, on_host)
 
 
 def _corrections(group: dict, counts) -> tuple:
@@ -350,30 +296,6 @@ def lamb_step(plans, grad_scale, found_inf) -> None:
 def _plan_clips(plan) -> bool:
     """Whether any group in a LAMB plan clips (every backend's plan keeps its segments)."""
     return any(seg.max_grad_norm > 0 for seg in plan.segments)
-
-
-def _new_step_count(p: torch.Tensor, group: dict) -> torch.Tensor:
-    # On the CPU, where reading it costs no sync; with capturable, on the parameter's device.
-    return torch.zeros((), dtype=torch.float32, device=p.device if group.get("capturable") else "cpu")
-
-
-def _move_step_count_for(found_inf, p: torch.Tensor, state: dict) -> None:
-    """A GradScaler's found_inf on a device decides whether step counts advance: they move to the
-    parameter's device (once), so that decision never waits on the host, as in torch's fused optimizers."""
-    if found_inf is not None and found_inf.device.type != "cpu" and state["step"].device != p.device:
-        state["step"] = state["step"].to(p.device)
-
-
-def _advance_step_counts(steps: list, found_inf) -> None:
-    if found_inf is None:
-        torch._foreach_add_(steps, 1.0)
-        return
-    by_device = {}
-    for t in steps:
-        by_device.setdefault(t.device, []).append(t)
-    for device, counts in by_device.items():
-        # + 1, or + 0 when a grad was not finite: no host round trip.
-        torch._foreach_add_(counts, 1.0 - (found_inf.to(device, torch.float32).reshape(()) != 0).float())
 
 
 def _state_dict_from_apex(state_dict: dict) -> dict:
