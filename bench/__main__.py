@@ -55,7 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--master-weights", action="store_true",
                         help="our optimizers keep fp32 master weights of bf16/fp16 params (charged their bytes)")
     parser.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="FusedLAMB's state_dtype (m and v; charged their bytes); LARS keeps float32 states")
+                        help="state_dtype of FusedLAMB (m and v) and FusedLARS (the momentum buffer), charged their bytes")
     parser.add_argument("--algorithms", default="lamb,lars", help="comma-separated: lamb, lars")
     parser.add_argument("--out", default="out", help="folder for steps.csv and steps.png (default: out)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per provider (default: cpu 15, cuda 50)")
@@ -118,8 +118,8 @@ def _version(package: str) -> str:
 
 
 def _state_bytes(state_dtype: str, algorithm: str) -> int:
-    """Bytes of each of LAMB's m and v (LARS keeps float32 buffers)."""
-    return 2 if state_dtype == "bfloat16" and algorithm == "lamb" else 4
+    """Bytes of each of LAMB's m and v, or of LARS's momentum buffer."""
+    return 2 if state_dtype == "bfloat16" else 4
 
 
 def _providers(algorithm: str, args) -> list:
@@ -128,7 +128,7 @@ def _providers(algorithm: str, args) -> list:
         providers = lamb_providers(args.device, args.backends, args.max_grad_norm, args.master_weights,
                                    DTYPES[args.state_dtype])
     else:
-        providers = lars_providers(args.device, args.backends, args.master_weights)
+        providers = lars_providers(args.device, args.backends, args.master_weights, DTYPES[args.state_dtype])
     return [copy, *(p for p in providers if not (args.no_compile and p.name.endswith(COMPILED)))]
 
 
@@ -172,7 +172,7 @@ def main(argv=None) -> list:
         rows += group_rows(outcomes, preset=preset, algorithm=algorithm, numel=sum(p.numel() for p in params),
                            tensors=len(params), itemsize=params[0].element_size(),
                            clipping=args.max_grad_norm > 0,
-                           context={**context, "state_dtype": args.state_dtype if algorithm == "lamb" else "float32"},
+                           context={**context, "state_dtype": args.state_dtype},
                            master_weights=context["master_weights"],
                            state_bytes=_state_bytes(args.state_dtype, algorithm))
         del params, outcomes  # frees this group's states before the next group allocates its own

@@ -28,11 +28,9 @@ def stage_bytes(algorithm: str, clipping: bool, param_bytes: int = 4, master_wei
                 state_bytes: int = 4) -> dict:
     """Bytes per parameter of each stage of a step, in the order a step runs them (a stage a step
     skips is left out): LAMB "grad norm", "moments", "apply"; LARS "norms", "apply". `state_bytes`:
-    of each of LAMB's m and v (2 with ``state_dtype=torch.bfloat16``)."""
-    s, state = param_bytes, 4
+    of each of LAMB's m and v, or of LARS's buffer (2 with ``state_dtype=torch.bfloat16``)."""
+    s, state = param_bytes, state_bytes
     w = 4 if master_weights else s  # the weights the passes read: master or p
-    if algorithm == "lamb":
-        state = state_bytes
     copy = s if master_weights else 0
     if algorithm == "lamb":
         stages = {"grad norm": s} if clipping else {}  # read g

@@ -104,10 +104,11 @@ def lamb_providers(device, backends, max_grad_norm, master_weights=False, state_
     return providers
 
 
-def lars_providers(device, backends, master_weights=False) -> list:
+def lars_providers(device, backends, master_weights=False, state_dtype=torch.float32) -> list:
     """The "lars" group: SGD(momentum, fused=True) as the yardstick, FusedLARS on each backend, the
     pure-torch backend under torch.compile, and the LARSes of other libraries."""
-    ours = {"lr": LR, "momentum": MOMENTUM, "weight_decay": LARS_WEIGHT_DECAY, "master_weights": master_weights}
+    ours = {"lr": LR, "momentum": MOMENTUM, "weight_decay": LARS_WEIGHT_DECAY, "master_weights": master_weights,
+            "state_dtype": state_dtype}
     providers = [Provider(
         f"torch SGD(momentum={MOMENTUM}, fused=True)", "lars", "yardstick",
         build=lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=LARS_WEIGHT_DECAY,

@@ -42,7 +42,7 @@ class _Stages:
                                  state_dtype=state_dtype)
         else:
             self.opt = FusedLARS(params, lr=LR, momentum=MOMENTUM, weight_decay=LARS_WEIGHT_DECAY, backend=backend,
-                                 master_weights=master_weights)
+                                 master_weights=master_weights, state_dtype=state_dtype)
         self.opt.step()  # state, tables and (triton) compiled kernels
         with torch.no_grad():
             self.plans = self.opt._plan_step(None, None)
@@ -184,7 +184,7 @@ def run_stages(args, context, dtype, presets, progress_factory) -> list:
     bf16 = getattr(args, "state_dtype", "float32") == "bfloat16"
     plan = [(preset, algorithm, stage_providers(algorithm, args.device, args.backends, clipping,
                                                 context["master_weights"],
-                                                torch.bfloat16 if bf16 and algorithm == "lamb" else torch.float32))
+                                                torch.bfloat16 if bf16 else torch.float32))
             for preset in presets for algorithm in args.algorithms]
     progress = progress_factory(sum(sum(p.unavailable is None for p in providers) for *_, providers in plan)
                                 * (args.warmup + args.repeats))
@@ -196,11 +196,10 @@ def run_stages(args, context, dtype, presets, progress_factory) -> list:
         params = make_params(preset_shapes(preset), args.device, dtype)
         outcomes = run_group(providers, params, args.device, warmup=args.warmup, repeats=args.repeats,
                              progress=progress)
-        lamb_bf16 = bf16 and algorithm == "lamb"
         rows += stage_rows(outcomes, preset=preset, algorithm=algorithm, params=params, clipping=clipping,
                            master_weights=context["master_weights"],
-                           context={**context, "state_dtype": "bfloat16" if lamb_bf16 else "float32"},
-                           state_bytes=2 if lamb_bf16 else 4)
+                           context={**context, "state_dtype": "bfloat16" if bf16 else "float32"},
+                           state_bytes=2 if bf16 else 4)
         del params, outcomes, providers
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -249,23 +249,31 @@ class TorchBackend:
                     for g in d:
                         g.masked_fill_(found_inf.reshape(()) != 0, 0.0)
             # 2. Momentum: a new buffer is d itself; later buf <- momentum buf + (1 - dampening) d.
+            # (bf16 buffers: in fp32 copies, stored back with stochastic rounding, the step taken
+            # from the stored values.)
             if seg.momentum != 0:
+                bf16 = seg.state_dtype == torch.bfloat16
+                buffers = [b.float() for b in seg.momentum_buffers] if bf16 else seg.momentum_buffers
                 momentum = seg.momentum if found_inf is None else _keep_or(found_inf, seg.momentum, 1.0)
                 new = [i for i, first_step in enumerate(seg.first_step) if first_step]
                 old = [i for i, first_step in enumerate(seg.first_step) if not first_step]
                 if new:
-                    torch._foreach_copy_([seg.momentum_buffers[i] for i in new], [d[i] for i in new])
+                    torch._foreach_copy_([buffers[i] for i in new], [d[i] for i in new])
                 if old:
-                    old_buffers = [seg.momentum_buffers[i] for i in old]
+                    old_buffers = [buffers[i] for i in old]
                     torch._foreach_mul_(old_buffers, momentum)
                     torch._foreach_add_(old_buffers, [d[i] for i in old], alpha=1 - seg.dampening)
+                if bf16:
+                    for buffer, rounded, key in zip(seg.momentum_buffers, buffers, seg.rounding_keys):
+                        buffer.copy_(round_bf16_stochastic(rounded, key, 0))
+                    buffers = [b.float() for b in seg.momentum_buffers]
                 if seg.nesterov:
                     if d is seg.grads:
                         d = scratch
                         torch._foreach_copy_(d, seg.grads)
-                    torch._foreach_add_(d, seg.momentum_buffers, alpha=seg.momentum)
+                    torch._foreach_add_(d, buffers, alpha=seg.momentum)
                 else:
-                    d = seg.momentum_buffers
+                    d = buffers
             # 3. p <- p - lr d (a step size of 0 when the step is skipped)
             step_size = -lr if found_inf is None else _keep_or(found_inf, -lr, 0.0)
             torch._foreach_add_(seg.params, torch._foreach_mul(d, step_size))

@@ -413,13 +413,14 @@ def test_host_bound_presets_are_tiny_tensors():
 
 def test_bf16_states_are_charged_their_bytes():
     """SPEC section 4 with 2-byte m and v: LAMB 4 + (4 + 4 + 2 + 2 read, 2 + 2 written) + (4 + 2 + 2
-    read, 4 written) = 32 bytes per fp32 parameter with clipping, 28 without; LARS unchanged."""
+    read, 4 written) = 32 bytes per fp32 parameter with clipping, 28 without; with a 2-byte buffer,
+    LARS (4 + 4) + (4 + 4 + 2 read, 4 + 2 written) = 24."""
     assert stage_bytes("lamb", True, 4, False, 2) == {"grad norm": 4, "moments": 16, "apply": 12}
     assert bytes_moved("lamb", "ours", True, 4, False, 2) == 32
     assert bytes_moved("lamb", "ours", False, 4, False, 2) == 28
     # bf16 params with fp32 masters: g 2; master 4, g 2, m v 2 + 2 read and written; master 4, m v, master 4, copy 2.
     assert bytes_moved("lamb", "ours", True, 2, True, 2) == 2 + (4 + 2 + 4 + 4) + (4 + 4 + 4 + 2)
-    assert bytes_moved("lars", "ours", True, 4, False, 2) == bytes_moved("lars", "ours", True)
+    assert bytes_moved("lars", "ours", True, 4, False, 2) == 24 and bytes_moved("lars", "ours", True) == 28
 
 
 def test_state_dtype_option_on_the_tiny_preset(tmp_path, capsys):
@@ -429,6 +430,6 @@ def test_state_dtype_option_on_the_tiny_preset(tmp_path, capsys):
     lamb = ours[("lamb", "lamb_kernels FusedLAMB cpp")]
     lars = ours[("lars", "lamb_kernels FusedLARS cpp")]
     assert (lamb["state_dtype"], lamb["bytes_per_param"]) == ("bfloat16", 32)
-    assert (lars["state_dtype"], lars["bytes_per_param"]) == ("float32", 28)
+    assert (lars["state_dtype"], lars["bytes_per_param"]) == ("bfloat16", 24)
     yardstick = next(r for r in rows if r["role"] == "yardstick" and r["algorithm"] == "lamb")
     assert yardstick["state_dtype"] == "float32"

@@ -272,3 +272,110 @@ def test_bf16_states_with_master_weights_and_a_skipped_step(device, backend):
         for name, value in entry.items():
             assert torch.equal(after["state"][key][name], value), (key, name)
     assert all(torch.equal(p, q) for p, q in zip(params, before[1]))
+
+
+# -- 5. FusedLARS with bf16 momentum buffers ------------------------------------------------------
+
+from lamb_kernels import FusedLARS  # noqa: E402
+from lamb_kernels.hyper import LarsColumn  # noqa: E402
+from lars_float64 import Float64LARS  # noqa: E402
+
+LARS = dict(lr=0.5, momentum=0.9, weight_decay=1e-4)
+
+
+def run_lars(device, backend, steps, state_dtype=BF16, seed=0, **options):
+    params = make_params(device)
+    opt = FusedLARS(params, backend=backend, state_dtype=state_dtype, seed=seed, **{**LARS, **options})
+    for step in range(steps):
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
+def test_lars_bf16_buffers_track_the_float64_reference_within_the_derived_bound(device, backend):
+    """Each stored buffer is within 2^-7 of the fp32 value it rounds, and an error carries into later
+    steps multiplied by momentum < 1: after N steps a buffer, and so a step's movement, is within
+    N 2^-7 of the reference's; twice that bounds the trust ratio's second-order share too."""
+    steps = 5
+    params, opt = run_lars(device, backend, steps)
+    start = make_params(device)
+    reference = Float64LARS([{"params": start}], **LARS)
+    movement = [torch.zeros_like(p, dtype=torch.float64) for p in start]
+    for step in range(steps):
+        before = [p.clone() for p in reference.groups[0]["params"]]
+        reference.step([grads_for(start, step)])
+        for total, b, a in zip(movement, before, reference.groups[0]["params"]):
+            total += (a - b).abs()
+    bound = 2 * steps * ULP + 1e-5
+    for p, ref, total in zip(params, reference.groups[0]["params"], movement):
+        error = (p.detach().double().cpu() - ref.cpu()).abs()
+        assert (error <= bound * total.cpu() + 1e-7).all(), float((error / total.cpu().clamp(min=1e-12)).max())
+    assert all(opt.state[p]["momentum_buffer"].dtype == BF16 and float(opt.state[p]["step"]) == steps for p in params)
+
+
+def test_lars_bf16_buffers_are_deterministic_and_agree_between_backends():
+    backends = [b for b in ("cpp", "triton", "torch") if b in lamb_kernels.available_backends("cpu")]
+    runs = {b: run_lars("cpu", b, 3) for b in backends}
+    again = run_lars("cpu", backends[0], 3)
+    other_seed = run_lars("cpu", backends[0], 3, seed=9)
+    base_params, base_opt = runs[backends[0]]
+
+    def buffers(params, opt):
+        return torch.cat([opt.state[p]["momentum_buffer"].float().flatten() for p in params])
+
+    assert torch.equal(buffers(*again), buffers(base_params, base_opt))
+    assert not torch.equal(buffers(*other_seed), buffers(base_params, base_opt))
+    for name in backends[1:]:
+        a, b = buffers(base_params, base_opt), buffers(*runs[name])
+        assert (a != b).float().mean() < 1e-2, name
+        assert ((a - b).abs() <= a.abs() * ULP * 1.0001 + 1e-30).all(), name
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_native_lars_kernels_round_as_the_reference_bit_for_bit(backend):
+    """A new buffer becomes d = g (no adaptation, lr 0): stored as the reference rounds g."""
+    if backend not in lamb_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} unavailable")
+    backend_object = lamb_kernels.ops.create_backend(backend)
+    gen = torch.Generator().manual_seed(4)
+    sizes = (40000, 9)
+    params = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    buffers = [torch.zeros(n, dtype=BF16) for n in sizes]
+    keys = [0x0BADCAFE, 0x13572468]
+    hyper = torch.zeros(2, WIDTH)
+    hyper[:, LarsColumn.HAS_MOMENTUM] = hyper[:, LarsColumn.FIRST_STEP] = 1.0
+    hyper[:, LarsColumn.MOMENTUM] = 0.9
+    hyper[:, LarsColumn.ONE_MINUS_DAMPENING] = 1.0
+    for row, key in enumerate(keys):
+        hyper[row, LarsColumn.KEY_LO], hyper[row, LarsColumn.KEY_HI] = key & 0xFFFF, key >> 16
+    backend_object._op("lars_apply")(params, grads, buffers, hyper, None, None, None, [], backend_object.chunk_size)
+    for g, b, key in zip(grads, buffers, keys):
+        assert torch.equal(b, round_bf16_stochastic(g, key, 0))
+
+
+def test_lars_bf16_checkpoint_resumes_bit_for_bit_and_reused_steps_round_as_full_steps(device, backend):
+    params, opt = run_lars(device, backend, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"][0]["momentum_buffer"].dtype == BF16 and float(saved["state"][0]["step"]) == 3
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = FusedLARS(copies, backend=backend, state_dtype=BF16, **LARS)
+    resumed.load_state_dict(saved)
+    for step in (3, 4, 5):
+        for ps in (params, copies):
+            for p, g in zip(ps, grads_for(ps, step)):
+                p.grad = g
+        opt.step()
+        resumed._step_cache = None  # every step a full one: the same bits as the reused ones
+        resumed.step()
+    assert opt.reused_steps >= 3 and resumed.reused_steps == 0
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["momentum_buffer"], resumed.state[q]["momentum_buffer"])
+
+
+def test_lars_float32_buffers_keep_no_step_count_and_groups_without_momentum_none(device, backend):
+    params, opt = run_lars(device, backend, 2, state_dtype=torch.float32)
+    assert all("step" not in opt.state[p] and opt.state[p]["momentum_buffer"].dtype == torch.float32 for p in params)
+    params, opt = run_lars(device, backend, 2, momentum=0.0)
+    assert all("step" not in opt.state[p] and "momentum_buffer" not in opt.state[p] for p in params)

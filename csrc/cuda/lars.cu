@@ -25,9 +25,13 @@ constexpr int kLarsMinBlocksPerSm = 2;
 
 // Lists of the table: p g b, and the low-precision copies when C is not NoCopy. A tensor without
 // momentum has an empty placeholder as its buffer, never read or written.
+// B: the buffers' storage, float or bfloat16 (written with stochastic rounding: `key` and the chunk's
+// first element `begin` give each element its random bits).
 template <bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov, bool kAligned, typename P, typename G,
-          typename C>
-__device__ __forceinline__ void lars_chunk(int64_t n, P* p, const G* g, float* buf, C* copy, const LarsScalars& s) {
+          typename C, typename B>
+__device__ __forceinline__ void lars_chunk(int64_t n, P* p, const G* g, B* buf, C* copy, const LarsScalars& s,
+                                           uint32_t key, int64_t begin) {
+  constexpr bool kRound = std::is_same_v<B, c10::BFloat16> && kMomentum != Momentum::kNone;
   for_each_element<kAligned>(n, [&](auto count, int64_t i) {
     constexpr int k_n = decltype(count)::value;
     float param[k_n], grad[k_n], b[k_n] = {};
@@ -37,7 +41,9 @@ __device__ __forceinline__ void lars_chunk(int64_t n, P* p, const G* g, float* b
 #pragma unroll
     for (int k = 0; k < k_n; ++k) {
       if constexpr (kScaled) grad[k] = unscale(grad[k], s.inv_scale);
-      param[k] = lars_element<false, kAdapt, kMomentum, kNesterov>(param[k], grad[k], b[k], s);
+      uint32_t random16 = 0;
+      if constexpr (kRound) random16 = element_random(key, begin + i + k) & 0xffffU;
+      param[k] = lars_element<false, kAdapt, kMomentum, kNesterov, kRound>(param[k], grad[k], b[k], s, random16);
     }
     if constexpr (kMomentum != Momentum::kNone) store<k_n>(buf, i, b);
     store<k_n>(p, i, param);
@@ -45,25 +51,25 @@ __device__ __forceinline__ void lars_chunk(int64_t n, P* p, const G* g, float* b
   });
 }
 
-template <bool kScaled, bool kAdapt, bool kAligned, typename P, typename G, typename C>
-__device__ __forceinline__ void lars_chunk(Momentum mode, bool nesterov, int64_t n, P* p, const G* g, float* buf,
-                                           C* copy, const LarsScalars& s) {
+template <bool kScaled, bool kAdapt, bool kAligned, typename P, typename G, typename C, typename B>
+__device__ __forceinline__ void lars_chunk(Momentum mode, bool nesterov, int64_t n, P* p, const G* g, B* buf,
+                                           C* copy, const LarsScalars& s, uint32_t key, int64_t begin) {
   if (mode == Momentum::kNone) {
-    lars_chunk<kScaled, kAdapt, Momentum::kNone, false, kAligned>(n, p, g, buf, copy, s);
+    lars_chunk<kScaled, kAdapt, Momentum::kNone, false, kAligned>(n, p, g, buf, copy, s, key, begin);
   } else if (mode == Momentum::kFirstStep) {
     if (nesterov) {
-      lars_chunk<kScaled, kAdapt, Momentum::kFirstStep, true, kAligned>(n, p, g, buf, copy, s);
+      lars_chunk<kScaled, kAdapt, Momentum::kFirstStep, true, kAligned>(n, p, g, buf, copy, s, key, begin);
     } else {
-      lars_chunk<kScaled, kAdapt, Momentum::kFirstStep, false, kAligned>(n, p, g, buf, copy, s);
+      lars_chunk<kScaled, kAdapt, Momentum::kFirstStep, false, kAligned>(n, p, g, buf, copy, s, key, begin);
     }
   } else if (nesterov) {
-    lars_chunk<kScaled, kAdapt, Momentum::kLater, true, kAligned>(n, p, g, buf, copy, s);
+    lars_chunk<kScaled, kAdapt, Momentum::kLater, true, kAligned>(n, p, g, buf, copy, s, key, begin);
   } else {
-    lars_chunk<kScaled, kAdapt, Momentum::kLater, false, kAligned>(n, p, g, buf, copy, s);
+    lars_chunk<kScaled, kAdapt, Momentum::kLater, false, kAligned>(n, p, g, buf, copy, s, key, begin);
   }
 }
 
-template <typename P, typename G, typename C, bool kAligned>
+template <typename P, typename G, typename C, typename B, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kLarsMinBlocksPerSm)
     lars_apply_kernel(TensorTable table, const float* __restrict__ hyper, const float* norms, const float* grad_scale,
                       const float* found_inf) {
@@ -85,20 +91,21 @@ __global__ void __launch_bounds__(kThreads, kLarsMinBlocksPerSm)
   const LarsScalars s{h[kLarsLr], ratio, h[kLarsWeightDecay], h[kLarsMomentum], h[kLarsOneMinusDampening], inv_scale};
   P* p = chunk.pointer<P>(table, 0);
   const G* g = chunk.pointer<const G>(table, 1);
-  float* buf = mode == Momentum::kNone ? nullptr : chunk.pointer<float>(table, 2);
+  B* buf = mode == Momentum::kNone ? nullptr : chunk.pointer<B>(table, 2);
+  const uint32_t key = rounding_key(h, kLarsKeyLo);
   C* copy = nullptr;
   if constexpr (kWritesCopy<C>) copy = chunk.pointer<C>(table, 3);
   const bool nesterov = h[kLarsNesterov] != 0;
   if (grad_scale != nullptr) {
     if (adapt) {
-      lars_chunk<true, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s);
+      lars_chunk<true, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s, key, chunk.begin);
     } else {
-      lars_chunk<true, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s);
+      lars_chunk<true, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s, key, chunk.begin);
     }
   } else if (adapt) {
-    lars_chunk<false, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s);
+    lars_chunk<false, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s, key, chunk.begin);
   } else {
-    lars_chunk<false, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s);
+    lars_chunk<false, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s, key, chunk.begin);
   }
 }
 
@@ -121,10 +128,15 @@ void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   // Which tensors adapt and have momentum is in the hyperparameter table, on the device, so the
   // kernel checks that those have norms and buffers; here a buffer is an empty placeholder or laid
   // out as its parameter.
+  std::optional<at::ScalarType> buffer_type;  // of the buffers that are not placeholders: one dtype
   for (int64_t t = 0; t < n_tensors; ++t) {
     if (momentum_buffers[t].numel() == 0) continue;  // a placeholder (or a tensor with no element)
-    check_lists(op, {{"params", params.slice(t, 1)}, {"momentum_buffers", momentum_buffers.slice(t, 1), Storage::kFloat32}},
+    check_lists(op, {{"params", params.slice(t, 1)}, {"momentum_buffers", momentum_buffers.slice(t, 1), Storage::kState}},
                 device);
+    const at::ScalarType type = momentum_buffers[t].scalar_type();
+    TORCH_CHECK(!buffer_type.has_value() || *buffer_type == type, op, ": momentum_buffers[", t, "] has dtype ", type,
+                ", but another buffer has ", *buffer_type, " (the buffers of one call share a dtype)");
+    buffer_type = type;
   }
   const float* norm_data = norms.has_value() ? norms->const_data_ptr<float>() : nullptr;
   const float* scale = scalar_pointer(op, "grad_scale", grad_scale, device);
@@ -141,10 +153,13 @@ void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     using C = typename decltype(copy_type)::type;
     dispatch_element(element_type(grads), [&](auto grad_type) {
       using G = typename decltype(grad_type)::type;
-      dispatch_bool(table.aligned, [&](auto aligned) {
-        lars_apply_kernel<P, G, C, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
-            table, hyper.const_data_ptr<float>(), norm_data, scale, found);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_state(buffer_type.value_or(at::kFloat), [&](auto buffer_element) {
+        using B = typename decltype(buffer_element)::type;
+        dispatch_bool(table.aligned, [&](auto aligned) {
+          lars_apply_kernel<P, G, C, B, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
+              table, hyper.const_data_ptr<float>(), norm_data, scale, found);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
   });

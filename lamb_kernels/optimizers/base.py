@@ -575,7 +575,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         multi-tensor kernels (which index p and its state alike) that dtype."""
         relayouts = []
         fits = all(key in state for key in self._REQUIRED_STATE)
-        if "step" in self._REQUIRED_STATE and "step" in state:
+        if "step" in self._STATE_KEYS and "step" in state:
             # A one-element float tensor, on the CPU or on the parameter's device (capturable).
             step = state["step"]
             fits = fits and torch.is_tensor(step) and step.numel() == 1 and step.is_floating_point() and (

@@ -6,8 +6,10 @@ import torch
 
 from ..contract import LarsSegment
 from ..distributed import all_reduce_sharded_, local
-from .base import STATE_DTYPE, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
-from .checks import check_flag, check_number, hyperparameter
+from .base import STATE_DTYPE, STATE_DTYPES, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
+from .checks import check_flag, check_number, check_seed, check_state_dtype, hyperparameter
+from .step_counts import (advance_reused, advance_step_counts, move_step_count_for, new_step_count, pack_step_counts,
+                          rounding_keys)
 
 
 def _validate_lars_group(group: dict, where: str = "") -> None:
@@ -19,6 +21,8 @@ def _validate_lars_group(group: dict, where: str = "") -> None:
         check_flag(name, hyperparameter(group, name, where), where)
     check_flag("layer_adaptation", group.get("layer_adaptation"), where, none_ok=True)
     check_flag("capturable", group.get("capturable", False), where)
+    check_state_dtype(group.get("state_dtype", STATE_DTYPE), STATE_DTYPES, where)
+    check_seed(group.get("seed", 0), where)
     if group["nesterov"] and (float(group["momentum"]) <= 0 or float(group["dampening"]) != 0):
         raise ValueError(
             f"{where}nesterov=True needs momentum > 0 and dampening == 0, got momentum="
@@ -40,6 +44,10 @@ class FusedLARS(MultiTensorOptimizer):
     ``foreach`` is accepted for compatibility with timm and has no effect: the step is always
     multi-tensor.
 
+    ``state_dtype=torch.bfloat16`` (per group too) keeps the momentum buffers in bf16, written with
+    stochastic rounding (``seed``; each parameter then has a step count, ``state[p]["step"]``, for
+    its rounding stream): 24 bytes per fp32 parameter and step instead of 28 (docs/states.md).
+
     Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic and fp32 states.
     ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
     (``master_param``, saved in ``state_dict``); the step updates it, and writes the parameter from
@@ -53,7 +61,7 @@ class FusedLARS(MultiTensorOptimizer):
     """
 
     _STATE_TENSORS = ("momentum_buffer", "master_param")
-    _STATE_KEYS = _STATE_TENSORS
+    _STATE_KEYS = (*_STATE_TENSORS, "step")  # (a step count only with bf16 buffers)
     _REQUIRED_STATE = ()
     _validate_group = staticmethod(_validate_lars_group)
 
@@ -73,12 +81,14 @@ class FusedLARS(MultiTensorOptimizer):
         *,
         master_weights=False,
         capturable=False,
+        state_dtype=torch.float32,
+        seed=0,
         backend="auto",
     ):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
-            foreach=foreach, capturable=bool(capturable),
+            foreach=foreach, capturable=bool(capturable), state_dtype=state_dtype, seed=seed,
         )
         super().__init__(params, defaults, backend, master_weights)
 
@@ -89,6 +99,8 @@ class FusedLARS(MultiTensorOptimizer):
         states = []
         for group, params in work:
             momentum = float(group["momentum"]) != 0
+            dtype = self._state_dtype(group, "momentum_buffer")
+            counted = momentum and dtype != STATE_DTYPE  # bf16 buffers: a step count seeds their rounding
             group_states = []
             for p, _, _, _, state in params:
                 if state is None:
@@ -99,24 +111,48 @@ class FusedLARS(MultiTensorOptimizer):
                     # then starts from zeros, which momentum * 0 + d reads as d again (exactly when
                     # dampening is 0).
                     make = torch.empty_like if found_inf is None else torch.zeros_like
-                    state["momentum_buffer"] = make(p, dtype=STATE_DTYPE, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = make(p, dtype=dtype, memory_format=torch.preserve_format)
+                if counted:
+                    if state.get("step") is None:
+                        state["step"] = new_step_count(p, group)
+                    move_step_count_for(found_inf, p, state)
                 group_states.append((state, new))
+            if counted:
+                advance_step_counts([state["step"] for state, _ in group_states], found_inf)
             states.append(group_states)
         return states
+
+    def _state_dtype(self, group, key: str) -> torch.dtype:
+        if group is None or key != "momentum_buffer":
+            return STATE_DTYPE
+        return group.get("state_dtype", STATE_DTYPE)
+
+    def _bucket_state_dtype(self, group: dict) -> torch.dtype:
+        """A bucket holds one buffer dtype: a group without momentum has no buffer, and joins float32's."""
+        return self._state_dtype(group, "momentum_buffer") if float(group["momentum"]) != 0 else STATE_DTYPE
 
     def _bucket(self, work: list, states: list) -> dict:
         """Per group, one LarsSegment per bucket it has parameters in."""
         buckets = {}
         for (group, params), group_states in zip(work, states):
-            make_segment = _segment_maker(group)
+            state_dtype = self._bucket_state_dtype(group)
+            make_segment = _segment_maker(group, state_dtype)
             momentum = float(group["momentum"]) != 0
-            segments_of_group = {}
+            segments_of_group, steps = {}, {}
             for (p, name, position, shard, _), (state, new) in zip(params, group_states):
-                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment)
+                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment,
+                                        state_dtype)
                 seg.params.append(self._weights(p, shard, state, seg))
                 buffer = state["momentum_buffer"] if momentum else None
                 seg.momentum_buffers.append(buffer if buffer is None or shard is p else local(buffer))
                 seg.first_step.append(new)
+                if state_dtype != STATE_DTYPE:
+                    steps.setdefault(id(seg), []).append(state["step"])
+            for seg in segments_of_group.values():
+                if seg.state_dtype != STATE_DTYPE:
+                    counts = torch.cat([t.reshape(1) for t in steps[id(seg)]])
+                    on_host = not group.get("capturable") and counts.device.type == "cpu"
+                    seg.rounding_keys = rounding_keys(self, group, seg, counts.tolist() if on_host else counts, on_host)
         return buckets
 
     def _prepare(self, backend, segments):
@@ -125,7 +161,7 @@ class FusedLARS(MultiTensorOptimizer):
     # -- reused steps (step_cache.py) ------------------------------------------------------------
 
     def _hyper_segment(self, group: dict) -> LarsSegment:
-        return _segment_maker(group)()
+        return _segment_maker(group, self._bucket_state_dtype(group))()
 
     def _structure(self, group: dict) -> tuple:
         return (*super()._structure(group), float(group["momentum"]) != 0)
@@ -133,12 +169,18 @@ class FusedLARS(MultiTensorOptimizer):
     def _reusable(self, states: list) -> bool:
         return not any(new for group_states in states for _, new in group_states)
 
+    def _remember_step_counts(self, cache) -> bool:
+        return pack_step_counts(cache, counted=lambda bucket: bucket.key[3] != STATE_DTYPE)
+
+    def _advance_reused(self, cache, found_inf) -> None:
+        advance_reused(self, cache, found_inf)
+
     @staticmethod
     def _run(plans: list, grad_scale, found_inf) -> None:
         lars_step(plans, grad_scale, found_inf)
 
 
-def _segment_maker(group: dict):
+def _segment_maker(group: dict, state_dtype: torch.dtype = STATE_DTYPE):
     """A function that makes an empty LarsSegment with `group`'s hyperparameters."""
     wd = float(group["weight_decay"])
     adaptation = group.get("layer_adaptation")
@@ -151,7 +193,7 @@ def _segment_maker(group: dict):
             params=[], grads=[], momentum_buffers=[], first_step=[], lr=lr, momentum=float(group["momentum"]),
             dampening=float(group["dampening"]), weight_decay=wd, nesterov=bool(group["nesterov"]),
             trust_coeff=float(group["trust_coeff"]), eps=float(group["eps"]), trust_clip=bool(group["trust_clip"]),
-            adaptation=bool(adaptation),
+            adaptation=bool(adaptation), state_dtype=state_dtype,
         )
 
     return make_segment

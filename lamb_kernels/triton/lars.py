@@ -19,7 +19,8 @@ import triton.language as tl
 
 from ..hyper import WIDTH, LarsColumn
 from ..schemas import SCHEMAS
-from .multi_tensor import chunk_opening, column_pointer, launch, load_f32, scalar_or, store_rounded, table_for
+from .multi_tensor import (chunk_opening, column_pointer, element_random, launch, load_f32, round_bf16_stochastic,
+                           rounding_key, scalar_or, store_rounded, table_for)
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LarsColumn.LR.value)
@@ -33,6 +34,7 @@ _ADAPT = tl.constexpr(LarsColumn.ADAPT.value)
 _NESTEROV = tl.constexpr(LarsColumn.NESTEROV.value)
 _HAS_MOMENTUM = tl.constexpr(LarsColumn.HAS_MOMENTUM.value)
 _FIRST_STEP = tl.constexpr(LarsColumn.FIRST_STEP.value)
+_KEY_LO = tl.constexpr(LarsColumn.KEY_LO.value)
 N_HYPER = WIDTH
 
 # Columns of the pointer table.
@@ -44,7 +46,7 @@ _COPY = tl.constexpr(3)
 
 @triton.jit
 def _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, offs, mask, lr, ratio, weight_decay, momentum, one_minus_dampening,
-                inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, HAS_SCALE: tl.constexpr,
+                inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, key, start, HAS_SCALE: tl.constexpr,
                 HAS_COPY: tl.constexpr, MASKED: tl.constexpr):
     p = load_f32(p_ptr + offs, mask, MASKED)
     g = load_f32(g_ptr + offs, mask, MASKED)
@@ -58,6 +60,8 @@ def _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, offs, mask, lr, ratio, weight_dec
     if read_buffer:
         buf = load_f32(b_ptr + offs, mask, MASKED)
     buf = tl.where(first_step, d, momentum * buf + one_minus_dampening * d)
+    if b_ptr.dtype.element_ty == tl.bfloat16:  # bf16 buffers: stochastic rounding, the step from the stored value
+        buf = round_bf16_stochastic(buf, element_random(key, start + offs) & 0xFFFF)
     if has_momentum:
         store_rounded(b_ptr + offs, buf, mask, MASKED)
     step = tl.where(nesterov, d + momentum * buf, buf)
@@ -121,15 +125,16 @@ def _lars_apply_kernel(
         ratio = tl.where(tl.load(h + _TRUST_CLIP) != 0, clipped, ratio)
     else:
         ratio = 1.0
+    key = rounding_key(h, _KEY_LO)
     whole = n // BLOCK * BLOCK  # whole blocks unmasked, then the rest masked
     for i in range(0, whole, BLOCK):
         _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, i + tl.arange(0, BLOCK), None, lr, ratio, weight_decay, momentum,
-                    one_minus_dampening, inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, HAS_SCALE,
-                    N_COLS == 4, False)
+                    one_minus_dampening, inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, key,
+                    start, HAS_SCALE, N_COLS == 4, False)
     offs = whole + tl.arange(0, BLOCK)
     _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, offs, offs < n, lr, ratio, weight_decay, momentum,
-                one_minus_dampening, inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, HAS_SCALE,
-                N_COLS == 4, True)
+                one_minus_dampening, inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, key, start,
+                HAS_SCALE, N_COLS == 4, True)
 
 
 @torch.library.custom_op("lamb_kernels::triton_lars_apply", mutates_args=("params", "momentum_buffers", "copies"),
