@@ -48,7 +48,8 @@ class FusedLARS(MultiTensorOptimizer):
     stochastic rounding (``seed``; each parameter then has a step count, ``state[p]["step"]``, for
     its rounding stream): 24 bytes per fp32 parameter and step instead of 28 (docs/states.md).
 
-    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic and fp32 states.
+    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic, fp32 states (bf16 with
+    ``state_dtype``).
     ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
     (``master_param``, saved in ``state_dict``); the step updates it, and writes the parameter from
     it in the same pass. ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the
