@@ -66,9 +66,10 @@ RECIPES = {
     "SGD": Recipe("linear", 0.2, 5e-4),
 }
 DEFAULT_OPTIMIZERS = tuple(RECIPES)
-# FusedLAMB with its states in bf16 (docs/states.md), on FusedLAMB's recipe: `--state-dtypes
-# float32,bfloat16` studies both side by side.
+# FusedLAMB and FusedLARS with their states in bf16 (docs/states.md), on their own recipes:
+# `--state-dtypes float32,bfloat16` studies both side by side.
 RECIPES["FusedLAMB-bf16"] = RECIPES["FusedLAMB"]
+RECIPES["FusedLARS-bf16"] = RECIPES["FusedLARS"]
 MOMENTUM = 0.9  # SGD and FusedLARS
 
 
@@ -81,8 +82,10 @@ def build_optimizer(name: str, model: torch.nn.Module, lr: float, backend: str):
     if name in ("FusedLAMB", "FusedLAMB-bf16"):  # apex's defaults otherwise: betas (0.9, 0.999), eps 1e-6, clipping at 1
         state_dtype = torch.bfloat16 if name == "FusedLAMB-bf16" else torch.float32
         return lamb_kernels.FusedLAMB(params, lr=lr, weight_decay=weight_decay, backend=backend, state_dtype=state_dtype)
-    if name == "FusedLARS":  # timm's defaults otherwise: trust_coeff 1e-3, no trust clipping
-        return lamb_kernels.FusedLARS(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, backend=backend)
+    if name in ("FusedLARS", "FusedLARS-bf16"):  # timm's defaults otherwise: trust_coeff 1e-3, no trust clipping
+        state_dtype = torch.bfloat16 if name == "FusedLARS-bf16" else torch.float32
+        return lamb_kernels.FusedLARS(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, backend=backend,
+                                      state_dtype=state_dtype)
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay)
@@ -241,7 +244,8 @@ SUMMARY_COLUMNS = (
     "test_loss_mean", "epochs", "warmup_fraction", "decay_power", "train_size", "noise", "backend", "lamb_kernels",
     "torch", "python", "machine",
 )
-COLOURS = {"FusedLAMB": "#dd8452", "AdamW": "#4c72b0", "FusedLARS": "#c44e52", "SGD": "#55a868", "FusedLAMB-bf16": "#8172b3"}
+COLOURS = {"FusedLAMB": "#dd8452", "AdamW": "#4c72b0", "FusedLARS": "#c44e52", "SGD": "#55a868",
+           "FusedLAMB-bf16": "#8172b3", "FusedLARS-bf16": "#937860"}
 
 
 def write_png(summary, path, title) -> str | None:
@@ -337,8 +341,8 @@ def parse_args(argv=None):
                         help="folder for runs.csv, summary.csv, settings.json and convergence.png (default: out/convergence)")
     parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"comma-separated: {', '.join(RECIPES)}")
     parser.add_argument("--state-dtypes", default="float32",
-                        help="comma-separated state dtypes of FusedLAMB to study side by side: float32, bfloat16 "
-                             "(bfloat16 adds FusedLAMB-bf16; default: float32)")
+                        help="comma-separated state dtypes of FusedLAMB and FusedLARS to study side by side: "
+                             "float32, bfloat16 (bfloat16 adds FusedLAMB-bf16, FusedLARS-bf16; default: float32)")
     parser.add_argument("--batch-sizes", type=_ints, default=None,
                         help=f"comma-separated (default: {','.join(map(str, BATCH_SIZES))})")
     parser.add_argument("--seeds", type=int, default=None, help="training seeds 0..N-1 (default: 3; --quick: 1)")
@@ -360,11 +364,13 @@ def parse_args(argv=None):
     state_dtypes = [name.strip() for name in args.state_dtypes.split(",") if name.strip()]
     if not state_dtypes or any(name not in ("float32", "bfloat16") for name in state_dtypes):
         parser.error(f"--state-dtypes: choose from float32, bfloat16, got {args.state_dtypes!r}")
-    if "FusedLAMB" in optimizers:
-        lamb = [] if "float32" in state_dtypes else ["FusedLAMB"]
-        optimizers = tuple(name for name in optimizers if name not in lamb)
-        if "bfloat16" in state_dtypes and "FusedLAMB-bf16" not in optimizers:
-            optimizers += ("FusedLAMB-bf16",)
+    for fused in ("FusedLAMB", "FusedLARS"):
+        if fused not in optimizers:
+            continue
+        if "bfloat16" in state_dtypes and f"{fused}-bf16" not in optimizers:
+            optimizers += (f"{fused}-bf16",)
+        if "float32" not in state_dtypes:
+            optimizers = tuple(name for name in optimizers if name != fused)
     unknown = [name for name in optimizers if name not in RECIPES]
     if unknown or not optimizers:
         parser.error(f"--optimizers: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(RECIPES)}")

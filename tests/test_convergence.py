@@ -71,7 +71,8 @@ def test_patch_cnn_layers_are_convolutions_with_kernel_equal_to_stride():
 
 def test_learning_rate_rules_square_root_for_lamb_and_adamw_linear_for_lars_and_sgd():
     assert {name: recipe.rule for name, recipe in RECIPES.items()} == {
-        "FusedLAMB": "sqrt", "AdamW": "sqrt", "FusedLARS": "linear", "SGD": "linear", "FusedLAMB-bf16": "sqrt"}
+        "FusedLAMB": "sqrt", "AdamW": "sqrt", "FusedLARS": "linear", "SGD": "linear", "FusedLAMB-bf16": "sqrt",
+        "FusedLARS-bf16": "linear"}
     for name, recipe in RECIPES.items():
         assert scaled_lr(name, BASE_BATCH) == recipe.base_lr
         growth = 2.0 if recipe.rule == "sqrt" else 4.0
@@ -289,8 +290,10 @@ def test_a_backend_that_cannot_run_here_is_refused_by_name_before_any_run(monkey
 
 def test_state_dtypes_study_fused_lamb_with_each():
     both, _ = parse_args(["--quick", "--state-dtypes", "float32,bfloat16"])
-    assert both.optimizers == ("FusedLAMB", "AdamW", "FusedLARS", "SGD", "FusedLAMB-bf16")
+    assert both.optimizers == ("FusedLAMB", "AdamW", "FusedLARS", "SGD", "FusedLAMB-bf16", "FusedLARS-bf16")
     only, _ = parse_args(["--optimizers", "FusedLAMB,AdamW", "--state-dtypes", "bfloat16"])
     assert only.optimizers == ("AdamW", "FusedLAMB-bf16")
+    lars = build_optimizer("FusedLARS-bf16", torch.nn.Linear(3, 2), 0.1, "torch")
+    assert lars.param_groups[0]["state_dtype"] == torch.bfloat16
     optimizer = build_optimizer("FusedLAMB-bf16", torch.nn.Linear(3, 2), 0.1, "torch")
     assert optimizer.param_groups[0]["state_dtype"] == torch.bfloat16
