@@ -39,6 +39,22 @@ def run(device, backend, steps, state_dtype=BF16, seed=0, **options):
     return params, opt
 
 
+def assert_within_movement(params, make_reference, steps, bound):
+    """Each element of `params` (after `steps` steps of the tests' grads) within `bound` (plus fp32
+    rounding, 1e-5) of the total movement of the float64 reference's element over those steps."""
+    start = make_params(params[0].device)
+    reference = make_reference(start)
+    movement = [torch.zeros_like(p, dtype=torch.float64) for p in start]
+    for step in range(steps):
+        before = [p.clone() for p in reference.groups[0]["params"]]
+        reference.step([grads_for(start, step)])
+        for total, b, a in zip(movement, before, reference.groups[0]["params"]):
+            total += (a - b).abs()
+    for p, ref, total in zip(params, reference.groups[0]["params"], movement):
+        error = (p.detach().double().cpu() - ref.cpu()).abs()
+        assert (error <= (bound + 1e-5) * total.cpu() + 1e-7).all(), float((error / total.cpu().clamp(min=1e-12)).max())
+
+
 # -- 1. the rounding ------------------------------------------------------------------------------
 
 def test_mix32_is_one_function_in_python_numpy_and_torch():
@@ -119,18 +135,7 @@ def test_bf16_states_track_the_float64_reference_within_the_derived_bound(device
     3 N 2^-7 of the reference's, plus fp32 rounding (1e-5 of the movement)."""
     steps = 5
     params, opt = run(device, backend, steps)
-    start = make_params(device)
-    reference = Float64LAMB([{"params": start}], lr=0.05)
-    movement = [torch.zeros_like(p, dtype=torch.float64) for p in start]
-    for step in range(steps):
-        before = [p.clone() for p in reference.groups[0]["params"]]
-        reference.step([grads_for(start, step)])
-        for total, b, a in zip(movement, before, reference.groups[0]["params"]):
-            total += (a - b).abs()
-    bound = 3 * steps * ULP + 1e-5
-    for p, ref, total in zip(params, reference.groups[0]["params"], movement):
-        error = (p.detach().double().cpu() - ref.cpu()).abs()
-        assert (error <= bound * total.cpu() + 1e-7).all(), float((error / total.cpu().clamp(min=1e-12)).max())
+    assert_within_movement(params, lambda start: Float64LAMB([{"params": start}], lr=0.05), steps, 3 * steps * ULP)
     assert all(opt.state[p]["exp_avg"].dtype == BF16 and opt.state[p]["exp_avg_sq"].dtype == BF16 for p in params)
 
 
@@ -299,18 +304,7 @@ def test_lars_bf16_buffers_track_the_float64_reference_within_the_derived_bound(
     N 2^-7 of the reference's; twice that bounds the trust ratio's second-order share too."""
     steps = 5
     params, opt = run_lars(device, backend, steps)
-    start = make_params(device)
-    reference = Float64LARS([{"params": start}], **LARS)
-    movement = [torch.zeros_like(p, dtype=torch.float64) for p in start]
-    for step in range(steps):
-        before = [p.clone() for p in reference.groups[0]["params"]]
-        reference.step([grads_for(start, step)])
-        for total, b, a in zip(movement, before, reference.groups[0]["params"]):
-            total += (a - b).abs()
-    bound = 2 * steps * ULP + 1e-5
-    for p, ref, total in zip(params, reference.groups[0]["params"], movement):
-        error = (p.detach().double().cpu() - ref.cpu()).abs()
-        assert (error <= bound * total.cpu() + 1e-7).all(), float((error / total.cpu().clamp(min=1e-12)).max())
+    assert_within_movement(params, lambda start: Float64LARS([{"params": start}], **LARS), steps, 2 * steps * ULP)
     assert all(opt.state[p]["momentum_buffer"].dtype == BF16 and float(opt.state[p]["step"]) == steps for p in params)
 
 
