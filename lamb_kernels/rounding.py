@@ -1,7 +1,7 @@
 """Stochastic rounding of fp32 values to bfloat16, for optimizer states kept in bf16 (docs/states.md).
 
 Rounding a state to the nearest bf16 at every step loses small updates: with beta2 = 0.999 the
-change of v per step is about 0.1% of v, under half of bf16's spacing (2^-8 relative), so nearest
+change of v per step is about 0.1% of v, under half of bf16's spacing (2^-8 to 2^-7 of a value), so nearest
 rounding would leave v stuck. Stochastic rounding rounds up with probability equal to the distance
 to the lower neighbour, so the stored value is unbiased: its expectation is the fp32 value.
 

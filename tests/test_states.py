@@ -226,6 +226,10 @@ def test_bad_state_dtype_and_seed_are_named():
         FusedLAMB([{"params": make_params("cpu")[:1]}, {"params": make_params("cpu")[1:], "state_dtype": "int8"}])
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\), got -1"):
         FusedLAMB(make_params("cpu"), seed=-1)
+    with pytest.raises(TypeError, match=r"seed must be an int"):
+        FusedLARS(make_params("cpu"), seed="1")
+    import numpy as np
+    assert type(FusedLAMB(make_params("cpu"), seed=np.int64(5)).param_groups[0]["seed"]) is int
 
 
 # -- 4. reused steps ------------------------------------------------------------------------------

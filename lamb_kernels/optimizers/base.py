@@ -39,7 +39,7 @@ def _sharded_alike(t, p) -> bool:
 
 def _in_layout_of(p: torch.Tensor, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A copy of state tensor t in p's memory layout (its values unchanged, its dtype `dtype` if given:
-    bfloat16 states from float32 ones round to the nearest)."""
+    bfloat16 states from float32 ones round to the nearest); a DTensor's shards alike."""
     return torch.empty_like(p, dtype=t.dtype if dtype is None else dtype).copy_(t)
 
 
@@ -587,7 +587,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             expected = self._state_dtype(group, key)
             if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device or not _sharded_alike(t, p):
                 fits = False
-            elif t.dtype != expected and t.dtype in STATE_DTYPES and not is_dtensor(t):
+            elif t.dtype != expected and t.dtype in STATE_DTYPES:
                 relayouts.append((key, expected))
             elif backend_name != "torch" and t.dtype != expected:
                 fits = False

@@ -57,9 +57,18 @@ def check_state_dtype(value, allowed, where: str) -> None:
         raise ValueError(f"{where}state_dtype must be one of {names}, got {value!r}")
 
 
+def as_int(value):
+    """An integral number (a numpy int, say) as a Python int, so that a state dict holds plain
+    values (``torch.load(weights_only=True)`` reads no numpy scalar); anything else as it is, for
+    the checks to name."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
 def check_seed(value, where: str) -> None:
     """A group's ``seed`` for stochastic rounding: an int in [0, 2^32)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**32:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}seed must be an int in [0, 2**32), got {value!r}")
+    if not 0 <= value < 2**32:
         raise ValueError(f"{where}seed must be an int in [0, 2**32), got {value!r}")
 
 

@@ -11,7 +11,7 @@ from ..distributed import all_reduce_sharded_
 from .step_counts import (advance_reused, advance_step_counts, move_step_count_for, new_step_count, pack_step_counts,
                           rounding_keys)
 from .base import STATE_DTYPE, STATE_DTYPES, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
-from .checks import check_flag, check_number, check_seed, check_state_dtype, hyperparameter
+from .checks import as_int as _as_int, check_flag, check_number, check_seed, check_state_dtype, hyperparameter
 
 
 def _validate_lamb_group(group: dict, where: str = "") -> None:
@@ -107,7 +107,7 @@ class FusedLAMB(MultiTensorOptimizer):
             lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adam_w_mode=adam_w_mode,
             use_nvlamb=use_nvlamb, trust_ratio_bounds=trust_ratio_bounds, capturable=bool(capturable),
-            state_dtype=state_dtype, seed=seed,
+            state_dtype=state_dtype, seed=_as_int(seed),
         )
         self.set_grad_none = set_grad_none
         super().__init__(params, defaults, backend, master_weights)

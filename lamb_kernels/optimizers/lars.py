@@ -7,7 +7,7 @@ import torch
 from ..contract import LarsSegment
 from ..distributed import all_reduce_sharded_, local
 from .base import STATE_DTYPE, STATE_DTYPES, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
-from .checks import check_flag, check_number, check_seed, check_state_dtype, hyperparameter
+from .checks import as_int as _as_int, check_flag, check_number, check_seed, check_state_dtype, hyperparameter
 from .step_counts import (advance_reused, advance_step_counts, move_step_count_for, new_step_count, pack_step_counts,
                           rounding_keys)
 
@@ -45,8 +45,9 @@ class FusedLARS(MultiTensorOptimizer):
     multi-tensor.
 
     ``state_dtype=torch.bfloat16`` (per group too) keeps the momentum buffers in bf16, written with
-    stochastic rounding (``seed``; each parameter then has a step count, ``state[p]["step"]``, for
-    its rounding stream): 24 bytes per fp32 parameter and step instead of 28 (docs/states.md).
+    stochastic rounding (``seed``; each parameter of such a group with momentum then has a step
+    count, ``state[p]["step"]``, for its rounding stream): 24 bytes per fp32 parameter and step
+    instead of 28 (docs/states.md).
 
     Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic, fp32 states (bf16 with
     ``state_dtype``).
@@ -89,7 +90,7 @@ class FusedLARS(MultiTensorOptimizer):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
-            foreach=foreach, capturable=bool(capturable), state_dtype=state_dtype, seed=seed,
+            foreach=foreach, capturable=bool(capturable), state_dtype=state_dtype, seed=_as_int(seed),
         )
         super().__init__(params, defaults, backend, master_weights)
 
