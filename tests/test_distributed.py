@@ -463,3 +463,33 @@ def buckets_that_differ_between_ranks(rank, world):
 
 def test_norms_are_summed_by_tensor_when_buckets_differ_between_ranks():
     spawn(buckets_that_differ_between_ranks, 2)
+
+
+def bf16_states_on_dtensors(rank, world):
+    """bf16 states of sharded parameters: created as DTensors of bf16 shards, and converted there
+    when a group's state_dtype changes between steps (LAMB's m and v, LARS's buffers)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    for optimizer, options in ((FusedLAMB, dict(lr=1e-2)), (FusedLARS, dict(lr=0.1, momentum=0.9))):
+        for backend in BACKENDS:
+            keys = ("exp_avg", "exp_avg_sq") if optimizer is FusedLAMB else ("momentum_buffer",)
+            for start in (torch.float32, torch.bfloat16):
+                p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)),
+                                                         mesh, [Shard(0)]))
+                opt = optimizer([p], backend=backend, state_dtype=start, **options)
+                for step in range(3):
+                    grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 + step))
+                    p.grad = distribute_tensor(grad, mesh, [Shard(0)])
+                    if step == 2:
+                        opt.param_groups[0]["state_dtype"] = torch.bfloat16
+                    opt.step()
+                for key in keys:
+                    state = opt.state[p][key]
+                    assert state.dtype == torch.bfloat16 and state.to_local().dtype == torch.bfloat16, (key, backend)
+                    assert torch.isfinite(state.to_local().float()).all()
+
+
+def test_bf16_states_of_sharded_parameters():
+    spawn(bf16_states_on_dtensors, 2)
