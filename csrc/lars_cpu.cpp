@@ -76,19 +76,13 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const float* h = hyper.const_data_ptr<float>();
   TORCH_CHECK(static_cast<int64_t>(momentum_buffers.size()) == n_tensors, op, ": momentum_buffers has ",
               momentum_buffers.size(), " tensors, params has ", n_tensors);
-  std::optional<at::ScalarType> buffer_type;  // of the buffers that are not placeholders: one dtype
   for (int64_t t = 0; t < n_tensors; ++t) {
     TORCH_CHECK(h[t * kLarsColumns + kLarsAdapt] == 0 || norms.has_value(), op, ": params[", t,
                 "] adapts, but no norms were given");
-    // A tensor without momentum has an empty placeholder in momentum_buffers.
-    if (h[t * kLarsColumns + kLarsHasMomentum] == 0) continue;
-    check_lists(op, {{"params", params.slice(t, 1)},
-                     {"momentum_buffers", momentum_buffers.slice(t, 1), Storage::kState}});
-    const at::ScalarType type = momentum_buffers[t].scalar_type();
-    TORCH_CHECK(!buffer_type.has_value() || *buffer_type == type, op, ": momentum_buffers[", t, "] has dtype ", type,
-                ", but another buffer has ", *buffer_type, " (the buffers of one call share a dtype)");
-    buffer_type = type;
   }
+  // A tensor without momentum has an empty placeholder in momentum_buffers.
+  const at::ScalarType buffer_type = check_momentum_buffers(
+      op, params, momentum_buffers, at::kCPU, [&](int64_t t) { return h[t * kLarsColumns + kLarsHasMomentum] != 0; });
   const float inv_scale = inverse_grad_scale(op, grad_scale);
   if (skips_step(op, found_inf)) return;
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
@@ -98,7 +92,7 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     using C = typename decltype(copy_type)::type;
     dispatch_element(element_type(grads), [&](auto grad_type) {
       using G = typename decltype(grad_type)::type;
-      dispatch_state(buffer_type.value_or(at::kFloat), [&](auto buffer_element) {
+      dispatch_state(buffer_type, [&](auto buffer_element) {
       using B = typename decltype(buffer_element)::type;
       std::vector<B*> b_data;
       for (const at::Tensor& b : momentum_buffers) b_data.push_back(b.numel() ? b.mutable_data_ptr<B>() : nullptr);

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <type_traits>
 
 namespace lamb_kernels {
@@ -164,6 +165,25 @@ inline void check_same_dtype(const char* op, const char* name, at::TensorList li
                              at::TensorList other) {
   TORCH_CHECK(list.empty() || other.empty() || list[0].scalar_type() == other[0].scalar_type(), op, ": ", name,
               " has dtype ", list[0].scalar_type(), ", but ", other_name, " has ", other[0].scalar_type());
+}
+
+// LARS's momentum buffers: those where `is_buffer(t)` (the others are placeholders, never read) laid
+// out as their parameters, on `device`, float32 or bfloat16, all of one dtype, which is returned
+// (float32 when every entry is a placeholder): the kernels are instantiated per buffer type.
+template <typename IsBuffer>
+at::ScalarType check_momentum_buffers(const char* op, at::TensorList params, at::TensorList buffers, at::Device device,
+                                      const IsBuffer& is_buffer) {
+  std::optional<at::ScalarType> type;
+  for (int64_t t = 0; t < static_cast<int64_t>(buffers.size()); ++t) {
+    if (!is_buffer(t)) continue;
+    check_lists(op, {{"params", params.slice(t, 1)}, {"momentum_buffers", buffers.slice(t, 1), Storage::kState}},
+                device);
+    const at::ScalarType own = buffers[t].scalar_type();
+    TORCH_CHECK(!type.has_value() || *type == own, op, ": momentum_buffers[", t, "] has dtype ", own,
+                ", but another buffer has ", *type, " (the buffers of one call share a dtype)");
+    type = own;
+  }
+  return type.value_or(at::kFloat);
 }
 
 // copies: empty, or the low-precision model parameters that the fp32 master weights `params` are

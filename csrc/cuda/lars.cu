@@ -128,16 +128,9 @@ void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   // Which tensors adapt and have momentum is in the hyperparameter table, on the device, so the
   // kernel checks that those have norms and buffers; here a buffer is an empty placeholder or laid
   // out as its parameter.
-  std::optional<at::ScalarType> buffer_type;  // of the buffers that are not placeholders: one dtype
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    if (momentum_buffers[t].numel() == 0) continue;  // a placeholder (or a tensor with no element)
-    check_lists(op, {{"params", params.slice(t, 1)}, {"momentum_buffers", momentum_buffers.slice(t, 1), Storage::kState}},
-                device);
-    const at::ScalarType type = momentum_buffers[t].scalar_type();
-    TORCH_CHECK(!buffer_type.has_value() || *buffer_type == type, op, ": momentum_buffers[", t, "] has dtype ", type,
-                ", but another buffer has ", *buffer_type, " (the buffers of one call share a dtype)");
-    buffer_type = type;
-  }
+  // (An empty buffer is a placeholder, or a tensor with no element.)
+  const at::ScalarType buffer_type = check_momentum_buffers(
+      op, params, momentum_buffers, device, [&](int64_t t) { return momentum_buffers[t].numel() != 0; });
   const float* norm_data = norms.has_value() ? norms->const_data_ptr<float>() : nullptr;
   const float* scale = scalar_pointer(op, "grad_scale", grad_scale, device);
   const float* found = scalar_pointer(op, "found_inf", found_inf, device);
@@ -153,7 +146,7 @@ void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     using C = typename decltype(copy_type)::type;
     dispatch_element(element_type(grads), [&](auto grad_type) {
       using G = typename decltype(grad_type)::type;
-      dispatch_state(buffer_type.value_or(at::kFloat), [&](auto buffer_element) {
+      dispatch_state(buffer_type, [&](auto buffer_element) {
         using B = typename decltype(buffer_element)::type;
         dispatch_bool(table.aligned, [&](auto aligned) {
           lars_apply_kernel<P, G, C, B, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
