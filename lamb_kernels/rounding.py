@@ -109,6 +109,16 @@ def key_halves(keys):
     return [float(k & 0xFFFF) for k in keys], [float(k >> 16) for k in keys]
 
 
+def element_random16(key: int | torch.Tensor, n: int, state: int, device) -> torch.Tensor:
+    """The 16 random bits (int32 values in [0, 2^16)) of elements 0 to n - 1 of a tensor with `key`
+    (a Python int or a 0-d int64 tensor), for `state` 0 (m or a momentum buffer: the low half of
+    each element's 32 bits) or 1 (v: the high half)."""
+    index = _to_int32(torch.arange(n, device=device, dtype=torch.int64))
+    key = _to_int32(key if torch.is_tensor(key) else torch.tensor(key, dtype=torch.int64, device=device))
+    random = _mix32_int32(key ^ (index * _signed(_GOLDEN)))
+    return random & 0xFFFF if state == 0 else (random >> 16) & 0xFFFF
+
+
 def round_bf16_stochastic(x: torch.Tensor, key: int | torch.Tensor, state: int) -> torch.Tensor:
     """x (float32, dense: elements are indexed in memory order, as the kernels walk them) rounded
     stochastically to bfloat16 with a tensor's `key` (a Python int or a 0-d int64 tensor) and `state`
@@ -116,10 +126,7 @@ def round_bf16_stochastic(x: torch.Tensor, key: int | torch.Tensor, state: int) 
     memory layout. In int32 arithmetic (bit patterns), so that it runs at the speed of a few passes."""
     n = x.numel()
     flat = x.as_strided((n,), (1,))  # (dense: memory order, whatever the strides)
-    index = _to_int32(torch.arange(n, device=x.device, dtype=torch.int64))
-    key = _to_int32(key if torch.is_tensor(key) else torch.tensor(key, dtype=torch.int64, device=x.device))
-    random = _mix32_int32(key ^ (index * _signed(_GOLDEN)))
-    random16 = random & 0xFFFF if state == 0 else (random >> 16) & 0xFFFF
+    random16 = element_random16(key, n, state, x.device)
     pattern = flat.view(torch.int32)
     rounded = (pattern + random16) & _signed(0xFFFF0000)
     exponent = 0x7F800000
