@@ -66,6 +66,78 @@ void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restr
   partial[1] = lane_total(acc_u);
 }
 
+// 8-bit states (S = int8_t: m int8, v uint8 codes with block scales): each block of kCodeBlock
+// elements is updated in fp32 into local arrays, its new scales taken (the largest magnitudes), and
+// its codes written with stochastic rounding; u and its norm come from the decoded codes, the values
+// the apply pass will read. Plain element loops, and sums in lanes (for_each_lane), so that each
+// vectorizes.
+template <typename P, typename G, bool kScaled>
+void moments_chunk_codes(const Chunk& chunk, const P* __restrict__ p, const G* __restrict__ g, int8_t* __restrict__ m,
+                         uint8_t* __restrict__ v, float* __restrict__ m_scales, float* __restrict__ v_scales,
+                         const float* h, float grad_norm, float inv_scale, float* partial) {
+  const LambMoments moments(h, grad_norm);
+  const LambUpdate update(h);
+  const uint32_t key = rounding_key(h, kLambKeyLo);
+  float acc_p[kLanes] = {}, acc_u[kLanes] = {};
+  alignas(64) float new_m[kCodeBlock], new_v[kCodeBlock], u[kCodeBlock];
+  for (int64_t first = 0; first < chunk.size; first += kCodeBlock) {
+    const int64_t n = std::min(kCodeBlock, chunk.size - first);
+    const int64_t block = first / kCodeBlock;
+    const float m_scale = m_scales[block], v_scale = v_scales[block];
+    const P* __restrict__ pb = p + first;
+    const G* __restrict__ gb = g + first;
+    int8_t* __restrict__ mb = m + first;
+    uint8_t* __restrict__ vb = v + first;
+    for (int64_t i = 0; i < n; ++i) {
+      float grad = static_cast<float>(gb[i]);
+      if constexpr (kScaled) grad = grad * inv_scale;
+      float exp_avg = decode_signed(mb[i], m_scale), exp_avg_sq = decode_unsigned(vb[i], v_scale);
+      moments(static_cast<float>(pb[i]), grad, exp_avg, exp_avg_sq);  // 1-3.
+      new_m[i] = exp_avg;
+      new_v[i] = exp_avg_sq;
+    }
+    const float m_largest = block_absmax(new_m, n), v_largest = block_absmax(new_v, n);
+    m_scales[block] = m_largest;
+    v_scales[block] = v_largest;
+    const uint32_t first_index = static_cast<uint32_t>(chunk.begin + first);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t random = element_random(key, first_index + static_cast<uint32_t>(i));
+      const int8_t m_code = encode_signed(new_m[i], m_largest, (random & 0xffffU) << 4);
+      const uint8_t v_code = encode_unsigned(new_v[i], v_largest, (random >> 16) << 4);
+      mb[i] = m_code;
+      vb[i] = v_code;
+      u[i] = update(static_cast<float>(pb[i]), decode_signed(m_code, m_largest),
+                    decode_unsigned(v_code, v_largest));  // 4-5.
+    }
+    for_each_lane(n, [&](int64_t i, int64_t lane) {
+      const float param = static_cast<float>(pb[i]);
+      acc_p[lane] += param * param;
+      acc_u[lane] += u[i] * u[i];
+    });
+  }
+  partial[0] = lane_total(acc_p);
+  partial[1] = lane_total(acc_u);
+}
+
+template <typename P, typename C>
+void apply_chunk_codes(const Chunk& chunk, P* __restrict__ p, const int8_t* __restrict__ m,
+                       const uint8_t* __restrict__ v, const float* m_scales, const float* v_scales,
+                       C* __restrict__ copy, const float* h, const float* norms) {
+  const float step_size = lamb_step_size(h, norms);  // 6.
+  const LambUpdate update(h);
+  for (int64_t first = 0; first < chunk.size; first += kCodeBlock) {
+    const int64_t n = std::min(kCodeBlock, chunk.size - first);
+    const float m_scale = m_scales[first / kCodeBlock], v_scale = v_scales[first / kCodeBlock];
+    for (int64_t e = first; e < first + n; ++e) {
+      const float param = static_cast<float>(p[e]);
+      const float next = param - step_size * update(param, decode_signed(m[e], m_scale),
+                                                    decode_unsigned(v[e], v_scale));  // 7.
+      p[e] = static_cast<P>(next);
+      if constexpr (kWritesCopy<C>) copy[e] = static_cast<C>(next);
+    }
+  }
+}
+
 // The new value of a param goes to the param and, rounded, to its low-precision copy: the copy is
 // the fp32 master weight's value, not an update of the copy's own value.
 template <typename P, typename C, typename S>
@@ -85,7 +157,8 @@ void apply_chunk(const Chunk& chunk, P* __restrict__ p, const S* __restrict__ m,
 }  // namespace
 
 at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                            at::TensorList exp_avg_sqs, const at::Tensor& hyper,
+                            at::TensorList exp_avg_sqs, at::TensorList exp_avg_scales,
+                            at::TensorList exp_avg_sq_scales, const at::Tensor& hyper,
                             const std::optional<at::Tensor>& grad_sumsq, const std::optional<at::Tensor>& grad_scale,
                             const std::optional<at::Tensor>& found_inf, int64_t chunk_size) {
   const char* op = "lamb_moments";
@@ -93,8 +166,9 @@ at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::Ten
   check_lists(op, {{"params", params},
                    {"grads", grads},
                    {"exp_avgs", exp_avgs, Storage::kState},
-                   {"exp_avg_sqs", exp_avg_sqs, Storage::kState}});
+                   {"exp_avg_sqs", exp_avg_sqs, Storage::kUnsignedState}});
   check_same_dtype(op, "exp_avg_sqs", exp_avg_sqs, "exp_avgs", exp_avgs);
+  check_lamb_scales(op, exp_avgs, exp_avg_scales, exp_avg_sq_scales, chunk_size, at::kCPU);
   check_hyper(op, hyper, n_tensors, kLambColumns);
   const float inv_scale = inverse_grad_scale(op, grad_scale);
   // grad_sumsq sums the still-scaled grads: G = sqrt(grad_sumsq) / scale. Without clipping, 0 never
@@ -114,6 +188,18 @@ at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::Ten
         dispatch_bool(grad_scale.has_value(), [&](auto scaled) {
           const std::vector<const P*> p = const_pointers<P>(params);
           const std::vector<const G*> g = const_pointers<G>(grads);
+          if constexpr (std::is_same_v<S, int8_t>) {
+            const std::vector<int8_t*> m = mutable_pointers<int8_t>(exp_avgs);
+            const std::vector<uint8_t*> v = mutable_pointers<uint8_t>(exp_avg_sqs);
+            const std::vector<float*> ms = mutable_pointers(exp_avg_scales), vs = mutable_pointers(exp_avg_sq_scales);
+            parallel_over_chunks(chunks, [&](int64_t c, const Chunk& chunk) {
+              const int64_t t = chunk.tensor, b = chunk.begin;
+              moments_chunk_codes<P, G, decltype(scaled)::value>(
+                  chunk, p[t] + b, g[t] + b, m[t] + b, v[t] + b, ms[t] + b / kCodeBlock, vs[t] + b / kCodeBlock,
+                  h + t * kLambColumns, grad_norm, inv_scale, &partials[2 * c]);
+            });
+            return;
+          } else {
           const std::vector<S*> m = mutable_pointers<S>(exp_avgs), v = mutable_pointers<S>(exp_avg_sqs);
           parallel_over_chunks(chunks, [&](int64_t c, const Chunk& chunk) {
             const int64_t t = chunk.tensor, b = chunk.begin;
@@ -121,6 +207,7 @@ at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::Ten
                                                            h + t * kLambColumns, grad_norm, inv_scale,
                                                            &partials[2 * c]);
           });
+          }
         });
       });
     });
@@ -129,14 +216,15 @@ at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::Ten
 }
 
 void lamb_apply_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    const at::Tensor& hyper, const at::Tensor& norms, const std::optional<at::Tensor>& found_inf,
+                    at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales, const at::Tensor& hyper, const at::Tensor& norms, const std::optional<at::Tensor>& found_inf,
                     at::TensorList copies, int64_t chunk_size) {
   const char* op = "lamb_apply";
   const int64_t n_tensors = static_cast<int64_t>(params.size());
   check_lists(op, {{"params", params},
                    {"exp_avgs", exp_avgs, Storage::kState},
-                   {"exp_avg_sqs", exp_avg_sqs, Storage::kState}});
+                   {"exp_avg_sqs", exp_avg_sqs, Storage::kUnsignedState}});
   check_same_dtype(op, "exp_avg_sqs", exp_avg_sqs, "exp_avgs", exp_avgs);
+  check_lamb_scales(op, exp_avgs, exp_avg_scales, exp_avg_sq_scales, chunk_size, at::kCPU);
   check_copies(op, params, copies);
   check_hyper(op, hyper, n_tensors, kLambColumns);
   check_norms(op, norms, n_tensors);
@@ -151,6 +239,19 @@ void lamb_apply_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
       using S = typename decltype(state_type)::type;
       const std::vector<P*> p = mutable_pointers<P>(params);
       const std::vector<C*> copy = copy_pointers<C>(copies);
+      if constexpr (std::is_same_v<S, int8_t>) {
+        const std::vector<const int8_t*> m = const_pointers<int8_t>(exp_avgs);
+        const std::vector<const uint8_t*> v = const_pointers<uint8_t>(exp_avg_sqs);
+        const std::vector<const float*> ms = const_pointers(exp_avg_scales), vs = const_pointers(exp_avg_sq_scales);
+        parallel_over_chunks(chunks, [&](int64_t, const Chunk& chunk) {
+          const int64_t t = chunk.tensor, b = chunk.begin;
+          C* copy_chunk = nullptr;
+          if constexpr (kWritesCopy<C>) copy_chunk = copy[t] + b;
+          apply_chunk_codes(chunk, p[t] + b, m[t] + b, v[t] + b, ms[t] + b / kCodeBlock, vs[t] + b / kCodeBlock,
+                            copy_chunk, h + t * kLambColumns, norm_data + 2 * t);
+        });
+        return;
+      } else {
       const std::vector<const S*> m = const_pointers<S>(exp_avgs), v = const_pointers<S>(exp_avg_sqs);
       parallel_over_chunks(chunks, [&](int64_t, const Chunk& chunk) {
         const int64_t t = chunk.tensor, b = chunk.begin;
@@ -158,6 +259,7 @@ void lamb_apply_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
         if constexpr (kWritesCopy<C>) copy_chunk = copy[t] + b;
         apply_chunk(chunk, p[t] + b, m[t] + b, v[t] + b, copy_chunk, h + t * kLambColumns, norm_data + 2 * t);
       });
+      }
     });
   });
 }

@@ -18,12 +18,51 @@
 namespace lamb_kernels {
 namespace {
 
+// 8-bit buffers (int8 codes with block scales): each block of kCodeBlock elements gets its d and new
+// buffer values in fp32, its new scale (their largest magnitude) and its codes, written with
+// stochastic rounding; the step uses the decoded codes, as the next step will read them.
+template <typename P, typename G, typename C, bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov>
+void apply_chunk_codes(int64_t begin, int64_t n, P* __restrict__ p, const G* __restrict__ g, int8_t* __restrict__ buf,
+                       float* __restrict__ scales, C* __restrict__ copy, const LarsScalars& s, uint32_t key) {
+  alignas(64) float d[kCodeBlock], next_buf[kCodeBlock];
+  for (int64_t first = 0; first < n; first += kCodeBlock) {
+    const int64_t len = std::min(kCodeBlock, n - first);
+    const float scale = scales[first / kCodeBlock];
+    P* __restrict__ pb = p + first;
+    const G* __restrict__ gb = g + first;
+    int8_t* __restrict__ bb = buf + first;
+    for (int64_t i = 0; i < len; ++i) {
+      d[i] = lars_direction<kScaled, kAdapt>(static_cast<float>(pb[i]), static_cast<float>(gb[i]), s);  // 1.
+      // 2. (a new buffer is not read)
+      const float old = kMomentum == Momentum::kLater ? decode_signed(bb[i], scale) : 0.0f;
+      next_buf[i] = lars_buffer<kMomentum>(d[i], old, s);
+    }
+    const float block_scale = block_absmax(next_buf, len);
+    scales[first / kCodeBlock] = block_scale;
+    const uint32_t first_index = static_cast<uint32_t>(begin + first);
+    for (int64_t i = 0; i < len; ++i) {
+      const uint32_t random16 = element_random(key, first_index + static_cast<uint32_t>(i)) & 0xffffU;
+      const int8_t code = encode_signed(next_buf[i], block_scale, random16 << 4);
+      bb[i] = code;
+      const float stored = decode_signed(code, block_scale);
+      const float step = kNesterov ? d[i] + s.momentum * stored : stored;
+      const float next = static_cast<float>(pb[i]) - s.lr * step;  // 3.
+      pb[i] = static_cast<P>(next);
+      if constexpr (kWritesCopy<C>) copy[first + i] = static_cast<C>(next);
+    }
+  }
+}
+
 // The element loop with the per-tensor choices made at compile time, so each variant vectorises
 // as one straight loop.
 template <typename P, typename G, typename C, typename B, bool kScaled, bool kAdapt, Momentum kMomentum,
           bool kNesterov>
 void apply_chunk(int64_t begin, int64_t n, P* __restrict__ p, const G* __restrict__ g, B* __restrict__ buf,
-                 C* __restrict__ copy, const LarsScalars& s, uint32_t key) {
+                 float* __restrict__ scales, C* __restrict__ copy, const LarsScalars& s, uint32_t key) {
+  if constexpr (std::is_same_v<B, int8_t> && kMomentum != Momentum::kNone) {
+    apply_chunk_codes<P, G, C, kScaled, kAdapt, kMomentum, kNesterov>(begin, n, p, g, buf, scales, copy, s, key);
+    return;
+  }
   constexpr bool kRound = std::is_same_v<B, at::BFloat16> && kMomentum != Momentum::kNone;
   for (int64_t i = 0; i < n; ++i) {
     float b = 0.0f;
@@ -45,26 +84,26 @@ void apply_chunk(int64_t begin, int64_t n, P* __restrict__ p, const G* __restric
 }
 
 template <typename P, typename G, typename C, typename B, bool kScaled, bool kAdapt, Momentum kMomentum>
-void apply_chunk(bool nesterov, int64_t begin, int64_t n, P* p, const G* g, B* buf, C* copy, const LarsScalars& s,
-                 uint32_t key) {
+void apply_chunk(bool nesterov, int64_t begin, int64_t n, P* p, const G* g, B* buf, float* scales, C* copy,
+                 const LarsScalars& s, uint32_t key) {
   auto run = nesterov ? apply_chunk<P, G, C, B, kScaled, kAdapt, kMomentum, true>
                       : apply_chunk<P, G, C, B, kScaled, kAdapt, kMomentum, false>;
-  run(begin, n, p, g, buf, copy, s, key);
+  run(begin, n, p, g, buf, scales, copy, s, key);
 }
 
 template <typename P, typename G, typename C, typename B, bool kScaled, bool kAdapt>
-void apply_chunk(Momentum mode, bool nesterov, int64_t begin, int64_t n, P* p, const G* g, B* buf, C* copy,
-                 const LarsScalars& s, uint32_t key) {
+void apply_chunk(Momentum mode, bool nesterov, int64_t begin, int64_t n, P* p, const G* g, B* buf, float* scales,
+                 C* copy, const LarsScalars& s, uint32_t key) {
   auto run = mode == Momentum::kNone        ? apply_chunk<P, G, C, B, kScaled, kAdapt, Momentum::kNone>
              : mode == Momentum::kFirstStep ? apply_chunk<P, G, C, B, kScaled, kAdapt, Momentum::kFirstStep>
                                             : apply_chunk<P, G, C, B, kScaled, kAdapt, Momentum::kLater>;
-  run(nesterov, begin, n, p, g, buf, copy, s, key);
+  run(nesterov, begin, n, p, g, buf, scales, copy, s, key);
 }
 
 }  // namespace
 
 void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
+                    at::TensorList buffer_scales, const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     at::TensorList copies, int64_t chunk_size) {
   const char* op = "lars_apply";
@@ -83,6 +122,10 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   // A tensor without momentum has an empty placeholder in momentum_buffers.
   const at::ScalarType buffer_type = check_momentum_buffers(
       op, params, momentum_buffers, at::kCPU, [&](int64_t t) { return h[t * kLarsColumns + kLarsHasMomentum] != 0; });
+  auto has_buffer = [&](int64_t t) { return h[t * kLarsColumns + kLarsHasMomentum] != 0; };
+  const bool codes = check_scales(op, "buffer_scales", momentum_buffers, buffer_scales, at::kCPU, has_buffer);
+  TORCH_CHECK(!codes || chunk_size % kCodeBlock == 0, op,
+              ": chunk_size must be a multiple of 256 with 8-bit buffers, got ", chunk_size);
   const float inv_scale = inverse_grad_scale(op, grad_scale);
   if (skips_step(op, found_inf)) return;
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
@@ -96,6 +139,8 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       using B = typename decltype(buffer_element)::type;
       std::vector<B*> b_data;
       for (const at::Tensor& b : momentum_buffers) b_data.push_back(b.numel() ? b.mutable_data_ptr<B>() : nullptr);
+      std::vector<float*> s_data;
+      for (const at::Tensor& scale : buffer_scales) s_data.push_back(scale.numel() ? scale.mutable_data_ptr<float>() : nullptr);
       dispatch_bool(grad_scale.has_value(), [&](auto scaled) {
         constexpr bool kScaled = decltype(scaled)::value;
         const std::vector<P*> p_data = mutable_pointers<P>(params);
@@ -112,12 +157,13 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
           P* p = p_data[t] + chunk.begin;
           const G* g = g_data[t] + chunk.begin;
           B* buf = mode == Momentum::kNone ? nullptr : b_data[t] + chunk.begin;
+          float* scales = mode == Momentum::kNone || !codes ? nullptr : s_data[t] + chunk.begin / kCodeBlock;
           C* copy = nullptr;
           if constexpr (kWritesCopy<C>) copy = c_data[t] + chunk.begin;
           const LarsScalars scalars{ht[kLarsLr], ratio, ht[kLarsWeightDecay], ht[kLarsMomentum],
                                     ht[kLarsOneMinusDampening], inv_scale};
           auto run = adapt ? apply_chunk<P, G, C, B, kScaled, true> : apply_chunk<P, G, C, B, kScaled, false>;
-          run(mode, ht[kLarsNesterov] != 0, chunk.begin, chunk.size, p, g, buf, copy, scalars,
+          run(mode, ht[kLarsNesterov] != 0, chunk.begin, chunk.size, p, g, buf, scales, copy, scalars,
               rounding_key(ht, kLarsKeyLo));
         });
       });

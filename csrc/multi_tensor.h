@@ -83,20 +83,23 @@ void dispatch_bool(bool flag, const F& f) {
   }
 }
 
-// Calls f(Element<float>{}) or f(Element<at::BFloat16>{}): the storage of a list of optimizer states.
+// Calls f(Element<float>{}), f(Element<at::BFloat16>{}) or f(Element<int8_t>{}): the storage of a list of
+// optimizer states (int8_t: 8-bit codes with block scales, optimizer_math.h; LAMB's v is then uint8).
 template <typename F>
 void dispatch_state(at::ScalarType dtype, const F& f) {
   if (dtype == at::kBFloat16) {
     f(Element<at::BFloat16>{});
+  } else if (dtype == at::kChar) {
+    f(Element<int8_t>{});
   } else {
     f(Element<float>{});
   }
 }
 
-// What a list may hold: float32 only (buffers); float32 or bfloat16 (optimizer states); float32,
-// bfloat16 or float16 (params, grads); bfloat16 or float16 (the low-precision copies of fp32 master
-// weights).
-enum class Storage { kFloat32, kState, kFloating, kLowPrecision };
+// What a list may hold: float32 only (buffers); float32, bfloat16 or int8 codes (signed optimizer
+// states: m, momentum buffers); float32, bfloat16 or uint8 codes (LAMB's v); float32, bfloat16 or
+// float16 (params, grads); bfloat16 or float16 (the low-precision copies of fp32 master weights).
+enum class Storage { kFloat32, kState, kUnsignedState, kFloating, kLowPrecision };
 
 struct ListArg {
   const char* name;
@@ -110,7 +113,9 @@ inline bool storable(Storage storage, at::ScalarType dtype) {
     case Storage::kFloat32:
       return dtype == at::kFloat;
     case Storage::kState:
-      return dtype == at::kFloat || dtype == at::kBFloat16;
+      return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kChar;
+    case Storage::kUnsignedState:
+      return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kByte;
     case Storage::kFloating:
       return dtype == at::kFloat || low;
     case Storage::kLowPrecision:
@@ -124,7 +129,9 @@ inline const char* storable_names(Storage storage) {
     case Storage::kFloat32:
       return "float32";
     case Storage::kState:
-      return "float32 or bfloat16";
+      return "float32, bfloat16 or int8 (codes)";
+    case Storage::kUnsignedState:
+      return "float32, bfloat16 or uint8 (codes)";
     case Storage::kFloating:
       return "float32, bfloat16 or float16";
     case Storage::kLowPrecision:
@@ -160,11 +167,56 @@ inline void check_lists(const char* op, std::initializer_list<ListArg> lists, at
   }
 }
 
-// Two lists of one dtype each (check_lists) that must also share it (a kernel's m and v).
+// A kernel's m and v, of one dtype each (check_lists): both float32, both bfloat16, or 8-bit codes
+// (m int8, v uint8).
 inline void check_same_dtype(const char* op, const char* name, at::TensorList list, const char* other_name,
                              at::TensorList other) {
-  TORCH_CHECK(list.empty() || other.empty() || list[0].scalar_type() == other[0].scalar_type(), op, ": ", name,
-              " has dtype ", list[0].scalar_type(), ", but ", other_name, " has ", other[0].scalar_type());
+  if (list.empty() || other.empty()) return;
+  const at::ScalarType own = list[0].scalar_type(), theirs = other[0].scalar_type();
+  TORCH_CHECK(own == theirs || (own == at::kByte && theirs == at::kChar), op, ": ", name, " has dtype ", own,
+              ", but ", other_name, " has ", theirs, " (8-bit codes: ", other_name, " int8, ", name, " uint8)");
+}
+
+// The block scales of 8-bit codes (optimizer_math.h): when `codes` are int8 or uint8, one contiguous
+// float32 tensor of ceil(numel / 256) elements per code tensor (where `is_codes(t)`: LARS's
+// placeholders have none to check), on `device`; else `scales` is empty. Returns whether they are codes.
+template <typename IsCodes>
+bool check_scales(const char* op, const char* name, at::TensorList codes, at::TensorList scales, at::Device device,
+                  const IsCodes& is_codes) {
+  bool coded = false;
+  for (int64_t t = 0; t < static_cast<int64_t>(codes.size()); ++t) {
+    if (!is_codes(t)) continue;
+    coded = coded || codes[t].scalar_type() == at::kChar || codes[t].scalar_type() == at::kByte;
+  }
+  if (!coded) {
+    TORCH_CHECK(scales.empty(), op, ": ", name, " must be empty for float states, got ", scales.size(), " tensors");
+    return false;
+  }
+  TORCH_CHECK(scales.size() == codes.size(), op, ": ", name, " has ", scales.size(), " tensors, the codes have ",
+              codes.size());
+  for (int64_t t = 0; t < static_cast<int64_t>(codes.size()); ++t) {
+    if (!is_codes(t)) continue;
+    const at::Tensor& s = scales[t];
+    const int64_t blocks = (codes[t].numel() + 255) / 256;
+    TORCH_CHECK(s.device() == device && s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == blocks,
+                op, ": ", name, "[", t, "] must be a contiguous float32 tensor of ", blocks, " elements on ", device,
+                " (one scale per 256 codes), got ", s.sizes(), " ", s.scalar_type(), " on ", s.device());
+  }
+  return true;
+}
+
+inline bool check_scales(const char* op, const char* name, at::TensorList codes, at::TensorList scales,
+                         at::Device device) {
+  return check_scales(op, name, codes, scales, device, [](int64_t) { return true; });
+}
+
+// LAMB's scale lists (m's and v's), and a chunk size that keeps blocks whole when the states are codes.
+inline void check_lamb_scales(const char* op, at::TensorList exp_avgs, at::TensorList exp_avg_scales,
+                              at::TensorList exp_avg_sq_scales, int64_t chunk_size, at::Device device) {
+  const bool codes = check_scales(op, "exp_avg_scales", exp_avgs, exp_avg_scales, device);
+  check_scales(op, "exp_avg_sq_scales", exp_avgs, exp_avg_sq_scales, device);
+  TORCH_CHECK(!codes || chunk_size % 256 == 0, op, ": chunk_size must be a multiple of 256 with 8-bit states, got ",
+              chunk_size);
 }
 
 // LARS's momentum buffers: those where `is_buffer(t)` (the others are placeholders, never read) laid

@@ -9,10 +9,12 @@
 #pragma once
 
 #include "multi_tensor.h"
+#include "optimizer_math.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
@@ -88,6 +90,32 @@ inline float lane_total(const float* lanes) {
     for (int64_t i = 0; i < width; ++i) pairs[i] += pairs[i + width];
   }
   return pairs[0];
+}
+
+// Calls f(i, lane) for i in [0, n): kLanes at a time (an inner loop of fixed length, which the
+// compiler vectorizes), lane = i % kLanes, then the rest.
+template <typename F>
+inline void for_each_lane(int64_t n, const F& f) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) f(i + lane, lane);
+  }
+  for (int64_t lane = 0; i + lane < n; ++lane) f(i + lane, lane);
+}
+
+// The largest magnitude of x[0:n), NaN when one is NaN (as torch's amax). Lanes of plain maxima and
+// of NaN flags, kept apart, so that the loop vectorizes.
+inline float block_absmax(const float* __restrict__ x, int64_t n) {
+  float largest[kLanes] = {};
+  int32_t nan[kLanes] = {};
+  for_each_lane(n, [&](int64_t i, int64_t lane) {
+    const float a = std::fabs(x[i]);
+    largest[lane] = a > largest[lane] ? a : largest[lane];
+    nan[lane] |= is_nan(a);
+  });
+  float result = 0.0f;
+  for (int64_t lane = 0; lane < kLanes; ++lane) result = nan[lane] ? std::nanf("") : absmax(result, largest[lane]);
+  return result;
 }
 
 // Sum of squares of x[0:n). The range is walked as kStreams interleaved sub-ranges: a single

@@ -41,6 +41,14 @@ LAMB_KERNELS_HD float divide(float a, float b) {
 
 LAMB_KERNELS_HD bool is_nan(float x) { return x != x; }
 
+LAMB_KERNELS_HD float magnitude(float x) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(x);
+#else
+  return std::fabs(x);
+#endif
+}
+
 // -- Stochastic rounding to bfloat16, for states kept in bf16 (lamb_kernels/rounding.py) -----------
 
 LAMB_KERNELS_HD uint32_t mix32(uint32_t x) {
@@ -90,6 +98,72 @@ LAMB_KERNELS_HD float round_bf16_stochastic(float x, uint32_t random16) {
   const uint32_t rounded = (pattern + random16) & 0xffff0000U;
   const uint32_t kept = (rounded & 0x7f800000U) == 0x7f800000U ? (pattern & 0x80000000U) | 0x7f7f0000U : rounded;
   return bits_float((pattern & 0x7f800000U) == 0x7f800000U ? pattern : kept);
+}
+
+// -- 8-bit blockwise states (lamb_kernels/quantization.py) -------------------------------------------
+//
+// Blocks of kCodeBlock elements in memory order, one fp32 scale each (the block's largest magnitude),
+// and per element an 8-bit code of |x| / scale: code c > 0 is the float with bit pattern
+// (c + offset) << 20 (4 bits of exponent and 3 of fraction for signed states, 5 and 3 for unsigned
+// ones). The encoding rounds with r in [0, 2^20): stochastically with (random16 << 4), to the nearest
+// with 2^19.
+
+constexpr int64_t kCodeBlock = 256;
+
+struct CodeFormat {
+  uint32_t offset;   // code c is the float of bits (c + offset) << 20
+  int32_t largest;   // the code of 1.0
+  float smallest;    // the smallest nonzero code's value (2^-15, 2^-31)
+  float below;       // 2^20 / smallest: below it, t = y * below (linear)
+};
+
+// (functions, not constants: device code may not refer to a host constant of class type)
+LAMB_KERNELS_HD constexpr CodeFormat signed_codes() { return {895u, 121, 0x1p-15f, 0x1p35f}; }
+LAMB_KERNELS_HD constexpr CodeFormat unsigned_codes() { return {767u, 249, 0x1p-31f, 0x1p51f}; }
+
+// The magnitude code of |x| in a block of scale `scale` (its largest magnitude, NaN or infinite when
+// the block holds such a value): y = |x| * (1 / scale), the reciprocal one IEEE division per block (a
+// loop over a block hoists it). Selects only, and the division always done (by 1 where the scale is
+// 0 or NaN): a branch around a floating-point operation keeps the CPU loops from vectorizing.
+LAMB_KERNELS_HD int32_t encode_magnitude(float x, float scale, CodeFormat f, uint32_t r) {
+  const bool scaled = scale > 0;
+  const float inverse = divide(1.0f, scaled ? scale : 1.0f);
+  const float y = scaled ? magnitude(x) * inverse : 0.0f;
+  const bool small = y < f.smallest;
+  const uint32_t below = static_cast<uint32_t>(static_cast<int32_t>((small ? y : 0.0f) * f.below));
+  const uint32_t t = small ? below : float_bits(y) - (f.offset << 20);
+  const int32_t c = static_cast<int32_t>((t + r) >> 20);
+  const int32_t capped = c < f.largest ? c : f.largest;
+  return y <= 1.0f ? capped : f.largest;  // NaN y: the largest code
+}
+
+LAMB_KERNELS_HD float decode_magnitude(int32_t c, float scale, CodeFormat f) {
+  return (c == 0 ? 0.0f : bits_float((static_cast<uint32_t>(c) + f.offset) << 20)) * scale;
+}
+
+// Signed codes (m, momentum buffers): int8, the sign of the value (x < 0) and its magnitude code.
+LAMB_KERNELS_HD int8_t encode_signed(float x, float scale, uint32_t r) {
+  const int32_t c = encode_magnitude(x, scale, signed_codes(), r);
+  return static_cast<int8_t>(x < 0 ? -c : c);
+}
+
+LAMB_KERNELS_HD float decode_signed(int8_t q, float scale) {
+  const float v = decode_magnitude(q < 0 ? -static_cast<int32_t>(q) : static_cast<int32_t>(q), scale, signed_codes());
+  return q < 0 ? -v : v;
+}
+
+LAMB_KERNELS_HD uint8_t encode_unsigned(float x, float scale, uint32_t r) {
+  return static_cast<uint8_t>(encode_magnitude(x, scale, unsigned_codes(), r));
+}
+
+LAMB_KERNELS_HD float decode_unsigned(uint8_t q, float scale) {
+  return decode_magnitude(static_cast<int32_t>(q), scale, unsigned_codes());
+}
+
+// The largest magnitude, a NaN kept once met (as torch's amax).
+LAMB_KERNELS_HD float absmax(float running, float x) {
+  const float a = magnitude(x);
+  return (a > running) | is_nan(a) ? a : running;
 }
 
 // -- LAMB ------------------------------------------------------------------------------------------
@@ -173,18 +247,30 @@ struct LarsScalars {
 // only for kLater (a new buffer becomes d). The grad is still scaled; kScaled multiplies it by
 // 1 / scale before any other use. kRound: the buffer is kept in bf16; its new value is rounded
 // stochastically with `random16` (the low 16 bits of element_random), and the step uses the rounded value.
-template <bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov, bool kRound = false>
-LAMB_KERNELS_HD float lars_element(float param, float grad, float& buf, const LarsScalars& s, uint32_t random16 = 0) {
+// Step 1 for one element: d, from the still-scaled grad.
+template <bool kScaled, bool kAdapt>
+LAMB_KERNELS_HD float lars_direction(float param, float grad, const LarsScalars& s) {
   // The weight-decay product comes before the loss-scale product on purpose: GCC's -ffp-contract
   // fuses the first product it meets into the add, so this order keeps fma(wd, p, g) as before the
   // grads were scaled, and g * (1 / scale) rounds on its own (exactly, for a power-of-two scale).
   const float decay = s.weight_decay * param;
   if (kScaled) grad = grad * s.inv_scale;
   // 1. A weight decay of 0 adds nothing, not 0 * p (an infinite p stays infinite).
-  const float d = kAdapt ? (s.weight_decay != 0 ? grad + decay : grad) * s.ratio : grad;
+  return kAdapt ? (s.weight_decay != 0 ? grad + decay : grad) * s.ratio : grad;
+}
+
+// Step 2's new buffer value (kFirstStep: d; kLater: from the buffer's value `buf`).
+template <Momentum kMomentum>
+LAMB_KERNELS_HD float lars_buffer(float d, float buf, const LarsScalars& s) {
+  return kMomentum == Momentum::kFirstStep ? d : s.momentum * buf + s.one_minus_dampening * d;
+}
+
+template <bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov, bool kRound = false>
+LAMB_KERNELS_HD float lars_element(float param, float grad, float& buf, const LarsScalars& s, uint32_t random16 = 0) {
+  const float d = lars_direction<kScaled, kAdapt>(param, grad, s);
   float step = d;
   if (kMomentum != Momentum::kNone) {  // 2.
-    buf = kMomentum == Momentum::kFirstStep ? d : s.momentum * buf + s.one_minus_dampening * d;
+    buf = lars_buffer<kMomentum>(d, buf, s);
     if (kRound) buf = round_bf16_stochastic(buf, random16);
     step = kNesterov ? d + s.momentum * buf : buf;
   }

@@ -70,10 +70,14 @@ class LambSegment:
     layer_adaptation: bool
     max_grad_norm: float  # 0.0 means: no clipping for this group
     trust_ratio_bounds: tuple = field(default=(0.0, math.inf))
-    state_dtype: torch.dtype = torch.float32  # of exp_avgs and exp_avg_sqs: float32, or bfloat16
-    # bfloat16 states: per tensor, this step's stochastic-rounding key (lamb_kernels/rounding.py): a
-    # list of ints, or an int64 tensor on the step counts' device; None for float32 states.
+    # of exp_avgs and exp_avg_sqs: torch.float32, torch.bfloat16, or "int8" (8-bit codes, int8 for m
+    # and uint8 for v, with their float32 block scales in exp_avg_scales, exp_avg_sq_scales: quantization.py)
+    state_dtype: object = torch.float32
+    # bfloat16 and int8 states: per tensor, this step's stochastic-rounding key (lamb_kernels/rounding.py):
+    # a list of ints, or an int64 tensor on the step counts' device; None for float32 states.
     rounding_keys: Optional[object] = None
+    exp_avg_scales: list = field(default_factory=list)  # int8 states: per tensor, m's block scales
+    exp_avg_sq_scales: list = field(default_factory=list)  # and v's
     copies: list = field(default_factory=list)
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
@@ -101,8 +105,11 @@ class LarsSegment:
     eps: float
     trust_clip: bool
     adaptation: bool
-    state_dtype: torch.dtype = torch.float32  # of the momentum buffers: float32, or bfloat16
-    rounding_keys: Optional[object] = None  # bf16 buffers: per tensor, as LambSegment's
+    state_dtype: object = torch.float32  # of the momentum buffers: torch.float32, torch.bfloat16, or "int8"
+    rounding_keys: Optional[object] = None  # bf16 and int8 buffers: per tensor, as LambSegment's
+    # int8 buffers: per tensor, the buffer's block scales (empty for float buffers; a bucket of int8
+    # buffers holds only groups with momentum)
+    momentum_buffer_scales: list = field(default_factory=list)
     copies: list = field(default_factory=list)
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
@@ -126,6 +133,10 @@ class Plan:
     exp_avgs: list = field(default_factory=list)  # LAMB
     exp_avg_sqs: list = field(default_factory=list)  # LAMB
     momentum_buffers: list = field(default_factory=list)  # LARS: per tensor, its buffer or None
+    # 8-bit states' block scales, per tensor (empty lists for float states)
+    exp_avg_scales: list = field(default_factory=list)  # LAMB
+    exp_avg_sq_scales: list = field(default_factory=list)  # LAMB
+    momentum_buffer_scales: list = field(default_factory=list)  # LARS
     hyper: Optional[torch.Tensor] = None  # native backends: the hyperparameter table (hyper.py)
     scratch: list = field(default_factory=list)  # torch backend: per segment, fp32 tensors like seg.params
     step_values: list = field(default_factory=list)  # torch backend: per segment, the values a step changes
@@ -142,13 +153,15 @@ def _plan(segments, kind: str, **lists) -> Plan:
 
 def lamb_plan(segments) -> Plan:
     """The plan of a bucket of LambSegments, before the backend adds what it keeps."""
-    return _plan(segments, "lamb", exp_avgs=flat(segments, "exp_avgs"), exp_avg_sqs=flat(segments, "exp_avg_sqs"))
+    return _plan(segments, "lamb", exp_avgs=flat(segments, "exp_avgs"), exp_avg_sqs=flat(segments, "exp_avg_sqs"),
+                 exp_avg_scales=flat(segments, "exp_avg_scales"), exp_avg_sq_scales=flat(segments, "exp_avg_sq_scales"))
 
 
 def lars_plan(segments) -> Plan:
     """The plan of a bucket of LarsSegments, before the backend adds what it keeps."""
-    plan = _plan(segments, "lars", momentum_buffers=flat(segments, "momentum_buffers"))
-    plan.written += [b for b in plan.momentum_buffers if b is not None]
+    plan = _plan(segments, "lars", momentum_buffers=flat(segments, "momentum_buffers"),
+                 momentum_buffer_scales=flat(segments, "momentum_buffer_scales"))
+    plan.written += [b for b in plan.momentum_buffers if b is not None] + plan.momentum_buffer_scales
     return plan
 
 

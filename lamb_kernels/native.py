@@ -57,15 +57,17 @@ class NativeBackend:
 
     def lamb_moments_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> torch.Tensor:
         with self._on_device(plan):
-            norms = self._op("lamb_moments")(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper,
-                                             grad_sumsq, grad_scale, found_inf, self.chunk_size)
-        mark_modified(plan.exp_avgs + plan.exp_avg_sqs)
+            norms = self._op("lamb_moments")(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs,
+                                             plan.exp_avg_scales, plan.exp_avg_sq_scales, plan.hyper, grad_sumsq,
+                                             grad_scale, found_inf, self.chunk_size)
+        mark_modified(plan.exp_avgs + plan.exp_avg_sqs + plan.exp_avg_scales + plan.exp_avg_sq_scales)
         return norms
 
     def lamb_apply_(self, plan: Plan, norms: torch.Tensor, found_inf=None) -> None:
         with self._on_device(plan):
-            self._op("lamb_apply")(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.hyper, norms.contiguous(),
-                                   found_inf, plan.copies, self.chunk_size)
+            self._op("lamb_apply")(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.exp_avg_scales,
+                                   plan.exp_avg_sq_scales, plan.hyper, norms.contiguous(), found_inf, plan.copies,
+                                   self.chunk_size)
         mark_modified(plan.written)
 
     # -- LARS, docs/design.md section 3 ----------------------------------------------------------
@@ -86,6 +88,6 @@ class NativeBackend:
 
     def lars_apply_(self, plan: Plan, norms, grad_scale=None, found_inf=None) -> None:
         with self._on_device(plan):
-            self._op("lars_apply")(plan.params, plan.grads, plan.momentum_buffers, plan.hyper, norms, grad_scale,
-                                   found_inf, plan.copies, self.chunk_size)
+            self._op("lars_apply")(plan.params, plan.grads, plan.momentum_buffers, plan.momentum_buffer_scales,
+                                   plan.hyper, norms, grad_scale, found_inf, plan.copies, self.chunk_size)
         mark_modified(plan.written)

@@ -6,15 +6,20 @@ kernels (shapes and dtypes without running, for torch.compile and opcheck) are w
     sums_of_squares(Tensor[] tensors, Tensor[]? paired, int chunk_size) -> Tensor
         per tensor, the sum of squares: [n] fp32, or [n, 2] with `paired` (both read in one pass)
     lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs,
-                 Tensor hyper, Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, int chunk_size)
-                 -> Tensor
+                 Tensor(c!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor hyper,
+                 Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, int chunk_size) -> Tensor
         LAMB steps 1-5, moments in place; per tensor ||p||^2 and ||u||^2, [n, 2]
-    lamb_apply(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor hyper, Tensor norms,
-               Tensor? found_inf, Tensor(d!)[] copies, int chunk_size) -> ()
+    lamb_apply(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] exp_avg_scales,
+               Tensor[] exp_avg_sq_scales, Tensor hyper, Tensor norms, Tensor? found_inf,
+               Tensor(d!)[] copies, int chunk_size) -> ()
         LAMB steps 6-7
-    lars_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper,
-               Tensor? norms, Tensor? grad_scale, Tensor? found_inf, Tensor(c!)[] copies, int chunk_size) -> ()
+    lars_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers,
+               Tensor(e!)[] buffer_scales, Tensor hyper, Tensor? norms, Tensor? grad_scale,
+               Tensor? found_inf, Tensor(c!)[] copies, int chunk_size) -> ()
         LARS, docs/design.md section 3
+
+The ``*_scales`` lists are empty for float states; for 8-bit states (m and momentum buffers int8
+codes, v uint8) they hold each state's float32 block scales (lamb_kernels/quantization.py).
 
 `hyper` is the bucket's hyperparameter table (lamb_kernels/hyper.py); `chunk_size` the elements per
 chunk (one program, or one task of a thread). docs/design.md section 7 says what each computes.
@@ -25,12 +30,14 @@ import torch
 SCHEMAS = {
     "sums_of_squares": "(Tensor[] tensors, Tensor[]? paired, int chunk_size) -> Tensor",
     "lamb_moments": "(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
-                    "Tensor hyper, Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, "
+                    "Tensor(c!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor hyper, Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, "
                     "int chunk_size) -> Tensor",
-    "lamb_apply": "(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor hyper, Tensor norms, "
-                  "Tensor? found_inf, Tensor(d!)[] copies, int chunk_size) -> ()",
-    "lars_apply": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, Tensor? norms, "
-                  "Tensor? grad_scale, Tensor? found_inf, Tensor(c!)[] copies, int chunk_size) -> ()",
+    "lamb_apply": "(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] exp_avg_scales, "
+                  "Tensor[] exp_avg_sq_scales, Tensor hyper, Tensor norms, Tensor? found_inf, Tensor(d!)[] copies, "
+                  "int chunk_size) -> ()",
+    "lars_apply": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(e!)[] buffer_scales, "
+                  "Tensor hyper, Tensor? norms, Tensor? grad_scale, Tensor? found_inf, Tensor(c!)[] copies, "
+                  "int chunk_size) -> ()",
 }
 STAGES = tuple(SCHEMAS)
 
@@ -40,15 +47,15 @@ def _sums_of_squares(tensors, paired, chunk_size):
     return torch.empty(shape, dtype=torch.float32, device=tensors[0].device if tensors else "cpu")
 
 
-def _lamb_moments(params, grads, exp_avgs, exp_avg_sqs, hyper, grad_sumsq, grad_scale, found_inf, chunk_size):
+def _lamb_moments(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, hyper, grad_sumsq, grad_scale, found_inf, chunk_size):
     return hyper.new_empty((len(params), 2), dtype=torch.float32)
 
 
-def _lamb_apply(params, exp_avgs, exp_avg_sqs, hyper, norms, found_inf, copies, chunk_size):
+def _lamb_apply(params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, hyper, norms, found_inf, copies, chunk_size):
     return None
 
 
-def _lars_apply(params, grads, momentum_buffers, hyper, norms, grad_scale, found_inf, copies, chunk_size):
+def _lars_apply(params, grads, momentum_buffers, buffer_scales, hyper, norms, grad_scale, found_inf, copies, chunk_size):
     return None
 
 

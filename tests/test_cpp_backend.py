@@ -55,10 +55,10 @@ def test_opcheck_lamb_operators(clip):
     grad_sumsq = ops.sums_of_squares(seg.grads, None, 64).sum() if clip else None
     torch.library.opcheck(ops.sums_of_squares.default, (seg.grads, None, 64))
     torch.library.opcheck(ops.sums_of_squares.default, (seg.params, seg.grads, 64))
-    args = (seg.params, seg.grads, seg.exp_avgs, seg.exp_avg_sqs, hyper, grad_sumsq, None, None, 64)
+    args = (seg.params, seg.grads, seg.exp_avgs, seg.exp_avg_sqs, [], [], hyper, grad_sumsq, None, None, 64)
     torch.library.opcheck(ops.lamb_moments.default, args)
     norms = ops.lamb_moments(*args)
-    torch.library.opcheck(ops.lamb_apply.default, (seg.params, seg.exp_avgs, seg.exp_avg_sqs, hyper, norms, None, [], 64))
+    torch.library.opcheck(ops.lamb_apply.default, (seg.params, seg.exp_avgs, seg.exp_avg_sqs, [], [], hyper, norms, None, [], 64))
 
 
 @needs_cpp
@@ -69,7 +69,7 @@ def test_opcheck_lars_operator(momentum, first_step, adaptive):
     if not adaptive:
         hyper[:, LarsColumn.ADAPT] = 0.0
     norms = ops.sums_of_squares(seg.params, seg.grads, 64) if adaptive else None
-    torch.library.opcheck(ops.lars_apply.default, (seg.params, seg.grads, buffers, hyper, norms, None, None, [], 64))
+    torch.library.opcheck(ops.lars_apply.default, (seg.params, seg.grads, buffers, [], hyper, norms, None, None, [], 64))
 
 
 @needs_cpp
@@ -78,17 +78,17 @@ def test_operators_reject_mismatched_inputs_by_name():
     seg, hyper = lamb_inputs()
     before = [t.clone() for t in (*seg.params, *seg.exp_avgs, *seg.exp_avg_sqs)]
     with pytest.raises(RuntimeError, match=r"lamb_moments: exp_avgs has 4 tensors, params has 5"):
-        ops.lamb_moments(seg.params, seg.grads, seg.exp_avgs[:4], seg.exp_avg_sqs, hyper, None, None, None, 64)
+        ops.lamb_moments(seg.params, seg.grads, seg.exp_avgs[:4], seg.exp_avg_sqs, [], [], hyper, None, None, None, 64)
     with pytest.raises(RuntimeError, match=r"lamb_moments: grads\[3\] has dtype Double"):
         ops.lamb_moments(seg.params, [g.double() if i == 3 else g for i, g in enumerate(seg.grads)],
-                         seg.exp_avgs, seg.exp_avg_sqs, hyper, None, None, None, 64)
+                         seg.exp_avgs, seg.exp_avg_sqs, [], [], hyper, None, None, None, 64)
     with pytest.raises(RuntimeError, match=r"lamb_apply: hyper must be .* of shape \[5, 16\]"):
-        ops.lamb_apply(seg.params, seg.exp_avgs, seg.exp_avg_sqs, hyper[:4], torch.zeros(5, 2), None, [], 64)
+        ops.lamb_apply(seg.params, seg.exp_avgs, seg.exp_avg_sqs, [], [], hyper[:4], torch.zeros(5, 2), None, [], 64)
     with pytest.raises(RuntimeError, match=r"chunk_size must be a positive multiple of 16"):
         ops.sums_of_squares(seg.params, None, 100)
     lars, buffers, lars_hyper = lars_inputs()
     with pytest.raises(RuntimeError, match=r"lars_apply: params\[0\] adapts, but no norms were given"):
-        ops.lars_apply(lars.params, lars.grads, buffers, lars_hyper, None, None, None, [], 64)
+        ops.lars_apply(lars.params, lars.grads, buffers, [], lars_hyper, None, None, None, [], 64)
     after = (*seg.params, *seg.exp_avgs, *seg.exp_avg_sqs)
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # checked before anything changed
 

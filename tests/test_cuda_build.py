@@ -23,7 +23,10 @@ OPERATORS = ("sums_of_squares", "lamb_moments", "lamb_apply", "lars_apply")
 # Kernels whose vectorized variant (kAligned, the last template argument) must move 128 bits at a
 # time, and whether they store.
 MAIN_KERNELS = {"lamb_moments_kernel": True, "lamb_apply_kernel": True, "lars_apply_kernel": True,
-                "chunk_sums_kernel": False}
+                "chunk_sums_kernel": False, "lamb_moments_codes_kernel": False, "lamb_apply_codes_kernel": True}
+# Kernels of 8-bit states, whose vectorized variant moves each lane's 8 codes 64 bits at a time, and
+# whether they store codes.
+CODES_KERNELS = {"lamb_moments_codes_kernel": True, "lamb_apply_codes_kernel": False, "lars_apply_kernel": True}
 
 
 def _nvcc_missing() -> str | None:
@@ -117,6 +120,20 @@ def test_vectorized_variants_move_128_bits(build):
             assert re.search(r"ld\.global[\w.]*\.v4\.", body), f"{name}: no 128-bit global load"
             if stores:
                 assert re.search(r"st\.global[\w.]*\.v4\.", body), f"{name}: no 128-bit global store"
+
+
+def test_vectorized_variants_move_8_bit_codes_64_bits_at_a_time(build):
+    work, _ = build
+    entries = _ptx_entries(work / "keep")
+    for kernel, stores in CODES_KERNELS.items():
+        # (lars_apply_kernel: its variants for int8 buffers, "a" the mangled int8_t)
+        variant = "aLb1EEEv" if kernel == "lars_apply_kernel" else "Lb1EEEv"
+        aligned = {name: body for name, body in entries.items() if kernel in name and variant in name}
+        assert aligned, f"{kernel}: no aligned variant"
+        for name, body in aligned.items():
+            assert re.search(r"ld\.global[\w.]*\.v2\.u32", body), f"{name}: no 64-bit load of codes"
+            if stores:
+                assert re.search(r"st\.global[\w.]*\.v2\.u32", body), f"{name}: no 64-bit store of codes"
 
 
 def test_the_library_loads_beside_the_cpu_one_with_a_cuda_kernel_per_operator(build):

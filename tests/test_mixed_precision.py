@@ -393,12 +393,12 @@ def test_opcheck_every_operator(device, backend, dtype, master):
     op = {stage: getattr(ops, prefix + stage) for stage in ("sums_of_squares", "lamb_moments", "lamb_apply", "lars_apply")}
     calls = [
         (op["sums_of_squares"], (g, None, chunk)), (op["sums_of_squares"], (w, g, chunk)),
-        (op["lamb_moments"], (w, g, m, v, lamb_table, torch.tensor([9.0], device=device), s["grad_scale"],
+        (op["lamb_moments"], (w, g, m, v, [], [], lamb_table, torch.tensor([9.0], device=device), s["grad_scale"],
                               s["found_inf"], chunk)),
-        (op["lamb_moments"], (w, g, m, v, lamb_table, None, None, None, chunk)),
-        (op["lamb_apply"], (w, m, v, lamb_table, norms, s["found_inf"], c, chunk)),
-        (op["lars_apply"], (w, g, b, lars_table, norms, s["grad_scale"], s["found_inf"], c, chunk)),
-        (op["lars_apply"], (w, g, b, plain_sgd, None, None, None, c, chunk)),
+        (op["lamb_moments"], (w, g, m, v, [], [], lamb_table, None, None, None, chunk)),
+        (op["lamb_apply"], (w, m, v, [], [], lamb_table, norms, s["found_inf"], c, chunk)),
+        (op["lars_apply"], (w, g, b, [], lars_table, norms, s["grad_scale"], s["found_inf"], c, chunk)),
+        (op["lars_apply"], (w, g, b, [], plain_sgd, None, None, None, c, chunk)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -140,8 +140,8 @@ def test_scalar_and_vectorized_variants_give_the_same_bits(monkeypatch, algorith
 def test_operators_take_empty_lists_as_the_cpp_ones_do():
     hyper = torch.zeros(0, 16, device=DEVICE)
     ops = torch.ops.lamb_kernels
-    assert ops.triton_lamb_moments([], [], [], [], hyper, None, None, None, multi_tensor.CHUNK).shape == (0, 2)
-    ops.triton_lamb_apply([], [], [], hyper, torch.zeros(0, 2, device=DEVICE), None, [], multi_tensor.CHUNK)
+    assert ops.triton_lamb_moments([], [], [], [], [], [], hyper, None, None, None, multi_tensor.CHUNK).shape == (0, 2)
+    ops.triton_lamb_apply([], [], [], [], [], hyper, torch.zeros(0, 2, device=DEVICE), None, [], multi_tensor.CHUNK)
     assert ops.triton_sums_of_squares([], None, multi_tensor.CHUNK).shape == (0,)
 
 

@@ -40,6 +40,11 @@ struct ChunkView {
     return table.data[list * table.n_tensors + tensor] != 0;
   }
 
+  // The scale of the chunk's first block of 8-bit codes, in list `list` (block scales, float32).
+  __device__ float* scales(const TensorTable& table, int list) const {
+    return reinterpret_cast<float*>(table.data[list * table.n_tensors + tensor]) + begin / kCodeBlock;
+  }
+
   // The chunk's first element in list `list` of the table, as a T*.
   template <typename T>
   __device__ T* pointer(const TensorTable& table, int list) const {
@@ -153,6 +158,102 @@ __device__ __forceinline__ void block_sum(Acc (&values)[kWidth]) {
       for (int w = 1; w < kThreads / 32; ++w) total += warp_sums[w][k];
       values[k] = total;
     }
+  }
+}
+
+// -- 8-bit states (optimizer_math.h): one warp per block of kCodeBlock elements, 8 per lane --------
+
+constexpr int kCodesPerLane = static_cast<int>(kCodeBlock) / 32;
+
+// The largest magnitude over the warp, in every lane (a NaN kept: the same in every lane, whatever
+// the order, as the maximum is exact).
+__device__ __forceinline__ float warp_absmax(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x = absmax(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+// A lane's kCodesPerLane elements from x[i]: `valid` of them exist (the rest read as 0), a whole,
+// aligned pack through 128-bit loads.
+template <bool kAligned, typename T>
+__device__ __forceinline__ void load_lane(const T* x, int64_t i, int valid, float (&out)[kCodesPerLane]) {
+  if (kAligned && valid == kCodesPerLane) {
+    load<kCodesPerLane>(x, i, out);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kCodesPerLane; ++k) {
+    float one[1] = {0.0f};
+    if (k < valid) load<1>(x, i + k, one);
+    out[k] = one[0];
+  }
+}
+
+template <bool kAligned, typename T>
+__device__ __forceinline__ void store_lane(T* x, int64_t i, int valid, const float (&values)[kCodesPerLane]) {
+  if (kAligned && valid == kCodesPerLane) {
+    store<kCodesPerLane>(x, i, values);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kCodesPerLane; ++k) {
+    if (k < valid) {
+      const float one[1] = {values[k]};
+      store<1>(x, i + k, one);
+    }
+  }
+}
+
+// A lane's codes (int8_t or uint8_t) as int32, 0 where they do not exist; a whole aligned pack is one
+// 64-bit load.
+template <bool kAligned, typename T>
+__device__ __forceinline__ void load_code_lane(const T* x, int64_t i, int valid, int32_t (&out)[kCodesPerLane]) {
+  if (kAligned && valid == kCodesPerLane) {
+    const uint2 word = __ldcg(reinterpret_cast<const uint2*>(x + i));
+#pragma unroll
+    for (int k = 0; k < kCodesPerLane; ++k) {
+      const uint32_t byte = ((k < 4 ? word.x : word.y) >> (8 * (k % 4))) & 0xffu;
+      out[k] = std::is_same_v<T, int8_t> ? static_cast<int32_t>(static_cast<int8_t>(byte)) : static_cast<int32_t>(byte);
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kCodesPerLane; ++k) out[k] = k < valid ? static_cast<int32_t>(x[i + k]) : 0;
+}
+
+template <bool kAligned, typename T>
+__device__ __forceinline__ void store_code_lane(T* x, int64_t i, int valid, const int32_t (&codes)[kCodesPerLane]) {
+  if (kAligned && valid == kCodesPerLane) {
+    uint32_t low = 0, high = 0;
+#pragma unroll
+    for (int k = 0; k < kCodesPerLane; ++k) {
+      const uint32_t byte = static_cast<uint32_t>(codes[k]) & 0xffu;
+      if (k < 4) {
+        low |= byte << (8 * k);
+      } else {
+        high |= byte << (8 * (k - 4));
+      }
+    }
+    __stcg(reinterpret_cast<uint2*>(x + i), make_uint2(low, high));
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kCodesPerLane; ++k) {
+    if (k < valid) x[i + k] = static_cast<T>(codes[k]);
+  }
+}
+
+// Calls body(block, i, valid) for each block of kCodeBlock elements of a chunk of n elements, one warp
+// per block: i is the lane's first element, `valid` how many of its kCodesPerLane exist. Every lane of
+// a warp takes the same blocks (the warp's shuffles need them all).
+template <typename Body>
+__device__ __forceinline__ void for_each_code_block(int64_t n, Body&& body) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t blocks = (n + kCodeBlock - 1) / kCodeBlock;
+  for (int64_t b = warp; b < blocks; b += kThreads / 32) {
+    const int64_t i = b * kCodeBlock + int64_t(lane) * kCodesPerLane;
+    const int64_t left = n - i;
+    body(b, i, left <= 0 ? 0 : left < kCodesPerLane ? static_cast<int>(left) : kCodesPerLane);
   }
 }
 

@@ -26,7 +26,8 @@ constexpr int kLarsMinBlocksPerSm = 2;
 // Lists of the table: p g b, and the low-precision copies when C is not NoCopy. A tensor without
 // momentum has an empty placeholder as its buffer, never read or written.
 // B: the buffers' storage, float or bfloat16 (written with stochastic rounding: `key` and the chunk's
-// first element `begin` give each element its random bits).
+// first element `begin` give each element its random bits); int8_t (8-bit codes) takes
+// lars_codes_chunk where the tensor has momentum.
 template <bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov, bool kAligned, typename P, typename G,
           typename C, typename B>
 __device__ __forceinline__ void lars_chunk(int64_t n, P* p, const G* g, B* buf, C* copy, const LarsScalars& s,
@@ -51,10 +52,66 @@ __device__ __forceinline__ void lars_chunk(int64_t n, P* p, const G* g, B* buf, 
   });
 }
 
+// 8-bit buffers (int8 codes, their block scales from `scales`): one warp per block of kCodeBlock
+// elements takes the new values' scale (warp_absmax) and writes the codes, with stochastic rounding;
+// the step uses the decoded codes, as the next step will read them.
+template <bool kScaled, bool kAdapt, Momentum kMomentum, bool kNesterov, bool kAligned, typename P, typename G,
+          typename C>
+__device__ __forceinline__ void lars_codes_chunk(int64_t n, P* p, const G* g, int8_t* buf, float* scales, C* copy,
+                                                 const LarsScalars& s, uint32_t key, int64_t begin) {
+  for_each_code_block(n, [&](int64_t b, int64_t i, int valid) {
+    float param[kCodesPerLane], grad[kCodesPerLane], d[kCodesPerLane], next[kCodesPerLane];
+    int32_t codes[kCodesPerLane];
+    load_lane<kAligned>(p, i, valid, param);
+    load_lane<kAligned>(g, i, valid, grad);
+    load_code_lane<kAligned>(buf, i, valid, codes);
+    const float scale = scales[b];
+    float largest = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kCodesPerLane; ++k) {
+      if constexpr (kScaled) grad[k] = unscale(grad[k], s.inv_scale);
+      d[k] = lars_direction<false, kAdapt>(param[k], grad[k], s);  // 1.
+      // 2. (a new buffer is not read; 0 where no element is)
+      const float old = kMomentum == Momentum::kLater && k < valid ? decode_signed(static_cast<int8_t>(codes[k]), scale)
+                                                                   : 0.0f;
+      next[k] = k < valid ? lars_buffer<kMomentum>(d[k], old, s) : 0.0f;
+      largest = absmax(largest, next[k]);
+    }
+    largest = warp_absmax(largest);
+    if (threadIdx.x % 32 == 0) scales[b] = largest;
+#pragma unroll
+    for (int k = 0; k < kCodesPerLane; ++k) {
+      codes[k] = encode_signed(next[k], largest, (element_random(key, begin + i + k) & 0xffffU) << 4);
+      const float stored = decode_signed(static_cast<int8_t>(codes[k]), largest);
+      param[k] = param[k] - s.lr * (kNesterov ? d[k] + s.momentum * stored : stored);  // 3.
+    }
+    store_code_lane<kAligned>(buf, i, valid, codes);
+    store_lane<kAligned>(p, i, valid, param);
+    if constexpr (kWritesCopy<C>) store_lane<kAligned>(copy, i, valid, param);
+  });
+}
+
 template <bool kScaled, bool kAdapt, bool kAligned, typename P, typename G, typename C, typename B>
 __device__ __forceinline__ void lars_chunk(Momentum mode, bool nesterov, int64_t n, P* p, const G* g, B* buf,
-                                           C* copy, const LarsScalars& s, uint32_t key, int64_t begin) {
-  if (mode == Momentum::kNone) {
+                                           float* scales, C* copy, const LarsScalars& s, uint32_t key,
+                                           int64_t begin) {
+  if constexpr (std::is_same_v<B, int8_t>) {
+    if (mode == Momentum::kNone) {
+      lars_chunk<kScaled, kAdapt, Momentum::kNone, false, kAligned>(n, p, g, buf, copy, s, key, begin);
+    } else if (mode == Momentum::kFirstStep) {
+      if (nesterov) {
+        lars_codes_chunk<kScaled, kAdapt, Momentum::kFirstStep, true, kAligned>(n, p, g, buf, scales, copy, s, key,
+                                                                               begin);
+      } else {
+        lars_codes_chunk<kScaled, kAdapt, Momentum::kFirstStep, false, kAligned>(n, p, g, buf, scales, copy, s, key,
+                                                                                begin);
+      }
+    } else if (nesterov) {
+      lars_codes_chunk<kScaled, kAdapt, Momentum::kLater, true, kAligned>(n, p, g, buf, scales, copy, s, key, begin);
+    } else {
+      lars_codes_chunk<kScaled, kAdapt, Momentum::kLater, false, kAligned>(n, p, g, buf, scales, copy, s, key, begin);
+    }
+  } else if (mode == Momentum::kNone) {
     lars_chunk<kScaled, kAdapt, Momentum::kNone, false, kAligned>(n, p, g, buf, copy, s, key, begin);
   } else if (mode == Momentum::kFirstStep) {
     if (nesterov) {
@@ -72,7 +129,7 @@ __device__ __forceinline__ void lars_chunk(Momentum mode, bool nesterov, int64_t
 template <typename P, typename G, typename C, typename B, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kLarsMinBlocksPerSm)
     lars_apply_kernel(TensorTable table, const float* __restrict__ hyper, const float* norms, const float* grad_scale,
-                      const float* found_inf) {
+                      const float* found_inf, int scales_list) {
   if (skips_step(found_inf)) return;
   const ChunkView chunk(table);
   const float* h = hyper + chunk.tensor * kLarsColumns;
@@ -93,26 +150,28 @@ __global__ void __launch_bounds__(kThreads, kLarsMinBlocksPerSm)
   const G* g = chunk.pointer<const G>(table, 1);
   B* buf = mode == Momentum::kNone ? nullptr : chunk.pointer<B>(table, 2);
   const uint32_t key = rounding_key(h, kLarsKeyLo);
+  float* scales = nullptr;
+  if constexpr (std::is_same_v<B, int8_t>) scales = mode == Momentum::kNone ? nullptr : chunk.scales(table, scales_list);
   C* copy = nullptr;
   if constexpr (kWritesCopy<C>) copy = chunk.pointer<C>(table, 3);
   const bool nesterov = h[kLarsNesterov] != 0;
   if (grad_scale != nullptr) {
     if (adapt) {
-      lars_chunk<true, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s, key, chunk.begin);
+      lars_chunk<true, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, scales, copy, s, key, chunk.begin);
     } else {
-      lars_chunk<true, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s, key, chunk.begin);
+      lars_chunk<true, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, scales, copy, s, key, chunk.begin);
     }
   } else if (adapt) {
-    lars_chunk<false, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s, key, chunk.begin);
+    lars_chunk<false, true, kAligned>(mode, nesterov, chunk.size, p, g, buf, scales, copy, s, key, chunk.begin);
   } else {
-    lars_chunk<false, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, copy, s, key, chunk.begin);
+    lars_chunk<false, false, kAligned>(mode, nesterov, chunk.size, p, g, buf, scales, copy, s, key, chunk.begin);
   }
 }
 
 }  // namespace
 
 void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                     const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
+                     at::TensorList buffer_scales, const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                      at::TensorList copies, int64_t chunk_size) {
   const char* op = "lars_apply";
@@ -131,14 +190,22 @@ void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   // (An empty buffer is a placeholder, or a tensor with no element.)
   const at::ScalarType buffer_type = check_momentum_buffers(
       op, params, momentum_buffers, device, [&](int64_t t) { return momentum_buffers[t].numel() != 0; });
+  const bool codes = check_scales(op, "buffer_scales", momentum_buffers, buffer_scales, device,
+                                  [&](int64_t t) { return momentum_buffers[t].numel() != 0; });
+  TORCH_CHECK(!codes || chunk_size % kCodeBlock == 0, op,
+              ": chunk_size must be a multiple of 256 with 8-bit buffers, got ", chunk_size);
   const float* norm_data = norms.has_value() ? norms->const_data_ptr<float>() : nullptr;
   const float* scale = scalar_pointer(op, "grad_scale", grad_scale, device);
   const float* found = scalar_pointer(op, "found_inf", found_inf, device);
   if (n_tensors == 0) return;
   const c10::cuda::CUDAGuard guard(device);
-  const TensorTable table = copies.empty()
-                                ? tensor_table({params, grads, momentum_buffers}, chunk_size)
-                                : tensor_table({params, grads, momentum_buffers, copies}, chunk_size);
+  // (8-bit buffers: their scales are the last list, after the copies when there are any)
+  const TensorTable table =
+      copies.empty() ? (codes ? tensor_table({params, grads, momentum_buffers, buffer_scales}, chunk_size)
+                              : tensor_table({params, grads, momentum_buffers}, chunk_size))
+                     : (codes ? tensor_table({params, grads, momentum_buffers, copies, buffer_scales}, chunk_size)
+                              : tensor_table({params, grads, momentum_buffers, copies}, chunk_size));
+  const int scales_list = copies.empty() ? 3 : 4;
   if (table.n_chunks == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_params_and_copies(params, copies, [&](auto param_type, auto copy_type) {
@@ -150,7 +217,7 @@ void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList
         using B = typename decltype(buffer_element)::type;
         dispatch_bool(table.aligned, [&](auto aligned) {
           lars_apply_kernel<P, G, C, B, decltype(aligned)::value><<<table.n_chunks, kThreads, 0, stream>>>(
-              table, hyper.const_data_ptr<float>(), norm_data, scale, found);
+              table, hyper.const_data_ptr<float>(), norm_data, scale, found, scales_list);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });

@@ -11,14 +11,15 @@ namespace cuda {
 
 at::Tensor sums_of_squares_cuda(at::TensorList tensors, std::optional<at::TensorList> paired, int64_t chunk_size);
 at::Tensor lamb_moments_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                             at::TensorList exp_avg_sqs, const at::Tensor& hyper,
+                             at::TensorList exp_avg_sqs, at::TensorList exp_avg_scales,
+                             at::TensorList exp_avg_sq_scales, const at::Tensor& hyper,
                              const std::optional<at::Tensor>& grad_sumsq, const std::optional<at::Tensor>& grad_scale,
                              const std::optional<at::Tensor>& found_inf, int64_t chunk_size);
 void lamb_apply_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     const at::Tensor& hyper, const at::Tensor& norms, const std::optional<at::Tensor>& found_inf,
+                     at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales, const at::Tensor& hyper, const at::Tensor& norms, const std::optional<at::Tensor>& found_inf,
                      at::TensorList copies, int64_t chunk_size);
 void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                     const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
+                     at::TensorList buffer_scales, const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                      at::TensorList copies, int64_t chunk_size);
 

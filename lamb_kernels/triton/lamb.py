@@ -24,8 +24,10 @@ import triton.language as tl
 
 from ..hyper import WIDTH, LambColumn
 from ..schemas import SCHEMAS
-from .multi_tensor import (chunk_opening, column_pointer, element_random, launch, load_f32, round_bf16_stochastic,
-                           rounding_key, scalar_or, store_rounded, table_for)
+from .multi_tensor import (block_absmax, check_code_scales, chunk_opening, column_pointer, decode_codes, element_random, encode_codes,
+                           launch, load_code_scales, load_codes, load_f32, per_element, round_bf16_stochastic,
+                           rounding_key, scalar_or, scales_pointer, store_block_scales, store_codes, store_rounded,
+                           table_for)
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LambColumn.LR.value)
@@ -45,14 +47,16 @@ _RATIO_HI = tl.constexpr(LambColumn.RATIO_HI.value)
 _KEY_LO = tl.constexpr(LambColumn.KEY_LO.value)
 N_HYPER = WIDTH
 
-# Columns of the pointer tables: p g m v (moments); p m v, and the low-precision copies (apply).
+# Columns of the pointer tables: p g m v, and 8-bit states' block scales of m and v (moments); p m v,
+# the low-precision copies, and the scales (apply: the kernels are told the copies' and scales' columns).
 _P = tl.constexpr(0)
 _G = tl.constexpr(1)
 _M = tl.constexpr(2)
 _V = tl.constexpr(3)
+_M_SCALES = tl.constexpr(4)
+_V_SCALES = tl.constexpr(5)
 _APPLY_M = tl.constexpr(1)
 _APPLY_V = tl.constexpr(2)
-_APPLY_COPY = tl.constexpr(3)
 
 
 @triton.jit
@@ -70,13 +74,23 @@ def _lamb_update(p, m, v, h):
 
 
 @triton.jit
-def _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, h, acc_p, acc_u, inv_scale, clip, beta1, beta2, beta3,
-                   one_minus_beta2, wd_l2, key, start, HAS_SCALE: tl.constexpr, CLIP: tl.constexpr,
-                   MASKED: tl.constexpr):
+def _load_moments(m_ptr, v_ptr, ms_ptr, vs_ptr, offs, mask, MASKED: tl.constexpr):
+    """m and v as fp32: 8-bit codes (int8 m) decoded with their blocks' scales."""
+    if m_ptr.dtype.element_ty == tl.int8:
+        m = decode_codes(load_codes(m_ptr + offs, mask, MASKED), load_code_scales(ms_ptr, offs, mask, MASKED), True)
+        v = decode_codes(load_codes(v_ptr + offs, mask, MASKED), load_code_scales(vs_ptr, offs, mask, MASKED), False)
+        return m, v
+    return load_f32(m_ptr + offs, mask, MASKED), load_f32(v_ptr + offs, mask, MASKED)
+
+
+@triton.jit
+def _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, first, n, mask, h, acc_p, acc_u, inv_scale, clip,
+                   beta1, beta2, beta3, one_minus_beta2, wd_l2, key, start, HAS_SCALE: tl.constexpr,
+                   CLIP: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = first + tl.arange(0, BLOCK)
     p = load_f32(p_ptr + offs, mask, MASKED)
     g = load_f32(g_ptr + offs, mask, MASKED)
-    m = load_f32(m_ptr + offs, mask, MASKED)
-    v = load_f32(v_ptr + offs, mask, MASKED)
+    m, v = _load_moments(m_ptr, v_ptr, ms_ptr, vs_ptr, offs, mask, MASKED)
     if HAS_SCALE:
         g = g * inv_scale
     if CLIP:
@@ -84,12 +98,27 @@ def _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, h, acc_p, acc_u, inv_
     g = tl.where(wd_l2 != 0, g + wd_l2 * p, g)  # 2. L2 mode (wd_l2 is 0 in AdamW mode)
     m = beta1 * m + beta3 * g  # 3.
     v = beta2 * v + one_minus_beta2 * g * g
-    if m_ptr.dtype.element_ty == tl.bfloat16:  # bf16 states: stochastic rounding, u from the stored values
+    if m_ptr.dtype.element_ty == tl.int8:  # 8-bit states: new block scales, codes, u from the decoded codes
+        m_rows = block_absmax(m, BLOCK)
+        v_rows = block_absmax(v, BLOCK)
+        store_block_scales(ms_ptr, m_rows, first, n, BLOCK)
+        store_block_scales(vs_ptr, v_rows, first, n, BLOCK)
+        m_scale = per_element(m_rows, BLOCK)
+        v_scale = per_element(v_rows, BLOCK)
         random = element_random(key, start + offs)
-        m = round_bf16_stochastic(m, random & 0xFFFF)
-        v = round_bf16_stochastic(v, random >> 16)
-    store_rounded(m_ptr + offs, m, mask, MASKED)
-    store_rounded(v_ptr + offs, v, mask, MASKED)
+        m_codes = encode_codes(m, m_scale, random & 0xFFFF, True)
+        v_codes = encode_codes(v, v_scale, random >> 16, False)
+        store_codes(m_ptr + offs, m_codes, mask, MASKED)
+        store_codes(v_ptr + offs, v_codes, mask, MASKED)
+        m = decode_codes(m_codes, m_scale, True)
+        v = decode_codes(v_codes, v_scale, False)
+    else:
+        if m_ptr.dtype.element_ty == tl.bfloat16:  # bf16 states: stochastic rounding, u from the stored values
+            random = element_random(key, start + offs)
+            m = round_bf16_stochastic(m, random & 0xFFFF)
+            v = round_bf16_stochastic(v, random >> 16)
+        store_rounded(m_ptr + offs, m, mask, MASKED)
+        store_rounded(v_ptr + offs, v, mask, MASKED)
     u = _lamb_update(p, m, v, h)
     acc_p += p * p
     if MASKED:
@@ -101,8 +130,9 @@ def _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, h, acc_p, acc_u, inv_
 
 @triton.jit
 def _lamb_moments_kernel(
-    p_base, g_base, m_base, v_base,  # the columns' base pointers (multi_tensor.py)
-    ptrs,  # int64 [n_tensors, 4]: element offsets of p, g, m, v from the bases
+    p_base, g_base, m_base, v_base, ms_base, vs_base,  # the columns' base pointers (multi_tensor.py; the
+    # scales' are p_base for float states)
+    ptrs,  # int64 [n_tensors, N_COLS]: element offsets of p, g, m, v (and the scales) from the bases
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
@@ -112,6 +142,7 @@ def _lamb_moments_kernel(
     found_inf,  # fp32 [1]: nonzero skips the step (read only when HAS_FOUND_INF)
     partials,  # fp32 [n_chunks, 2]: out, sums over the chunk of p^2 and u^2
     N_HYPER: tl.constexpr,
+    N_COLS: tl.constexpr,  # 6 with 8-bit states' scales
     CLIP: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -121,10 +152,15 @@ def _lamb_moments_kernel(
 ):
     """Steps 1-5 of docs/design.md section 2 on one chunk: moments in place, partial sums of p^2 and u^2."""
     t, start, n, h = chunk_opening(numels, chunk_tensor, chunk_offset, hyper, found_inf, N_HYPER, HAS_FOUND_INF, CHUNK)
-    p_ptr = column_pointer(p_base, ptrs, t, start, 4, _P, ALIGN)
-    g_ptr = column_pointer(g_base, ptrs, t, start, 4, _G, ALIGN)
-    m_ptr = column_pointer(m_base, ptrs, t, start, 4, _M, ALIGN)
-    v_ptr = column_pointer(v_base, ptrs, t, start, 4, _V, ALIGN)
+    p_ptr = column_pointer(p_base, ptrs, t, start, N_COLS, _P, ALIGN)
+    g_ptr = column_pointer(g_base, ptrs, t, start, N_COLS, _G, ALIGN)
+    m_ptr = column_pointer(m_base, ptrs, t, start, N_COLS, _M, ALIGN)
+    v_ptr = column_pointer(v_base, ptrs, t, start, N_COLS, _V, ALIGN)
+    ms_ptr = ms_base
+    vs_ptr = vs_base
+    if N_COLS == 6:
+        ms_ptr = scales_pointer(ms_base, ptrs, t, start, N_COLS, _M_SCALES)
+        vs_ptr = scales_pointer(vs_base, ptrs, t, start, N_COLS, _V_SCALES)
     beta1 = tl.load(h + _BETA1)
     beta2 = tl.load(h + _BETA2)
     beta3 = tl.load(h + _BETA3)
@@ -145,23 +181,23 @@ def _lamb_moments_kernel(
     acc_u = tl.zeros([BLOCK], tl.float32)
     whole = n // BLOCK * BLOCK  # whole blocks unmasked, then the rest masked
     for i in range(0, whole, BLOCK):
-        acc_p, acc_u = _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, i + tl.arange(0, BLOCK), None, h, acc_p, acc_u,
+        acc_p, acc_u = _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, i, n, None, h, acc_p, acc_u,
                                       inv_scale, clip, beta1, beta2, beta3, one_minus_beta2, wd_l2, key, start,
-                                      HAS_SCALE, CLIP, False)
+                                      HAS_SCALE, CLIP, False, BLOCK)
     offs = whole + tl.arange(0, BLOCK)
-    acc_p, acc_u = _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, h, acc_p, acc_u, inv_scale, clip,
-                                  beta1, beta2, beta3, one_minus_beta2, wd_l2, key, start, HAS_SCALE, CLIP, True)
+    acc_p, acc_u = _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, whole, n, offs < n, h, acc_p, acc_u,
+                                  inv_scale, clip, beta1, beta2, beta3, one_minus_beta2, wd_l2, key, start, HAS_SCALE,
+                                  CLIP, True, BLOCK)
     c = tl.program_id(0)
     tl.store(partials + c * 2 + 0, tl.sum(acc_p, axis=0))
     tl.store(partials + c * 2 + 1, tl.sum(acc_u, axis=0))
 
 
 @triton.jit
-def _apply_block(p_ptr, m_ptr, v_ptr, copy_ptr, offs, mask, h, step_size, HAS_COPY: tl.constexpr,
+def _apply_block(p_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, copy_ptr, offs, mask, h, step_size, HAS_COPY: tl.constexpr,
                  MASKED: tl.constexpr):
     p = load_f32(p_ptr + offs, mask, MASKED)
-    m = load_f32(m_ptr + offs, mask, MASKED)
-    v = load_f32(v_ptr + offs, mask, MASKED)
+    m, v = _load_moments(m_ptr, v_ptr, ms_ptr, vs_ptr, offs, mask, MASKED)
     u = _lamb_update(p, m, v, h)
     p = p - step_size * u  # 7.
     store_rounded(p_ptr + offs, p, mask, MASKED)
@@ -171,8 +207,8 @@ def _apply_block(p_ptr, m_ptr, v_ptr, copy_ptr, offs, mask, h, step_size, HAS_CO
 
 @triton.jit
 def _lamb_apply_kernel(
-    p_base, m_base, v_base, copy_base,  # the columns' base pointers (copy_base: p_base without copies)
-    ptrs,  # int64 [n_tensors, N_COLS]: element offsets of p, m, v (and the low-precision copy)
+    p_base, m_base, v_base, copy_base, ms_base, vs_base,  # the columns' base pointers (p_base for absent ones)
+    ptrs,  # int64 [n_tensors, N_COLS]: element offsets of p, m, v (and the low-precision copy, the scales)
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
@@ -180,7 +216,9 @@ def _lamb_apply_kernel(
     norms,  # fp32 [n_tensors, 2]: ||p||^2 (before the update) and ||u||^2 per tensor
     found_inf,  # fp32 [1]: nonzero skips the step (read only when HAS_FOUND_INF)
     N_HYPER: tl.constexpr,
-    N_COLS: tl.constexpr,  # 4 with copies
+    N_COLS: tl.constexpr,
+    COPY_COL: tl.constexpr,  # the copies' column, -1 without copies
+    SCALES_COL: tl.constexpr,  # m's scales' column (v's next), -1 for float states
     HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -192,8 +230,13 @@ def _lamb_apply_kernel(
     m_ptr = column_pointer(m_base, ptrs, t, start, N_COLS, _APPLY_M, ALIGN)
     v_ptr = column_pointer(v_base, ptrs, t, start, N_COLS, _APPLY_V, ALIGN)
     copy_ptr = p_ptr
-    if N_COLS == 4:
-        copy_ptr = column_pointer(copy_base, ptrs, t, start, N_COLS, _APPLY_COPY, ALIGN)
+    if COPY_COL >= 0:
+        copy_ptr = column_pointer(copy_base, ptrs, t, start, N_COLS, COPY_COL, ALIGN)
+    ms_ptr = ms_base
+    vs_ptr = vs_base
+    if SCALES_COL >= 0:
+        ms_ptr = scales_pointer(ms_base, ptrs, t, start, N_COLS, SCALES_COL)
+        vs_ptr = scales_pointer(vs_base, ptrs, t, start, N_COLS, SCALES_COL + 1)
     # 6. Trust ratio, on the device: no host round trip for the norms.
     param_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 0))
     update_norm = tl.sqrt_rn(tl.load(norms + t * 2 + 1))
@@ -207,37 +250,47 @@ def _lamb_apply_kernel(
     step_size = tl.load(h + _LR) * ratio
     whole = n // BLOCK * BLOCK
     for i in range(0, whole, BLOCK):
-        _apply_block(p_ptr, m_ptr, v_ptr, copy_ptr, i + tl.arange(0, BLOCK), None, h, step_size, N_COLS == 4, False)
+        _apply_block(p_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, copy_ptr, i + tl.arange(0, BLOCK), None, h, step_size,
+                     COPY_COL >= 0, False)
     offs = whole + tl.arange(0, BLOCK)
-    _apply_block(p_ptr, m_ptr, v_ptr, copy_ptr, offs, offs < n, h, step_size, N_COLS == 4, True)
+    _apply_block(p_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, copy_ptr, offs, offs < n, h, step_size, COPY_COL >= 0, True)
 
 
-@torch.library.custom_op("lamb_kernels::triton_lamb_moments", mutates_args=("exp_avgs", "exp_avg_sqs"),
+@torch.library.custom_op("lamb_kernels::triton_lamb_moments",
+                         mutates_args=("exp_avgs", "exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales"),
                          schema=SCHEMAS["lamb_moments"])
 def lamb_moments(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                 exp_avg_sqs: list[torch.Tensor], hyper: torch.Tensor, grad_sumsq: Optional[torch.Tensor],
+                 exp_avg_sqs: list[torch.Tensor], exp_avg_scales: list[torch.Tensor],
+                 exp_avg_sq_scales: list[torch.Tensor], hyper: torch.Tensor, grad_sumsq: Optional[torch.Tensor],
                  grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
     """The `lamb_moments` stage (lamb_kernels/schemas.py), steps 1-5: moments in place; per tensor
     ||p||^2 (before the update) and ||u||^2, [n, 2]."""
-    table = table_for("lamb_moments", [params, grads, exp_avgs, exp_avg_sqs], chunk_size)
+    scales = check_code_scales("triton_lamb_moments", exp_avgs, exp_avg_scales, exp_avg_sq_scales, chunk_size=chunk_size)
+    table = table_for("lamb_moments", [params, grads, exp_avgs, exp_avg_sqs, *scales], chunk_size)
+    if not scales:
+        table.bases += table.bases[:1] * 2  # the kernel's scale bases, never read
     partials = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=hyper.device)
     launch(_lamb_moments_kernel, table, hyper, scalar_or(grad_sumsq, hyper), scalar_or(grad_scale, hyper),
-           scalar_or(found_inf, hyper), partials, N_HYPER=N_HYPER, CLIP=grad_sumsq is not None,
-           HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+           scalar_or(found_inf, hyper), partials, N_HYPER=N_HYPER, N_COLS=4 + len(scales),
+           CLIP=grad_sumsq is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
     return table.per_tensor_sum(partials)
 
 
 @torch.library.custom_op("lamb_kernels::triton_lamb_apply", mutates_args=("params", "copies"),
                          schema=SCHEMAS["lamb_apply"])
 def lamb_apply(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-               hyper: torch.Tensor, norms: torch.Tensor, found_inf: Optional[torch.Tensor],
-               copies: list[torch.Tensor], chunk_size: int) -> None:
+               exp_avg_scales: list[torch.Tensor], exp_avg_sq_scales: list[torch.Tensor], hyper: torch.Tensor,
+               norms: torch.Tensor, found_inf: Optional[torch.Tensor], copies: list[torch.Tensor],
+               chunk_size: int) -> None:
     """The `lamb_apply` stage (lamb_kernels/schemas.py), steps 6-7: p <- p - lr * r * u; with
     `copies` (the model's low-precision params, when `params` are fp32 masters) each copy gets the
     new value too, rounded to its dtype."""
-    columns = [params, exp_avgs, exp_avg_sqs] + ([copies] if copies else [])
+    scales = check_code_scales("triton_lamb_apply", exp_avgs, exp_avg_scales, exp_avg_sq_scales, chunk_size=chunk_size)
+    columns = [params, exp_avgs, exp_avg_sqs] + ([copies] if copies else []) + scales
     table = table_for("lamb_apply", columns, chunk_size)
-    if not copies:
-        table.bases.append(table.bases[0])  # the kernel's copy_base, never written
+    bases = table.bases
+    # (the kernel's copy_base and scale bases: p's where absent, never read or written)
+    table.bases = bases[:3] + [bases[3] if copies else bases[0]] + (bases[-2:] if scales else bases[:1] * 2)
     launch(_lamb_apply_kernel, table, hyper, norms.contiguous(), scalar_or(found_inf, hyper), N_HYPER=N_HYPER,
-           N_COLS=len(columns), HAS_FOUND_INF=found_inf is not None)
+           N_COLS=len(columns), COPY_COL=3 if copies else -1, SCALES_COL=len(columns) - 2 if scales else -1,
+           HAS_FOUND_INF=found_inf is not None)

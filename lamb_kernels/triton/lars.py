@@ -19,8 +19,10 @@ import triton.language as tl
 
 from ..hyper import WIDTH, LarsColumn
 from ..schemas import SCHEMAS
-from .multi_tensor import (chunk_opening, column_pointer, element_random, launch, load_f32, round_bf16_stochastic,
-                           rounding_key, scalar_or, store_rounded, table_for)
+from .multi_tensor import (block_absmax, check_code_scales, chunk_opening, column_pointer, decode_codes,
+                           element_random, encode_codes, launch, load_code_scales, load_codes, load_f32, per_element,
+                           round_bf16_stochastic, rounding_key, scalar_or, scales_pointer, store_block_scales,
+                           store_codes, store_rounded, table_for)
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LarsColumn.LR.value)
@@ -41,13 +43,13 @@ N_HYPER = WIDTH
 _P = tl.constexpr(0)
 _G = tl.constexpr(1)
 _BUF = tl.constexpr(2)
-_COPY = tl.constexpr(3)
 
 
 @triton.jit
-def _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, offs, mask, lr, ratio, weight_decay, momentum, one_minus_dampening,
-                inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, key, start, HAS_SCALE: tl.constexpr,
-                HAS_COPY: tl.constexpr, MASKED: tl.constexpr):
+def _lars_block(p_ptr, g_ptr, b_ptr, bs_ptr, copy_ptr, first, n, mask, lr, ratio, weight_decay, momentum,
+                one_minus_dampening, inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, key, start,
+                HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = first + tl.arange(0, BLOCK)
     p = load_f32(p_ptr + offs, mask, MASKED)
     g = load_f32(g_ptr + offs, mask, MASKED)
     if HAS_SCALE:
@@ -56,14 +58,27 @@ def _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, offs, mask, lr, ratio, weight_dec
     d = tl.where(adapt, tl.where(weight_decay != 0, g + weight_decay * p, g) * ratio, g)
     # 2. Momentum; a new buffer is not read: it becomes d. (Whether a tensor has a buffer, and
     # whether it is new, is the same for the whole program: a branch, not a mask.)
+    CODES: tl.constexpr = b_ptr.dtype.element_ty == tl.int8
     buf = tl.zeros_like(d)
     if read_buffer:
-        buf = load_f32(b_ptr + offs, mask, MASKED)
+        if CODES:
+            buf = decode_codes(load_codes(b_ptr + offs, mask, MASKED), load_code_scales(bs_ptr, offs, mask, MASKED),
+                               True)
+        else:
+            buf = load_f32(b_ptr + offs, mask, MASKED)
     buf = tl.where(first_step, d, momentum * buf + one_minus_dampening * d)
     if b_ptr.dtype.element_ty == tl.bfloat16:  # bf16 buffers: stochastic rounding, the step from the stored value
         buf = round_bf16_stochastic(buf, element_random(key, start + offs) & 0xFFFF)
     if has_momentum:
-        store_rounded(b_ptr + offs, buf, mask, MASKED)
+        if CODES:  # 8-bit buffers: new block scales and codes, the step from the decoded codes
+            rows = block_absmax(buf, BLOCK)
+            store_block_scales(bs_ptr, rows, first, n, BLOCK)
+            scale = per_element(rows, BLOCK)
+            codes = encode_codes(buf, scale, element_random(key, start + offs) & 0xFFFF, True)
+            store_codes(b_ptr + offs, codes, mask, MASKED)
+            buf = decode_codes(codes, scale, True)
+        else:
+            store_rounded(b_ptr + offs, buf, mask, MASKED)
     step = tl.where(nesterov, d + momentum * buf, buf)
     step = tl.where(has_momentum, step, d)
     p = p - lr * step  # 3.
@@ -74,8 +89,9 @@ def _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, offs, mask, lr, ratio, weight_dec
 
 @triton.jit
 def _lars_apply_kernel(
-    p_base, g_base, b_base, copy_base,  # the columns' base pointers (copy_base: p_base without copies)
-    ptrs,  # int64 [n_tensors, N_COLS]: element offsets of p, g, momentum buffer (and low-precision copy)
+    p_base, g_base, b_base, copy_base, bs_base,  # the columns' base pointers (p_base for absent ones)
+    ptrs,  # int64 [n_tensors, N_COLS]: element offsets of p, g, momentum buffer (and low-precision copy,
+    # the buffer's block scales)
     numels,  # int64 [n_tensors]
     chunk_tensor,  # int32 [n_chunks]
     chunk_offset,  # int64 [n_chunks]
@@ -84,7 +100,9 @@ def _lars_apply_kernel(
     grad_scale,  # fp32 [1]: the loss scale (read only when HAS_SCALE)
     found_inf,  # fp32 [1]: nonzero skips the step (read only when HAS_FOUND_INF)
     N_HYPER: tl.constexpr,
-    N_COLS: tl.constexpr,  # 4 with copies
+    N_COLS: tl.constexpr,
+    COPY_COL: tl.constexpr,  # the copies' column, -1 without copies
+    SCALES_COL: tl.constexpr,  # the 8-bit buffers' scales' column, -1 for float buffers
     ADAPTIVE: tl.constexpr,  # False: no tensor of this launch adapts, and the norm pass was skipped
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -98,8 +116,11 @@ def _lars_apply_kernel(
     g_ptr = column_pointer(g_base, ptrs, t, start, N_COLS, _G, ALIGN)
     b_ptr = column_pointer(b_base, ptrs, t, start, N_COLS, _BUF, ALIGN)
     copy_ptr = p_ptr
-    if N_COLS == 4:
-        copy_ptr = column_pointer(copy_base, ptrs, t, start, N_COLS, _COPY, ALIGN)
+    if COPY_COL >= 0:
+        copy_ptr = column_pointer(copy_base, ptrs, t, start, N_COLS, COPY_COL, ALIGN)
+    bs_ptr = bs_base
+    if SCALES_COL >= 0:
+        bs_ptr = scales_pointer(bs_base, ptrs, t, start, N_COLS, SCALES_COL)
     lr = tl.load(h + _LR)
     momentum = tl.load(h + _MOMENTUM)
     one_minus_dampening = tl.load(h + _ONE_MINUS_DAMPENING)
@@ -128,27 +149,31 @@ def _lars_apply_kernel(
     key = rounding_key(h, _KEY_LO)
     whole = n // BLOCK * BLOCK  # whole blocks unmasked, then the rest masked
     for i in range(0, whole, BLOCK):
-        _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, i + tl.arange(0, BLOCK), None, lr, ratio, weight_decay, momentum,
+        _lars_block(p_ptr, g_ptr, b_ptr, bs_ptr, copy_ptr, i, n, None, lr, ratio, weight_decay, momentum,
                     one_minus_dampening, inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, key,
-                    start, HAS_SCALE, N_COLS == 4, False)
+                    start, HAS_SCALE, COPY_COL >= 0, False, BLOCK)
     offs = whole + tl.arange(0, BLOCK)
-    _lars_block(p_ptr, g_ptr, b_ptr, copy_ptr, offs, offs < n, lr, ratio, weight_decay, momentum,
+    _lars_block(p_ptr, g_ptr, b_ptr, bs_ptr, copy_ptr, whole, n, offs < n, lr, ratio, weight_decay, momentum,
                 one_minus_dampening, inv_scale, adapt, nesterov, read_buffer, has_momentum, first_step, key, start,
-                HAS_SCALE, N_COLS == 4, True)
+                HAS_SCALE, COPY_COL >= 0, True, BLOCK)
 
 
-@torch.library.custom_op("lamb_kernels::triton_lars_apply", mutates_args=("params", "momentum_buffers", "copies"),
+@torch.library.custom_op("lamb_kernels::triton_lars_apply",
+                         mutates_args=("params", "momentum_buffers", "buffer_scales", "copies"),
                          schema=SCHEMAS["lars_apply"])
 def lars_apply(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-               hyper: torch.Tensor, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
+               buffer_scales: list[torch.Tensor], hyper: torch.Tensor, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
                found_inf: Optional[torch.Tensor], copies: list[torch.Tensor], chunk_size: int) -> None:
     """docs/design.md section 3. A tensor without momentum has an empty placeholder in momentum_buffers (never
     read or written: the table's HAS_MOMENTUM column is 0). `norms` is None when no tensor
     adapts; `copies` as in triton_lamb_apply."""
-    columns = [params, grads, momentum_buffers] + ([copies] if copies else [])
+    scales = check_code_scales("triton_lars_apply", momentum_buffers, buffer_scales, chunk_size=chunk_size)
+    columns = [params, grads, momentum_buffers] + ([copies] if copies else []) + scales
     table = table_for("lars_apply", columns, chunk_size, stand_in=hyper)  # (a column of placeholders only)
-    if not copies:
-        table.bases.append(table.bases[0])  # the kernel's copy_base, never written
+    bases = table.bases
+    # (the kernel's copy_base and scale base: p's where absent, never read or written)
+    table.bases = bases[:3] + [bases[3] if copies else bases[0]] + [bases[-1] if scales else bases[0]]
     launch(_lars_apply_kernel, table, hyper, hyper if norms is None else norms.contiguous(),
            scalar_or(grad_scale, hyper), scalar_or(found_inf, hyper), N_HYPER=N_HYPER, N_COLS=len(columns),
+           COPY_COL=3 if copies else -1, SCALES_COL=len(columns) - 1 if scales else -1,
            ADAPTIVE=norms is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)

@@ -151,6 +151,119 @@ def round_bf16_stochastic(x, random16):
     return rounded.to(tl.float32, bitcast=True)
 
 
+# -- 8-bit blockwise states (lamb_kernels/quantization.py; optimizer_math.h in C++) ---------------------
+
+CODE_BLOCK = 256  # elements per block scale
+_CODE_BLOCK = tl.constexpr(CODE_BLOCK)
+
+
+def check_code_scales(op: str, codes: list, *scale_lists, chunk_size: int) -> list:
+    """The scale lists a launch takes: [] for float states (the lists must be empty), else the lists,
+    checked (per code tensor one float32 tensor of its block count) with a chunk size of whole blocks."""
+    if not any(t.dtype in (torch.int8, torch.uint8) for t in codes):
+        for scales in scale_lists:
+            if scales:
+                raise ValueError(f"{op}: block scales given ({len(scales)} tensors) for float states")
+        return []
+    if chunk_size % CODE_BLOCK or BLOCK % CODE_BLOCK:
+        raise ValueError(f"{op}: chunk_size must be a multiple of {CODE_BLOCK} with 8-bit states, got {chunk_size}")
+    for scales in scale_lists:
+        if len(scales) != len(codes):
+            raise ValueError(f"{op}: {len(scales)} block scale tensors for {len(codes)} code tensors")
+        for i, (c, sc) in enumerate(zip(codes, scales)):
+            if c.numel() and (sc.dtype != torch.float32 or sc.numel() != -(-c.numel() // CODE_BLOCK)
+                              or not sc.is_contiguous() or sc.device != c.device):
+                raise ValueError(f"{op}: scales[{i}] must be a contiguous float32 tensor of "
+                                 f"{-(-c.numel() // CODE_BLOCK)} elements on {c.device}, got {tuple(sc.shape)} "
+                                 f"{sc.dtype} on {sc.device}")
+    return list(scale_lists)
+
+
+@triton.jit
+def scales_pointer(base, ptrs, t, start, N_COLS: tl.constexpr, COL: tl.constexpr):
+    """Pointer to the scale of the block holding element `start` of tensor t, column COL."""
+    return base + tl.load(ptrs + t * N_COLS + COL) + start // _CODE_BLOCK
+
+
+@triton.jit
+def load_codes(ptr, mask, MASKED: tl.constexpr):
+    """8-bit codes as int32 (0 outside the mask)."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0).to(tl.int32)
+    return tl.load(ptr).to(tl.int32)
+
+
+@triton.jit
+def load_code_scales(scales_ptr, offs, mask, MASKED: tl.constexpr):
+    """Per element at `offs` (from the chunk's start), its block's scale."""
+    if MASKED:
+        return tl.load(scales_ptr + offs // _CODE_BLOCK, mask=mask, other=0.0)
+    return tl.load(scales_ptr + offs // _CODE_BLOCK)
+
+
+@triton.jit
+def decode_codes(c, scale, SIGNED: tl.constexpr):
+    """The fp32 values of int32 codes `c` with their blocks' scales: sign * value(|c|) * scale."""
+    if SIGNED:
+        magnitude = tl.abs(c)
+        value = tl.where(magnitude == 0, 0.0, ((magnitude + 895) << 20).to(tl.float32, bitcast=True)) * scale
+        return tl.where(c < 0, -value, value)
+    return tl.where(c == 0, 0.0, ((c + 767) << 20).to(tl.float32, bitcast=True)) * scale
+
+
+@triton.jit
+def block_absmax(x, BLOCK: tl.constexpr):
+    """The largest magnitude of each block of CODE_BLOCK elements of x ([BLOCK // CODE_BLOCK]); NaN
+    where a block holds a NaN (as torch's amax: tl.max would pass over it)."""
+    a = tl.reshape(tl.abs(x), (BLOCK // _CODE_BLOCK, _CODE_BLOCK))
+    largest = tl.max(a, axis=1)
+    has_nan = tl.max((a != a).to(tl.int32), axis=1) > 0
+    return tl.where(has_nan, float("nan"), largest)
+
+
+@triton.jit
+def per_element(rows, BLOCK: tl.constexpr):
+    """A value per block ([BLOCK // CODE_BLOCK]) repeated for each of its elements ([BLOCK])."""
+    return tl.reshape(tl.broadcast_to(rows[:, None], (BLOCK // _CODE_BLOCK, _CODE_BLOCK)), (BLOCK,))
+
+
+@triton.jit
+def encode_codes(x, scale, random16, SIGNED: tl.constexpr):
+    """fp32 x as int32 codes in blocks of `scale`, rounded up with the probability that makes them
+    unbiased, from 16 random bits per element (quantization.py)."""
+    inverse = tl.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
+    y = tl.where(scale > 0, tl.abs(x) * inverse, 0.0)
+    if SIGNED:
+        small = y < 3.0517578125e-05  # 2^-15
+        below = (tl.where(small, y, 0.0) * 34359738368.0).to(tl.int32)  # 2^35
+        t = tl.where(small, below, y.to(tl.int32, bitcast=True) - (895 << 20))
+        c = (t + (random16 << 4).to(tl.int32)) >> 20
+        c = tl.where(y <= 1.0, tl.minimum(c, 121), 121)  # NaN y: the largest code
+        return tl.where(x < 0, -c, c)
+    small = y < 4.656612873077393e-10  # 2^-31
+    below = (tl.where(small, y, 0.0) * 2251799813685248.0).to(tl.int32)  # 2^51
+    t = tl.where(small, below, y.to(tl.int32, bitcast=True) - (767 << 20))
+    c = (t + (random16 << 4).to(tl.int32)) >> 20
+    return tl.where(y <= 1.0, tl.minimum(c, 249), 249)
+
+
+@triton.jit
+def store_codes(ptr, c, mask, MASKED: tl.constexpr):
+    value = c.to(ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def store_block_scales(scales_ptr, rows, first, n, BLOCK: tl.constexpr):
+    """The scales `rows` of the blocks of a block of BLOCK elements starting at `first` (a multiple of
+    CODE_BLOCK) of a chunk of n elements: only the blocks that have elements."""
+    index = tl.arange(0, BLOCK // _CODE_BLOCK)
+    tl.store(scales_ptr + first // _CODE_BLOCK + index, rows, mask=first + index * _CODE_BLOCK < n)
+
+
 @triton.jit
 def store_rounded(ptr, x, mask, MASKED: tl.constexpr):
     """Stores fp32 `x` in the pointer's element type, rounded to nearest even (masked as in
