@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 
 from .contract import LambSegment, Plan, is_dense, lamb_plan, lars_plan
+from .quantization import dequantize, quantize_stochastic
 from .rounding import round_bf16_stochastic
+
+INT8 = "int8"
 
 
 # Elements per partial sum of squares. torch's fp32 norm of one long vector on the CPU drifts with
@@ -67,22 +70,42 @@ def _keep_or(found_inf, value, skipped):
 
 
 def _lamb_updates_(seg: LambSegment, out: list, bias_corrections) -> list:
-    """Steps 4-5 into `out`: u = (m / bc1) / (sqrt(v / bc2) + eps), plus wd * p in AdamW mode.
+    """Steps 4-5 into `out`: u = (m / bc1) / (sqrt(v / bc2) + eps), plus wd * p in AdamW mode, from
+    the stored moments (8-bit ones decoded).
 
     Every op is in place on `out`: on CPU a freshly allocated param-sized temporary costs about ten
     times the arithmetic (page faults), so the quotient is formed as m * (1 / denominator).
     """
-    torch._foreach_copy_(out, seg.exp_avg_sqs)
+    int8 = seg.state_dtype == INT8
+    torch._foreach_copy_(out, _decoded(seg.exp_avg_sqs, seg.exp_avg_sq_scales) if int8 else seg.exp_avg_sqs)
     bias_correction1, bias_correction2 = bias_corrections
     torch._foreach_div_(out, bias_correction2)
     torch._foreach_sqrt_(out)
     torch._foreach_add_(out, seg.eps)
     torch._foreach_reciprocal_(out)
-    torch._foreach_mul_(out, seg.exp_avgs)
+    torch._foreach_mul_(out, _decoded(seg.exp_avgs, seg.exp_avg_scales) if int8 else seg.exp_avgs)
     torch._foreach_div_(out, bias_correction1)
     if seg.adam_w_mode and seg.weight_decay != 0:
         torch._foreach_add_(out, seg.params, alpha=seg.weight_decay)
     return out
+
+
+def _decoded(codes: list, scales: list) -> list:
+    """8-bit states' float32 values (quantization.py)."""
+    return [dequantize(c, s) for c, s in zip(codes, scales)]
+
+
+def _store_codes_(codes: list, scales: list, values: list, keys, state: int, signed: bool, found_inf) -> None:
+    """float32 `values` written into 8-bit `codes` and their block `scales`, rounded stochastically with
+    each tensor's key; nothing changes where a GradScaler found a non-finite grad (re-encoding a
+    decoded value may move it by one code)."""
+    for code, scale, value, key in zip(codes, scales, values, keys):
+        new_code, new_scale = quantize_stochastic(value, key, state, signed)
+        if found_inf is not None:
+            skipped = found_inf.reshape(()) != 0
+            new_code, new_scale = torch.where(skipped, code, new_code), torch.where(skipped, scale, new_scale)
+        code.copy_(new_code)
+        scale.copy_(new_scale)
 
 
 def _step_values(seg) -> tuple:
@@ -173,11 +196,13 @@ class TorchBackend:
                     torch._foreach_add_(grads, seg.params, alpha=seg.weight_decay)
                 else:
                     torch._foreach_add_(grads, torch._foreach_mul(seg.params, _keep_or(found_inf, seg.weight_decay, 0.0)))
-            # 3. Moments (bf16 states: in fp32 copies, stored back with stochastic rounding; the update
-            # below reads the stored values, as the apply stage will).
-            bf16 = seg.state_dtype == torch.bfloat16
-            exp_avgs = [m.float() for m in seg.exp_avgs] if bf16 else seg.exp_avgs
-            exp_avg_sqs = [v.float() for v in seg.exp_avg_sqs] if bf16 else seg.exp_avg_sqs
+            # 3. Moments (bf16 and 8-bit states: in fp32 copies, stored back with stochastic rounding;
+            # the update below reads the stored values, as the apply stage will).
+            bf16, int8 = seg.state_dtype == torch.bfloat16, seg.state_dtype == INT8
+            exp_avgs = ([m.float() for m in seg.exp_avgs] if bf16 else
+                        _decoded(seg.exp_avgs, seg.exp_avg_scales) if int8 else seg.exp_avgs)
+            exp_avg_sqs = ([v.float() for v in seg.exp_avg_sqs] if bf16 else
+                           _decoded(seg.exp_avg_sqs, seg.exp_avg_sq_scales) if int8 else seg.exp_avg_sqs)
             torch._foreach_mul_(exp_avgs, beta1)
             torch._foreach_add_(exp_avgs, grads, alpha=seg.beta3)
             torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -186,6 +211,10 @@ class TorchBackend:
                 for i, key in enumerate(seg.rounding_keys):
                     seg.exp_avgs[i].copy_(round_bf16_stochastic(exp_avgs[i], key, 0))
                     seg.exp_avg_sqs[i].copy_(round_bf16_stochastic(exp_avg_sqs[i], key, 1))
+            if int8:
+                _store_codes_(seg.exp_avgs, seg.exp_avg_scales, exp_avgs, seg.rounding_keys, 0, True, found_inf)
+                _store_codes_(seg.exp_avg_sqs, seg.exp_avg_sq_scales, exp_avg_sqs, seg.rounding_keys, 1, False,
+                              found_inf)
             # 4-5. The update, only to measure it here; the apply stage recomputes it.
             updates = _lamb_updates_(seg, scratch, bias_corrections)
             norms.append(torch.stack([_sums_of_squares(seg.params), _sums_of_squares(updates)], dim=1))
@@ -252,8 +281,9 @@ class TorchBackend:
             # (bf16 buffers: in fp32 copies, stored back with stochastic rounding, the step taken
             # from the stored values.)
             if seg.momentum != 0:
-                bf16 = seg.state_dtype == torch.bfloat16
-                buffers = [b.float() for b in seg.momentum_buffers] if bf16 else seg.momentum_buffers
+                bf16, int8 = seg.state_dtype == torch.bfloat16, seg.state_dtype == INT8
+                buffers = ([b.float() for b in seg.momentum_buffers] if bf16 else
+                           _decoded(seg.momentum_buffers, seg.momentum_buffer_scales) if int8 else seg.momentum_buffers)
                 momentum = seg.momentum if found_inf is None else _keep_or(found_inf, seg.momentum, 1.0)
                 new = [i for i, first_step in enumerate(seg.first_step) if first_step]
                 old = [i for i, first_step in enumerate(seg.first_step) if not first_step]
@@ -267,6 +297,10 @@ class TorchBackend:
                     for buffer, rounded, key in zip(seg.momentum_buffers, buffers, seg.rounding_keys):
                         buffer.copy_(round_bf16_stochastic(rounded, key, 0))
                     buffers = [b.float() for b in seg.momentum_buffers]
+                if int8:
+                    _store_codes_(seg.momentum_buffers, seg.momentum_buffer_scales, buffers, seg.rounding_keys, 0,
+                                  True, found_inf)
+                    buffers = _decoded(seg.momentum_buffers, seg.momentum_buffer_scales)
                 if seg.nesterov:
                     if d is seg.grads:
                         d = scratch

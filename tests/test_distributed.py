@@ -467,7 +467,8 @@ def test_norms_are_summed_by_tensor_when_buckets_differ_between_ranks():
 
 def bf16_states_on_dtensors(rank, world):
     """bf16 states of sharded parameters: created as DTensors of bf16 shards, and converted there
-    when a group's state_dtype changes between steps (LAMB's m and v, LARS's buffers)."""
+    when a group's state_dtype changes between steps (LAMB's m and v, LARS's buffers); 8-bit states
+    refused for them."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -489,7 +490,17 @@ def bf16_states_on_dtensors(rank, world):
                     state = opt.state[p][key]
                     assert state.dtype == torch.bfloat16 and state.to_local().dtype == torch.bfloat16, (key, backend)
                     assert torch.isfinite(state.to_local().float()).all()
+                # 8-bit states are refused for sharded parameters, by name, before anything changes.
+                before = {key: opt.state[p][key].to_local().clone() for key in keys}
+                opt.param_groups[0]["state_dtype"] = "int8"
+                try:
+                    opt.step()
+                except NotImplementedError as error:
+                    assert "state_dtype='int8'" in str(error) and "sharded" in str(error), error
+                else:
+                    raise AssertionError("int8 states of a DTensor parameter were not refused")
+                assert all(torch.equal(opt.state[p][key].to_local(), before[key]) for key in keys)
 
 
-def test_bf16_states_of_sharded_parameters():
+def test_bf16_states_of_sharded_parameters_and_int8_refused():
     spawn(bf16_states_on_dtensors, 2)

@@ -119,7 +119,7 @@ def test_native_kernels_round_as_the_reference_bit_for_bit(backend):
     hyper[:, LambColumn.EPS] = 1e-6
     for row, key in enumerate(keys):
         hyper[row, LambColumn.KEY_LO], hyper[row, LambColumn.KEY_HI] = key & 0xFFFF, key >> 16
-    op(params, grads, m, v, hyper, None, None, None, backend_object.chunk_size)
+    op(params, grads, m, v, [], [], hyper, None, None, None, backend_object.chunk_size)
     for g, m_i, v_i, key in zip(grads, m, v, keys):
         assert torch.equal(m_i, round_bf16_stochastic(g, key, 0))
         assert torch.equal(v_i, round_bf16_stochastic(g * g, key, 1))
@@ -220,10 +220,10 @@ def test_state_dtype_changed_between_steps_converts_the_states(device, backend):
 
 
 def test_bad_state_dtype_and_seed_are_named():
-    with pytest.raises(ValueError, match=r"state_dtype must be one of torch.float32, torch.bfloat16, got torch.float16"):
+    with pytest.raises(ValueError, match=r"state_dtype must be one of torch.float32, torch.bfloat16, 'int8', got torch.float16"):
         FusedLAMB(make_params("cpu"), state_dtype=torch.float16)
     with pytest.raises(ValueError, match=r"param_groups\[1\]: state_dtype must be one of"):
-        FusedLAMB([{"params": make_params("cpu")[:1]}, {"params": make_params("cpu")[1:], "state_dtype": "int8"}])
+        FusedLAMB([{"params": make_params("cpu")[:1]}, {"params": make_params("cpu")[1:], "state_dtype": torch.int8}])
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\), got -1"):
         FusedLAMB(make_params("cpu"), seed=-1)
     with pytest.raises(TypeError, match=r"seed must be an int"):
@@ -348,7 +348,7 @@ def test_native_lars_kernels_round_as_the_reference_bit_for_bit(backend):
     hyper[:, LarsColumn.ONE_MINUS_DAMPENING] = 1.0
     for row, key in enumerate(keys):
         hyper[row, LarsColumn.KEY_LO], hyper[row, LarsColumn.KEY_HI] = key & 0xFFFF, key >> 16
-    backend_object._op("lars_apply")(params, grads, buffers, hyper, None, None, None, [], backend_object.chunk_size)
+    backend_object._op("lars_apply")(params, grads, buffers, [], hyper, None, None, None, [], backend_object.chunk_size)
     for g, b, key in zip(grads, buffers, keys):
         assert torch.equal(b, round_bf16_stochastic(g, key, 0))
 

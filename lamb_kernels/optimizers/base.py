@@ -22,11 +22,12 @@ from ..distributed import check_grad, check_not_flat, distributed_like, is_dtens
 from ..ops import ENV_VAR, check_backend_name, create_backend, resolve_backend
 from .checks import (check_distinct, check_number, check_scaler_tensor, group_key, param_label,
                      raise_bad_grad, same_items)
+from ..quantization import n_blocks
+from .state_storage import CODES, FLOAT_STORAGE, INT8, STATE_DTYPE, convert, scales_fit, scales_key
 from .step_cache import (BucketCache, StepCache, device_of, layouts_function, python_layouts, state_lists,
                          tracked)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype
 
 
 def _sharded_alike(t, p) -> bool:
@@ -37,15 +38,6 @@ def _sharded_alike(t, p) -> bool:
     return is_dtensor(t) and t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements)
 
 
-def _in_layout_of(p: torch.Tensor, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A copy of state tensor t in p's memory layout (its values unchanged, its dtype `dtype` if given:
-    bfloat16 states from float32 ones round to the nearest); a DTensor's shards alike."""
-    return torch.empty_like(p, dtype=t.dtype if dtype is None else dtype).copy_(t)
-
-
-STATE_DTYPES = (torch.float32, torch.bfloat16)  # what `state_dtype` may be
-
-
 class MultiTensorOptimizer(torch.optim.Optimizer):
     """What FusedLAMB and FusedLARS share: backend choice per (device, dtype), validation of groups,
     parameters, grads and state before anything changes, and state dict loading."""
@@ -53,6 +45,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     _STATE_TENSORS = ()  # state entries shaped like their parameter
     _STATE_KEYS = ()  # the entries a step uses: those and the step count
     _REQUIRED_STATE = ()  # entries a non-empty state must have
+    _SIGNED = {}  # state entries that may be 8-bit codes: key -> whether signed (their scales: key + "_scales")
     # GradScaler hands the step its scale and found_inf (as attributes, the way torch's fused
     # optimizers take them) instead of unscaling the grads and syncing on found_inf itself.
     _step_supports_amp_scaling = True
@@ -421,8 +414,16 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             device = p.device if capturable else "cpu"
             state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=device)
         for key in self._STATE_TENSORS:
-            if torch.is_tensor(state.get(key)) and local(state[key]).stride() != local(p).stride():
-                state[key] = _in_layout_of(p, state[key])
+            t = state.get(key)
+            if not torch.is_tensor(t):
+                continue
+            expected = self._state_dtype(group, key)
+            if expected in CODES and is_dtensor(p):
+                continue  # (8-bit states of sharded parameters: the step refuses them, by name)
+            if t.dtype != expected or local(t).stride() != local(p).stride():
+                convert(p, state, key, expected)
+            elif expected not in CODES:
+                state.pop(scales_key(key), None)  # (scales of codes this state no longer is)
         return state
 
     def _loaded_value(self, p: torch.Tensor, key, value, group: dict | None = None):
@@ -432,10 +433,12 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         floating point); anything else as it is."""
         if not torch.is_tensor(value) or key == "step":
             return value
-        if key in self._STATE_TENSORS:
-            value = value.to(device=p.device, dtype=self._state_dtype(group, key), copy=True)
+        if key in self._STATE_TENSORS:  # (converted to the group's storage by `_placed_state`)
+            value = value.to(device=p.device, copy=True)
             # A full state dict's entry for a sharded parameter: each rank keeps its own part.
             return distributed_like(p, value) if is_dtensor(p) and not is_dtensor(value) else value
+        if key in map(scales_key, self._SIGNED):  # 8-bit codes' block scales: float32, on the device
+            return value.to(device=p.device, copy=True)
         if p.is_floating_point() and value.is_floating_point():
             return value.to(device=p.device, dtype=p.dtype, copy=True)
         return value.to(device=p.device, copy=True)
@@ -462,13 +465,17 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                     value = entry.get(key)
                     if value is None:
                         continue
-                    if not torch.is_tensor(value) or not value.is_floating_point():
-                        raise TypeError(f"{where}[{key!r}] must be a floating-point tensor (for {label}), got "
+                    codes = key in self._SIGNED and torch.is_tensor(value) and value.dtype in CODES
+                    if not torch.is_tensor(value) or not (value.is_floating_point() or codes):
+                        raise TypeError(f"{where}[{key!r}] must be a floating-point tensor (or 8-bit codes) (for "
+                                        f"{label}), got "
                                         f"{type(value).__name__ if not torch.is_tensor(value) else value.dtype}")
                     if value.shape != p.shape:
                         raise ValueError(
                             f"{where}[{key!r}] has shape {tuple(value.shape)}, but {label} has shape {tuple(p.shape)}"
                         )
+                    if codes:
+                        self._check_codes(key, value, entry.get(scales_key(key)), f"{where}[{key!r}]", label)
                 if "step" in entry:
                     check_number("['step']", entry["step"], where)
 
@@ -499,6 +506,10 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 shard = local(p)  # (looked up once: the host work per tensor is the step's cost on small ones)
                 if shard is not p or is_dtensor(g):
                     label = param_label(group_index, param_index, group)
+                    if group.get("state_dtype") == INT8:
+                        raise NotImplementedError(
+                            f"{label} is sharded (a DTensor): state_dtype='int8' (8-bit blockwise states) is not "
+                            "supported for sharded parameters yet; use torch.bfloat16 or torch.float32 for its group")
                     check_grad(p, label)
                     sharding_of(p, label)  # raises for a placement the step cannot handle
                 state = self.state.get(p)
@@ -521,7 +532,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         if changed:
             check_distinct(self.param_groups, self.state, self._STATE_KEYS)
         for p, state, k, dtype in relayouts:
-            state[k] = _in_layout_of(p, state[k], dtype)
+            convert(p, state, k, dtype)
         # Remembered only now that every check has passed: a refused step is checked again in full.
         for group, key, _ in revalidated:
             self._checked_groups[id(group)] = (group, key, tuple(group["params"]))
@@ -568,6 +579,18 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 revalidated.append((group, key, None if same_params else True))
         return revalidated
 
+    def _check_codes(self, key: str, codes: torch.Tensor, scales, where: str, label: str) -> None:
+        """Saved 8-bit codes: signed (int8) for a signed state, with float32 block scales of their size."""
+        if (codes.dtype == torch.int8) != self._SIGNED[key]:
+            raise TypeError(f"{where} (for {label}) must hold {'int8' if self._SIGNED[key] else 'uint8'} codes, "
+                            f"got {codes.dtype}")
+        if not (torch.is_tensor(scales) and scales.dtype == torch.float32 and scales.dim() == 1
+                and scales.numel() == n_blocks(codes.numel())):
+            shown = f"{tuple(scales.shape)} {scales.dtype}" if torch.is_tensor(scales) else repr(scales)
+            raise ValueError(f"{where} (for {label}) holds 8-bit codes, so the state needs "
+                             f"{scales_key(key)!r}: float32 block scales of shape ({n_blocks(codes.numel())},), "
+                             f"got {shown}")
+
     def _state_relayouts(self, p: torch.Tensor, state: dict, backend_name: str, label: str, group=None) -> list:
         """(key, dtype) of the state entries to copy into p's memory layout, or into the dtype the
         group keeps them in (`_state_dtype`: a checkpoint or a group's ``state_dtype`` changed between
@@ -587,7 +610,10 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             expected = self._state_dtype(group, key)
             if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device or not _sharded_alike(t, p):
                 fits = False
-            elif t.dtype != expected and t.dtype in STATE_DTYPES:
+            elif t.dtype in CODES and (key not in self._SIGNED or (t.dtype == torch.int8) != self._SIGNED[key]
+                                       or not scales_fit(t, state.get(scales_key(key)))):
+                fits = False
+            elif t.dtype != expected and (t.dtype in FLOAT_STORAGE or t.dtype in CODES):
                 relayouts.append((key, expected))
             elif backend_name != "torch" and t.dtype != expected:
                 fits = False

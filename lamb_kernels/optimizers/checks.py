@@ -51,9 +51,9 @@ def check_flag(name: str, value, where: str, none_ok: bool = False) -> None:
 
 
 def check_state_dtype(value, allowed, where: str) -> None:
-    """A group's ``state_dtype``: one of `allowed` (torch dtypes)."""
-    if value not in allowed:
-        names = ", ".join(f"torch.{str(d).split('.')[-1]}" for d in allowed)
+    """A group's ``state_dtype``: one of `allowed` (torch dtypes, and "int8")."""
+    if not any(value is d or (isinstance(d, str) and value == d) for d in allowed):
+        names = ", ".join(repr(d) if isinstance(d, str) else f"torch.{str(d).split('.')[-1]}" for d in allowed)
         raise ValueError(f"{where}state_dtype must be one of {names}, got {value!r}")
 
 

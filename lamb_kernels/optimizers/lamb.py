@@ -10,7 +10,8 @@ from ..contract import LambSegment
 from ..distributed import all_reduce_sharded_
 from .step_counts import (advance_reused, advance_step_counts, move_step_count_for, new_step_count, pack_step_counts,
                           rounding_keys)
-from .base import STATE_DTYPE, STATE_DTYPES, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
+from .state_storage import STATE_DTYPE, STATE_DTYPES, new_state, scales_key, storage_dtype
+from .base import MultiTensorOptimizer, bucket_shardings, lr_of, on_device
 from .checks import as_int as _as_int, check_flag, check_number, check_seed, check_state_dtype, hyperparameter
 
 
@@ -75,7 +76,8 @@ class FusedLAMB(MultiTensorOptimizer):
     """
 
     _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")
-    _STATE_KEYS = (*_STATE_TENSORS, "step")
+    _SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+    _STATE_KEYS = (*_STATE_TENSORS, "step", "exp_avg_scales", "exp_avg_sq_scales")
     _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")
     _validate_group = staticmethod(_validate_lamb_group)
 
@@ -144,9 +146,8 @@ class FusedLAMB(MultiTensorOptimizer):
                 if new:
                     state = self.state[p]
                     state["step"] = self._new_step_count(p, group)
-                    dtype = self._state_dtype(group, "exp_avg")
-                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        new_state(p, self._state_dtype(group, key), scales_key(key), state, key)
                 move_step_count_for(found_inf, p, state)
                 group_states.append((state, new))
             advance_step_counts([state["step"] for state, _ in group_states], found_inf)
@@ -159,7 +160,7 @@ class FusedLAMB(MultiTensorOptimizer):
         buckets = {}
         for (group, params), group_states in zip(work, states):
             make_segment = _segment_maker(group)
-            state_dtype = self._state_dtype(group, "exp_avg")
+            state_dtype = group.get("state_dtype", STATE_DTYPE)
             segments_of_group, seg_of = {}, []
             for (p, name, position, shard, _), (state, _) in zip(params, group_states):
                 seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment,
@@ -168,15 +169,18 @@ class FusedLAMB(MultiTensorOptimizer):
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 seg.exp_avgs.append(exp_avg if shard is p else exp_avg._local_tensor)
                 seg.exp_avg_sqs.append(exp_avg_sq if shard is p else exp_avg_sq._local_tensor)
+                if "exp_avg_scales" in state and exp_avg.dtype == torch.int8:  # 8-bit states (never sharded)
+                    seg.exp_avg_scales.append(state["exp_avg_scales"])
+                    seg.exp_avg_sq_scales.append(state["exp_avg_sq_scales"])
                 seg_of.append(seg)
             _add_bias_corrections(self, group, [state["step"] for state, _ in group_states], seg_of,
                                   list(segments_of_group.values()))
         return buckets
 
     def _state_dtype(self, group, key: str) -> torch.dtype:
-        if group is None or key not in ("exp_avg", "exp_avg_sq"):
+        if group is None or key not in self._SIGNED:
             return STATE_DTYPE
-        return group.get("state_dtype", STATE_DTYPE)
+        return storage_dtype(group.get("state_dtype", STATE_DTYPE), self._SIGNED[key])
 
     def _prepare(self, backend, segments):
         return backend.prepare_lamb(segments)

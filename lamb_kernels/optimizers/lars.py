@@ -6,7 +6,8 @@ import torch
 
 from ..contract import LarsSegment
 from ..distributed import all_reduce_sharded_, local
-from .base import STATE_DTYPE, STATE_DTYPES, MultiTensorOptimizer, bucket_shardings, lr_of, on_device
+from .state_storage import STATE_DTYPE, STATE_DTYPES, new_state, storage_dtype
+from .base import MultiTensorOptimizer, bucket_shardings, lr_of, on_device
 from .checks import as_int as _as_int, check_flag, check_number, check_seed, check_state_dtype, hyperparameter
 from .step_counts import (advance_reused, advance_step_counts, move_step_count_for, new_step_count, pack_step_counts,
                           rounding_keys)
@@ -63,7 +64,8 @@ class FusedLARS(MultiTensorOptimizer):
     """
 
     _STATE_TENSORS = ("momentum_buffer", "master_param")
-    _STATE_KEYS = (*_STATE_TENSORS, "step")  # (a step count only with bf16 buffers)
+    _SIGNED = {"momentum_buffer": True}
+    _STATE_KEYS = (*_STATE_TENSORS, "step", "momentum_buffer_scales")  # (a step count only with bf16 or int8 buffers)
     _REQUIRED_STATE = ()
     _validate_group = staticmethod(_validate_lars_group)
 
@@ -112,8 +114,11 @@ class FusedLARS(MultiTensorOptimizer):
                     # Under a GradScaler that first step may be skipped on the device: the buffer
                     # then starts from zeros, which momentum * 0 + d reads as d again (exactly when
                     # dampening is 0).
-                    make = torch.empty_like if found_inf is None else torch.zeros_like
-                    state["momentum_buffer"] = make(p, dtype=dtype, memory_format=torch.preserve_format)
+                    if dtype == torch.int8:  # (zero codes and scales: nothing reads them before the first step)
+                        new_state(p, dtype, "momentum_buffer_scales", state, "momentum_buffer")
+                    else:
+                        make = torch.empty_like if found_inf is None else torch.zeros_like
+                        state["momentum_buffer"] = make(p, dtype=dtype, memory_format=torch.preserve_format)
                 if counted:
                     if state.get("step") is None:
                         state["step"] = new_step_count(p, group)
@@ -127,11 +132,12 @@ class FusedLARS(MultiTensorOptimizer):
     def _state_dtype(self, group, key: str) -> torch.dtype:
         if group is None or key != "momentum_buffer":
             return STATE_DTYPE
-        return group.get("state_dtype", STATE_DTYPE)
+        return storage_dtype(group.get("state_dtype", STATE_DTYPE), signed=True)
 
-    def _bucket_state_dtype(self, group: dict) -> torch.dtype:
+    @staticmethod
+    def _bucket_state_dtype(group: dict):
         """A bucket holds one buffer dtype: a group without momentum has no buffer, and joins float32's."""
-        return self._state_dtype(group, "momentum_buffer") if float(group["momentum"]) != 0 else STATE_DTYPE
+        return group.get("state_dtype", STATE_DTYPE) if float(group["momentum"]) != 0 else STATE_DTYPE
 
     def _bucket(self, work: list, states: list) -> dict:
         """Per group, one LarsSegment per bucket it has parameters in."""
@@ -147,6 +153,8 @@ class FusedLARS(MultiTensorOptimizer):
                 seg.params.append(self._weights(p, shard, state, seg))
                 buffer = state["momentum_buffer"] if momentum else None
                 seg.momentum_buffers.append(buffer if buffer is None or shard is p else local(buffer))
+                if buffer is not None and buffer.dtype == torch.int8:  # 8-bit buffers (never sharded)
+                    seg.momentum_buffer_scales.append(state["momentum_buffer_scales"])
                 seg.first_step.append(new)
                 if state_dtype != STATE_DTYPE:
                     steps.setdefault(id(seg), []).append(state["step"])
