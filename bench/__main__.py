@@ -27,7 +27,7 @@ import lamb_kernels
 
 from lamb_kernels.ops import BACKEND_NAMES
 
-from .harness import device_name, make_params, run_group
+from .harness import STATE_BYTES, STATE_DTYPES, device_name, make_params, run_group
 from .presets import ALL, PRESETS, preset_shapes
 from .providers import COMPILED, Provider, default_backends, lamb_providers, lars_providers
 from .report import Progress, chart_title, group_rows, read_csv, table, write_csv, write_png
@@ -54,8 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype")
     parser.add_argument("--master-weights", action="store_true",
                         help="our optimizers keep fp32 master weights of bf16/fp16 params (charged their bytes)")
-    parser.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="state_dtype of FusedLAMB (m and v) and FusedLARS (the momentum buffer), charged their bytes")
+    parser.add_argument("--state-dtype", choices=tuple(STATE_DTYPES), default="float32",
+                        help="state_dtype of FusedLAMB (m and v) and FusedLARS (the momentum buffer), charged their "
+                             "bytes (int8: 8-bit codes with a float32 scale per 256)")
     parser.add_argument("--algorithms", default="lamb,lars", help="comma-separated: lamb, lars")
     parser.add_argument("--out", default="out", help="folder for steps.csv and steps.png (default: out)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per provider (default: cpu 15, cuda 50)")
@@ -117,18 +118,19 @@ def _version(package: str) -> str:
         return ""
 
 
-def _state_bytes(state_dtype: str, algorithm: str) -> int:
-    """Bytes of each of LAMB's m and v, or of LARS's momentum buffer."""
-    return 2 if state_dtype == "bfloat16" else 4
+def _state_bytes(state_dtype: str, algorithm: str) -> float:
+    """Bytes of each of LAMB's m and v, or of LARS's momentum buffer, per parameter (int8: the code and
+    its share of its block's float32 scale)."""
+    return STATE_BYTES[state_dtype]
 
 
 def _providers(algorithm: str, args) -> list:
     copy = Provider("copy (torch.Tensor.copy_, as many elements)", algorithm, "copy", version=torch.__version__)
     if algorithm == "lamb":
         providers = lamb_providers(args.device, args.backends, args.max_grad_norm, args.master_weights,
-                                   DTYPES[args.state_dtype])
+                                   STATE_DTYPES[args.state_dtype])
     else:
-        providers = lars_providers(args.device, args.backends, args.master_weights, DTYPES[args.state_dtype])
+        providers = lars_providers(args.device, args.backends, args.master_weights, STATE_DTYPES[args.state_dtype])
     return [copy, *(p for p in providers if not (args.no_compile and p.name.endswith(COMPILED)))]
 
 

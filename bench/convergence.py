@@ -66,10 +66,13 @@ RECIPES = {
     "SGD": Recipe("linear", 0.2, 5e-4),
 }
 DEFAULT_OPTIMIZERS = tuple(RECIPES)
-# FusedLAMB and FusedLARS with their states in bf16 (docs/states.md), on their own recipes:
-# `--state-dtypes float32,bfloat16` studies both side by side.
-RECIPES["FusedLAMB-bf16"] = RECIPES["FusedLAMB"]
-RECIPES["FusedLARS-bf16"] = RECIPES["FusedLARS"]
+# FusedLAMB and FusedLARS with their states in bf16 or 8-bit codes (docs/states.md), on their own
+# recipes: `--state-dtypes float32,bfloat16,int8` studies them side by side.
+STATE_SUFFIXES = {"bfloat16": "-bf16", "int8": "-int8"}
+STATE_DTYPE_OF = {"": torch.float32, "-bf16": torch.bfloat16, "-int8": "int8"}
+for _suffix in STATE_SUFFIXES.values():
+    RECIPES["FusedLAMB" + _suffix] = RECIPES["FusedLAMB"]
+    RECIPES["FusedLARS" + _suffix] = RECIPES["FusedLARS"]
 MOMENTUM = 0.9  # SGD and FusedLARS
 
 
@@ -79,11 +82,11 @@ def build_optimizer(name: str, model: torch.nn.Module, lr: float, backend: str):
     biases out of both (lamb_kernels.param_groups, the recipe for large normalised networks) made
     FusedLARS much worse on this network and FusedLAMB no better: see docs/convergence.md."""
     params, weight_decay = model.parameters(), RECIPES[name].weight_decay
-    if name in ("FusedLAMB", "FusedLAMB-bf16"):  # apex's defaults otherwise: betas (0.9, 0.999), eps 1e-6, clipping at 1
-        state_dtype = torch.bfloat16 if name == "FusedLAMB-bf16" else torch.float32
+    fused, _, suffix = name.partition("-")
+    state_dtype = STATE_DTYPE_OF["-" + suffix if suffix else ""]
+    if fused == "FusedLAMB":  # apex's defaults otherwise: betas (0.9, 0.999), eps 1e-6, clipping at 1
         return lamb_kernels.FusedLAMB(params, lr=lr, weight_decay=weight_decay, backend=backend, state_dtype=state_dtype)
-    if name in ("FusedLARS", "FusedLARS-bf16"):  # timm's defaults otherwise: trust_coeff 1e-3, no trust clipping
-        state_dtype = torch.bfloat16 if name == "FusedLARS-bf16" else torch.float32
+    if fused == "FusedLARS":  # timm's defaults otherwise: trust_coeff 1e-3, no trust clipping
         return lamb_kernels.FusedLARS(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, backend=backend,
                                       state_dtype=state_dtype)
     if name == "AdamW":
@@ -245,7 +248,8 @@ SUMMARY_COLUMNS = (
     "torch", "python", "machine",
 )
 COLOURS = {"FusedLAMB": "#dd8452", "AdamW": "#4c72b0", "FusedLARS": "#c44e52", "SGD": "#55a868",
-           "FusedLAMB-bf16": "#8172b3", "FusedLARS-bf16": "#937860"}
+           "FusedLAMB-bf16": "#8172b3", "FusedLARS-bf16": "#937860", "FusedLAMB-int8": "#da8bc3",
+           "FusedLARS-int8": "#8c8c8c"}
 
 
 def write_png(summary, path, title) -> str | None:
@@ -342,7 +346,8 @@ def parse_args(argv=None):
     parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"comma-separated: {', '.join(RECIPES)}")
     parser.add_argument("--state-dtypes", default="float32",
                         help="comma-separated state dtypes of FusedLAMB and FusedLARS to study side by side: "
-                             "float32, bfloat16 (bfloat16 adds FusedLAMB-bf16, FusedLARS-bf16; default: float32)")
+                             "float32, bfloat16, int8 (bfloat16 adds FusedLAMB-bf16 and FusedLARS-bf16, int8 "
+                             "FusedLAMB-int8 and FusedLARS-int8; default: float32)")
     parser.add_argument("--batch-sizes", type=_ints, default=None,
                         help=f"comma-separated (default: {','.join(map(str, BATCH_SIZES))})")
     parser.add_argument("--seeds", type=int, default=None, help="training seeds 0..N-1 (default: 3; --quick: 1)")
@@ -362,13 +367,14 @@ def parse_args(argv=None):
     preset = QUICK if args.quick else FULL
     optimizers = tuple(name.strip() for name in args.optimizers.split(",") if name.strip())
     state_dtypes = [name.strip() for name in args.state_dtypes.split(",") if name.strip()]
-    if not state_dtypes or any(name not in ("float32", "bfloat16") for name in state_dtypes):
-        parser.error(f"--state-dtypes: choose from float32, bfloat16, got {args.state_dtypes!r}")
+    if not state_dtypes or any(name not in ("float32", *STATE_SUFFIXES) for name in state_dtypes):
+        parser.error(f"--state-dtypes: choose from float32, bfloat16, int8, got {args.state_dtypes!r}")
     for fused in ("FusedLAMB", "FusedLARS"):
         if fused not in optimizers:
             continue
-        if "bfloat16" in state_dtypes and f"{fused}-bf16" not in optimizers:
-            optimizers += (f"{fused}-bf16",)
+        for state_dtype, suffix in STATE_SUFFIXES.items():
+            if state_dtype in state_dtypes and fused + suffix not in optimizers:
+                optimizers += (fused + suffix,)
         if "float32" not in state_dtypes:
             optimizers = tuple(name for name in optimizers if name != fused)
     unknown = [name for name in optimizers if name not in RECIPES]

@@ -18,6 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+# `--state-dtype`: our optimizers' state_dtype, and the bytes per parameter of each state (int8: the
+# code and its share of its block's float32 scale).
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8"}
+STATE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1 + 4 / 256}
+
+
 # Bytes per parameter per step: docs/design.md section 4's model, for parameters (and grads) of `param_bytes`
 # each, 4 for fp32 states. Every provider of a group is charged its algorithm's bytes (what our
 # passes must move), so GB/s is an effective bandwidth, comparable across providers; apex's
@@ -25,10 +31,11 @@ import torch
 # dtype, so their bytes scale with it; ours keep fp32 states. With master weights, the passes read
 # and write the fp32 master where they would read and write p, and the apply pass also writes p.
 def stage_bytes(algorithm: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False,
-                state_bytes: int = 4) -> dict:
+                state_bytes: float = 4) -> dict:
     """Bytes per parameter of each stage of a step, in the order a step runs them (a stage a step
     skips is left out): LAMB "grad norm", "moments", "apply"; LARS "norms", "apply". `state_bytes`:
-    of each of LAMB's m and v, or of LARS's buffer (2 with ``state_dtype=torch.bfloat16``)."""
+    of each of LAMB's m and v, or of LARS's buffer (2 with ``state_dtype=torch.bfloat16``, 1 + 4 / 256 with
+    "int8": the code and its share of its block's scale, read and written with it)."""
     s, state = param_bytes, state_bytes
     w = 4 if master_weights else s  # the weights the passes read: master or p
     copy = s if master_weights else 0
@@ -42,7 +49,7 @@ def stage_bytes(algorithm: str, clipping: bool, param_bytes: int = 4, master_wei
 
 
 def bytes_moved(algorithm: str, role: str, clipping: bool, param_bytes: int = 4, master_weights: bool = False,
-                state_bytes: int = 4) -> int:
+                state_bytes: float = 4) -> float:
     s = param_bytes
     if role == "copy":
         return 2 * s  # read, write

@@ -19,7 +19,7 @@ import lamb_kernels
 from lamb_kernels import FusedLAMB, FusedLARS
 from lamb_kernels.ops import resolve_backend
 
-from .harness import make_params, quantile, run_group, stage_bytes
+from .harness import STATE_BYTES, STATE_DTYPES, make_params, quantile, run_group, stage_bytes
 from .providers import LAMB_WEIGHT_DECAY, LARS_WEIGHT_DECAY, LR, MOMENTUM, Provider
 from .report import pyplot, write_csv
 
@@ -143,7 +143,7 @@ def stage_table(rows) -> str:
         pct = f"{row['pct_of_copy']:.0f}" if row.get("pct_of_copy") is not None else ""
         launches = "" if row.get("launches") is None else str(row["launches"])
         lines.append(f"{row['preset']:<11} {row['algorithm']:<5} {row['backend']:<8} {row['stage']:<10} "
-                     f"{row['bytes_per_param']:>7} {row['median_ms']:>10.3f} {row['gb_per_s']:>7.1f} {pct:>7} "
+                     f"{row['bytes_per_param']:>7g} {row['median_ms']:>10.3f} {row['gb_per_s']:>7.1f} {pct:>7} "
                      f"{launches:>8}")
     return "\n".join(lines)
 
@@ -181,10 +181,9 @@ def run_stages(args, context, dtype, presets, progress_factory) -> list:
 
     csv_path, png_path = os.path.join(args.out, "stages.csv"), os.path.join(args.out, "stages.png")
     clipping = args.max_grad_norm > 0
-    bf16 = getattr(args, "state_dtype", "float32") == "bfloat16"
+    state_dtype = getattr(args, "state_dtype", "float32")
     plan = [(preset, algorithm, stage_providers(algorithm, args.device, args.backends, clipping,
-                                                context["master_weights"],
-                                                torch.bfloat16 if bf16 else torch.float32))
+                                                context["master_weights"], STATE_DTYPES[state_dtype]))
             for preset in presets for algorithm in args.algorithms]
     progress = progress_factory(sum(sum(p.unavailable is None for p in providers) for *_, providers in plan)
                                 * (args.warmup + args.repeats))
@@ -198,8 +197,7 @@ def run_stages(args, context, dtype, presets, progress_factory) -> list:
                              progress=progress)
         rows += stage_rows(outcomes, preset=preset, algorithm=algorithm, params=params, clipping=clipping,
                            master_weights=context["master_weights"],
-                           context={**context, "state_dtype": "bfloat16" if bf16 else "float32"},
-                           state_bytes=2 if bf16 else 4)
+                           context={**context, "state_dtype": state_dtype}, state_bytes=STATE_BYTES[state_dtype])
         del params, outcomes, providers
         if args.device == "cuda":
             torch.cuda.empty_cache()

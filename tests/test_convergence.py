@@ -72,7 +72,7 @@ def test_patch_cnn_layers_are_convolutions_with_kernel_equal_to_stride():
 def test_learning_rate_rules_square_root_for_lamb_and_adamw_linear_for_lars_and_sgd():
     assert {name: recipe.rule for name, recipe in RECIPES.items()} == {
         "FusedLAMB": "sqrt", "AdamW": "sqrt", "FusedLARS": "linear", "SGD": "linear", "FusedLAMB-bf16": "sqrt",
-        "FusedLARS-bf16": "linear"}
+        "FusedLARS-bf16": "linear", "FusedLAMB-int8": "sqrt", "FusedLARS-int8": "linear"}
     for name, recipe in RECIPES.items():
         assert scaled_lr(name, BASE_BATCH) == recipe.base_lr
         growth = 2.0 if recipe.rule == "sqrt" else 4.0
@@ -297,3 +297,10 @@ def test_state_dtypes_study_fused_lamb_with_each():
     assert lars.param_groups[0]["state_dtype"] == torch.bfloat16
     optimizer = build_optimizer("FusedLAMB-bf16", torch.nn.Linear(3, 2), 0.1, "torch")
     assert optimizer.param_groups[0]["state_dtype"] == torch.bfloat16
+    every, _ = parse_args(["--optimizers", "FusedLAMB,FusedLARS", "--state-dtypes", "float32,int8,bfloat16"])
+    assert every.optimizers == ("FusedLAMB", "FusedLARS", "FusedLAMB-bf16", "FusedLAMB-int8", "FusedLARS-bf16",
+                                "FusedLARS-int8")
+    for name in ("FusedLAMB-int8", "FusedLARS-int8"):
+        assert build_optimizer(name, torch.nn.Linear(3, 2), 0.1, "torch").param_groups[0]["state_dtype"] == "int8"
+    assert build_optimizer("FusedLARS", torch.nn.Linear(3, 2), 0.1, "torch").param_groups[0]["state_dtype"] == \
+        torch.float32
