@@ -15,7 +15,7 @@ from lamb_kernels import FusedLAMB, FusedLARS
 from lamb_kernels.hyper import WIDTH, LambColumn, LarsColumn
 from lamb_kernels.quantization import (BLOCK, code_values, dequantize, n_blocks, quantize, quantize_stochastic,
                                        smallest_code)
-from test_states import grads_for, make_params
+from test_states import assert_a_skipped_step_changes_nothing, grads_for, make_params, step_side_by_side
 
 INT8 = "int8"
 SPACING = 2.0**-3  # the largest gap between neighbouring nonzero codes, relative to the lower one
@@ -109,6 +109,16 @@ def native_backends():
     return [b for b in ("cpp", "triton") if b in lamb_kernels.available_backends("cpu")]
 
 
+def keyed_table(columns, keys, **values):
+    """A hyperparameter table, a row per tensor with its rounding key, and `values` by column name."""
+    hyper = torch.zeros(len(keys), WIDTH)
+    for name, value in values.items():
+        hyper[:, columns[name]] = value
+    for row, key in enumerate(keys):
+        hyper[row, columns.KEY_LO], hyper[row, columns.KEY_HI] = key & 0xFFFF, key >> 16
+    return hyper
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_native_kernels_encode_as_the_reference_bit_for_bit(backend):
     """m = g, v = g^2 exactly (beta1 = beta2 = 0): the stored codes and scales are the reference's
@@ -126,13 +136,7 @@ def test_native_kernels_encode_as_the_reference_bit_for_bit(backend):
     m_scales = [torch.zeros(n_blocks(n)) for n in sizes]
     v_scales = [torch.zeros(n_blocks(n)) for n in sizes]
     keys = [0x12345678, 0xFEDCBA98]
-    hyper = torch.zeros(2, WIDTH)
-    hyper[:, LambColumn.BETA3] = 1.0
-    hyper[:, LambColumn.ONE_MINUS_BETA2] = 1.0
-    hyper[:, LambColumn.BC1] = hyper[:, LambColumn.BC2] = 1.0
-    hyper[:, LambColumn.EPS] = 1e-6
-    for row, key in enumerate(keys):
-        hyper[row, LambColumn.KEY_LO], hyper[row, LambColumn.KEY_HI] = key & 0xFFFF, key >> 16
+    hyper = keyed_table(LambColumn, keys, BETA3=1.0, ONE_MINUS_BETA2=1.0, BC1=1.0, BC2=1.0, EPS=1e-6)
     backend_object._op("lamb_moments")(params, grads, m, v, m_scales, v_scales, hyper, None, None, None,
                                        backend_object.chunk_size)
     for g, codes, scale, sq_codes, sq_scale, key in zip(grads, m, m_scales, v, v_scales, keys):
@@ -162,13 +166,8 @@ def test_native_lars_kernels_encode_as_the_reference_bit_for_bit(backend):
     buffers = [torch.zeros(n, dtype=torch.int8) for n in sizes]
     scales = [torch.zeros(n_blocks(n)) for n in sizes]
     keys = [0x0BADCAFE, 0x13572468]
-    hyper = torch.zeros(2, WIDTH)
-    hyper[:, LarsColumn.HAS_MOMENTUM] = hyper[:, LarsColumn.FIRST_STEP] = 1.0
-    hyper[:, LarsColumn.MOMENTUM] = 0.9
-    hyper[:, LarsColumn.ONE_MINUS_DAMPENING] = 1.0
-    hyper[:, LarsColumn.LR] = 1.0
-    for row, key in enumerate(keys):
-        hyper[row, LarsColumn.KEY_LO], hyper[row, LarsColumn.KEY_HI] = key & 0xFFFF, key >> 16
+    hyper = keyed_table(LarsColumn, keys, HAS_MOMENTUM=1.0, FIRST_STEP=1.0, MOMENTUM=0.9, ONE_MINUS_DAMPENING=1.0,
+                        LR=1.0)
     before = [p.clone() for p in params]
     backend_object._op("lars_apply")(params, grads, buffers, scales, hyper, None, None, None, [],
                                      backend_object.chunk_size)
@@ -298,13 +297,7 @@ def test_an_int8_checkpoint_resumes_bit_for_bit(device, backend, optimizer):
     defaults = dict(lr=0.05) if optimizer is FusedLAMB else LARS
     resumed = optimizer(copies, backend=backend, state_dtype=INT8, **defaults)
     resumed.load_state_dict(saved)
-    for step in (3, 4, 5):
-        for ps in (params, copies):
-            for p, g in zip(ps, grads_for(ps, step)):
-                p.grad = g
-        opt.step()
-        resumed._step_cache = None  # every step a full one: the same bits as the reused ones
-        resumed.step()
+    step_side_by_side(opt, params, resumed, copies, (3, 4, 5))
     assert opt.reused_steps >= 2 and resumed.reused_steps == 0
     for p, q in zip(params, copies):
         assert torch.equal(p, q) and torch.equal(opt.state[p][key], resumed.state[q][key])
@@ -447,15 +440,7 @@ def test_int8_states_with_master_weights_and_a_skipped_step(device, backend, opt
     key = "exp_avg" if optimizer is FusedLAMB else "momentum_buffer"
     assert all(opt.state[p]["master_param"].dtype == torch.float32 and opt.state[p][key].dtype == torch.int8
                for p in params)
-    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
-    opt.grad_scale = torch.ones(1, device=device)
-    opt.found_inf = torch.ones(1, device=device)
-    opt.step()
-    after = opt.state_dict()
-    for index, entry in before[0]["state"].items():
-        for name, value in entry.items():
-            assert torch.equal(after["state"][index][name], value), (index, name)
-    assert all(torch.equal(p, q) for p, q in zip(params, before[1]))
+    assert_a_skipped_step_changes_nothing(opt, params, device)
 
 
 def test_the_torch_backend_keeps_codes_on_a_skipped_step():

@@ -39,6 +39,18 @@ def run(device, backend, steps, state_dtype=BF16, seed=0, **options):
     return params, opt
 
 
+def step_side_by_side(opt, params, resumed, copies, steps):
+    """`opt` and a copy `resumed` from its checkpoint stepped with the same grads: `opt` reusing its
+    plans, `resumed` taking every step in full (the same bits are expected of both)."""
+    for step in steps:
+        for ps in (params, copies):
+            for p, g in zip(ps, grads_for(ps, step)):
+                p.grad = g
+        opt.step()
+        resumed._step_cache = None
+        resumed.step()
+
+
 def assert_within_movement(params, make_reference, steps, bound):
     """Each element of `params` (after `steps` steps of the tests' grads) within `bound` (plus fp32
     rounding, 1e-5) of the total movement of the float64 reference's element over those steps."""
@@ -272,6 +284,11 @@ def test_bf16_states_with_master_weights_and_a_skipped_step(device, backend):
         opt.step()
     assert all(opt.state[p]["master_param"].dtype == torch.float32 and opt.state[p]["exp_avg"].dtype == BF16
                for p in params)
+    assert_a_skipped_step_changes_nothing(opt, params, device)
+
+
+def assert_a_skipped_step_changes_nothing(opt, params, device):
+    """A step a GradScaler found a non-finite grad in leaves every state entry and parameter, bit for bit."""
     before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
     opt.grad_scale = torch.ones(1, device=device)
     opt.found_inf = torch.ones(1, device=device)
@@ -360,13 +377,7 @@ def test_lars_bf16_checkpoint_resumes_bit_for_bit_and_reused_steps_round_as_full
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     resumed = FusedLARS(copies, backend=backend, state_dtype=BF16, **LARS)
     resumed.load_state_dict(saved)
-    for step in (3, 4, 5):
-        for ps in (params, copies):
-            for p, g in zip(ps, grads_for(ps, step)):
-                p.grad = g
-        opt.step()
-        resumed._step_cache = None  # every step a full one: the same bits as the reused ones
-        resumed.step()
+    step_side_by_side(opt, params, resumed, copies, (3, 4, 5))
     assert opt.reused_steps >= 3 and resumed.reused_steps == 0
     for p, q in zip(params, copies):
         assert torch.equal(p, q) and torch.equal(opt.state[p]["momentum_buffer"], resumed.state[q]["momentum_buffer"])
