@@ -13,14 +13,16 @@
 #    `python -m bench --chart-from steps.csv --out DIR`);
 # 3. each stage on its own on bert-large (`--stages`): GB/s and % of copy per stage and backend;
 #    then the Triton kernels' scalar variant alone (LAMB_KERNELS_TRITON_VECTORIZE=0), to compare
-#    with the vectorized one of the same run.
+#    with the vectorized one of the same run; then the stages with 8-bit states (`--state-dtype
+#    int8`, 26 bytes per LAMB step against 44), against the float32 ones of the same run.
 #
 # $OUT holds at most 8 files, one folder deep: versions.txt, tests.txt, bert-large/steps.{csv,png},
-# many-small/steps.csv, stages/stages.{csv,png}, stages-scalar/stages.csv (the charts that would
-# make more are left out; draw them elsewhere from the CSVs). Each part has its own time limit
-# ($TEST_SECONDS, default 240, and $BENCH_SECONDS per benchmark, default 70, 90 for the two small
-# presets: at most 9 minutes in all), so that a hang in one still leaves the others' results. Exit
-# status: the tests' (or the benchmark's when the tests passed).
+# many-small/steps.csv, stages/stages.csv, stages-scalar/stages.csv, stages-int8/stages.csv (the
+# charts that would make more are left out; draw them elsewhere from the CSVs with `--chart-from`).
+# Each part has its own time limit ($TEST_SECONDS, default 240, $BENCH_SECONDS for the steps,
+# default 70, 90 for the two small presets, and $STAGE_SECONDS per stages run, default 55: at most
+# 9.5 minutes in all), so that a hang in one still leaves the others' results. Exit status: the
+# tests' (or the benchmark's when the tests passed).
 #
 # DRY_RUN=1 runs the same steps on the CPU in seconds (the tests of one file, the `tiny` preset with
 # the cpp backend and two timed steps): a check of this script where no GPU is (tests/test_bench.py).
@@ -29,6 +31,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu}"
 TEST_SECONDS="${TEST_SECONDS:-240}"
 BENCH_SECONDS="${BENCH_SECONDS:-70}"
+STAGE_SECONDS="${STAGE_SECONDS:-55}"
 DEVICE=cuda BIG=bert-large SMALL=many-small,host-bound SCALAR_BACKENDS=triton TESTS=() QUICK=()
 if [ "${DRY_RUN:-0}" = 1 ]; then
     DEVICE=cpu BIG=tiny SMALL=tiny SCALAR_BACKENDS=cpp TESTS=(tests/test_host_path.py)
@@ -51,11 +54,13 @@ timeout "$BENCH_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" "${Q
     || bench=$?
 timeout "$((BENCH_SECONDS + 20))" python -m bench --device "$DEVICE" --preset "$SMALL" --no-compile "${QUICK[@]}" \
     --out "$OUT/many-small" || bench=$?
-timeout "$BENCH_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" --stages "${QUICK[@]}" --out "$OUT/stages" \
+timeout "$STAGE_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" --stages "${QUICK[@]}" --out "$OUT/stages" \
     || bench=$?
-LAMB_KERNELS_TRITON_VECTORIZE=0 timeout "$BENCH_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" --stages \
+LAMB_KERNELS_TRITON_VECTORIZE=0 timeout "$STAGE_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" --stages \
     "${QUICK[@]}" --backends "$SCALAR_BACKENDS" --out "$OUT/stages-scalar" || bench=$?
-rm -f "$OUT/many-small/steps.png" "$OUT/stages-scalar/stages.png"
+timeout "$STAGE_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" --stages --state-dtype int8 "${QUICK[@]}" \
+    --out "$OUT/stages-int8" || bench=$?
+rm -f "$OUT/many-small/steps.png" "$OUT/stages/stages.png" "$OUT/stages-scalar/stages.png" "$OUT/stages-int8/stages.png"
 
 echo "== tests: $(tail -1 "$OUT/tests.txt")"
 python - "$OUT" <<'PY'

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.__main__ import main, parse_args
-from bench.harness import Outcome, bytes_moved, make_params, quantile, run_group, stage_bytes
+from bench.harness import STATE_BYTES, STATE_DTYPES, Outcome, bytes_moved, make_params, quantile, run_group, stage_bytes
 from bench.presets import PRESETS, preset_shapes
 from bench.providers import Provider
 from bench.report import COLUMNS, Progress, group_rows, table
@@ -400,10 +400,23 @@ def test_gpu_run_script_runs_its_steps_dry_on_the_cpu(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     files = sorted(p.relative_to(tmp_path / "gpu") for p in (tmp_path / "gpu").rglob("*") if p.is_file())
     assert 0 < len(files) <= 8 and all(len(p.parts) <= 2 for p in files), files
-    assert {"versions.txt", "tests.txt", "many-small/steps.csv", "stages/stages.csv"} <= {str(p) for p in files}
+    assert {"versions.txt", "tests.txt", "many-small/steps.csv", "stages/stages.csv",
+            "stages-int8/stages.csv"} <= {str(p) for p in files}
     tests_line = next(line for line in run.stdout.splitlines() if line.startswith("== tests:"))
     assert "skipped" in tests_line and "failed" not in tests_line and "error" not in tests_line  # (gpu-marked)
     assert "FusedLAMB cpp" in run.stdout and "cpp: apply" in run.stdout
+
+
+def test_int8_states_are_charged_their_bytes():
+    """A byte per state and element, and its share of its block's float32 scale (4 / 256), read and
+    written with the codes: LAMB 4 + (4 + 4 + 2 x 1.016 read, 2 x 1.016 written) + (4 + 2 x 1.016 read,
+    4 written) = 26.09 bytes per fp32 parameter; LARS 8 + (4 + 4 + 1.016 read, 4 + 1.016 written) = 22.03."""
+    state = STATE_BYTES["int8"]
+    assert state == 1 + 4 / 256 and STATE_DTYPES["int8"] == "int8"
+    assert bytes_moved("lamb", "ours", True, 4, False, state) == pytest.approx(26.09375)
+    assert bytes_moved("lars", "ours", True, 4, False, state) == pytest.approx(22.03125)
+    assert stage_bytes("lamb", False, 4, False, state) == {"moments": pytest.approx(12.0625),
+                                                            "apply": pytest.approx(10.03125)}
 
 
 def test_host_bound_presets_are_tiny_tensors():
