@@ -22,23 +22,40 @@ namespace lamb_kernels {
 namespace cuda {
 namespace {
 
+// What both moments kernels start and end with. A step a GradScaler skips writes nothing, and its
+// norms are 0 (returns true).
+__device__ __forceinline__ bool moments_skipped(const float* found_inf, float* partials) {
+  if (!skips_step(found_inf)) return false;
+  if (threadIdx.x == 0) partials[2 * blockIdx.x] = partials[2 * blockIdx.x + 1] = 0.0f;
+  return true;
+}
+
+// grad_sumsq sums the still-scaled grads: G = sqrt(grad_sumsq) / scale; without clipping, 0 never
+// exceeds a max_grad_norm.
+__device__ __forceinline__ float global_grad_norm(const float* grad_sumsq, float inv_scale) {
+  return grad_sumsq != nullptr ? square_root(*grad_sumsq) * inv_scale : 0.0f;
+}
+
+// The chunk's ||p||^2 and ||u||^2, summed over the block, to its partials.
+__device__ __forceinline__ void write_partials(float (&sums)[2], float* partials) {
+  block_sum<2>(sums);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = sums[0];
+    partials[2 * blockIdx.x + 1] = sums[1];
+  }
+}
+
 // Lists of the moments table: p g m v.
 template <typename P, typename G, typename S, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lamb_moments_kernel(TensorTable table, const float* __restrict__ hyper, const float* grad_sumsq,
                         const float* grad_scale, const float* found_inf, float* __restrict__ partials) {
+  if (moments_skipped(found_inf, partials)) return;
   float sums[2] = {0.0f, 0.0f};  // ||p||^2, ||u||^2 of this chunk
-  if (skips_step(found_inf)) {   // nothing written; the norms are 0
-    if (threadIdx.x == 0) partials[2 * blockIdx.x] = partials[2 * blockIdx.x + 1] = 0.0f;
-    return;
-  }
   const ChunkView chunk(table);
   const float* h = hyper + chunk.tensor * kLambColumns;
   const float inv_scale = inverse_grad_scale(grad_scale);
-  // grad_sumsq sums the still-scaled grads: G = sqrt(grad_sumsq) / scale; without clipping, 0 never
-  // exceeds a max_grad_norm.
-  const float grad_norm = grad_sumsq != nullptr ? square_root(*grad_sumsq) * inv_scale : 0.0f;
-  const LambMoments moments(h, grad_norm);
+  const LambMoments moments(h, global_grad_norm(grad_sumsq, inv_scale));
   const LambUpdate update(h);
   const P* p = chunk.pointer<const P>(table, 0);
   const G* g = chunk.pointer<const G>(table, 1);
@@ -68,11 +85,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     store<n>(m, i, exp_avg);
     store<n>(v, i, exp_avg_sq);
   });
-  block_sum<2>(sums);
-  if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = sums[0];
-    partials[2 * blockIdx.x + 1] = sums[1];
-  }
+  write_partials(sums, partials);
 }
 
 // 8-bit states (lists of the moments table: p g m v, m's scales, v's scales): one warp per block of
@@ -86,16 +99,12 @@ template <typename P, typename G, bool kAligned>
 __global__ void __launch_bounds__(kThreads, kCodesMinBlocksPerSm)
     lamb_moments_codes_kernel(TensorTable table, const float* __restrict__ hyper, const float* grad_sumsq,
                               const float* grad_scale, const float* found_inf, float* __restrict__ partials) {
+  if (moments_skipped(found_inf, partials)) return;
   float sums[2] = {0.0f, 0.0f};
-  if (skips_step(found_inf)) {
-    if (threadIdx.x == 0) partials[2 * blockIdx.x] = partials[2 * blockIdx.x + 1] = 0.0f;
-    return;
-  }
   const ChunkView chunk(table);
   const float* h = hyper + chunk.tensor * kLambColumns;
   const float inv_scale = inverse_grad_scale(grad_scale);
-  const float grad_norm = grad_sumsq != nullptr ? square_root(*grad_sumsq) * inv_scale : 0.0f;
-  const LambMoments moments(h, grad_norm);
+  const LambMoments moments(h, global_grad_norm(grad_sumsq, inv_scale));
   const LambUpdate update(h);
   const P* p = chunk.pointer<const P>(table, 0);
   const G* g = chunk.pointer<const G>(table, 1);
@@ -143,11 +152,7 @@ __global__ void __launch_bounds__(kThreads, kCodesMinBlocksPerSm)
     store_code_lane<kAligned>(m, i, valid, m_codes);
     store_code_lane<kAligned>(v, i, valid, v_codes);
   });
-  block_sum<2>(sums);
-  if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = sums[0];
-    partials[2 * blockIdx.x + 1] = sums[1];
-  }
+  write_partials(sums, partials);
 }
 
 // Lists of the apply table with 8-bit states: p m v, the copies when C is not NoCopy, m's and v's
