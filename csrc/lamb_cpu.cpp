@@ -96,7 +96,7 @@ void moments_chunk_codes(const Chunk& chunk, const P* __restrict__ p, const G* _
       new_m[i] = exp_avg;
       new_v[i] = exp_avg_sq;
     }
-    const float m_largest = block_absmax(new_m, n), v_largest = block_absmax(new_v, n);
+    const float m_largest = block_scale(block_absmax(new_m, n)), v_largest = block_scale(block_absmax(new_v, n));
     m_scales[block] = m_largest;
     v_scales[block] = v_largest;
     const uint32_t first_index = static_cast<uint32_t>(chunk.begin + first);

@@ -37,14 +37,14 @@ void apply_chunk_codes(int64_t begin, int64_t n, P* __restrict__ p, const G* __r
       const float old = kMomentum == Momentum::kLater ? decode_signed(bb[i], scale) : 0.0f;
       next_buf[i] = lars_buffer<kMomentum>(d[i], old, s);
     }
-    const float block_scale = block_absmax(next_buf, len);
-    scales[first / kCodeBlock] = block_scale;
+    const float new_scale = block_scale(block_absmax(next_buf, len));
+    scales[first / kCodeBlock] = new_scale;
     const uint32_t first_index = static_cast<uint32_t>(begin + first);
     for (int64_t i = 0; i < len; ++i) {
       const uint32_t random16 = element_random(key, first_index + static_cast<uint32_t>(i)) & 0xffffU;
-      const int8_t code = encode_signed(next_buf[i], block_scale, random16 << 4);
+      const int8_t code = encode_signed(next_buf[i], new_scale, random16 << 4);
       bb[i] = code;
-      const float stored = decode_signed(code, block_scale);
+      const float stored = decode_signed(code, new_scale);
       const float step = kNesterov ? d[i] + s.momentum * stored : stored;
       const float next = static_cast<float>(pb[i]) - s.lr * step;  // 3.
       pb[i] = static_cast<P>(next);

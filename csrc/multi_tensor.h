@@ -177,17 +177,15 @@ inline void check_same_dtype(const char* op, const char* name, at::TensorList li
               ", but ", other_name, " has ", theirs, " (8-bit codes: ", other_name, " int8, ", name, " uint8)");
 }
 
-// The block scales of 8-bit codes (optimizer_math.h): when `codes` are int8 or uint8, one contiguous
-// float32 tensor of ceil(numel / 256) elements per code tensor (where `is_codes(t)`: LARS's
-// placeholders have none to check), on `device`; else `scales` is empty. Returns whether they are codes.
+// The block scales of 8-bit codes (optimizer_math.h): when `codes` are int8 or uint8 (any of them,
+// empty ones too: LARS's float32 placeholders are never codes), one contiguous float32 tensor of
+// ceil(numel / 256) elements per code tensor (checked where `is_codes(t)`: not for placeholders), on
+// `device`; else `scales` is empty. Returns whether they are codes.
 template <typename IsCodes>
 bool check_scales(const char* op, const char* name, at::TensorList codes, at::TensorList scales, at::Device device,
                   const IsCodes& is_codes) {
   bool coded = false;
-  for (int64_t t = 0; t < static_cast<int64_t>(codes.size()); ++t) {
-    if (!is_codes(t)) continue;
-    coded = coded || codes[t].scalar_type() == at::kChar || codes[t].scalar_type() == at::kByte;
-  }
+  for (const at::Tensor& t : codes) coded = coded || t.scalar_type() == at::kChar || t.scalar_type() == at::kByte;
   if (!coded) {
     TORCH_CHECK(scales.empty(), op, ": ", name, " must be empty for float states, got ", scales.size(), " tensors");
     return false;

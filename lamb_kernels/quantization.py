@@ -17,10 +17,15 @@ keep their relative precision (linear 8-bit codes would round them to 0):
 Code c > 0 is the float32 with bit pattern ``(c + OFFSET) << 20`` (OFFSET 895 signed, 767
 unsigned): encoding and decoding are integer operations on bit patterns, the same on every backend.
 
+A block whose largest magnitude is below the smallest normal float32 (2^-126, about 1.2e-38) gets
+the scale 0 and is stored as zeros (the reciprocal of a subnormal scale overflows).
+
 Encoding y (``y = |x| * (1 / s)``, the reciprocal one IEEE division per block, 0 when the scale s is 0
 or NaN; y may exceed 1 by a rounding, and its code is then the largest): with t = the bit pattern
-of y minus ``OFFSET << 20`` when y is at least the smallest nonzero code, else ``floor(y * 2^(k+20))``
-(k = 15 signed, 31 unsigned: 0 to 2^20 below the smallest code, linearly), the code is
+of y minus ``OFFSET << 20`` when y is at least the smallest nonzero code, else, for a signed state,
+``floor(y * 2^35)`` (0 to 2^20 below the smallest code, linearly), and for v, 2^20 when y > 0 (a
+nonzero v never rounds to 0, which would make an element's update m / eps: v below 2^-31 of its
+block's largest is stored as 2^-31 of it, biased up, towards a smaller update), the code is
 ``(t + r) >> 20`` with r in [0, 2^20): y's position between its two neighbouring codes is linear in t,
 so a uniform random r rounds up with probability equal to that position (stochastic rounding:
 unbiased, as bf16 states are rounded, rounding.py), and r = 2^19 rounds to the nearest (conversions,
@@ -46,6 +51,7 @@ BLOCK = 256  # elements per block scale
 SIGNED_OFFSET, SIGNED_MAX, SIGNED_SMALLEST = 895, 121, 15  # (smallest nonzero code: 2^-15)
 UNSIGNED_OFFSET, UNSIGNED_MAX, UNSIGNED_SMALLEST = 767, 249, 31  # (2^-31)
 NEAREST = 1 << 19  # the r of round-to-nearest
+SMALLEST_NORMAL = 2.0**-126  # a block scale below it (its reciprocal would overflow) is stored as 0
 
 CODE_DTYPES = {True: torch.int8, False: torch.uint8}  # signed -> dtype of the codes
 
@@ -83,11 +89,15 @@ def quantize(x: torch.Tensor, signed: bool, random16: torch.Tensor | None = None
     flat = x.float().as_strided((n,), (1,)) if x.is_contiguous() or n == 0 else _memory_order(x.float())
     blocks = _blocks(flat)
     scales = blocks.abs().amax(dim=1) if n else blocks.new_zeros(0)
+    scales = torch.where(scales < SMALLEST_NORMAL, 0.0, scales)  # (subnormal: the block is stored as zeros)
     scaled = scales[:, None] > 0
     inverse = 1.0 / torch.where(scaled, scales[:, None], 1.0)
     y = torch.where(scaled, blocks.abs() * inverse, 0.0)
     small = y < 2.0 ** -smallest
-    below = (torch.where(small, y, 0.0) * 2.0 ** (smallest + 20)).to(torch.int32)
+    if signed:
+        below = (torch.where(small, y, 0.0) * 2.0 ** (smallest + 20)).to(torch.int32)
+    else:  # v: a nonzero value never rounds to 0 (m / sqrt(v) would become m / eps)
+        below = torch.where(y > 0, 1 << 20, 0).to(torch.int32)
     t = torch.where(small, below, y.view(torch.int32) - (offset << 20))
     r = NEAREST if random16 is None else _blocks(random16.to(torch.int32) << 4)
     c = torch.clamp((t + r) >> 20, 0, largest)

@@ -468,7 +468,7 @@ def test_norms_are_summed_by_tensor_when_buckets_differ_between_ranks():
 def bf16_states_on_dtensors(rank, world):
     """bf16 states of sharded parameters: created as DTensors of bf16 shards, and converted there
     when a group's state_dtype changes between steps (LAMB's m and v, LARS's buffers); 8-bit states
-    refused for them."""
+    refused for them, and an 8-bit checkpoint of a plain parameter loaded into sharded float32 states."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -500,6 +500,24 @@ def bf16_states_on_dtensors(rank, world):
                 else:
                     raise AssertionError("int8 states of a DTensor parameter were not refused")
                 assert all(torch.equal(opt.state[p][key].to_local(), before[key]) for key in keys)
+    # A full int8 checkpoint (one process) loads into sharded float32 states: decoded whole, then
+    # each rank keeps its own part (blocks of 256 do not follow the shards).
+    from lamb_kernels.quantization import dequantize
+
+    full = torch.randn(600, generator=torch.Generator().manual_seed(1))
+    plain = torch.nn.Parameter(full.clone())
+    saver = FusedLAMB([plain], lr=1e-2, backend="torch", state_dtype="int8")
+    plain.grad = torch.randn(600, generator=torch.Generator().manual_seed(2))
+    saver.step()
+    saved = saver.state_dict()
+    sharded = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+    loader = FusedLAMB([sharded], lr=1e-2, backend=BACKENDS[0])
+    loader.load_state_dict(saved)
+    for key in ("exp_avg", "exp_avg_sq"):
+        exact = dequantize(saved["state"][0][key], saved["state"][0][key + "_scales"])
+        local = loader.state[sharded][key].to_local()
+        assert torch.equal(local, exact[rank * 300:(rank + 1) * 300]), key
+        assert key + "_scales" not in loader.state[sharded]
 
 
 def test_bf16_states_of_sharded_parameters_and_int8_refused():

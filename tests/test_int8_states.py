@@ -455,3 +455,115 @@ def test_the_torch_backend_keeps_codes_on_a_skipped_step():
     assert torch.equal(codes, kept[0]) and torch.equal(scales, kept[1])
     _store_codes_([codes], [scales], new_values, [123], 0, True, torch.zeros(1))
     assert torch.equal(codes, quantize_stochastic(new_values[0], 123, 0, True)[0])
+
+
+# -- 6. found by review: small elements, subnormal blocks, dtypes edited by hand -------------------
+
+def test_a_nonzero_v_never_rounds_to_zero():
+    """Below v's smallest code a nonzero value takes that code (biased up), whatever the random bits:
+    were v to round to 0 while m did not, the element's update would be m / eps."""
+    x = torch.zeros(BLOCK)
+    x[0] = 1.0
+    x[1:] = torch.logspace(-45, -9, BLOCK - 1)  # from under 2^-31 of the largest to above it
+    for key in range(50):
+        codes, scales = quantize_stochastic(x, key, 1, False)
+        assert ((codes != 0) == (x != 0)).all()
+    codes, _ = quantize(x, False)
+    assert (codes[x < 2.0**-31] == 1).all()
+
+
+def test_small_elements_beside_a_large_one_get_no_outsized_update(device, backend):
+    """One grad of 1 and 255 of 1e-5 in a block, the trust ratio held at 1: the small elements' per-step
+    update stays within the float32 one's size (measured over 300 steps: half of it on average, 1.5
+    times at most), where v rounding to 0 gave them m / eps, up to 30 times it."""
+    updates = {}
+    for state_dtype in (torch.float32, INT8):
+        p = torch.nn.Parameter(torch.zeros(BLOCK, device=device))
+        opt = FusedLAMB([p], lr=1.0, weight_decay=0.0, max_grad_norm=0.0, trust_ratio_bounds=(1.0, 1.0),
+                        state_dtype=state_dtype, backend=backend)
+        grad = torch.full((BLOCK,), 1e-5, device=device)
+        grad[0] = 1.0
+        moves = []
+        for _ in range(60):
+            before = p.detach().clone()
+            p.grad = grad.clone()
+            opt.step()
+            moves.append((before - p.detach())[1:].cpu())
+        updates[state_dtype] = torch.stack(moves[20:])
+    reference = updates[torch.float32].max()
+    assert updates[INT8].max() < 2 * reference and updates[INT8].mean() > 0.2 * reference
+
+
+def test_a_block_of_subnormal_values_is_stored_as_zeros():
+    """A block whose largest magnitude is subnormal (its reciprocal would overflow) gets the scale 0:
+    zeros stay zeros, and every value is within 2^-126 of itself."""
+    x = torch.zeros(2 * BLOCK)
+    x[:BLOCK] = torch.randn(BLOCK) * 1e-39
+    x[BLOCK] = 1.0
+    for codes, scales in (quantize(x, True), quantize_stochastic(x, 3, 0, True), quantize(x.abs(), False)):
+        assert scales[0] == 0 and (codes[:BLOCK] == 0).all() and scales[1] == 1.0
+        assert (dequantize(codes, scales) - (x if codes.dtype == torch.int8 else x.abs())).abs().max() < 2.0**-126
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_native_kernels_store_subnormal_blocks_as_zeros(backend):
+    if backend not in native_backends():
+        pytest.skip(f"{backend} unavailable")
+    backend_object = lamb_kernels.ops.create_backend(backend)
+    g = torch.zeros(3 * BLOCK)
+    g[:BLOCK] = torch.randn(BLOCK) * 1e-39
+    g[2 * BLOCK:] = torch.randn(BLOCK)
+    m, v = [torch.ones(g.numel(), dtype=torch.int8)], [torch.ones(g.numel(), dtype=torch.uint8)]
+    m_scales, v_scales = [torch.ones(3)], [torch.ones(3)]
+    hyper = keyed_table(LambColumn, [77], BETA3=1.0, ONE_MINUS_BETA2=1.0, BC1=1.0, BC2=1.0, EPS=1e-6)
+    backend_object._op("lamb_moments")([torch.zeros_like(g)], [g], m, v, m_scales, v_scales, hyper, None, None, None,
+                                       backend_object.chunk_size)
+    expected, expected_scales = quantize_stochastic(g, 77, 0, True)
+    assert torch.equal(m[0], expected) and torch.equal(m_scales[0], expected_scales)
+    assert m_scales[0][0] == 0 and m_scales[0][1] == 0 and (m[0][:2 * BLOCK] == 0).all()
+    expected, expected_scales = quantize_stochastic(g * g, 77, 1, False)
+    assert torch.equal(v[0], expected) and torch.equal(v_scales[0], expected_scales)
+
+
+@pytest.mark.parametrize("optimizer", [FusedLAMB, FusedLARS])
+def test_a_state_set_by_hand_in_another_float_dtype_is_encoded(optimizer):
+    """The torch backend keeps a float16 or float64 state set by hand in a float group; in an int8
+    group it is encoded at the next step, like a float32 one."""
+    params, opt = run("cpu", "torch", 1, optimizer=optimizer)
+    key = "exp_avg" if optimizer is FusedLAMB else "momentum_buffer"
+    state = opt.state[params[0]]
+    state[key] = dequantize(state[key], state[key + "_scales"]).to(torch.float16)
+    del state[key + "_scales"]
+    for p, g in zip(params, grads_for(params, 1)):
+        p.grad = g
+    opt.step()
+    assert state[key].dtype == torch.int8 and state[key + "_scales"].shape == (n_blocks(params[0].numel()),)
+
+
+def test_a_step_refusing_bad_scales_names_them():
+    params, opt = run("cpu", "cpp" if "cpp" in native_backends() else "torch", 1)
+    opt.state[params[0]]["exp_avg_sq_scales"] = torch.zeros(5)
+    with pytest.raises(ValueError, match=r"exp_avg_sq_scales: \(5,\) torch.float32"):
+        opt.step()
+
+
+def test_lars_operators_take_an_int8_bucket_of_empty_tensors():
+    """Codes are told by their dtype, empty ones too (the CUDA operator cannot read which tensors have
+    momentum): every buffer empty, none marked as having momentum, the scales are still taken."""
+    if "cpp" not in native_backends():
+        pytest.skip("cpp unavailable")
+    params, grads = [torch.zeros(0), torch.zeros(0, 3)], [torch.zeros(0), torch.zeros(0, 3)]
+    buffers = [torch.zeros(0, dtype=torch.int8), torch.zeros(0, 3, dtype=torch.int8)]
+    torch.ops.lamb_kernels.lars_apply(params, grads, buffers, [torch.zeros(0), torch.zeros(0)], torch.zeros(2, WIDTH),
+                                      None, None, None, [], 256)
+
+
+def test_the_triton_operators_refuse_v_codes_of_the_wrong_dtype():
+    if "triton" not in native_backends():
+        pytest.skip("triton unavailable")
+    ops = torch.ops.lamb_kernels
+    p, g = [torch.randn(300)], [torch.randn(300)]
+    m, v = [torch.zeros(300, dtype=torch.int8)], [torch.zeros(300, dtype=torch.int8)]
+    with pytest.raises(ValueError, match=r"exp_avg_sqs must be uint8 codes exactly where exp_avgs are int8 codes"):
+        ops.triton_lamb_moments(p, g, m, v, [torch.zeros(2)], [torch.zeros(2)], torch.zeros(1, WIDTH), None, None,
+                                None, 8192)

@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(kThreads, kCodesMinBlocksPerSm)
       m_max = absmax(m_max, exp_avg[k]);
       v_max = absmax(v_max, exp_avg_sq[k]);
     }
-    m_max = warp_absmax(m_max);
-    v_max = warp_absmax(v_max);
+    m_max = block_scale(warp_absmax(m_max));
+    v_max = block_scale(warp_absmax(v_max));
     if (threadIdx.x % 32 == 0) {
       m_scales[b] = m_max;
       v_scales[b] = v_max;

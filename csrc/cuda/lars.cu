@@ -77,7 +77,7 @@ __device__ __forceinline__ void lars_codes_chunk(int64_t n, P* p, const G* g, in
       next[k] = k < valid ? lars_buffer<kMomentum>(d[k], old, s) : 0.0f;
       largest = absmax(largest, next[k]);
     }
-    largest = warp_absmax(largest);
+    largest = block_scale(warp_absmax(largest));
     if (threadIdx.x % 32 == 0) scales[b] = largest;
 #pragma unroll
     for (int k = 0; k < kCodesPerLane; ++k) {

@@ -22,7 +22,7 @@ from ..distributed import check_grad, check_not_flat, distributed_like, is_dtens
 from ..ops import ENV_VAR, check_backend_name, create_backend, resolve_backend
 from .checks import (check_distinct, check_number, check_scaler_tensor, group_key, param_label,
                      raise_bad_grad, same_items)
-from ..quantization import n_blocks
+from ..quantization import dequantize, n_blocks
 from .state_storage import CODES, FLOAT_STORAGE, INT8, STATE_DTYPE, convert, scales_fit, scales_key
 from .step_cache import (BucketCache, StepCache, device_of, layouts_function, python_layouts, state_lists,
                          tracked)
@@ -409,6 +409,14 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         """A saved state as this optimizer keeps it (see `_loaded_value`), its step count an fp32
         tensor on the CPU (on the parameter's device when capturable), its param-shaped tensors in
         the parameter's memory layout."""
+        if is_dtensor(p):  # a full state dict's 8-bit codes: decoded whole (blocks do not follow shards)
+            saved = dict(saved)
+            for key in self._SIGNED:
+                codes, scales = saved.get(key), saved.get(scales_key(key))
+                if (torch.is_tensor(codes) and not is_dtensor(codes) and codes.dtype in CODES
+                        and torch.is_tensor(scales)):
+                    saved[key] = dequantize(codes, scales.float())
+                    del saved[scales_key(key)]
         state = {key: self._loaded_value(p, key, value, group) for key, value in saved.items()}
         if "step" in state:
             device = p.device if capturable else "cpu"
@@ -613,8 +621,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             elif t.dtype in CODES and (key not in self._SIGNED or (t.dtype == torch.int8) != self._SIGNED[key]
                                        or not scales_fit(t, state.get(scales_key(key)))):
                 fits = False
-            elif t.dtype != expected and (t.dtype in FLOAT_STORAGE or t.dtype in CODES):
-                relayouts.append((key, expected))
+            elif t.dtype != expected and (t.dtype in FLOAT_STORAGE or t.dtype in CODES or expected in CODES):
+                relayouts.append((key, expected))  # (codes from any float: the torch backend takes any dtype)
             elif backend_name != "torch" and t.dtype != expected:
                 fits = False
             elif local(t).stride() != local(p).stride() and is_dense(local(p)):
@@ -627,7 +635,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         details = ", ".join(
             f"{key}: {tuple(t.shape)} {t.dtype} on {t.device}, strides {t.stride()}" if torch.is_tensor(t)
             else f"{key}: {t!r}" if key in state else f"{key}: missing"
-            for key, t in ((key, state.get(key)) for key in (*self._STATE_TENSORS, "step"))
+            for key, t in ((key, state.get(key))
+                           for key in (*self._STATE_TENSORS, *map(scales_key, self._SIGNED), "step"))
             if key in state or key in self._REQUIRED_STATE
         )
         raise ValueError(

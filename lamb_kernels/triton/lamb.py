@@ -24,10 +24,10 @@ import triton.language as tl
 
 from ..hyper import WIDTH, LambColumn
 from ..schemas import SCHEMAS
-from .multi_tensor import (block_absmax, check_code_scales, chunk_opening, column_pointer, decode_codes, element_random, encode_codes,
-                           launch, load_code_scales, load_codes, load_f32, per_element, round_bf16_stochastic,
-                           rounding_key, scalar_or, scales_pointer, store_block_scales, store_codes, store_rounded,
-                           table_for)
+from .multi_tensor import (block_absmax, check_code_scales, chunk_opening, column_pointer, decode_codes,
+                           element_random, encode_codes, launch, load_code_scales, load_codes, load_f32, per_element,
+                           round_bf16_stochastic, rounding_key, scalar_or, scales_pointer, store_block_scales,
+                           store_codes, store_rounded, table_for)
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper.py).
 _LR = tl.constexpr(LambColumn.LR.value)
@@ -265,7 +265,8 @@ def lamb_moments(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
                  grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
     """The `lamb_moments` stage (lamb_kernels/schemas.py), steps 1-5: moments in place; per tensor
     ||p||^2 (before the update) and ||u||^2, [n, 2]."""
-    scales = check_code_scales("triton_lamb_moments", exp_avgs, exp_avg_scales, exp_avg_sq_scales, chunk_size=chunk_size)
+    scales = check_code_scales("triton_lamb_moments", exp_avgs, exp_avg_scales, exp_avg_sq_scales,
+                               chunk_size=chunk_size, unsigned=exp_avg_sqs)
     table = table_for("lamb_moments", [params, grads, exp_avgs, exp_avg_sqs, *scales], chunk_size)
     if not scales:
         table.bases += table.bases[:1] * 2  # the kernel's scale bases, never read
@@ -285,7 +286,8 @@ def lamb_apply(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg
     """The `lamb_apply` stage (lamb_kernels/schemas.py), steps 6-7: p <- p - lr * r * u; with
     `copies` (the model's low-precision params, when `params` are fp32 masters) each copy gets the
     new value too, rounded to its dtype."""
-    scales = check_code_scales("triton_lamb_apply", exp_avgs, exp_avg_scales, exp_avg_sq_scales, chunk_size=chunk_size)
+    scales = check_code_scales("triton_lamb_apply", exp_avgs, exp_avg_scales, exp_avg_sq_scales,
+                               chunk_size=chunk_size, unsigned=exp_avg_sqs)
     columns = [params, exp_avgs, exp_avg_sqs] + ([copies] if copies else []) + scales
     table = table_for("lamb_apply", columns, chunk_size)
     bases = table.bases

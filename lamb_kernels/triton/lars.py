@@ -162,8 +162,9 @@ def _lars_apply_kernel(
                          mutates_args=("params", "momentum_buffers", "buffer_scales", "copies"),
                          schema=SCHEMAS["lars_apply"])
 def lars_apply(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-               buffer_scales: list[torch.Tensor], hyper: torch.Tensor, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
-               found_inf: Optional[torch.Tensor], copies: list[torch.Tensor], chunk_size: int) -> None:
+               buffer_scales: list[torch.Tensor], hyper: torch.Tensor, norms: Optional[torch.Tensor],
+               grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], copies: list[torch.Tensor],
+               chunk_size: int) -> None:
     """docs/design.md section 3. A tensor without momentum has an empty placeholder in momentum_buffers (never
     read or written: the table's HAS_MOMENTUM column is 0). `norms` is None when no tensor
     adapts; `copies` as in triton_lamb_apply."""

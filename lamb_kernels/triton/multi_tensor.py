@@ -157,9 +157,15 @@ CODE_BLOCK = 256  # elements per block scale
 _CODE_BLOCK = tl.constexpr(CODE_BLOCK)
 
 
-def check_code_scales(op: str, codes: list, *scale_lists, chunk_size: int) -> list:
+def check_code_scales(op: str, codes: list, *scale_lists, chunk_size: int, unsigned: list | None = None) -> list:
     """The scale lists a launch takes: [] for float states (the lists must be empty), else the lists,
-    checked (per code tensor one float32 tensor of its block count) with a chunk size of whole blocks."""
+    checked (per code tensor one float32 tensor of its block count) with a chunk size of whole blocks;
+    `unsigned`: LAMB's v, which must be uint8 codes where m's are int8 codes, and only then."""
+    if unsigned is not None and codes and unsigned:
+        m_codes, v_codes = codes[0].dtype == torch.int8, unsigned[0].dtype == torch.uint8
+        if m_codes != v_codes or any(t.dtype != unsigned[0].dtype for t in unsigned):
+            raise ValueError(f"{op}: exp_avg_sqs must be uint8 codes exactly where exp_avgs are int8 codes, got "
+                             f"{unsigned[0].dtype} with {codes[0].dtype}")
     if not any(t.dtype in (torch.int8, torch.uint8) for t in codes):
         for scales in scale_lists:
             if scales:
@@ -213,11 +219,12 @@ def decode_codes(c, scale, SIGNED: tl.constexpr):
 
 @triton.jit
 def block_absmax(x, BLOCK: tl.constexpr):
-    """The largest magnitude of each block of CODE_BLOCK elements of x ([BLOCK // CODE_BLOCK]); NaN
-    where a block holds a NaN (as torch's amax: tl.max would pass over it)."""
+    """Each block's scale ([BLOCK // CODE_BLOCK]): the largest magnitude of its CODE_BLOCK elements of
+    x, NaN where it holds a NaN (as torch's amax: tl.max would pass over it), 0 where it is subnormal."""
     a = tl.reshape(tl.abs(x), (BLOCK // _CODE_BLOCK, _CODE_BLOCK))
     largest = tl.max(a, axis=1)
     has_nan = tl.max((a != a).to(tl.int32), axis=1) > 0
+    largest = tl.where(largest < 1.1754943508222875e-38, 0.0, largest)  # (under 2^-126)
     return tl.where(has_nan, float("nan"), largest)
 
 
@@ -241,7 +248,7 @@ def encode_codes(x, scale, random16, SIGNED: tl.constexpr):
         c = tl.where(y <= 1.0, tl.minimum(c, 121), 121)  # NaN y: the largest code
         return tl.where(x < 0, -c, c)
     small = y < 4.656612873077393e-10  # 2^-31
-    below = (tl.where(small, y, 0.0) * 2251799813685248.0).to(tl.int32)  # 2^51
+    below = tl.where(y > 0, 1 << 20, 0)  # a nonzero v never rounds to 0
     t = tl.where(small, below, y.to(tl.int32, bitcast=True) - (767 << 20))
     c = (t + (random16 << 4).to(tl.int32)) >> 20
     return tl.where(y <= 1.0, tl.minimum(c, 249), 249)
