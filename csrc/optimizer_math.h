@@ -114,13 +114,14 @@ struct CodeFormat {
   uint32_t offset;   // code c is the float of bits (c + offset) << 20
   int32_t largest;   // the code of 1.0
   float smallest;    // the smallest nonzero code's value (2^-15, 2^-31)
-  float below;       // signed: 2^20 / smallest, below it t = y * below (linear); unsigned: 0, a nonzero
-                     // y below it takes the smallest code (a nonzero v never rounds to 0)
+  float below;       // 2^20 / smallest: below it, t = y * below (linear)
+  float least;       // unsigned: the smallest code's value, which a nonzero y below it takes (a nonzero v
+                     // never rounds to 0); signed: 0
 };
 
 // (functions, not constants: device code may not refer to a host constant of class type)
-LAMB_KERNELS_HD constexpr CodeFormat signed_codes() { return {895u, 121, 0x1p-15f, 0x1p35f}; }
-LAMB_KERNELS_HD constexpr CodeFormat unsigned_codes() { return {767u, 249, 0x1p-31f, 0.0f}; }
+LAMB_KERNELS_HD constexpr CodeFormat signed_codes() { return {895u, 121, 0x1p-15f, 0x1p35f, 0.0f}; }
+LAMB_KERNELS_HD constexpr CodeFormat unsigned_codes() { return {767u, 249, 0x1p-31f, 0x1p51f, 0x1p-31f}; }
 
 // A block's scale as stored: its largest magnitude, or 0 below the smallest normal float (the block is
 // then stored as zeros: the reciprocal of a subnormal scale overflows).
@@ -133,10 +134,10 @@ LAMB_KERNELS_HD float block_scale(float largest) { return largest < 0x1p-126f ? 
 LAMB_KERNELS_HD int32_t encode_magnitude(float x, float scale, CodeFormat f, uint32_t r) {
   const bool scaled = scale > 0;
   const float inverse = divide(1.0f, scaled ? scale : 1.0f);
-  const float y = scaled ? magnitude(x) * inverse : 0.0f;
+  const float quotient = scaled ? magnitude(x) * inverse : 0.0f;
+  const float y = quotient > 0 && quotient < f.least ? f.least : quotient;
   const bool small = y < f.smallest;
-  const uint32_t linear = static_cast<uint32_t>(static_cast<int32_t>((small ? y : 0.0f) * f.below));
-  const uint32_t below = f.below > 0 ? linear : (y > 0 ? 1u << 20 : 0u);
+  const uint32_t below = static_cast<uint32_t>(static_cast<int32_t>((small ? y : 0.0f) * f.below));
   const uint32_t t = small ? below : float_bits(y) - (f.offset << 20);
   const int32_t c = static_cast<int32_t>((t + r) >> 20);
   const int32_t capped = c < f.largest ? c : f.largest;
