@@ -269,7 +269,7 @@ def test_defaults_sweep_at_least_six_batch_sizes_over_64x_and_quick_is_one_seed_
     (["--noise", "-1"], "--noise"),
     (["--workers", "0"], "--workers"),
     (["--backend", "tpu"], "--backend"),
-    (["--state-dtypes", "float32,int8"], "--state-dtypes"),
+    (["--state-dtypes", "float32,int4"], "--state-dtypes"),
 ])
 def test_bad_arguments_are_refused_by_name(argv, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
