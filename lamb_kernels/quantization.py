@@ -46,6 +46,7 @@ import torch
 
 from .rounding import element_random16
 
+INT8 = "int8"  # the ``state_dtype`` of 8-bit blockwise states
 BLOCK = 256  # elements per block scale
 
 SIGNED_OFFSET, SIGNED_MAX, SIGNED_SMALLEST = 895, 121, 15  # (smallest nonzero code: 2^-15)

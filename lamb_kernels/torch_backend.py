@@ -16,10 +16,8 @@ from __future__ import annotations
 import torch
 
 from .contract import LambSegment, Plan, is_dense, lamb_plan, lars_plan
-from .quantization import dequantize, quantize_stochastic
+from .quantization import INT8, dequantize, quantize_stochastic
 from .rounding import round_bf16_stochastic
-
-INT8 = "int8"
 
 
 # Elements per partial sum of squares. torch's fp32 norm of one long vector on the CPU drifts with

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantization import CODE_DTYPES, dequantize, n_blocks, quantize
-
-INT8 = "int8"  # the ``state_dtype`` of 8-bit blockwise states
+from ..quantization import CODE_DTYPES, INT8, dequantize, n_blocks, quantize
 STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype
 STATE_DTYPES = (torch.float32, torch.bfloat16, INT8)  # what `state_dtype` may be
 FLOAT_STORAGE = (torch.float32, torch.bfloat16)
