@@ -93,6 +93,16 @@ def _decoded(codes: list, scales: list) -> list:
     return [dequantize(c, s) for c, s in zip(codes, scales)]
 
 
+def _fp32_values(stored: list, scales: list, state_dtype) -> list:
+    """A list of states as fp32 tensors to update: copies of bf16 states, 8-bit ones decoded, float32
+    ones themselves (updated in place)."""
+    if state_dtype == torch.bfloat16:
+        return [t.float() for t in stored]
+    if state_dtype == INT8:
+        return _decoded(stored, scales)
+    return stored
+
+
 def _store_codes_(codes: list, scales: list, values: list, keys, state: int, signed: bool, found_inf) -> None:
     """float32 `values` written into 8-bit `codes` and their block `scales`, rounded stochastically with
     each tensor's key; nothing changes where a GradScaler found a non-finite grad (re-encoding a
@@ -197,10 +207,8 @@ class TorchBackend:
             # 3. Moments (bf16 and 8-bit states: in fp32 copies, stored back with stochastic rounding;
             # the update below reads the stored values, as the apply stage will).
             bf16, int8 = seg.state_dtype == torch.bfloat16, seg.state_dtype == INT8
-            exp_avgs = ([m.float() for m in seg.exp_avgs] if bf16 else
-                        _decoded(seg.exp_avgs, seg.exp_avg_scales) if int8 else seg.exp_avgs)
-            exp_avg_sqs = ([v.float() for v in seg.exp_avg_sqs] if bf16 else
-                           _decoded(seg.exp_avg_sqs, seg.exp_avg_sq_scales) if int8 else seg.exp_avg_sqs)
+            exp_avgs = _fp32_values(seg.exp_avgs, seg.exp_avg_scales, seg.state_dtype)
+            exp_avg_sqs = _fp32_values(seg.exp_avg_sqs, seg.exp_avg_sq_scales, seg.state_dtype)
             torch._foreach_mul_(exp_avgs, beta1)
             torch._foreach_add_(exp_avgs, grads, alpha=seg.beta3)
             torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -280,8 +288,7 @@ class TorchBackend:
             # from the stored values.)
             if seg.momentum != 0:
                 bf16, int8 = seg.state_dtype == torch.bfloat16, seg.state_dtype == INT8
-                buffers = ([b.float() for b in seg.momentum_buffers] if bf16 else
-                           _decoded(seg.momentum_buffers, seg.momentum_buffer_scales) if int8 else seg.momentum_buffers)
+                buffers = _fp32_values(seg.momentum_buffers, seg.momentum_buffer_scales, seg.state_dtype)
                 momentum = seg.momentum if found_inf is None else _keep_or(found_inf, seg.momentum, 1.0)
                 new = [i for i, first_step in enumerate(seg.first_step) if first_step]
                 old = [i for i, first_step in enumerate(seg.first_step) if not first_step]
@@ -294,11 +301,11 @@ class TorchBackend:
                 if bf16:
                     for buffer, rounded, key in zip(seg.momentum_buffers, buffers, seg.rounding_keys):
                         buffer.copy_(round_bf16_stochastic(rounded, key, 0))
-                    buffers = [b.float() for b in seg.momentum_buffers]
                 if int8:
                     _store_codes_(seg.momentum_buffers, seg.momentum_buffer_scales, buffers, seg.rounding_keys, 0,
                                   True, found_inf)
-                    buffers = _decoded(seg.momentum_buffers, seg.momentum_buffer_scales)
+                if bf16 or int8:  # the step from the stored values
+                    buffers = _fp32_values(seg.momentum_buffers, seg.momentum_buffer_scales, seg.state_dtype)
                 if seg.nesterov:
                     if d is seg.grads:
                         d = scratch

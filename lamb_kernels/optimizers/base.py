@@ -592,8 +592,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         if (codes.dtype == torch.int8) != self._SIGNED[key]:
             raise TypeError(f"{where} (for {label}) must hold {'int8' if self._SIGNED[key] else 'uint8'} codes, "
                             f"got {codes.dtype}")
-        if not (torch.is_tensor(scales) and scales.dtype == torch.float32 and scales.dim() == 1
-                and scales.numel() == n_blocks(codes.numel())):
+        if not scales_fit(codes, scales, placed=False):
             shown = f"{tuple(scales.shape)} {scales.dtype}" if torch.is_tensor(scales) else repr(scales)
             raise ValueError(f"{where} (for {label}) holds 8-bit codes, so the state needs "
                              f"{scales_key(key)!r}: float32 block scales of shape ({n_blocks(codes.numel())},), "

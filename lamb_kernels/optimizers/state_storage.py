@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..quantization import CODE_DTYPES, INT8, dequantize, n_blocks, quantize
+
 STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype
 STATE_DTYPES = (torch.float32, torch.bfloat16, INT8)  # what `state_dtype` may be
 FLOAT_STORAGE = (torch.float32, torch.bfloat16)
@@ -31,11 +32,12 @@ def new_state(p: torch.Tensor, dtype: torch.dtype, scales_of: str, state: dict, 
         state[scales_of] = torch.zeros(n_blocks(p.numel()), dtype=torch.float32, device=p.device)
 
 
-def scales_fit(codes: torch.Tensor, scales) -> bool:
-    """Whether `scales` are the block scales codes need: float32 [n_blocks], on the codes' device."""
-    return (torch.is_tensor(scales) and scales.dtype == torch.float32 and scales.dim() == 1
-            and scales.numel() == n_blocks(codes.numel()) and scales.device == codes.device
-            and scales.is_contiguous())
+def scales_fit(codes: torch.Tensor, scales, placed: bool = True) -> bool:
+    """Whether `scales` are the block scales codes need: float32 [n_blocks]; with `placed` (not for a
+    saved state, which loading places), contiguous on the codes' device."""
+    shaped = (torch.is_tensor(scales) and scales.dtype == torch.float32 and scales.dim() == 1
+              and scales.numel() == n_blocks(codes.numel()))
+    return shaped and (not placed or (scales.device == codes.device and scales.is_contiguous()))
 
 
 def float_value(state: dict, key: str) -> torch.Tensor:
