@@ -123,9 +123,8 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const at::ScalarType buffer_type = check_momentum_buffers(
       op, params, momentum_buffers, at::kCPU, [&](int64_t t) { return h[t * kLarsColumns + kLarsHasMomentum] != 0; });
   auto has_buffer = [&](int64_t t) { return h[t * kLarsColumns + kLarsHasMomentum] != 0; };
-  const bool codes = check_scales(op, "buffer_scales", momentum_buffers, buffer_scales, at::kCPU, has_buffer);
-  TORCH_CHECK(!codes || chunk_size % kCodeBlock == 0, op,
-              ": chunk_size must be a multiple of 256 with 8-bit buffers, got ", chunk_size);
+  const bool codes =
+      check_scales(op, "buffer_scales", momentum_buffers, buffer_scales, at::kCPU, chunk_size, has_buffer);
   const float inv_scale = inverse_grad_scale(op, grad_scale);
   if (skips_step(op, found_inf)) return;
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);

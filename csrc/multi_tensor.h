@@ -180,10 +180,11 @@ inline void check_same_dtype(const char* op, const char* name, at::TensorList li
 // The block scales of 8-bit codes (optimizer_math.h): when `codes` are int8 or uint8 (any of them,
 // empty ones too: LARS's float32 placeholders are never codes), one contiguous float32 tensor of
 // ceil(numel / 256) elements per code tensor (checked where `is_codes(t)`: not for placeholders), on
-// `device`; else `scales` is empty. Returns whether they are codes.
+// `device`, and a chunk size that keeps blocks whole; else `scales` is empty. Returns whether they are
+// codes.
 template <typename IsCodes>
 bool check_scales(const char* op, const char* name, at::TensorList codes, at::TensorList scales, at::Device device,
-                  const IsCodes& is_codes) {
+                  int64_t chunk_size, const IsCodes& is_codes) {
   bool coded = false;
   for (const at::Tensor& t : codes) coded = coded || t.scalar_type() == at::kChar || t.scalar_type() == at::kByte;
   if (!coded) {
@@ -192,6 +193,8 @@ bool check_scales(const char* op, const char* name, at::TensorList codes, at::Te
   }
   TORCH_CHECK(scales.size() == codes.size(), op, ": ", name, " has ", scales.size(), " tensors, the codes have ",
               codes.size());
+  TORCH_CHECK(chunk_size % 256 == 0, op, ": chunk_size must be a multiple of 256 with 8-bit states, got ",
+              chunk_size);
   for (int64_t t = 0; t < static_cast<int64_t>(codes.size()); ++t) {
     if (!is_codes(t)) continue;
     const at::Tensor& s = scales[t];
@@ -203,18 +206,12 @@ bool check_scales(const char* op, const char* name, at::TensorList codes, at::Te
   return true;
 }
 
-inline bool check_scales(const char* op, const char* name, at::TensorList codes, at::TensorList scales,
-                         at::Device device) {
-  return check_scales(op, name, codes, scales, device, [](int64_t) { return true; });
-}
-
-// LAMB's scale lists (m's and v's), and a chunk size that keeps blocks whole when the states are codes.
+// LAMB's scale lists (m's and v's).
 inline void check_lamb_scales(const char* op, at::TensorList exp_avgs, at::TensorList exp_avg_scales,
                               at::TensorList exp_avg_sq_scales, int64_t chunk_size, at::Device device) {
-  const bool codes = check_scales(op, "exp_avg_scales", exp_avgs, exp_avg_scales, device);
-  check_scales(op, "exp_avg_sq_scales", exp_avgs, exp_avg_sq_scales, device);
-  TORCH_CHECK(!codes || chunk_size % 256 == 0, op, ": chunk_size must be a multiple of 256 with 8-bit states, got ",
-              chunk_size);
+  auto every = [](int64_t) { return true; };
+  check_scales(op, "exp_avg_scales", exp_avgs, exp_avg_scales, device, chunk_size, every);
+  check_scales(op, "exp_avg_sq_scales", exp_avgs, exp_avg_sq_scales, device, chunk_size, every);
 }
 
 // LARS's momentum buffers: those where `is_buffer(t)` (the others are placeholders, never read) laid

@@ -155,6 +155,24 @@ __global__ void __launch_bounds__(kThreads, kCodesMinBlocksPerSm)
   write_partials(sums, partials);
 }
 
+// What both apply kernels start with: the chunk, the step size lr * r (6.), the update (4-5), and the
+// chunk's p (list 0) and low-precision copy (list 3, when C is not NoCopy).
+template <typename P, typename C>
+struct ApplyChunk {
+  ChunkView chunk;
+  const float* h;
+  float step_size;
+  LambUpdate update;
+  P* p;
+  C* copy = nullptr;
+
+  __device__ ApplyChunk(const TensorTable& table, const float* hyper, const float* norms)
+      : chunk(table), h(hyper + chunk.tensor * kLambColumns),
+        step_size(lamb_step_size(h, norms + 2 * chunk.tensor)), update(h), p(chunk.pointer<P>(table, 0)) {
+    if constexpr (kWritesCopy<C>) copy = chunk.pointer<C>(table, 3);
+  }
+};
+
 // Lists of the apply table with 8-bit states: p m v, the copies when C is not NoCopy, m's and v's
 // scales (lists `scales_list` and the next).
 template <typename P, typename C, bool kAligned>
@@ -162,31 +180,25 @@ __global__ void __launch_bounds__(kThreads, kCodesMinBlocksPerSm)
     lamb_apply_codes_kernel(TensorTable table, const float* __restrict__ hyper, const float* __restrict__ norms,
                             const float* found_inf, int scales_list) {
   if (skips_step(found_inf)) return;
-  const ChunkView chunk(table);
-  const float* h = hyper + chunk.tensor * kLambColumns;
-  const float step_size = lamb_step_size(h, norms + 2 * chunk.tensor);  // 6.
-  const LambUpdate update(h);
-  P* p = chunk.pointer<P>(table, 0);
-  const int8_t* m = chunk.pointer<const int8_t>(table, 1);
-  const uint8_t* v = chunk.pointer<const uint8_t>(table, 2);
-  C* copy = nullptr;
-  if constexpr (kWritesCopy<C>) copy = chunk.pointer<C>(table, 3);
-  const float* m_scales = chunk.scales(table, scales_list);
-  const float* v_scales = chunk.scales(table, scales_list + 1);
-  for_each_code_block(chunk.size, [&](int64_t b, int64_t i, int valid) {
+  const ApplyChunk<P, C> a(table, hyper, norms);
+  const int8_t* m = a.chunk.template pointer<const int8_t>(table, 1);
+  const uint8_t* v = a.chunk.template pointer<const uint8_t>(table, 2);
+  const float* m_scales = a.chunk.scales(table, scales_list);
+  const float* v_scales = a.chunk.scales(table, scales_list + 1);
+  for_each_code_block(a.chunk.size, [&](int64_t b, int64_t i, int valid) {
     float param[kCodesPerLane];
     int32_t m_codes[kCodesPerLane], v_codes[kCodesPerLane];
-    load_lane<kAligned>(p, i, valid, param);
+    load_lane<kAligned>(a.p, i, valid, param);
     load_code_lane<kAligned>(m, i, valid, m_codes);
     load_code_lane<kAligned>(v, i, valid, v_codes);
     const float m_scale = m_scales[b], v_scale = v_scales[b];
 #pragma unroll
     for (int k = 0; k < kCodesPerLane; ++k) {
-      param[k] = param[k] - step_size * update(param[k], decode_signed(static_cast<int8_t>(m_codes[k]), m_scale),
-                                               decode_unsigned(static_cast<uint8_t>(v_codes[k]), v_scale));  // 7.
+      param[k] = param[k] - a.step_size * a.update(param[k], decode_signed(static_cast<int8_t>(m_codes[k]), m_scale),
+                                                   decode_unsigned(static_cast<uint8_t>(v_codes[k]), v_scale));  // 7.
     }
-    store_lane<kAligned>(p, i, valid, param);
-    if constexpr (kWritesCopy<C>) store_lane<kAligned>(copy, i, valid, param);
+    store_lane<kAligned>(a.p, i, valid, param);
+    if constexpr (kWritesCopy<C>) store_lane<kAligned>(a.copy, i, valid, param);
   });
 }
 
@@ -197,25 +209,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lamb_apply_kernel(TensorTable table, const float* __restrict__ hyper, const float* __restrict__ norms,
                       const float* found_inf) {
   if (skips_step(found_inf)) return;
-  const ChunkView chunk(table);
-  const float* h = hyper + chunk.tensor * kLambColumns;
-  const float step_size = lamb_step_size(h, norms + 2 * chunk.tensor);  // 6.
-  const LambUpdate update(h);
-  P* p = chunk.pointer<P>(table, 0);
-  const S* m = chunk.pointer<const S>(table, 1);
-  const S* v = chunk.pointer<const S>(table, 2);
-  C* copy = nullptr;
-  if constexpr (kWritesCopy<C>) copy = chunk.pointer<C>(table, 3);
-  for_each_element<kAligned>(chunk.size, [&](auto count, int64_t i) {
+  const ApplyChunk<P, C> a(table, hyper, norms);
+  const S* m = a.chunk.template pointer<const S>(table, 1);
+  const S* v = a.chunk.template pointer<const S>(table, 2);
+  for_each_element<kAligned>(a.chunk.size, [&](auto count, int64_t i) {
     constexpr int n = decltype(count)::value;
     float param[n], exp_avg[n], exp_avg_sq[n];
-    load<n>(p, i, param);
+    load<n>(a.p, i, param);
     load<n>(m, i, exp_avg);
     load<n>(v, i, exp_avg_sq);
 #pragma unroll
-    for (int k = 0; k < n; ++k) param[k] = param[k] - step_size * update(param[k], exp_avg[k], exp_avg_sq[k]);  // 7.
-    store<n>(p, i, param);
-    if constexpr (kWritesCopy<C>) store<n>(copy, i, param);
+    for (int k = 0; k < n; ++k) {
+      param[k] = param[k] - a.step_size * a.update(param[k], exp_avg[k], exp_avg_sq[k]);  // 7.
+    }
+    store<n>(a.p, i, param);
+    if constexpr (kWritesCopy<C>) store<n>(a.copy, i, param);
   });
 }
 

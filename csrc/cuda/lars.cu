@@ -190,10 +190,8 @@ void lars_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   // (An empty buffer is a placeholder, or a tensor with no element.)
   const at::ScalarType buffer_type = check_momentum_buffers(
       op, params, momentum_buffers, device, [&](int64_t t) { return momentum_buffers[t].numel() != 0; });
-  const bool codes = check_scales(op, "buffer_scales", momentum_buffers, buffer_scales, device,
+  const bool codes = check_scales(op, "buffer_scales", momentum_buffers, buffer_scales, device, chunk_size,
                                   [&](int64_t t) { return momentum_buffers[t].numel() != 0; });
-  TORCH_CHECK(!codes || chunk_size % kCodeBlock == 0, op,
-              ": chunk_size must be a multiple of 256 with 8-bit buffers, got ", chunk_size);
   const float* norm_data = norms.has_value() ? norms->const_data_ptr<float>() : nullptr;
   const float* scale = scalar_pointer(op, "grad_scale", grad_scale, device);
   const float* found = scalar_pointer(op, "found_inf", found_inf, device);
