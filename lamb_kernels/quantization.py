@@ -87,8 +87,7 @@ def quantize(x: torch.Tensor, signed: bool, random16: torch.Tensor | None = None
     order, 16 random bits (int32) for stochastic rounding; None rounds to the nearest code."""
     offset, largest, smallest = _format(signed)
     n = x.numel()
-    flat = x.float().as_strided((n,), (1,)) if x.is_contiguous() or n == 0 else _memory_order(x.float())
-    blocks = _blocks(flat)
+    blocks = _blocks(_memory_order(x.float()))
     scales = blocks.abs().amax(dim=1) if n else blocks.new_zeros(0)
     scales = torch.where(scales < SMALLEST_NORMAL, 0.0, scales)  # (subnormal: the block is stored as zeros)
     scaled = scales[:, None] > 0
@@ -105,14 +104,32 @@ def quantize(x: torch.Tensor, signed: bool, random16: torch.Tensor | None = None
     c = torch.where(y <= 1.0, c, largest)  # NaN: an infinity in the block
     if signed:
         c = torch.where(blocks < 0, -c, c)
-    codes = torch.empty_like(x, dtype=CODE_DTYPES[signed])
-    codes.as_strided((n,), (1,)).copy_(c.reshape(-1)[:n])
-    return codes, scales
+    return _unblocked(c, torch.empty_like(x, dtype=CODE_DTYPES[signed])), scales
+
+
+def _unblocked(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` (dense) holding the first out.numel() elements of `blocks` [n_blocks, BLOCK], in memory
+    order.
+
+    The whole blocks go in as one [whole blocks, BLOCK] view and a partial last block on its own,
+    not as the padded blocks flattened and cut to n elements: compiled, that copy is one loop over n
+    elements reading each one's block scale at i // BLOCK, which inductor's C++ backend (torch 2.13,
+    try_loop_split) splits into (n // BLOCK, BLOCK) loops without checking that BLOCK divides n, so
+    a partial last block was never written (left as torch.empty's garbage)."""
+    flat = _memory_order(out)
+    whole = flat.numel() // BLOCK
+    flat[: whole * BLOCK].view(whole, BLOCK).copy_(blocks[:whole])
+    if flat.numel() > whole * BLOCK:
+        flat[whole * BLOCK :].copy_(blocks[whole, : flat.numel() - whole * BLOCK])
+    return out
 
 
 def _memory_order(x: torch.Tensor) -> torch.Tensor:
-    """A dense tensor's elements in memory order, as a 1-D tensor."""
-    return x.as_strided((x.numel(),), (1,))
+    """A dense tensor's elements in memory order, as a 1-D view (writes reach `x`)."""
+    if x.is_contiguous():
+        return x.view(-1)
+    # Dense: ordered by decreasing stride the dims are contiguous (a size-1 dim's stride is free).
+    return x.permute(sorted(range(x.dim()), key=x.stride, reverse=True)).view(-1)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -120,16 +137,13 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     result has the codes' memory layout."""
     signed = codes.dtype == torch.int8
     offset = _format(signed)[0]
-    n = codes.numel()
     c = _blocks(_memory_order(codes).to(torch.int32))
     magnitude = c.abs()
     values = torch.where(magnitude == 0, 0.0, ((magnitude + offset) << 20).view(torch.float32))
     values = values * scales.float()[:, None]
     if signed:
         values = torch.where(c < 0, -values, values)
-    out = torch.empty_like(codes, dtype=torch.float32)
-    out.as_strided((n,), (1,)).copy_(values.reshape(-1)[:n])
-    return out
+    return _unblocked(values, torch.empty_like(codes, dtype=torch.float32))
 
 
 def quantize_stochastic(x: torch.Tensor, key, state: int, signed: bool) -> tuple:
