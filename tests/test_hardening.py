@@ -11,7 +11,7 @@ import lamb_kernels
 import lamb_kernels.torch_backend
 from harness import rel_error
 from lamb_float64 import Float64LAMB
-from lamb_kernels import FusedLAMB, FusedLARS
+from lamb_kernels import FusedLAMB, FusedLARS, FusedMixedPrecisionLamb
 from tolerances import BACKENDS_EXTREME_RTOL, LONG_SUM_RTOL, PARAM_RTOL, SAME_MATH_ATOL, SAME_MATH_RTOL
 
 LARS_OPTIONS = dict(lr=0.2, momentum=0.9, weight_decay=1e-4)
@@ -203,7 +203,7 @@ def test_saved_groups_are_validated_before_loading(device, backend):
         opt.load_state_dict(saved)
     saved = copy.deepcopy(opt.state_dict())
     saved["state"][2]["exp_avg"] = [0.0] * 7
-    with pytest.raises(TypeError, match=r"state_dict\['state'\]\[2\]\['exp_avg'\] must be a floating-point tensor"):
+    with pytest.raises(TypeError, match=r"state_dict\['state'\]\[2\]\['exp_avg'\] .*must be a floating-point tensor"):
         opt.load_state_dict(saved)
     assert_unchanged(before, snapshot(opt, params))
 
@@ -215,7 +215,8 @@ def test_same_parameter_twice_is_refused(optimizer):
     p, q = make_params("cpu")[:2]
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] is param_groups\[0\]\['params'\]\[0\] again"):
         optimizer([p, p])
-    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] is param_groups\[0\]\['params'\]\[0\] again"):
+    with pytest.raises(ValueError, match=r"some parameters appear in more than one parameter group: "
+                                         r"param_groups\[1\]\['params'\]\[0\] is param_groups\[0\]\['params'\]\[0\]"):
         optimizer([{"params": [p]}, {"params": [p, q]}])
     opt = optimizer([p])
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] is param_groups\[0\]\['params'\]\[0\]"):
@@ -482,3 +483,156 @@ def test_groups_edited_out_of_shape_are_named():
     del opt.param_groups[1]["params"]
     with pytest.raises(ValueError, match=r"param_groups\[1\] must hold its parameters as a list under 'params'"):
         opt.step()
+
+
+# -- round two: what a hostile campaign found (issue 25) --------------------------------------------
+
+def _transposed_grads(params, seed):
+    """Grads laid out unlike their parameters: the multi-tensor backends copy them, so no step is
+    reused and every step takes the full path."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(tuple(reversed(p.shape)), generator=gen).to(p.device).t() if p.dim() == 2 else \
+            torch.randn(p.shape, generator=gen).to(p.device)
+
+
+GROUP_DUPLICATIONS = {
+    "appended": lambda groups: groups.append(groups[0]),
+    "inserted": lambda groups: groups.insert(0, groups[1]),
+    "written over another": lambda groups: groups.__setitem__(1, groups[0]),
+}
+
+
+@pytest.mark.parametrize("full_path", [False, True], ids=["steady", "full-path"])
+@pytest.mark.parametrize("duplicate", GROUP_DUPLICATIONS)
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_the_same_group_dict_twice_is_refused_on_every_path(device, backend, optimizer, options, duplicate, full_path):
+    params = make_params(device, shapes=((5,), (3, 4), (7,)))
+    opt = optimizer([{"params": params[:2]}, {"params": params[2:]}], backend=backend, **options)
+    grads = _transposed_grads if full_path else set_grads
+    for step in range(3):
+        grads(params, step)
+        opt.step()
+    GROUP_DUPLICATIONS[duplicate](opt.param_groups)
+    grads(params, 7)
+    assert_refused(opt, params, ValueError,
+                   r"param_groups\[\d\] is param_groups\[\d\] again \(the same dict\).*would step twice")
+
+
+@pytest.mark.parametrize("what", ["param", "state"])
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_a_tensor_whose_storage_was_freed_is_refused_before_any_change(device, backend, optimizer, options, what):
+    params = make_params(device)
+    opt = optimizer(params, backend=backend, **options)
+    train(opt, params, 2)
+    set_grads(params, 5)
+    key = "exp_avg_sq" if optimizer is FusedLAMB else "momentum_buffer"
+    kept = (params[1] if what == "param" else opt.state[params[1]][key]).detach().clone()
+    freed = params[1] if what == "param" else opt.state[params[1]][key]
+    before = snapshot(opt, [params[0], params[2]])
+    freed.untyped_storage().resize_(0)  # as FSDP-like code frees an unsharded parameter
+    named = r"param_groups\[0\]\['params'\]\[1\]" if what == "param" else rf"the '{key}' state of param_groups\[0\]\['params'\]\[1\]"
+    with pytest.raises(ValueError, match=named + r" has a storage of 0 bytes, but its shape .* need 48: was its storage freed"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, [params[0], params[2]]))
+    freed.untyped_storage().resize_(kept.numel() * kept.element_size())  # allocated again: the step goes on
+    freed.detach().copy_(kept)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_codes_set_by_hand_as_a_view_with_gaps_are_refused(device, backend):
+    params = make_params(device, shapes=((300,), (20,)))
+    opt = FusedLAMB(params, backend=backend, state_dtype="int8")
+    train(opt, params, 2)
+    codes = opt.state[params[0]]["exp_avg"]
+    spaced = torch.zeros(2 * codes.numel(), dtype=codes.dtype, device=device)
+    spaced[::2] = codes
+    opt.state[params[0]]["exp_avg"] = spaced.as_strided(codes.shape, (2,))  # the same values, with gaps
+    set_grads(params, 5)
+    assert_refused(opt, params, ValueError,
+                   r"the 'exp_avg' state of param_groups\[0\]\['params'\]\[0\] holds 8-bit codes as a view with "
+                   r"gaps \(strides \(2,\)\).*must be dense")
+    opt.state[params[0]]["exp_avg"] = spaced[::2].clone()  # a dense copy steps as the codes did
+    opt.step()
+
+
+NON_FLOATING_LRS = [torch.tensor(1, dtype=torch.uint8), torch.tensor(True), torch.tensor([1], dtype=torch.int64)]
+
+
+@pytest.mark.parametrize("lr", NON_FLOATING_LRS, ids=lambda t: str(t.dtype))
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_a_non_floating_lr_tensor_is_refused_by_name_on_every_backend(device, backend, optimizer, options, lr):
+    params = make_params(device)
+    with pytest.raises(TypeError, match=rf"^lr must be a number or a one-element floating-point tensor, got a "
+                                        rf"tensor of dtype {lr.dtype}"):
+        optimizer(params, backend=backend, **{**options, "lr": lr})
+    opt = optimizer(params, backend=backend, **options)
+    train(opt, params, 2)
+    opt.param_groups[0]["lr"] = lr.to(device)
+    set_grads(params, 5)
+    assert_refused(opt, params, TypeError,
+                   rf"param_groups\[0\]: lr must be a number or a one-element floating-point tensor, .*{lr.dtype}")
+    opt.param_groups[0]["lr"] = lr.to(device, torch.float32)  # converted: the step goes downhill
+    opt.step()
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, "int8"], ids=str)
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_an_integer_state_entry_set_by_hand_is_refused_before_any_change(device, backend, optimizer, options,
+                                                                         state_dtype):
+    params = make_params(device, shapes=((5,), (300,)))
+    opt = optimizer(params, backend=backend, state_dtype=state_dtype, **options)
+    train(opt, params, 2)
+    key = "exp_avg" if optimizer is FusedLAMB else "momentum_buffer"
+    opt.state[params[1]][key] = torch.ones(300, dtype=torch.int32, device=device)
+    set_grads(params, 5)
+    assert_refused(opt, params, TypeError, rf"the '{key}' state of param_groups\[0\]\['params'\]\[1\] must be a "
+                                           r"floating-point tensor \(or 8-bit codes\), got torch.int32")
+    saved = opt.state_dict()  # a load refuses the same entry with the same words
+    with pytest.raises(TypeError, match=rf"\['{key}'\] \(for param_groups\[0\]\['params'\]\[1\]\) must be a "
+                                        r"floating-point tensor \(or 8-bit codes\), got torch.int32"):
+        optimizer(make_params(device, shapes=((5,), (300,))), backend=backend, **options).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("switch, value", [("capturable", "False"), ("master_weights", "no"), ("capturable", 2),
+                                           ("master_weights", None)])
+@pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+def test_constructor_switches_are_checked_as_group_edits_are(optimizer, options, switch, value):
+    with pytest.raises(TypeError, match=rf"^{switch} must be True or False, got {value!r}"):
+        optimizer(make_params("cpu"), backend="torch", **{**options, switch: value})
+    if switch == "capturable":  # a group's copy of the switch, edited, is refused in the same words
+        params = make_params("cpu")
+        opt = optimizer(params, backend="torch", **options)
+        opt.param_groups[0]["capturable"] = value
+        set_grads(params, 1)
+        assert_refused(opt, params, TypeError, rf"param_groups\[0\]: capturable must be True or False, got {value!r}")
+
+
+# -- torch.optim's conventions (its TestOptimRenewed and timm's optimizer tests) ---------------------
+
+@pytest.mark.parametrize("optimizer, options", [*OPTIMIZERS, pytest.param(FusedMixedPrecisionLamb, {}, id="mp-lamb")])
+def test_save_load_save_is_the_identity(optimizer, options):
+    params = make_params("cpu")
+    opt = optimizer(params, backend="torch", **options)
+    train(opt, params, 2)
+    saved = opt.state_dict()
+    other = optimizer(make_params("cpu", seed=1), backend="torch", **options)
+    other.load_state_dict(copy.deepcopy(saved))
+    again = other.state_dict()
+    assert again["param_groups"] == saved["param_groups"]  # no key of torch's own ('differentiable') added
+    assert again["state"].keys() == saved["state"].keys()
+    other.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    assert other.param_groups[-1].keys() == other.param_groups[0].keys()
+
+
+def test_lars_without_momentum_keeps_no_state():
+    params = make_params("cpu")
+    for backend in lamb_kernels.available_backends("cpu"):
+        opt = FusedLARS(params, backend=backend, lr=0.1, weight_decay=1e-4)
+        train(opt, params, 3)
+        assert dict(opt.state) == {} and opt.state_dict()["state"] == {}, backend  # as torch's SGD
+    opt = FusedLARS(params, backend="torch", lr=0.1, momentum=0.9)
+    train(opt, params, 1)
+    assert list(opt.state_dict()["state"][0]) == ["momentum_buffer"]
+

@@ -20,14 +20,15 @@ import torch
 from ..contract import flat, is_dense
 from ..distributed import check_grad, check_not_flat, distributed_like, is_dtensor, local, sharding_of
 from ..ops import ENV_VAR, check_backend_name, create_backend, resolve_backend
-from .checks import (check_distinct, check_number, check_scaler_tensor, group_key, param_label,
-                     raise_bad_grad, same_items)
+from .checks import (check_distinct, check_distinct_groups, check_flag, check_number, check_scaler_tensor,
+                     check_storage, group_key, param_label, raise_bad_grad, same_items)
 from ..quantization import dequantize, n_blocks
 from .state_storage import CODES, FLOAT_STORAGE, INT8, STATE_DTYPE, convert, scales_fit, scales_key
 from .step_cache import (BucketCache, StepCache, device_of, layouts_function, python_layouts, state_lists,
                          tracked)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NO_STATE = {}  # the state a reused step reads for a parameter without any (never written)
 
 
 def _sharded_alike(t, p) -> bool:
@@ -52,6 +53,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, backend: str, master_weights: bool = False):
         self._validate_group(defaults)
+        check_flag("master_weights", master_weights, "")  # (as a group's switches are checked: "no" is no bool)
         self.backend = check_backend_name(backend)
         self.master_weights = bool(master_weights)
         self._reset_caches()
@@ -190,7 +192,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         if any(grad_at[position] is not p.grad for p, _, position, _, _ in stepped):
             return None  # a grad was copied into its parameter's layout
         self.state = tracked(self.state)
-        states = [self.state[p] for p, _, _, _, _ in stepped]
+        states = [self.state.get(p, _NO_STATE) for p, _, _, _, _ in stepped]
         cache = StepCache(
             state=self.state, version=self.state.version, env=os.environ.get(ENV_VAR), settings=self._settings(),
             scaler=(device_of(grad_scale), device_of(found_inf)),
@@ -327,6 +329,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         name = self._resolved.get((p.device, env))
         if name is None:
             name = self._resolved[(p.device, env)] = resolve_backend(self.backend, p.device)
+        check_storage(p, param_label(group_index, param_index, group))
         if p.dtype in SUPPORTED_DTYPES and (name == "torch" or is_dense(local(p) if shard is None else shard)):
             return name
         if p.dtype in SUPPORTED_DTYPES and self.backend == "auto" and not env:
@@ -350,6 +353,10 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # torch.optim adds 'differentiable' to the defaults of every optimizer it loads or unpickles,
+        # for its own optimizers' step; ours has no such switch, and a group filled from it would
+        # make state_dict() after a load differ from the dict loaded.
+        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("master_weights", False)
         self._reset_caches()
@@ -473,19 +480,13 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                     value = entry.get(key)
                     if value is None:
                         continue
-                    codes = key in self._SIGNED and torch.is_tensor(value) and value.dtype in CODES
-                    if not torch.is_tensor(value) or not (value.is_floating_point() or codes):
-                        raise TypeError(f"{where}[{key!r}] must be a floating-point tensor (or 8-bit codes) (for "
-                                        f"{label}), got "
-                                        f"{type(value).__name__ if not torch.is_tensor(value) else value.dtype}")
+                    self._check_state_entry(key, value, entry, f"{where}[{key!r}] (for {label})", placed=False)
                     if value.shape != p.shape:
                         raise ValueError(
                             f"{where}[{key!r}] has shape {tuple(value.shape)}, but {label} has shape {tuple(p.shape)}"
                         )
-                    if codes:
-                        self._check_codes(key, value, entry.get(scales_key(key)), f"{where}[{key!r}]", label)
                 if "step" in entry:
-                    check_number("['step']", entry["step"], where)
+                    check_number("['step']", entry["step"], where, integral_tensor=True)
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -570,6 +571,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         changed since it was last validated (set by hand, by a scheduler or by a load); returns
         those groups as (group, key, None when only its hyperparameters changed, else True), to be
         remembered once the whole step has been checked."""
+        check_distinct_groups(self.param_groups)
         revalidated = []
         for group_index, group in enumerate(self.param_groups):
             if not isinstance(group.get("params"), list):
@@ -587,16 +589,32 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 revalidated.append((group, key, None if same_params else True))
         return revalidated
 
-    def _check_codes(self, key: str, codes: torch.Tensor, scales, where: str, label: str) -> None:
-        """Saved 8-bit codes: signed (int8) for a signed state, with float32 block scales of their size."""
-        if (codes.dtype == torch.int8) != self._SIGNED[key]:
-            raise TypeError(f"{where} (for {label}) must hold {'int8' if self._SIGNED[key] else 'uint8'} codes, "
-                            f"got {codes.dtype}")
-        if not scales_fit(codes, scales, placed=False):
+    def _check_state_entry(self, key: str, value, entry: dict, what: str, placed: bool) -> None:
+        """One param-shaped state entry, as a load checks a saved one (`placed` False) and a step one
+        set by hand (`placed`: its scales also contiguous on the codes' device): a floating-point
+        tensor or, for a state that may be 8-bit, codes of its signedness with float32 block scales of
+        their size, dense in memory (a block is a run of 256 elements in memory order: a view with
+        gaps has none), each with the storage its shape needs. `what` names the entry and its parameter."""
+        codes = key in self._SIGNED and torch.is_tensor(value) and value.dtype in CODES
+        if not torch.is_tensor(value) or not (value.is_floating_point() or codes):
+            raise TypeError(f"{what} must be a floating-point tensor (or 8-bit codes), got "
+                            f"{type(value).__name__ if not torch.is_tensor(value) else value.dtype}")
+        check_storage(value, what)
+        if not codes:
+            return
+        if (value.dtype == torch.int8) != self._SIGNED[key]:
+            raise TypeError(f"{what} must hold {'int8' if self._SIGNED[key] else 'uint8'} codes, got {value.dtype}")
+        if not is_dense(local(value)):
+            raise ValueError(f"{what} holds 8-bit codes as a view with gaps (strides {local(value).stride()}): "
+                             "their blocks are runs of 256 elements in memory order, so codes must be dense in "
+                             "memory; set a dense copy (with its scales) or the float values")
+        scales = entry.get(scales_key(key))
+        if not scales_fit(value, scales, placed=placed):
             shown = f"{tuple(scales.shape)} {scales.dtype}" if torch.is_tensor(scales) else repr(scales)
-            raise ValueError(f"{where} (for {label}) holds 8-bit codes, so the state needs "
-                             f"{scales_key(key)!r}: float32 block scales of shape ({n_blocks(codes.numel())},), "
-                             f"got {shown}")
+            raise ValueError(f"{what} holds 8-bit codes, so the state needs {scales_key(key)!r}: float32 block "
+                             f"scales of shape ({n_blocks(value.numel())},)"
+                             f"{', contiguous, on ' + str(value.device) if placed else ''}, got {shown}")
+        check_storage(scales, f"the scales of {what}")
 
     def _state_relayouts(self, p: torch.Tensor, state: dict, backend_name: str, label: str, group=None) -> list:
         """(key, dtype) of the state entries to copy into p's memory layout, or into the dtype the
@@ -608,17 +626,18 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         if "step" in self._STATE_KEYS and "step" in state:
             # A one-element float tensor, on the CPU or on the parameter's device (capturable).
             step = state["step"]
+            if torch.is_tensor(step):
+                check_storage(step, f"the 'step' state of {label}")
             fits = fits and torch.is_tensor(step) and step.numel() == 1 and step.is_floating_point() and (
                 step.device.type == "cpu" or step.device == p.device)
         for key in self._STATE_TENSORS:
             t = state.get(key)
             if t is None and key not in self._REQUIRED_STATE:
                 continue
+            if torch.is_tensor(t):  # (what a load checks of a saved entry, and more: see `_check_state_entry`)
+                self._check_state_entry(key, t, state, f"the {key!r} state of {label}", placed=True)
             expected = self._state_dtype(group, key)
             if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device or not _sharded_alike(t, p):
-                fits = False
-            elif t.dtype in CODES and (key not in self._SIGNED or (t.dtype == torch.int8) != self._SIGNED[key]
-                                       or not scales_fit(t, state.get(scales_key(key)))):
                 fits = False
             elif t.dtype != expected and (t.dtype in FLOAT_STORAGE or t.dtype in CODES or expected in CODES):
                 relayouts.append((key, expected))  # (codes from any float: the torch backend takes any dtype)

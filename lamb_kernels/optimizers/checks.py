@@ -20,13 +20,19 @@ def param_label(group_index: int, param_index: int, group: dict) -> str:
     return f"{label} ({names[param_index]!r})" if names and param_index < len(names) else label
 
 
-def check_number(name: str, value, where: str, lo: float = 0.0, hi: float = math.inf, hi_open=False):
-    """A real number, or a one-element tensor (its value is checked when it lives on the CPU: on a
-    device, reading it would wait for the device). Strings are refused, as torch.optim refuses them."""
+def check_number(name: str, value, where: str, lo: float = 0.0, hi: float = math.inf, hi_open=False,
+                 integral_tensor=False):
+    """A real number, or a one-element floating-point tensor (its value is checked when it lives on
+    the CPU: on a device, reading it would wait for the device). Strings are refused, as torch.optim
+    refuses them. An integer or bool tensor is refused unless `integral_tensor` (a saved step count):
+    a backend that computes in the tensor's own dtype would wrap around (``-lr`` of a uint8 1 is 255)."""
     if torch.is_tensor(value):
         if value.numel() != 1 or value.is_complex():
             raise ValueError(f"{where}{name} must be a number or a one-element real tensor, got a tensor of "
                              f"shape {tuple(value.shape)} and dtype {value.dtype}")
+        if not value.is_floating_point() and not integral_tensor:
+            raise TypeError(f"{where}{name} must be a number or a one-element floating-point tensor, got a "
+                            f"tensor of dtype {value.dtype}")
         if value.device.type != "cpu":
             return
         number = float(value)
@@ -137,8 +143,10 @@ def check_distinct(groups, state=None, state_keys=()) -> None:
     for group_index, group in enumerate(groups):
         for param_index, p in enumerate(group["params"]):
             label = param_label(group_index, param_index, group)
-            first = seen.setdefault(id(p), label)
+            first, first_group = seen.setdefault(id(p), (label, group_index))
             if first is not label:
+                if first_group != group_index:  # (torch.optim's words, and which parameter)
+                    raise ValueError(f"some parameters appear in more than one parameter group: {label} is {first}")
                 raise ValueError(f"{label} is {first} again: each parameter may appear once in an optimizer")
             entries = state.get(p, {}) if state is not None else {}
             tensors = [(label, p)] + [(f"the {key!r} state of {label}", entries[key]) for key in state_keys
@@ -155,6 +163,35 @@ def check_distinct(groups, state=None, state_keys=()) -> None:
                              "give the optimizer one of them")
         if span_device != device or end > reach:
             device, reach, reach_label = span_device, end, label
+
+
+def check_distinct_groups(groups) -> None:
+    """Each param group dict at most once in ``param_groups`` (``param_groups.append(param_groups[0])``
+    would step its parameters twice): checked at every step, whatever the step last checked."""
+    if len(set(map(id, groups))) == len(groups):
+        return
+    first = {}
+    for group_index, group in enumerate(groups):
+        known = first.setdefault(id(group), group_index)
+        if known != group_index:
+            raise ValueError(f"param_groups[{group_index}] is param_groups[{known}] again (the same dict): each "
+                             "param group may appear once in an optimizer, or its parameters would step twice")
+
+
+def check_storage(t: torch.Tensor, what: str) -> None:
+    """A tensor whose storage holds every element its shape and strides reach: one freed in place
+    (``t.untyped_storage().resize_(0)``, as FSDP-like code does) would be read and written past its
+    end by every backend."""
+    shard = local(t)
+    if shard.numel() == 0 or shard.layout != torch.strided:
+        return
+    extent = sum((size - 1) * stride for size, stride in zip(shard.shape, shard.stride()))
+    needed = (shard.storage_offset() + extent + 1) * shard.element_size()
+    held = shard.untyped_storage().nbytes()
+    if held < needed:
+        raise ValueError(f"{what} has a storage of {held} bytes, but its shape {tuple(shard.shape)} and strides "
+                         f"{shard.stride()} need {needed}: was its storage freed or resized in place? Give the "
+                         "optimizer the tensor with its memory allocated")
 
 
 def check_scaler_tensor(name: str, t) -> None:

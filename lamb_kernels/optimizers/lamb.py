@@ -108,7 +108,7 @@ class FusedLAMB(MultiTensorOptimizer):
         defaults = dict(
             lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adam_w_mode=adam_w_mode,
-            use_nvlamb=use_nvlamb, trust_ratio_bounds=trust_ratio_bounds, capturable=bool(capturable),
+            use_nvlamb=use_nvlamb, trust_ratio_bounds=trust_ratio_bounds, capturable=capturable,
             state_dtype=state_dtype, seed=_as_int(seed),
         )
         self.set_grad_none = set_grad_none
@@ -352,7 +352,7 @@ class FusedMixedPrecisionLamb(FusedLAMB):
             raise ValueError(
                 f"reduced_precision_dtype must be None, torch.bfloat16 or torch.float16, got {reduced_precision_dtype!r}"
             )
-        check_number("step", step, "")
+        check_number("step", step, "", integral_tensor=True)
         self.reduced_precision_dtype = reduced_precision_dtype
         self.initial_step = float(step)
         super().__init__(

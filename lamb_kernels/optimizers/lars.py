@@ -92,7 +92,7 @@ class FusedLARS(MultiTensorOptimizer):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
-            foreach=foreach, capturable=bool(capturable), state_dtype=state_dtype, seed=_as_int(seed),
+            foreach=foreach, capturable=capturable, state_dtype=state_dtype, seed=_as_int(seed),
         )
         super().__init__(params, defaults, backend, master_weights)
 
@@ -107,8 +107,8 @@ class FusedLARS(MultiTensorOptimizer):
             counted = momentum and dtype != STATE_DTYPE  # bf16 buffers: a step count seeds their rounding
             group_states = []
             for p, _, _, _, state in params:
-                if state is None:
-                    state = self.state[p]
+                if state is None:  # (as torch's SGD: no state dict for a parameter that keeps nothing)
+                    state = self.state[p] if momentum or counted or self._wants_master(p) else {}
                 new = momentum and state.get("momentum_buffer") is None
                 if new:
                     # Under a GradScaler that first step may be skipped on the device: the buffer
