@@ -5,9 +5,11 @@ local shards (``DTensor._local_tensor``: the same memory, no copy), and the back
 sums of squares per tensor. Those are summed over the mesh dimensions on which each tensor is split
 (``Shard``, and the ``_StridedShard`` of FSDP over tensor parallel); a replicated dimension is not
 summed, so no element is counted twice. The sums of every tensor that needs one mesh dimension go in
-one all-reduce, whatever the number of tensors or buckets: LAMB does at most two such rounds per
-step (the global grad norm, then the per-tensor ``||p||^2, ||u||^2`` table), LARS one
-(``||p||^2, ||g||^2``), each one all-reduce per (mesh, mesh dimension): one on a 1-D FSDP mesh.
+one all-reduce, whatever the number of tensors or buckets: LAMB does two such rounds per step (the
+global grad norm, then the per-tensor ``||p||^2, ||u||^2`` table), LARS one (``||p||^2, ||g||^2``),
+each one all-reduce per (mesh, mesh dimension): one on a 1-D FSDP mesh. The first round, made before
+anything is written, also checks that every rank has grads for the same sharded parameters
+(`ShardedGrads`); without clipping (LAMB) or adaptation (LARS) it carries only that check.
 
 Plain tensors (and DTensors replicated on every mesh dimension, as DDP's or a replicated layer's)
 need no collective. States of a DTensor parameter are DTensors with its mesh and placements
@@ -50,16 +52,20 @@ def sharding_of(p, label: str):
     the parameter's values are not known locally) raises, naming the parameter."""
     if not is_dtensor(p):
         return None
-    dims = []
     for dim, placement in enumerate(p.placements):
         if placement.is_partial():
             raise ValueError(
                 f"{label} has the placement {type(placement).__name__} on mesh dimension {dim}: a parameter must be "
                 "sharded or replicated (its values known), not a pending reduction"
             )
-        if not placement.is_replicate():
-            dims.append(dim)  # Shard, and _StridedShard: each element on exactly one rank
-    return Sharding(p.device_mesh, tuple(dims)) if dims else None
+    return _split(p)
+
+
+def _split(p):
+    """The Sharding of DTensor p, or None when it is replicated on every mesh dimension."""
+    # Shard, and _StridedShard: each element on exactly one rank of the dimension.
+    dims = tuple(dim for dim, placement in enumerate(p.placements) if not placement.is_replicate())
+    return Sharding(p.device_mesh, dims) if dims else None
 
 
 def check_not_flat(p, label: str) -> None:
@@ -130,6 +136,158 @@ def all_reduce_sharded_(tables: list, shardings: list, positions: list) -> None:
         for bucket, rows, part in picked:
             tables[bucket].index_copy_(0, rows, summed[first : first + len(rows)].to(part.device))
             first += len(rows)
+
+
+def sharded_grads(param_groups: list, state, sums: int, label_of) -> ShardedGrads | None:
+    """The ShardedGrads of the step about to be planned, taken before it changes anything, or None
+    when no parameter of `param_groups` is sharded. `sums`: the sums of squares per tensor of the
+    step's first all-reduce (0: the presences alone); `label_of(group_index, param_index, group)`
+    names a parameter. (Groups are read as they are: the step's checks, which come next, refuse
+    what is not a list of tensors.)"""
+    positions, shardings, present, stepping = [], [], [], []
+    known = {}  # (mesh, placements) -> Sharding: the parameters of a model share a few
+    for group_index, group in enumerate(param_groups):
+        params = group.get("params") if isinstance(group, dict) else None
+        for param_index, p in enumerate(params if isinstance(params, list) else ()):
+            if not isinstance(p, torch.Tensor):
+                continue
+            if p.grad is not None:
+                stepping.append(p)
+            if not is_dtensor(p):
+                continue
+            key = (p.device_mesh, p.placements)
+            sharding = known.get(key, key)
+            if sharding is key:
+                sharding = known[key] = _split(p)
+            if sharding is not None:
+                positions.append((group_index, param_index))
+                shardings.append(sharding)
+                present.append(p.grad is not None)
+    if not positions:
+        return None
+    return ShardedGrads(positions, shardings, present, sums, _HostState(state, stepping),
+                        lambda group_index, param_index: label_of(group_index, param_index,
+                                                                  param_groups[group_index]))
+
+
+class ShardedGrads:
+    """Every sharded parameter of an optimizer and whether it has a grad on this rank, for the step's
+    first all-reduce to find one that has a grad on some ranks and None on others before anything is
+    written.
+
+    Such a parameter would have the ranks all-reduce tables of different lengths (gloo aborts, or
+    waits for its timeout), or, when the lengths happen to match, step different parameters. So the
+    first all-reduce of a step on sharded parameters, made before the step writes anything on the
+    device, has a row for every sharded parameter of the optimizer, with a grad here or not (zeros
+    without), and the presences of their grads (1 with one): its length is the same on every rank
+    whatever the grads. The presences ride on each of its all-reduces (one per mesh and mesh
+    dimension), not only on those of their own tensor's dimensions, so every rank that takes part in
+    one of them sees the same mismatch, undoes what the step changed on the host (`_HostState`) and
+    raises a ValueError naming the parameter. (A mesh dimension no sharded tensor is split on, as
+    HSDP's replicate dimension, has no all-reduce: its replicas each check their own ranks.)
+
+    That all-reduce is the one of the sums of squares the algorithm needs before its first write:
+    LAMB's grad norm when a group clips, LARS's norms when a group adapts. Without those (LAMB
+    without clipping, whose next all-reduce comes after the moments are written; LARS without
+    adaptation, which has none) it carries the presences alone: the one all-reduce a step makes for
+    this check only, since no later one comes before a write that could not be undone. A rank
+    without any grad takes part in it too (`MultiTensorOptimizer._plan_step`)."""
+
+    def __init__(self, positions: list, shardings: list, present: list, sums: int, host, label_of):
+        self.positions = positions  # (group index, index in the group) per sharded parameter, in order
+        self.present = present  # per sharded parameter, whether it has a grad on this rank
+        self.sums = sums  # sums of squares per tensor in the first all-reduce
+        self.host = host  # what to restore if the check fails; dropped once it is made
+        self.label_of = label_of
+        self.rounds = {}  # (mesh, dim) -> indices of the parameters split on it: the same on every rank
+        for index, sharding in enumerate(shardings):
+            for dim in sharding.dims:
+                self.rounds.setdefault((sharding.mesh, dim), []).append(index)
+
+    def all_reduce_(self, tables: list, shardings: tuple = ()) -> None:
+        """The step's first all-reduce. `tables` and `shardings` as `all_reduce_sharded_` takes them
+        (``()``: no sharded row here), ``self.sums`` columns each: their sharded rows are summed as
+        it sums them, the other parameters split on each (mesh, dim) taking zero rows. Then raises,
+        on every rank of those all-reduces, a ValueError naming a parameter with a grad on some
+        ranks only, with the host state as it was before the step."""
+        located = {}  # position -> (bucket, row) of a sharded tensor in this rank's tables
+        if shardings:
+            for bucket, (bucket_shardings, bucket_positions) in enumerate(zip(*shardings)):
+                for row, (sharding, position) in enumerate(zip(bucket_shardings, bucket_positions)):
+                    if sharding is not None:
+                        located[position] = (bucket, row)
+        presence = torch.tensor(self.present, dtype=torch.float32)
+        everywhere = 1  # the presence sum of a parameter with a grad on every rank
+        for (mesh, dim), members in self.rounds.items():
+            device = torch.device(mesh.device_type)
+            sums = torch.zeros(len(members), self.sums, device=device)
+            in_bucket = {}  # bucket -> [(row, place in sums), ...]
+            for place, index in enumerate(members):
+                found = located.get(self.positions[index])
+                if found is not None:
+                    in_bucket.setdefault(found[0], []).append((found[1], place))
+            copied = []
+            for bucket, items in in_bucket.items():
+                table = tables[bucket]
+                rows = torch.tensor([row for row, _ in items], device=table.device)
+                places = torch.tensor([place for _, place in items], device=device)
+                sums.index_copy_(0, places, table.index_select(0, rows).reshape(len(items), -1).to(device, sums.dtype))
+                copied.append((table, rows, places))
+            reduced = torch.cat([sums.reshape(-1), presence.to(device)])
+            dist.all_reduce(reduced, group=mesh.get_group(dim))
+            sums, presence = reduced[: sums.numel()].reshape(sums.shape), reduced[sums.numel():]
+            for table, rows, places in copied:
+                part = sums.index_select(0, places).reshape((len(rows), *table.shape[1:]))
+                table.index_copy_(0, rows, part.to(table.device, table.dtype))
+            everywhere *= mesh.size(dim)
+        # (A read on the host: on a GPU the host waits for this all-reduce before launching the writes.)
+        mismatched = [index for index, count in enumerate(presence.tolist()) if 0 < count < everywhere]
+        host, self.host = self.host, None
+        if not mismatched:
+            return
+        host.restore()
+        labels = [self.label_of(*self.positions[index]) for index in mismatched]
+        others = f" (and {len(labels) - 1} more: {', '.join(labels[1:4])}{', ...' if len(labels) > 4 else ''})"
+        raise ValueError(
+            f"{labels[0]} has a grad on some ranks and None on others (on this rank: "
+            f"{'a grad' if self.present[mismatched[0]] else 'None'}){others if len(labels) > 1 else ''}. A sharded "
+            "parameter needs a grad on every rank or on none: each rank steps its shard, with norms summed "
+            "across them. No rank took this step (params, states and step counts are as they were); give it "
+            "a grad on every rank (zeros where it took no part in the loss), or set it to None on all")
+
+
+class _HostState:
+    """What a step may change on the host before its first all-reduce, for the parameters with a
+    grad: whether each has a state dict and its entries (the step creates, converts and replaces
+    some), and the values of their step counts (advanced in place)."""
+
+    def __init__(self, state, params: list):
+        self.state = state
+        self.saved = []  # (p, whether it has a state, its state dict, a copy of its entries)
+        self.steps = []
+        for p in params:
+            entries = state.get(p)
+            copied = dict(entries) if isinstance(entries, dict) else None
+            self.saved.append((p, p in state, entries, copied))
+            if copied is not None and torch.is_tensor(copied.get("step")):
+                self.steps.append(copied["step"])
+        try:  # one copy of all, when they share a shape and a device (the usual 0-d counts on the CPU)
+            self.step_values = torch.stack(self.steps) if self.steps else []
+        except RuntimeError:
+            self.step_values = [t.clone() for t in self.steps]
+
+    def restore(self) -> None:
+        for p, had_state, entries, copied in self.saved:
+            if not had_state:
+                self.state.pop(p, None)
+                continue
+            if self.state.get(p) is not entries:
+                self.state[p] = entries
+            if copied is not None:
+                entries.clear()
+                entries.update(copied)
+        for t, value in zip(self.steps, self.step_values):
+            t.copy_(value)
 
 
 def distributed_like(p, value: torch.Tensor) -> torch.Tensor:

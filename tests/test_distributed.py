@@ -10,6 +10,7 @@ optimizer, and params and every state tensor are compared with it after several 
 across ranks."""
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -222,10 +223,11 @@ def test_ddp_matches_a_single_process():
 # -- collectives -----------------------------------------------------------------------------------
 
 def count_all_reduces(rank, world):
-    """A 12-tensor model: LAMB makes 2 all-reduces a step with clipping (grad norm, norm table), 1
-    without; LARS 1, none when no group adapts; a replicated (DDP) model none."""
-    expected = [("lamb", dict(max_grad_norm=1.0), 2), ("lamb", dict(max_grad_norm=None), 1),
-                ("lars", dict(LARS_OPTIONS), 1), ("lars", dict(lr=0.1, momentum=0.9), 0)]
+    """A 12-tensor model: LAMB makes 2 all-reduces a step with clipping (grad norm, norm table), and
+    2 without (the grads' presences, norm table); LARS 1 (norm table), and 1 when no group adapts
+    (the grads' presences); a replicated (DDP) model none."""
+    expected = [("lamb", dict(max_grad_norm=1.0), 2), ("lamb", dict(max_grad_norm=None), 2),
+                ("lars", dict(LARS_OPTIONS), 1), ("lars", dict(lr=0.1, momentum=0.9), 1)]
     for backend in BACKENDS:
         for name, options, count in expected:
             for layout in ("fsdp", "hsdp", "ddp"):
@@ -391,6 +393,82 @@ def test_deepspeed_zero3_partitions_are_refused_by_name():
     p.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is partitioned by DeepSpeed ZeRO-3"):
         FusedLARS([p])
+
+
+GRAD_PRESENCE_CASES = [
+    (FusedLAMB, dict(lr=0.02, max_grad_norm=0.05)),  # found at the grad-norm all-reduce
+    (FusedLAMB, dict(lr=0.02, max_grad_norm=None)),  # no all-reduce before the moments: a presence one
+    (FusedLARS, dict(LARS_OPTIONS)),  # adaptive, momentum 0.9: found at the norms all-reduce
+    (FusedLARS, dict(lr=0.1, momentum=0.9)),  # no adaptation, no norms: a presence all-reduce
+]
+
+
+def local_snapshot(model, opt) -> dict:
+    """This rank's shards of the params and of every state entry, the step counts, and which
+    parameters have a state: no collective, so it also runs where another rank failed."""
+    from torch.distributed.tensor import DTensor
+
+    out = {"with state": [name for name, p in model.named_parameters() if p in opt.state]}
+    for name, p in model.named_parameters():
+        out[name] = p.to_local().clone()
+        for key, value in opt.state.get(p, {}).items():
+            out[f"{name}.{key}"] = (value.to_local() if isinstance(value, DTensor) else value).clone()
+    return out
+
+
+def assert_same(where, actual: dict, expected: dict):
+    assert actual.keys() == expected.keys(), (where, sorted(actual.keys() ^ expected.keys()))
+    for key, value in expected.items():
+        same = (actual[key].dtype == value.dtype and torch.equal(actual[key], value) if torch.is_tensor(value)
+                else actual[key] == value)
+        assert same, (where, key)
+
+
+def grad_on_some_ranks_only(rank, world):
+    """A sharded parameter with a grad on rank 0 and None on rank 1 (or rank 1 without any grad):
+    every rank raises a ValueError naming it, and params, states and step counts stay as they were
+    (c.weight, whose first step this is, gets no state; states the step converts to bf16 stay fp32);
+    with the grads restored, the step equals, bit for bit, that of an optimizer that never saw the
+    failure."""
+    torch.manual_seed(0)
+    reference = OddNet()
+    for optimizer, options in GRAD_PRESENCE_CASES:
+        for missing in ("b.weight", "every grad"):
+            where = (rank, optimizer.__name__, options, missing)
+            models = [shard(copy.deepcopy(reference), "fsdp", world) for _ in range(2)]
+            names = [name for name, _ in models[0].named_parameters()]
+            named = names.index(missing) if missing in names else 0  # (without any grad: the first)
+            label = re.escape(f"param_groups[0]['params'][{named}] ({names[named]!r})")
+            opts = [optimizer(model.named_parameters(), backend=BACKENDS[0], **options) for model in models]
+            for model, opt in zip(models, opts):
+                loss_of(model, 0).backward()
+                model.c.weight.grad = None  # on every rank: its first step is the failing one
+                opt.step()
+                opt.zero_grad()
+                loss_of(model, 1).backward()
+            if missing == "b.weight":  # states converted to bf16 by the failing step, and again by the retry
+                for opt in opts:
+                    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+            failing, model = opts[0], models[0]
+            grads = {name: p.grad for name, p in model.named_parameters()}
+            if rank == 1:
+                for name, p in model.named_parameters():
+                    if missing in (name, "every grad"):
+                        p.grad = None
+            before = local_snapshot(model, failing)
+            assert "c.weight" not in before["with state"], where
+            with pytest.raises(ValueError, match=label + " has a grad on some ranks and None on others"):
+                failing.step()
+            assert_same(where, local_snapshot(model, failing), before)
+            for name, p in model.named_parameters():
+                p.grad = grads[name]
+            failing.step()
+            opts[1].step()
+            assert_same(where, local_snapshot(model, failing), local_snapshot(models[1], opts[1]))
+
+
+def test_a_sharded_grad_on_some_ranks_only_is_refused_on_every_rank_before_any_change():
+    spawn(grad_on_some_ranks_only, 2)
 
 
 def full_state_dict_loads_sharded(rank, world):

@@ -18,7 +18,8 @@ import warnings
 import torch
 
 from ..contract import flat, is_dense
-from ..distributed import check_grad, check_not_flat, distributed_like, is_dtensor, local, sharding_of
+from ..distributed import (check_grad, check_not_flat, distributed_like, is_dtensor, local, sharded_grads,
+                           sharding_of)
 from ..ops import ENV_VAR, check_backend_name, create_backend, resolve_backend
 from .checks import (check_distinct, check_distinct_groups, check_flag, check_number, check_scaler_tensor,
                      check_storage, group_key, param_label, raise_bad_grad, same_items)
@@ -68,6 +69,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         self._checked_groups = {}  # id(group) -> (group, group_key(group), its params) last validated
         self._step_cache = None  # the last full step's plans, while they hold (step_cache.py)
         self.reused_steps = 0  # steps that reused the plans of an earlier one (for tests and benchmarks)
+        self._sharded_grads = None  # the sharded parameters of the step being planned (distributed.ShardedGrads)
 
     # -- what each optimizer defines -----------------------------------------------------------
 
@@ -121,9 +123,16 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     def _advance_reused(self, cache: StepCache, found_inf) -> None:
         """The per-step values of a reused step (LAMB: step counts and bias corrections)."""
 
+    def _sums_before_writes(self) -> int:
+        """The sums of squares per sharded tensor that the step all-reduces before its first write,
+        known from the groups' hyperparameters alone, so the same on every rank whatever the grads:
+        the columns of a sharded step's first all-reduce (0: it carries the grads' presences alone)."""
+        return 0
+
     @staticmethod
-    def _run(plans: list, grad_scale, found_inf) -> None:
-        """The algorithm's stages on every bucket (``lamb_step`` or ``lars_step``)."""
+    def _run(plans: list, grad_scale, found_inf, sharded_grads=None) -> None:
+        """The algorithm's stages on every bucket (``lamb_step`` or ``lars_step``); `sharded_grads`
+        (a distributed.ShardedGrads, or None) makes their first all-reduce."""
         raise NotImplementedError
 
     # -- the step's outline ---------------------------------------------------------------------
@@ -143,7 +152,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             plan_step = torch.compiler.disable(plan_step)
         plans = plan_step(grad_scale, found_inf)
         if plans:
-            self._run(plans, grad_scale, found_inf)
+            self._run(plans, grad_scale, found_inf, self._sharded_grads)
         return loss
 
     def _plan_step(self, grad_scale, found_inf) -> list:
@@ -159,8 +168,14 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 self.reused_steps += 1
                 return plans
             self._step_cache = None
+        # With sharded parameters, the step's first all-reduce checks that every rank has a grad for
+        # the same ones, and on a mismatch undoes what this planning changes (distributed.ShardedGrads).
+        self._sharded_grads = sharded = sharded_grads(self.param_groups, self.state, self._sums_before_writes(),
+                                                      param_label)
         work = self._params_to_step()
         if not work:
+            if sharded is not None:
+                sharded.all_reduce_([])  # the one other ranks make, which must learn that this rank has no grad
             return []
         states = self._init_state(work, found_inf)
         buckets = self._bucket(work, states)
@@ -168,7 +183,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         for key, segments in buckets.items():
             backend = self._backend(key)
             plans.append((backend, key, self._prepare(backend, segments)))
-        if self._reusable(states):
+        # (Not with sharded parameters: a rank without their grads would skip that all-reduce.)
+        if sharded is None and self._reusable(states):
             self._step_cache = self._remember(work, plans, grad_scale, found_inf)
         return plans
 

@@ -203,8 +203,13 @@ class FusedLAMB(MultiTensorOptimizer):
         advance_reused(self, cache, found_inf, corrections=_corrections)
 
     @staticmethod
-    def _run(plans: list, grad_scale, found_inf) -> None:
-        lamb_step(plans, grad_scale, found_inf)
+    def _run(plans: list, grad_scale, found_inf, sharded_grads=None) -> None:
+        lamb_step(plans, grad_scale, found_inf, sharded_grads)
+
+    def _sums_before_writes(self) -> int:
+        # The grad norm's ||g||^2 when a group clips; else the first all-reduce, ||p||^2 and ||u||^2,
+        # comes after the moments are written.
+        return int(any(_clip_threshold(group["max_grad_norm"]) > 0 for group in self.param_groups))
 
 
 def _segment_maker(group: dict):
@@ -266,19 +271,25 @@ def _corrections(group: dict, counts) -> tuple:
     return (1.0 - torch.pow(beta1, t)).to(torch.float32), (1.0 - torch.pow(beta2, t)).to(torch.float32)
 
 
-def lamb_step(plans, grad_scale, found_inf) -> None:
+def lamb_step(plans, grad_scale, found_inf, sharded_grads=None) -> None:
     """One LAMB step on every bucket: the only place the order of its stages lives (docs/design.md
-    section 2). `plans`: (backend, (device, dtype, backend name), plan) per bucket."""
+    section 2). `plans`: (backend, (device, dtype, backend name), plan) per bucket; `sharded_grads`:
+    the optimizer's sharded parameters (distributed.ShardedGrads), None when it has none."""
     # 1. Global grad norm over every parameter with a grad, in all groups; skipped when no group
     # clips. Bucket sums are added in a fixed order, so reruns give the same bits. Under a
     # GradScaler these are sums over the scaled grads: the kernels divide the norm by the scale.
-    # Sharded tensors' sums are summed over their ranks first (lamb_kernels/distributed.py).
+    # Sharded tensors' sums are summed over their ranks first (lamb_kernels/distributed.py), in the
+    # step's first all-reduce, which also finds a sharded parameter with a grad on some ranks only
+    # before anything is written: without clipping, it carries only that.
     shardings = bucket_shardings(plans)
+    clips = any(_plan_clips(plan) for _, _, plan in plans)
+    per_tensor = [backend.grad_sums_of_squares(plan) for backend, _, plan in plans] if clips else []
+    if sharded_grads is not None:
+        sharded_grads.all_reduce_(per_tensor, shardings if clips else ())
+    elif clips and shardings:
+        all_reduce_sharded_(per_tensor, *shardings)
     grad_sumsq = None
-    if any(_plan_clips(plan) for _, _, plan in plans):
-        per_tensor = [backend.grad_sums_of_squares(plan) for backend, _, plan in plans]
-        if shardings:
-            all_reduce_sharded_(per_tensor, *shardings)
+    if clips:
         sums = [sums.sum() for sums in per_tensor]
         grad_sumsq = sums[0]
         for partial in sums[1:]:

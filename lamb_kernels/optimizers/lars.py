@@ -186,16 +186,26 @@ class FusedLARS(MultiTensorOptimizer):
         advance_reused(self, cache, found_inf)
 
     @staticmethod
-    def _run(plans: list, grad_scale, found_inf) -> None:
-        lars_step(plans, grad_scale, found_inf)
+    def _run(plans: list, grad_scale, found_inf, sharded_grads=None) -> None:
+        lars_step(plans, grad_scale, found_inf, sharded_grads)
+
+    def _sums_before_writes(self) -> int:
+        # ||p||^2 and ||g||^2 when a group adapts; else the step all-reduces nothing.
+        return 2 if any(_adapts(group) for group in self.param_groups) else 0
+
+
+def _adapts(group: dict) -> bool:
+    """Whether a group's parameters get the trust ratio (and so their norms are taken)."""
+    adaptation = group.get("layer_adaptation")
+    if adaptation is None:
+        return float(group["weight_decay"]) != 0 or bool(group["always_adapt"])
+    return bool(adaptation)
 
 
 def _segment_maker(group: dict, state_dtype: torch.dtype = STATE_DTYPE):
     """A function that makes an empty LarsSegment with `group`'s hyperparameters."""
     wd = float(group["weight_decay"])
-    adaptation = group.get("layer_adaptation")
-    if adaptation is None:
-        adaptation = wd != 0 or bool(group["always_adapt"])
+    adaptation = _adapts(group)
     lr = lr_of(group)
 
     def make_segment():
@@ -209,16 +219,20 @@ def _segment_maker(group: dict, state_dtype: torch.dtype = STATE_DTYPE):
     return make_segment
 
 
-def lars_step(plans, grad_scale, found_inf) -> None:
+def lars_step(plans, grad_scale, found_inf, sharded_grads=None) -> None:
     """One LARS step on every bucket: the only place the order of its stages lives (docs/design.md
-    section 3). `plans` as in lamb_step."""
+    section 3). `plans` and `sharded_grads` as in lamb_step."""
     # Per-tensor ||p||^2, ||g||^2 of every bucket (none without adaptation in the bucket: no pass
     # over memory for norms), those of sharded tensors summed over their ranks, then the update.
+    # That all-reduce, the step's first, also finds a sharded parameter with a grad on some ranks
+    # only, before anything is written; without adaptation, it carries only that.
     norms = [backend.lars_sums_of_squares(plan) if any(seg.adaptation for seg in plan.segments) else None
              for backend, _, plan in plans]
-    shardings = bucket_shardings(plans, adaptive_only=True)
-    if shardings:
-        reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
-        all_reduce_sharded_([norms[i] for i in reduced], *([part[i] for i in reduced] for part in shardings))
+    reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
+    shardings = tuple([part[i] for i in reduced] for part in bucket_shardings(plans, adaptive_only=True))
+    if sharded_grads is not None:
+        sharded_grads.all_reduce_([norms[i] for i in reduced], shardings)
+    elif shardings:
+        all_reduce_sharded_([norms[i] for i in reduced], *shardings)
     for (backend, (device, *_), plan), bucket_norms in zip(plans, norms):
         backend.lars_apply_(plan, bucket_norms, on_device(grad_scale, device), on_device(found_inf, device))
