@@ -150,7 +150,10 @@ class TorchBackend:
             buffers = []
             for p in seg.params:
                 buffer = self._scratch.get(id(p))
-                if buffer is None or buffer.shape != p.shape or buffer.device != p.device:
+                # (In p's memory layout too: the norms of the updates written there add in memory
+                # order, so a buffer of another layout would round them otherwise than a new one.)
+                if (buffer is None or buffer.shape != p.shape or buffer.stride() != p.stride()
+                        or buffer.device != p.device):
                     buffer = self._scratch[id(p)] = torch.empty_like(p, dtype=torch.float32)
                 buffers.append(buffer)
             plan.scratch.append(buffers)
