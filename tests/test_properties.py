@@ -203,7 +203,7 @@ class Run:
             p.data = data
         elif kind == "duplicate":
             self.opt.param_groups[-1]["params"].append(p)
-            self.expect_refusal(ValueError, r"is param_groups\[\d\]\['params'\]\[\d\] again")
+            self.expect_refusal(ValueError, r"(is param_groups\[\d\]\['params'\]\[\d\] again|appear in more than one parameter group)")
             self.opt.param_groups[-1]["params"].pop()
         for q in self.params:
             q.grad = None
