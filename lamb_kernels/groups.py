@@ -16,10 +16,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay=(), *, ex
       ratio either);
     - decayed: the rest, with ``weight_decay``.
 
-    ``options`` (``lr=...``, say) go into both groups. Parameters with ``requires_grad=False`` are
-    left out, and an empty group is dropped. ``with_names=True`` adds each group's
-    ``param_names`` (torch then wants every later group named too).
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose ``named_parameters()`` are split; those with ``requires_grad=False`` are
+        left out.
+    weight_decay : float
+        The decayed group's ``weight_decay``.
+    no_decay : collection of str, default ()
+        Name substrings: a parameter whose name contains one of them goes to the excluded group. A
+        plain string raises TypeError (it would be read as its characters).
+    exclude_1d : bool, default True
+        Exclude every parameter with at most one dimension.
+    with_names : bool, default False
+        Add each group's ``param_names`` (torch then wants every later group named too).
+    **options
+        Other group keys (``lr=...``, say), put into both groups.
 
+    Returns
+    -------
+    list of dict
+        The decayed group, then the excluded one; an empty group is dropped.
+
+    Examples
+    --------
     BERT with NVIDIA's recipe::
 
         FusedLAMB(param_groups(model, 0.01, no_decay=("bias", "gamma", "beta", "LayerNorm")), lr=...)

@@ -73,7 +73,27 @@ def _preference(device_type: str) -> tuple:
 
 
 def available_backends(device="cpu") -> list:
-    """Backends that can run on `device`, fastest first (the order "auto" tries them in)."""
+    """Backends that can run on `device`, fastest first (the order "auto" tries them in).
+
+    Parameters
+    ----------
+    device : str or torch.device, default "cpu"
+        The device whose type is asked about ("cpu", "cuda", ``torch.device("cuda:1")``).
+
+    Returns
+    -------
+    list of str
+        Names from "triton", "cuda", "cpp" and "torch"; "torch" runs everywhere. The first call for
+        "cpu" builds the C++ operators, or loads them from the cache (docs/cpp-build.md); "triton"
+        is listed for "cpu" only under ``TRITON_INTERPRET=1``.
+
+    Examples
+    --------
+    ::
+
+        available_backends("cpu")   # ["cpp", "torch"] once the C++ operators have built
+        available_backends("cuda")  # ["triton", "cuda", "torch"] on a machine with a GPU
+    """
     device_type = torch.device(device).type
     return [name for name in _preference(device_type) if _unavailable_reason(name, device_type) is None]
 

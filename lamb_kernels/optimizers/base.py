@@ -63,7 +63,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
     def _reset_caches(self) -> None:
         """What the step remembers of its last checks, so that it checks again only what changed."""
-        self._backends = {}  # (device, dtype, name) -> backend object with its cached tables
+        self._backends = {}  # (device, dtype, name, state dtype) -> backend object with its cached tables
+        self._last_buckets = ()  # the bucket keys of the last step that stepped a parameter (`backends`)
         self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
         self._checked_params = {}  # id(param) -> (param, *_param_key(...)) at its last check
         self._checked_groups = {}  # id(group) -> (group, group_key(group), its params) last validated
@@ -183,6 +184,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         for key, segments in buckets.items():
             backend = self._backend(key)
             plans.append((backend, key, self._prepare(backend, segments)))
+        self._last_buckets = tuple(buckets)  # (a reused step runs these buckets again)
         # (Not with sharded parameters: a rank without their grads would skip that all-reduce.)
         if sharded is None and self._reusable(states):
             self._step_cache = self._remember(work, plans, grad_scale, found_inf)
@@ -708,6 +710,36 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         if backend is None:
             backend = self._backends[key] = create_backend(key[2])
         return backend
+
+    @property
+    def backends(self) -> dict:
+        """The backend that ran the last step, per (device, parameter dtype): ``{(device, dtype): name}``,
+        such as ``{(device("cpu"), torch.float32): "cpp"}``; read-only, and empty before the first step.
+        ``backend`` stays the one asked for ("auto"): this is what it chose. Where one (device, dtype)
+        ran on two backends ("auto" steps a parameter with gaps in memory with "torch"), their names
+        are joined: "cpp+torch"."""
+        ran = {}
+        for device, dtype, name, *_ in self._last_buckets:  # (bucket keys: also the state dtype)
+            ran.setdefault((device, dtype), set()).add(name)
+        return {key: "+".join(sorted(names)) for key, names in ran.items()}
+
+    def __repr__(self) -> str:
+        """torch.optim's listing of the param groups, then the backend asked for and the ones that ran
+        the last step (before the first step, those the one asked for resolved to, per device)."""
+        groups = super().__repr__().removesuffix(")")
+        return f"{groups}backend: {self.backend!r}\n{self._backends_line()}\n)"
+
+    def _backends_line(self) -> str:
+        if self._last_buckets:
+            ran = ", ".join(f"({device}, {dtype}): {name!r}" for (device, dtype), name in self.backends.items())
+            return f"backends: {{{ran}}}"
+        # Resolved when the parameters were added (a cached lookup: nothing is built or imported here).
+        env = os.environ.get(ENV_VAR)
+        devices = dict.fromkeys(p.device for group in self.param_groups for p in group["params"])
+        chosen = ", ".join(f"{device}: {self._resolved[device, env]!r}" for device in devices
+                           if (device, env) in self._resolved)
+        resolved = f"; {self.backend!r} resolves to {{{chosen}}}" if chosen else ""
+        return f"backends: none yet (no step has run){resolved}"
 
 
 def _copy_hyperparameters(template, seg) -> None:

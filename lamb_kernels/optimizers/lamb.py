@@ -57,22 +57,102 @@ class FusedLAMB(MultiTensorOptimizer):
     trust ratio on or off for a group); optional ``trust_ratio_bounds=(lo, hi)``; per-parameter step
     counts in ``state[p]["step"]``. ``load_state_dict`` also accepts a state dict saved by apex.
 
+    Parameters
+    ----------
+    params : iterable of Tensors or of dicts
+        The parameters to optimize, or param groups: dicts with ``"params"`` and any of the keys marked
+        per group below or listed under Param group keys. apex: ``params``.
+    lr : float or Tensor, default 1e-3
+        The learning rate. A one-element tensor is read on the device at every step, so a scheduler
+        may change it in place. Per group. apex: ``lr``.
+    bias_correction : bool, default True
+        Divide m by 1 - beta1^t and v by 1 - beta2^t, t the parameter's step count (docs/design.md
+        section 2, step 4). Per group. apex: ``bias_correction``.
+    betas : tuple of float, default (0.9, 0.999)
+        (beta1, beta2), each in [0, 1): the decay rates of m and v. Per group. apex: ``betas``.
+    eps : float, default 1e-6
+        Added to sqrt(v / bc2) in the update's denominator. Per group. apex: ``eps``.
+    weight_decay : float, default 0.01
+        Decoupled decay added to the update (``adam_w_mode=True``) or L2 decay added to the grad
+        (``adam_w_mode=False``); a non-zero value also turns the trust ratio on. Per group.
+        apex: ``weight_decay``.
+    amsgrad : bool, default False
+        Accepted for apex's signature; True raises ValueError, as in apex. apex: ``amsgrad``.
+    adam_w_mode : bool, default True
+        True: AdamW-style decay, ``wd * p`` added to the update; False: L2, added to the grad. Per
+        group. apex: ``adam_w_mode``.
+    grad_averaging : bool, default True
+        The grad's coefficient in m: 1 - beta1 when True, 1 when False. Per group.
+        apex: ``grad_averaging``.
+    set_grad_none : bool, default True
+        What ``zero_grad()`` called without ``set_to_none`` does: True sets the grads to None, False
+        zeroes them. apex: ``set_grad_none``.
+    max_grad_norm : float or None, default 1.0
+        Clip threshold of the global grad norm, taken over every grad in every group: grads are
+        divided by ``G / max_grad_norm`` when the norm G exceeds it. None, 0 or inf disable clipping
+        (and its pass over the grads). Per group. apex: ``max_grad_norm``.
+    use_nvlamb : bool, default False
+        Apply the trust ratio also to groups with ``weight_decay == 0`` (NVLAMB). Per group.
+        apex: ``use_nvlamb``.
+    trust_ratio_bounds : tuple of float or None, default None
+        (lo, hi): clamp the trust ratio r to [lo, hi] when both norms are > 0; None leaves it
+        unbounded. Per group. lamb_kernels only.
+    master_weights : bool, default False
+        Keep an fp32 copy of each bf16 or fp16 parameter in its state (``master_param``, saved by
+        ``state_dict``); the step updates the copy and writes the parameter from it in the same pass
+        (docs/mixed-precision.md). For the whole optimizer. lamb_kernels only (apex's
+        ``FusedMixedPrecisionLamb`` does this for its ``reduced_precision_dtype``).
+    capturable : bool, default False
+        Keep step counts on the parameters' device and compute the bias corrections there, so that
+        ``step()`` can be captured in a CUDA graph. Per group. lamb_kernels only (as
+        torch.optim.Adam's ``capturable``).
+    state_dtype : torch.dtype or str, default torch.float32
+        What m and v are kept in: torch.float32; torch.bfloat16, written with stochastic rounding; or
+        "int8", 8-bit blockwise codes with float32 block scales, also rounded stochastically
+        (docs/states.md). Per group. lamb_kernels only.
+    seed : int, default 0
+        The seed of the stochastic rounding of bf16 and int8 states, in [0, 2**32): the same seed gives
+        the same bits on every run. Per group. lamb_kernels only.
+    backend : str, default "auto"
+        Which kernels run the step: "auto" (the fastest available per device, or
+        ``$LAMB_KERNELS_BACKEND``), "triton", "cuda", "cpp" or "torch". A named backend that cannot
+        run on a parameter's device raises ValueError naming the available ones; see
+        ``lamb_kernels.available_backends`` and docs/cpp-build.md. For the whole optimizer.
+        lamb_kernels only.
+
+    Param group keys
+    ----------------
+    Every argument marked per group above is also a key that a param group may set, overriding the
+    constructor's value for that group. One key exists only in param groups:
+
+    layer_adaptation : bool or None, default None
+        Force the trust ratio on (True) or off (False) for the group; None: on when ``use_nvlamb`` or
+        ``weight_decay != 0``. ``lamb_kernels.param_groups`` sets False for biases and norm weights.
+
+    Attributes
+    ----------
+    backend : str
+        The backend asked for: "auto" unless a name was given.
+    backends : dict
+        Read-only: the backend that ran the last step for each (device, parameter dtype), such as
+        ``{(device("cpu"), torch.float32): "cpp"}``; empty before the first step. ``repr(opt)``
+        shows it.
+    master_weights : bool
+        As passed.
+    set_grad_none : bool
+        As passed; ``zero_grad()`` reads it.
+
+    Notes
+    -----
     ``state_dtype=torch.bfloat16`` (per group too) keeps m and v in bf16, written with stochastic
     rounding from a counter-based stream (``seed``, the step count, the parameter's position):
     32 bytes per fp32 parameter and step instead of 44, 4 bytes of state per parameter instead of 8,
     the same bits on every run (docs/states.md). The default, float32, is unchanged.
 
     Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic, fp32 states (bf16
-    with ``state_dtype``).
-    ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
-    (``master_param``, saved in ``state_dict``); the step updates it, and writes the parameter from
-    it in the same pass. ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the
-    scale and ``found_inf``: grads are unscaled in the kernels, and a non-finite grad skips the whole
-    step on the device. ``lr`` may be a tensor; ``capturable=True`` keeps step counts on the
-    parameters' device, so ``step()`` can be captured in a CUDA graph.
-
-    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton",
-    "cpp" or "torch"; see ``lamb_kernels.available_backends``.
+    or int8 with ``state_dtype``), fp32 copies of the parameters with ``master_weights``.
+    ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the scale and ``found_inf``:
+    grads are unscaled in the kernels, and a non-finite grad skips the whole step on the device.
     """
 
     _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")
@@ -119,6 +199,8 @@ class FusedLAMB(MultiTensorOptimizer):
         return new_step_count(p, group)
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """As torch.optim's; without ``set_to_none`` (None), the constructor's ``set_grad_none`` decides:
+        True sets the grads to None, False zeroes them (apex's behaviour)."""
         super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else set_to_none)
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -337,8 +419,69 @@ class FusedMixedPrecisionLamb(FusedLAMB):
     As in apex: parameters of ``reduced_precision_dtype`` get fp32 master weights (here in the state,
     saved by ``state_dict``), ``lr`` lives as a tensor on the parameters' device, step counts too
     (``capturable``), and the step takes a GradScaler's scale and ``found_inf`` without a host sync.
-    ``step`` is the step count every parameter starts from. Unlike apex, the step count is kept per
-    parameter, a group may mix dtypes, and every backend runs it (apex: CUDA only).
+    Unlike apex, the step count is kept per parameter, a group may mix dtypes, and every backend runs
+    it (apex: CUDA only).
+
+    Parameters
+    ----------
+    params : iterable of Tensors or of dicts
+        The parameters to optimize, or param groups: dicts with ``"params"`` and any of the keys marked
+        per group below or listed under Param group keys. apex: ``params``.
+    lr : float or Tensor, default 1e-3
+        The learning rate, kept in each group as a one-element float32 tensor on the device of the
+        group's first parameter, so a scheduler may change it in place. Per group. apex: ``lr``.
+    step : int, default 0
+        The step count every parameter starts from (its first step is ``step + 1``). apex: ``step``.
+    bias_correction : bool, default True
+        As in FusedLAMB. Per group. apex: ``bias_correction``.
+    betas : tuple of float, default (0.9, 0.999)
+        As in FusedLAMB. Per group. apex: ``betas``.
+    eps : float, default 1e-6
+        As in FusedLAMB. Per group. apex: ``eps``.
+    weight_decay : float, default 0.01
+        As in FusedLAMB. Per group. apex: ``weight_decay``.
+    amsgrad : bool, default False
+        Accepted for apex's signature; True raises ValueError, as in apex. apex: ``amsgrad``.
+    adam_w_mode : bool, default True
+        As in FusedLAMB. Per group. apex: ``adam_w_mode``.
+    grad_averaging : bool, default True
+        As in FusedLAMB. Per group. apex: ``grad_averaging``.
+    max_grad_norm : float or None, default 1.0
+        As in FusedLAMB. Per group. apex: ``max_grad_norm``.
+    use_nvlamb : bool, default False
+        As in FusedLAMB. Per group. apex: ``use_nvlamb``.
+    reduced_precision_dtype : torch.dtype or None, default None
+        torch.bfloat16 or torch.float16: parameters of that dtype get fp32 master weights
+        (``master_param`` in their state); None: none do. apex: ``reduced_precision_dtype``.
+    backend : str, default "auto"
+        As in FusedLAMB. For the whole optimizer. lamb_kernels only.
+
+    Param group keys
+    ----------------
+    Every argument marked per group above is also a key that a param group may set. These keys
+    exist only in param groups, each as FusedLAMB's argument or key of the same name:
+
+    trust_ratio_bounds : tuple of float or None, default None
+        (lo, hi): clamp the trust ratio when both norms are > 0; None leaves it unbounded.
+    capturable : bool, default True
+        Step counts and bias corrections on the parameters' device, as apex keeps them.
+    state_dtype : torch.dtype or str, default torch.float32
+        torch.float32, torch.bfloat16 or "int8" for m and v (docs/states.md).
+    seed : int, default 0
+        The seed of the stochastic rounding of bf16 and int8 states.
+    layer_adaptation : bool or None, default None
+        Force the trust ratio on (True) or off (False); None: on when ``use_nvlamb`` or
+        ``weight_decay != 0``.
+
+    Attributes
+    ----------
+    backend : str
+        The backend asked for: "auto" unless a name was given.
+    backends : dict
+        Read-only: the backend that ran the last step for each (device, parameter dtype); empty
+        before the first step.
+    reduced_precision_dtype : torch.dtype or None
+        As passed.
     """
 
     def __init__(

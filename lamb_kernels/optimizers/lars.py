@@ -42,25 +42,94 @@ class FusedLARS(MultiTensorOptimizer):
     decay on or off, as ``lamb_kernels.param_groups`` does for biases and norm weights. State:
     ``momentum_buffer`` when ``momentum != 0``, created on a parameter's first step as in
     ``torch.optim.SGD``; timm checkpoints load as they are. Grads are read, never written.
-    ``foreach`` is accepted for compatibility with timm and has no effect: the step is always
-    multi-tensor.
 
+    Parameters
+    ----------
+    params : iterable of Tensors or of dicts
+        The parameters to optimize, or param groups: dicts with ``"params"`` and any of the keys marked
+        per group below or listed under Param group keys. timm: ``params``.
+    lr : float or Tensor, default 1.0
+        The learning rate. A one-element tensor is read on the device at every step, so a scheduler
+        may change it in place. Per group. timm: ``lr``.
+    momentum : float, default 0.0
+        The momentum factor; 0 keeps no momentum buffer. Per group. timm: ``momentum``.
+    dampening : float, default 0.0
+        Dampening of the momentum: ``buf <- momentum * buf + (1 - dampening) * d``. Per group.
+        timm: ``dampening``.
+    weight_decay : float, default 0.0
+        L2 decay inside the adaptive branch, ``(g + wd p) * r``; 0 (without ``always_adapt``) turns
+        off both the decay and the trust ratio. Per group. timm: ``weight_decay``.
+    nesterov : bool, default False
+        Nesterov momentum, ``d + momentum * buf``; needs ``momentum > 0`` and ``dampening == 0``.
+        Per group. timm: ``nesterov``.
+    trust_coeff : float, default 0.001
+        The trust coefficient in ``r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps)``. Per group.
+        timm: ``trust_coeff``.
+    eps : float, default 1e-8
+        Added to the trust ratio's denominator. Per group. timm: ``eps``.
+    trust_clip : bool, default False
+        LARC clipping: ``r <- min(r / lr, 1)``. Per group. timm: ``trust_clip`` (apex LARC's
+        ``clip=True``).
+    always_adapt : bool, default False
+        Apply the trust ratio (and the decay) even when ``weight_decay == 0``. Per group.
+        timm: ``always_adapt``.
+    foreach : bool or None, default None
+        Accepted for compatibility with timm and has no effect: the step is always multi-tensor.
+        Per group. timm: ``foreach``.
+    master_weights : bool, default False
+        Keep an fp32 copy of each bf16 or fp16 parameter in its state (``master_param``, saved by
+        ``state_dict``); the step updates the copy and writes the parameter from it in the same pass
+        (docs/mixed-precision.md). For the whole optimizer. lamb_kernels only.
+    capturable : bool, default False
+        Keep step counts (a parameter has one only with a bf16 or int8 momentum buffer) on the
+        parameters' device, so that ``step()`` can be captured in a CUDA graph. Per group.
+        lamb_kernels only (as torch.optim.Adam's ``capturable``).
+    state_dtype : torch.dtype or str, default torch.float32
+        What the momentum buffers are kept in: torch.float32; torch.bfloat16, written with
+        stochastic rounding; or "int8", 8-bit blockwise codes with float32 block scales, also rounded
+        stochastically (docs/states.md). Per group. lamb_kernels only.
+    seed : int, default 0
+        The seed of the stochastic rounding of bf16 and int8 buffers, in [0, 2**32): the same seed
+        gives the same bits on every run. Per group. lamb_kernels only.
+    backend : str, default "auto"
+        Which kernels run the step: "auto" (the fastest available per device, or
+        ``$LAMB_KERNELS_BACKEND``), "triton", "cuda", "cpp" or "torch". A named backend that cannot
+        run on a parameter's device raises ValueError naming the available ones; see
+        ``lamb_kernels.available_backends`` and docs/cpp-build.md. For the whole optimizer.
+        lamb_kernels only.
+
+    Param group keys
+    ----------------
+    Every argument marked per group above is also a key that a param group may set, overriding the
+    constructor's value for that group. One key exists only in param groups:
+
+    layer_adaptation : bool or None, default None
+        Force the adaptive branch (trust ratio and decay) on (True) or off (False) for the group;
+        None: on when ``weight_decay != 0`` or ``always_adapt``. ``lamb_kernels.param_groups`` sets
+        False for biases and norm weights.
+
+    Attributes
+    ----------
+    backend : str
+        The backend asked for: "auto" unless a name was given.
+    backends : dict
+        Read-only: the backend that ran the last step for each (device, parameter dtype), such as
+        ``{(device("cpu"), torch.float32): "cpp"}``; empty before the first step. ``repr(opt)``
+        shows it.
+    master_weights : bool
+        As passed.
+
+    Notes
+    -----
     ``state_dtype=torch.bfloat16`` (per group too) keeps the momentum buffers in bf16, written with
     stochastic rounding (``seed``; each parameter of such a group with momentum then has a step
     count, ``state[p]["step"]``, for its rounding stream): 24 bytes per fp32 parameter and step
     instead of 28 (docs/states.md).
 
-    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic, fp32 states (bf16 with
-    ``state_dtype``).
-    ``master_weights=True`` keeps an fp32 copy of each low-precision parameter in its state
-    (``master_param``, saved in ``state_dict``); the step updates it, and writes the parameter from
-    it in the same pass. ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the
-    scale and ``found_inf``: grads are unscaled in the kernels, and a non-finite grad skips the whole
-    step on the device. ``lr`` may be a tensor; ``capturable=True`` keeps step counts on the
-    parameters' device, so ``step()`` can be captured in a CUDA graph.
-
-    ``backend``: "auto" (the fastest available per device, or ``$LAMB_KERNELS_BACKEND``), "triton",
-    "cpp" or "torch"; see ``lamb_kernels.available_backends``.
+    Mixed precision: float32, bfloat16 and float16 parameters, fp32 arithmetic, fp32 states (bf16
+    or int8 with ``state_dtype``), fp32 copies of the parameters with ``master_weights``.
+    ``scaler.step(opt)`` with a ``torch.amp.GradScaler`` hands the step the scale and ``found_inf``:
+    grads are unscaled in the kernels, and a non-finite grad skips the whole step on the device.
     """
 
     _STATE_TENSORS = ("momentum_buffer", "master_param")
