@@ -1,5 +1,6 @@
-"""The training examples end to end on their --tiny settings (CPU): the loss falls, and a run
-stopped and resumed from its checkpoint continues exactly as an uninterrupted one."""
+"""The training examples end to end on their --tiny settings (CPU): the loss falls, and (the BERT and
+LARS scripts) a run stopped and resumed from its checkpoint continues exactly as an uninterrupted
+one; the optimizers also train inside Hugging Face's Trainer and PyTorch Lightning."""
 import importlib.util
 import pathlib
 
@@ -39,3 +40,23 @@ def test_large_batch_lars_learns_and_resumes(tmp_path):
     resumed = example.main(["--tiny", "--resume", "--out", resumed_dir])
     assert [e["epoch"] for e in resumed] == [4, 5, 6]
     assert [(e["loss"], e["accuracy"]) for e in resumed] == [(e["loss"], e["accuracy"]) for e in straight[3:]]
+
+
+def test_hugging_face_trainer_takes_fused_lamb_and_its_schedule(tmp_path):
+    pytest.importorskip("transformers", reason="the Trainer example needs transformers: pip install -e '.[examples]'")
+    pytest.importorskip("accelerate", reason="Hugging Face's Trainer needs accelerate: pip install -e '.[examples]'")
+    example = load("hf_trainer")
+    log = example.main(["--tiny", "--steps", "30", "--out", str(tmp_path)])
+    assert [e["step"] for e in log] == [10, 20, 30]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.3, log
+    # The example's schedule (peak 1.8e-2), not Trainer's default (linear decay from 5e-5).
+    assert log[0]["lr"] > 1e-2 and log[0]["lr"] > log[1]["lr"] > log[2]["lr"], log
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "lars"])
+def test_lightning_module_learns_with_fused_lamb_and_lars(optimizer):
+    pytest.importorskip("lightning", reason="the Lightning example needs lightning: pip install -e '.[examples]'")
+    example = load("lightning_module")
+    losses = example.main(["--tiny", "--optimizer", optimizer])
+    assert len(losses) == 60
+    assert sum(losses[-10:]) < sum(losses[:10]) - 10 * 0.5, (losses[:10], losses[-10:])
