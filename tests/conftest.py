@@ -28,6 +28,29 @@ def backend_cases():
     return cases
 
 
+def pytest_collection_modifyitems(config, items):
+    """Without a CUDA device the GPU tests (marked ``gpu``) are deselected, not skipped one by one:
+    the run ends with one line saying how many and why (pytest_terminal_summary), instead of hundreds
+    of silent skips."""
+    if torch.cuda.is_available() or "gpu" in (config.option.markexpr or ""):
+        return  # (asked for by marker, as bench/gpu_run.sh does: each skips, saying why)
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
+    config.stash[_GPU_TESTS] = len(gpu)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    left_out = config.stash.get(_GPU_TESTS, 0)
+    if left_out:
+        terminalreporter.write_line(f"{left_out} GPU tests (marked gpu) deselected: no CUDA device here; "
+                                    "bench/gpu_run.sh runs them on a GPU machine")
+
+
+_GPU_TESTS = pytest.StashKey[int]()
+
+
 def pytest_generate_tests(metafunc):
     if {"device", "backend"} <= set(metafunc.fixturenames):
         metafunc.parametrize(("device", "backend"), backend_cases())
