@@ -25,12 +25,14 @@ import torch
 
 import lamb_kernels
 
+from lamb_kernels import extension
 from lamb_kernels.ops import BACKEND_NAMES
 
 from .harness import STATE_BYTES, STATE_DTYPES, device_name, make_params, run_group
 from .presets import ALL, PRESETS, preset_shapes
 from .providers import COMPILED, Provider, default_backends, lamb_providers, lars_providers
-from .report import Progress, chart_title, group_rows, read_csv, table, write_csv, write_png
+from .report import (Progress, busy_warning, chart_title, group_rows, heartbeat, read_csv, table, write_csv,
+                     write_png)
 from .stages import run_stages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,9 +64,11 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per provider (default: cpu 15, cuda 50)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider first (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time lamb_kernels' torch backend under torch.compile (left out by default: "
+                             "its first step compiles for minutes per preset and algorithm on CPU)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="leave out the torch.compile providers (their first step compiles for minutes on "
-                             "big presets)")
+                        help="the default now (kept so that older command lines still run)")
     parser.add_argument("--chart-from", metavar="CSV", default=None,
                         help="time nothing: draw steps.png into --out from a steps.csv written earlier (a "
                              "GPU machine without matplotlib writes the CSV; the chart is drawn elsewhere)")
@@ -131,7 +135,28 @@ def _providers(algorithm: str, args) -> list:
                                    STATE_DTYPES[args.state_dtype])
     else:
         providers = lars_providers(args.device, args.backends, args.master_weights, STATE_DTYPES[args.state_dtype])
-    return [copy, *(p for p in providers if not (args.no_compile and p.name.endswith(COMPILED)))]
+    if not args.compile:
+        providers = [Provider(p.name, p.algorithm, p.role, unavailable=LEFT_OUT, version=p.version)
+                     if p.name.endswith(COMPILED) else p for p in providers]
+    return [copy, *providers]
+
+
+LEFT_OUT = "left out by default (its first step compiles for minutes); --compile adds it"
+
+
+def _build_native(args) -> None:
+    """Builds (or loads) the C++ operators before anything is timed, saying so while it takes: the
+    first build on a machine is a minute or more of silence otherwise."""
+    if args.device == "cpu" and "cpp" in args.backends:
+        load, what = extension.load, "lamb_kernels: loading or building the C++ CPU operators"
+    elif args.device == "cuda" and "cuda" in args.backends:
+        load, what = extension.load_cuda, "lamb_kernels: loading or building the CUDA operators"
+    else:
+        return
+    try:
+        heartbeat(what, load)
+    except extension.ExtensionUnavailable:
+        pass  # (the provider reports why it is unavailable, in the table)
 
 
 def main(argv=None) -> list:
@@ -157,6 +182,7 @@ def main(argv=None) -> list:
         "torch": torch.__version__, "triton": _version("triton"), "python": platform.python_version(),
     }
     os.makedirs(args.out, exist_ok=True)
+    _build_native(args)
     if args.stages:
         return run_stages(args, context, dtype, args.presets, Progress)
     plan = [(preset, algorithm, _providers(algorithm, args)) for preset in args.presets for algorithm in args.algorithms]
@@ -187,6 +213,9 @@ def main(argv=None) -> list:
     threads = f"{context['threads']} threads; " if context["threads"] else ""
     print(f"\n{title}; {threads}{args.warmup} warm-up + {args.repeats} timed steps per provider")
     print(table(rows))
+    busy = busy_warning(rows)
+    if busy is not None:
+        print(f"\n{busy}")
     print(f"\nwrote {csv_path}" + (f" and {png_path}" if why_no_png is None else f"; no chart: {why_no_png}"))
     return rows
 

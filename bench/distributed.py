@@ -9,8 +9,8 @@ every parameter a sharded grad, and time ``optimizer.step()`` alone: FusedLAMB a
 lamb_kernels backend, beside timm's ``Lamb`` / ``Lars`` when timm can be imported (correct under
 sharding, every norm a DTensor collective) and torch's ``AdamW`` / ``SGD`` with momentum (no norms,
 no collective) on the same sharded parameters. A step's time is the slowest rank's, between two
-barriers; the all-reduces a step makes are counted with the profiler (``c10d::allreduce_``, which
-``dist.all_reduce`` and DTensor's collectives both go through). Prints a table last; writes
+barriers; the all-reduces a step makes are counted as they are dispatched (``dist.all_reduce``'s
+``c10d::allreduce_`` and DTensor's ``_c10d_functional::all_reduce``). Prints a table last; writes
 distributed.csv and distributed.png into --out.
 
 On one machine the ranks share its cores and memory bandwidth: the times say what the step costs on
@@ -107,11 +107,25 @@ class Shapes(torch.nn.Module):
 
 
 def _count_all_reduces(step) -> int:
-    from torch.profiler import ProfilerActivity, profile
+    """All-reduces one step makes: ``dist.all_reduce``'s op (``c10d.allreduce_``) and DTensor's
+    (``_c10d_functional.all_reduce``), counted as they are dispatched. (The profiler would count them
+    too, but kineto prints lines of its own, ``USDT: ...``, into the run's output.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name() in ALL_REDUCE_OPS:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
         step()
-    return sum(1 for event in prof.events() if event.name == "c10d::allreduce_")
+    return Count.calls
+
+
+ALL_REDUCE_OPS = ("c10d::allreduce_", "_c10d_functional::all_reduce")
 
 
 def _rank(rank, world, port, args, result_path):

@@ -50,9 +50,9 @@ timeout "$TEST_SECONDS" python -m pytest -q -rs -m gpu -p no:cacheprovider "${TE
 tests=${PIPESTATUS[0]}
 
 bench=0
-timeout "$BENCH_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" "${QUICK[@]}" --out "$OUT/bert-large" \
+timeout "$BENCH_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" --compile "${QUICK[@]}" --out "$OUT/bert-large" \
     || bench=$?
-timeout "$((BENCH_SECONDS + 20))" python -m bench --device "$DEVICE" --preset "$SMALL" --no-compile "${QUICK[@]}" \
+timeout "$((BENCH_SECONDS + 20))" python -m bench --device "$DEVICE" --preset "$SMALL" "${QUICK[@]}" \
     --out "$OUT/many-small" || bench=$?
 timeout "$STAGE_SECONDS" python -m bench --device "$DEVICE" --preset "$BIG" --stages "${QUICK[@]}" --out "$OUT/stages" \
     || bench=$?

@@ -159,6 +159,9 @@ def run_group(providers, params, device, *, warmup: int, repeats: int, progress=
         for outcome in live[shift:] + live[:shift]:
             if outcome.status != "ok":
                 continue
+            if progress is not None:  # (what runs now: a first step may compile for minutes)
+                phase = "warm-up" if repeat < warmup else "timed"
+                progress.advance(0, detail=f"{outcome.provider.name}, {phase} step {repeat + 1}/{warmup + repeats}")
             try:
                 elapsed = clock.time(steps[id(outcome)])
             except Exception as exc:

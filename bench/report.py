@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 
 from .harness import bytes_moved, quantile
 from .providers import ROLES
@@ -67,19 +68,27 @@ def group_rows(outcomes, *, preset, algorithm, numel, tensors, itemsize, clippin
     return rows
 
 
+def yardstick_label(name: str) -> str:
+    """How the table names a row's yardstick: "fused AdamW" beside LAMB, "fused SGD" beside LARS."""
+    return "fused " + ("AdamW" if "AdamW" in name else "SGD" if "SGD" in name else name)
+
+
 def table(rows) -> str:
-    """The short table printed last: runnable providers first, then what was skipped and why."""
+    """The short table printed last: runnable providers first, each with its algorithm and its step
+    time over its yardstick's ("1.84x fused AdamW"), then what was skipped and why."""
     ran = [row for row in rows if row["status"] == "ok"]
     lines = []
-    header = f"{'preset':11s} {'provider':48s} {'median ms':>10s} {'p20-p80 ms':>17s} {'GB/s':>7s} {'% copy':>7s} {'ratio':>7s}"
+    header = (f"{'preset':11s} {'algo':4s} {'provider':48s} {'median ms':>10s} {'p20-p80 ms':>17s} {'GB/s':>7s} "
+              f"{'% copy':>7s} {'step time vs':>18s}")
     if any(row.get("launches_per_step") is not None for row in ran):
         header += f" {'launches':>8s}"
     lines += [header, "-" * len(header)]
     for row in ran:
         pct = f"{row['pct_of_copy']:6.0f}%" if row.get("pct_of_copy") is not None else ""
-        ratio = f"{row['ratio_to_yardstick']:6.2f}x" if row.get("ratio_to_yardstick") is not None else ""
-        line = (f"{row['preset']:11s} {row['provider']:48s} {row['median_ms']:10.2f} "
-                f"{row['p20_ms']:8.2f}-{row['p80_ms']:<8.2f} {row['gb_per_s']:7.1f} {pct:>7s} {ratio:>7s}")
+        ratio = (f"{row['ratio_to_yardstick']:.2f}x {yardstick_label(row['yardstick'])}"
+                 if row.get("ratio_to_yardstick") is not None else "")
+        line = (f"{row['preset']:11s} {row['algorithm']:4s} {row['provider']:48s} {row['median_ms']:10.2f} "
+                f"{row['p20_ms']:8.2f}-{row['p80_ms']:<8.2f} {row['gb_per_s']:7.1f} {pct:>7s} {ratio:>18s}")
         if row.get("launches_per_step") is not None:
             line += f" {row['launches_per_step']:8d}"
         lines.append(line)
@@ -88,6 +97,32 @@ def table(rows) -> str:
         lines.append("")
         lines += [f"{row['status']:7s} {row['preset']} {row['provider']}: {row['reason']}" for row in others]
     return "\n".join(lines)
+
+
+# p80 / p20 of a provider's step times. On this 2-core VM, quiet, they were 1.03 to 1.24 for most
+# providers and up to 1.72 for one or two (bench/results/cpu-*: 2026-11-21 to 12-02); a busy machine
+# spreads all of them.
+BUSY_MEDIAN_SPREAD = 1.5  # the providers' median spread above which the machine was busy
+BUSY_ANY_SPREAD = 3.0  # or any one provider's (a quiet run reached 2.2 once, 2026-12-07)
+BUSY_FLOOR_MS = 1.0  # steps shorter than this spread on any machine (timer, scheduler): not judged
+
+
+def busy_warning(rows) -> str | None:
+    """A warning when the repetitions spread more than a quiet machine's do (the providers' median
+    p80 / p20 above BUSY_MEDIAN_SPREAD, or one provider's above BUSY_ANY_SPREAD): something else ran
+    meanwhile, and the figures are noise as much as result."""
+    spread = sorted(((row["p80_ms"] / row["p20_ms"], row) for row in rows
+                     if row["status"] == "ok" and row.get("p20_ms") and row.get("p80_ms") is not None
+                     and row["median_ms"] >= BUSY_FLOOR_MS), key=lambda item: item[0])
+    if not spread:
+        return None
+    median = quantile([ratio for ratio, _ in spread], 0.5)
+    widest, row = spread[-1]
+    if median <= BUSY_MEDIAN_SPREAD and widest <= BUSY_ANY_SPREAD:
+        return None
+    return (f"warning: the step times spread more than on a quiet machine (p80/p20: {median:.2f} for the median "
+            f"provider, up to {widest:.1f} for {row['provider']} on {row['preset']}): the machine was busy while "
+            "they ran, so the figures above are noisy; rerun on a quiet machine before reading them as results")
 
 
 def write_csv(rows, path, columns=COLUMNS) -> None:
@@ -180,32 +215,95 @@ def write_png(rows, path, title) -> str | None:
     return None
 
 
-class Progress:
-    """A one-line bar on a terminal; elsewhere (CI logs, pipes) a line at every tenth of the way."""
+def heartbeat(what: str, work, stream=None, every: float = 1.0, clock=time.monotonic):
+    """Runs `work()` (a C++ build, say: a minute or more of silence otherwise) and, while it runs, says
+    so with the seconds it has taken: redrawn in place on a terminal, a line every 15 s elsewhere.
+    Returns what `work` returns; raises what it raises."""
+    import threading
 
-    def __init__(self, total: int, stream=None):
-        self.total, self.done, self.label = max(total, 1), 0, ""
+    stream = stream if stream is not None else sys.stderr
+    live = hasattr(stream, "isatty") and stream.isatty()
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # (raised again in the caller's thread)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    began = clock()
+    thread.start()
+    thread.join(every)
+    said = 0.0
+    while thread.is_alive():
+        seconds = clock() - began
+        if live:
+            stream.write(f"\r{what} ... {seconds:.0f} s")
+        elif seconds - said >= 15 or not said:
+            stream.write(f"{what} ... {seconds:.0f} s{os.linesep}")
+            said = seconds
+        stream.flush()
+        thread.join(every)
+    if live and clock() - began > every:
+        stream.write(f"\r{what}: done in {clock() - began:.0f} s{os.linesep}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds + 0.5), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """Where a run is: on a terminal one line redrawn in place (what is running now, the elapsed time
+    and an estimate of what is left); elsewhere (CI logs, pipes) a line at every tenth of the way."""
+
+    def __init__(self, total: int, stream=None, clock=time.monotonic):
+        self.total, self.done, self.label, self.detail = max(total, 1), 0, "", ""
         self.stream = stream if stream is not None else sys.stderr
         self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._clock = clock
+        self._began = clock()
         self._last_tenth = -1
+        self._last_draw = -1.0
 
     def start(self, label: str) -> None:
-        self.label = label
-        self._draw()
+        self.label, self.detail = label, ""
+        self._draw(force=True)
 
-    def advance(self, steps: int = 1) -> None:
+    def advance(self, steps: int = 1, detail: str | None = None) -> None:
+        """`steps` more done; `detail` says what runs now (a provider and its repetition)."""
+        if detail is not None:
+            self.detail = detail
         if steps:
             self.done = min(self.total, self.done + steps)
-            self._draw()
+        self._draw(force=self.done == self.total)
 
-    def _draw(self) -> None:
+    def times(self) -> str:
+        """The elapsed time and, once something is done, an estimate of what is left (at the pace so far)."""
+        elapsed = self._clock() - self._began
+        if not self.done:
+            return f"elapsed {_clock(elapsed)}"
+        left = elapsed / self.done * (self.total - self.done)
+        return f"elapsed {_clock(elapsed)}, about {_clock(left)} left"
+
+    def _draw(self, force: bool = False) -> None:
         fraction = self.done / self.total
         if self.live:
+            now = self._clock()
+            if not force and now - self._last_draw < 0.2:  # (a redraw per step would cost more than a step)
+                return
+            self._last_draw = now
             bar = "#" * int(30 * fraction)
-            self.stream.write(f"\r[{bar:30s}] {100 * fraction:5.1f}%  {self.label:40s}")
+            what = f"{self.label}: {self.detail}" if self.detail else self.label
+            self.stream.write(f"\r[{bar:30s}] {100 * fraction:5.1f}%  {self.times():32s} {what[:70]:70s}")
             if self.done == self.total:
                 self.stream.write("\n")
         elif int(10 * fraction) != self._last_tenth:
             self._last_tenth = int(10 * fraction)
-            self.stream.write(f"{100 * fraction:5.1f}%  {self.label}{os.linesep}")
+            when = f"  ({self.times()})" if self.done else ""
+            self.stream.write(f"{100 * fraction:5.1f}%  {self.label}{when}{os.linesep}")
         self.stream.flush()

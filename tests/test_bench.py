@@ -4,7 +4,9 @@ import csv
 import importlib.util
 import io
 import math
+import re
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from bench.__main__ import main, parse_args
 from bench.harness import STATE_BYTES, STATE_DTYPES, Outcome, bytes_moved, make_params, quantile, run_group, stage_bytes
 from bench.presets import PRESETS, preset_shapes
 from bench.providers import Provider
-from bench.report import COLUMNS, Progress, group_rows, table
+from bench.report import COLUMNS, Progress, busy_warning, group_rows, heartbeat, table
 
 # Published parameter counts: Hugging Face BertModel and GPT2Model, torchvision resnet50 and vit_b_16.
 PUBLISHED = {
@@ -141,15 +143,76 @@ def test_group_refuses_figures_from_non_finite_values():
         run_group([Provider("poison", "lamb", "ours", build=poison)], params, "cpu", warmup=1, repeats=1)
 
 
-def test_progress_off_a_terminal_writes_a_line_per_tenth():
+class _Ticks:
+    """A clock that moves `step` seconds each time it is read."""
+
+    def __init__(self, step):
+        self.now, self.step = 0.0, step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+def test_progress_off_a_terminal_writes_a_line_per_tenth_with_the_time_left():
     stream = io.StringIO()
-    progress = Progress(20, stream=stream)
+    progress = Progress(20, stream=stream, clock=_Ticks(1.0))
     progress.start("bert-base lamb")
     for _ in range(20):
         progress.advance()
     lines = stream.getvalue().splitlines()
-    assert lines[0].strip() == "0.0%  bert-base lamb" and lines[-1].strip() == "100.0%  bert-base lamb"
+    assert lines[0].strip() == "0.0%  bert-base lamb"
+    assert lines[1].startswith(" 10.0%  bert-base lamb  (elapsed 0:0") and "left)" in lines[1]
+    assert lines[-1].strip().startswith("100.0%  bert-base lamb  (elapsed") and "about 0:00 left" in lines[-1]
     assert len(lines) == 11
+
+
+def test_progress_on_a_terminal_names_what_runs_and_what_is_left():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = Progress(4, stream=stream, clock=_Ticks(10.0))
+    progress.start("bert-base lamb")
+    progress.advance(0, detail="lamb_kernels FusedLAMB cpp, warm-up step 1/4")
+    progress.advance()
+    progress.advance(0, detail="torch AdamW(fused=True), timed step 2/4")
+    screen = stream.getvalue().split("\r")[-1]
+    assert "25.0%" in screen and "bert-base lamb: torch AdamW(fused=True), timed step 2/4" in screen
+    assert re.search(r"elapsed \d+:\d\d, about \d+:\d\d left", screen)
+
+
+def test_a_build_says_that_it_is_running_until_it_is_done():
+    stream = io.StringIO()
+    assert heartbeat("building", lambda: time.sleep(0.35) or "built", stream=stream, every=0.1) == "built"
+    assert stream.getvalue().startswith("building ... 0 s")
+    quiet = io.StringIO()
+    heartbeat("building", lambda: None, stream=quiet, every=0.5)  # done at once: nothing said
+    assert quiet.getvalue() == ""
+    with pytest.raises(ValueError, match="no compiler"):
+        heartbeat("building", lambda: (_ for _ in ()).throw(ValueError("no compiler")), stream=io.StringIO())
+
+
+def test_the_table_names_each_rows_algorithm_and_yardstick_and_a_busy_machine_is_told():
+    adamw = _outcome("torch AdamW(fused=True)", "yardstick", [0.10, 0.10, 0.10, 0.10, 0.10])
+    ours = _outcome("ours", "ours", [0.15, 0.15, 0.15, 0.15, 0.15])
+    rows = group_rows([adamw, ours], preset="p", algorithm="lamb", numel=10, tensors=1, itemsize=4, clipping=True,
+                      context={})
+    line = table(rows).splitlines()[-1]
+    assert line.split()[:3] == ["p", "lamb", "ours"] and line.endswith("1.50x fused AdamW")
+    assert busy_warning(rows) is None
+    drifting = _outcome("ours", "ours", [0.10, 0.10, 0.17, 0.17, 0.17])  # one provider at 1.7: a quiet VM's drift
+    rows = group_rows([adamw, drifting], preset="p", algorithm="lamb", numel=10, tensors=1, itemsize=4,
+                      clipping=True, context={})
+    assert busy_warning(rows) is None
+    noisy = _outcome("ours", "ours", [0.10, 0.10, 0.30, 0.30, 0.30])
+    rows = group_rows([adamw, noisy], preset="p", algorithm="lamb", numel=10, tensors=1, itemsize=4, clipping=True,
+                      context={})
+    assert "up to 3.0 for ours on p): the machine was busy" in busy_warning(rows)
+    tiny = [_outcome("copy", "copy", [1e-5, 1e-5, 9e-5, 9e-5, 9e-5])]  # microseconds: spread, not judged
+    assert busy_warning(group_rows(tiny, preset="p", algorithm="lamb", numel=10, tensors=1, itemsize=4,
+                                   clipping=True, context={})) is None
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -184,7 +247,7 @@ def test_smoke_tiny_preset_writes_rows_table_csv_and_png(tmp_path, capsys):
     """The whole command on the tiny preset, every backend (triton under its interpreter here)."""
     out = tmp_path / "results"
     rows = main(["--preset", "tiny", "--backends", "triton,cpp,torch", "--out", str(out),
-                 "--repeats", "2", "--warmup", "1"])
+                 "--repeats", "2", "--warmup", "1", "--compile"])
     printed = capsys.readouterr()
 
     with open(out / "steps.csv", newline="", encoding="utf-8") as f:
@@ -197,10 +260,9 @@ def test_smoke_tiny_preset_writes_rows_table_csv_and_png(tmp_path, capsys):
             row = names[(algorithm, f"lamb_kernels {cls} {backend}")]
             # cpp is skipped only where it cannot be built; its reason then says why
             assert row["status"] == "ok" or (backend == "cpp" and row["status"] == "skipped" and row["reason"])
-    # torch.compile of the LARS step runs; of the LAMB step it fails inside dynamo for now (issue 6).
+    # --compile: the torch backend's step under torch.compile, both algorithms.
     assert names[("lars", "lamb_kernels FusedLARS torch + torch.compile")]["status"] == "ok"
-    compiled_lamb = names[("lamb", "lamb_kernels FusedLAMB torch + torch.compile")]
-    assert compiled_lamb["status"] == "ok" or (compiled_lamb["status"] == "failed" and compiled_lamb["reason"])
+    assert names[("lamb", "lamb_kernels FusedLAMB torch + torch.compile")]["status"] == "ok"
     assert names[("lamb", "torch AdamW(fused=True)")]["status"] == "ok"
     assert names[("lars", "torch SGD(momentum=0.9, fused=True)")]["status"] == "ok"
     for row in written:
@@ -303,14 +365,18 @@ def test_compiled_provider_keeps_compiling_from_preset_to_preset():
         assert counters["stats"]["unique_graphs"] > graphs, f"optimizer {size} ran without compiling"
 
 
-def test_no_compile_leaves_out_only_the_compiled_providers():
+def test_the_compiled_providers_are_left_out_unless_asked_for_and_say_how_to_add_them():
     from bench.__main__ import _providers
 
     for algorithm in ("lamb", "lars"):
-        every = [p.name for p in _providers(algorithm, parse_args(["--backends", "torch"]))]
-        without = [p.name for p in _providers(algorithm, parse_args(["--backends", "torch", "--no-compile"]))]
-        assert [name for name in every if not name.endswith("torch + torch.compile")] == without
-        assert len(every) == len(without) + 1
+        for argv in (["--backends", "torch"], ["--backends", "torch", "--no-compile"]):
+            default = _providers(algorithm, parse_args(argv))
+            left_out = [p for p in default if p.name.endswith("torch + torch.compile")]
+            assert len(left_out) == 1 and "--compile adds it" in left_out[0].unavailable
+            assert all(p.unavailable is None for p in default if p not in left_out and p.role != "external")
+        asked = _providers(algorithm, parse_args(["--backends", "torch", "--compile"]))
+        assert [p.name for p in asked] == [p.name for p in default]
+        assert all(p.unavailable is None for p in asked if p.role != "external")
 
 
 def test_no_ratios_against_a_yardstick_that_failed():
