@@ -108,34 +108,53 @@ def all_reduce_sharded_(tables: list, shardings: list, positions: list) -> None:
     holds the same parameters in the same order, though not always in the same buckets (a shard's
     layout may send it to another backend on another rank), so the rows line up across ranks. A
     tensor sharded on two dimensions is summed over one, then the other."""
-    entries = sorted(
-        (position, bucket, row, sharding)
-        for bucket, (bucket_shardings, bucket_positions) in enumerate(zip(shardings, positions))
-        for row, (sharding, position) in enumerate(zip(bucket_shardings, bucket_positions))
-        if sharding is not None
-    )
+    located = _rows_of(shardings, positions)
     rounds = {}  # (mesh, dim) -> [(bucket, row), ...] in parameter order
-    for _, bucket, row, sharding in entries:
+    for position in sorted(located):
+        bucket, row, sharding = located[position]
         for dim in sharding.dims:
             rounds.setdefault((sharding.mesh, dim), []).append((bucket, row))
     for (mesh, dim), members in rounds.items():
-        by_bucket = {}  # bucket -> [(row, place in parameter order), ...]
-        for place, (bucket, row) in enumerate(members):
-            by_bucket.setdefault(bucket, []).append((row, place))
-        picked, places = [], []
-        for bucket, items in by_bucket.items():
-            rows = torch.tensor([row for row, _ in items], device=tables[bucket].device)
-            picked.append((bucket, rows, tables[bucket].index_select(0, rows)))
-            places += [place for _, place in items]
-        stacked = torch.cat([part.to(mesh.device_type) for _, _, part in picked])  # in bucket order
-        places = torch.tensor(places, device=stacked.device)
-        in_order = torch.empty_like(stacked).index_copy_(0, places, stacked)  # in parameter order
-        dist.all_reduce(in_order, group=mesh.get_group(dim))
-        summed = in_order.index_select(0, places)  # back in bucket order
-        first = 0
-        for bucket, rows, part in picked:
-            tables[bucket].index_copy_(0, rows, summed[first : first + len(rows)].to(part.device))
-            first += len(rows)
+        _all_reduce_rows_(tables, members, mesh, dim)
+
+
+def _rows_of(shardings: list, positions: list) -> dict:
+    """position -> (bucket, row, Sharding) of each sharded tensor of the tables (`shardings` and
+    `positions` as `all_reduce_sharded_` takes them)."""
+    return {position: (bucket, row, sharding)
+            for bucket, (bucket_shardings, bucket_positions) in enumerate(zip(shardings, positions))
+            for row, (sharding, position) in enumerate(zip(bucket_shardings, bucket_positions))
+            if sharding is not None}
+
+
+def _all_reduce_rows_(tables: list, members: list, mesh, dim: int, columns: int | None = None, extra=None):
+    """One all-reduce over mesh dimension `dim`: a table with a row per member, in order, each
+    ``(bucket, row)`` of `tables` (or None: a row of zeros, `columns` wide, for a tensor this rank
+    does not step), summed across the dimension's ranks and written back to `tables`. `extra`, a 1-D
+    tensor, rides along in the same all-reduce; returned summed (None without)."""
+    device = torch.device(mesh.device_type)
+    if columns is None:
+        first = tables[next(bucket for bucket, _ in filter(None, members))]
+        columns = first[:1].numel()
+    in_order = torch.zeros(len(members), columns, device=device)
+    by_bucket = {}  # bucket -> [(row, place in the table), ...]
+    for place, member in enumerate(members):
+        if member is not None:
+            by_bucket.setdefault(member[0], []).append((member[1], place))
+    copied = []
+    for bucket, items in by_bucket.items():
+        table = tables[bucket]
+        rows = torch.tensor([row for row, _ in items], device=table.device)
+        places = torch.tensor([place for _, place in items], device=device)
+        in_order.index_copy_(0, places, table.index_select(0, rows).reshape(len(items), -1).to(device, in_order.dtype))
+        copied.append((table, rows, places))
+    reduced = in_order.reshape(-1) if extra is None else torch.cat([in_order.reshape(-1), extra.to(device)])
+    dist.all_reduce(reduced, group=mesh.get_group(dim))
+    in_order = reduced[: in_order.numel()].reshape(in_order.shape)
+    for table, rows, places in copied:
+        part = in_order.index_select(0, places).reshape((len(rows), *table.shape[1:]))
+        table.index_copy_(0, rows, part.to(table.device, table.dtype))
+    return None if extra is None else reduced[in_order.numel():]
 
 
 def sharded_grads(param_groups: list, state, sums: int, label_of) -> ShardedGrads | None:
@@ -210,35 +229,13 @@ class ShardedGrads:
         it sums them, the other parameters split on each (mesh, dim) taking zero rows. Then raises,
         on every rank of those all-reduces, a ValueError naming a parameter with a grad on some
         ranks only, with the host state as it was before the step."""
-        located = {}  # position -> (bucket, row) of a sharded tensor in this rank's tables
-        if shardings:
-            for bucket, (bucket_shardings, bucket_positions) in enumerate(zip(*shardings)):
-                for row, (sharding, position) in enumerate(zip(bucket_shardings, bucket_positions)):
-                    if sharding is not None:
-                        located[position] = (bucket, row)
+        located = {position: (bucket, row) for position, (bucket, row, _) in
+                   (_rows_of(*shardings) if shardings else {}).items()}
         presence = torch.tensor(self.present, dtype=torch.float32)
         everywhere = 1  # the presence sum of a parameter with a grad on every rank
         for (mesh, dim), members in self.rounds.items():
-            device = torch.device(mesh.device_type)
-            sums = torch.zeros(len(members), self.sums, device=device)
-            in_bucket = {}  # bucket -> [(row, place in sums), ...]
-            for place, index in enumerate(members):
-                found = located.get(self.positions[index])
-                if found is not None:
-                    in_bucket.setdefault(found[0], []).append((found[1], place))
-            copied = []
-            for bucket, items in in_bucket.items():
-                table = tables[bucket]
-                rows = torch.tensor([row for row, _ in items], device=table.device)
-                places = torch.tensor([place for _, place in items], device=device)
-                sums.index_copy_(0, places, table.index_select(0, rows).reshape(len(items), -1).to(device, sums.dtype))
-                copied.append((table, rows, places))
-            reduced = torch.cat([sums.reshape(-1), presence.to(device)])
-            dist.all_reduce(reduced, group=mesh.get_group(dim))
-            sums, presence = reduced[: sums.numel()].reshape(sums.shape), reduced[sums.numel():]
-            for table, rows, places in copied:
-                part = sums.index_select(0, places).reshape((len(rows), *table.shape[1:]))
-                table.index_copy_(0, rows, part.to(table.device, table.dtype))
+            rows = [located.get(self.positions[index]) for index in members]  # (None: a row of zeros)
+            presence = _all_reduce_rows_(tables, rows, mesh, dim, self.sums, presence)
             everywhere *= mesh.size(dim)
         # (A read on the host: on a GPU the host waits for this all-reduce before launching the writes.)
         mismatched = [index for index, count in enumerate(presence.tolist()) if 0 < count < everywhere]

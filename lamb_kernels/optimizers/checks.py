@@ -124,9 +124,14 @@ def same_items(items, known: tuple) -> bool:
     return len(items) == len(known) and all(map(operator.is_, items, known))
 
 
+def _last_element(t: torch.Tensor) -> int:
+    """How many elements past its first a (non-empty) tensor's last element lies in its storage."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
 def _memory_span(p: torch.Tensor) -> tuple:
     """(device, first byte, one past the last byte) of a dense tensor's elements."""
-    extent = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
+    extent = _last_element(p)
     start = p.data_ptr()
     device = (p.device.type, -1 if p.device.index is None else p.device.index)
     return device, start, start + (extent + 1) * p.element_size()
@@ -185,8 +190,7 @@ def check_storage(t: torch.Tensor, what: str) -> None:
     shard = local(t)
     if shard.numel() == 0 or shard.layout != torch.strided:
         return
-    extent = sum((size - 1) * stride for size, stride in zip(shard.shape, shard.stride()))
-    needed = (shard.storage_offset() + extent + 1) * shard.element_size()
+    needed = (shard.storage_offset() + _last_element(shard) + 1) * shard.element_size()
     held = shard.untyped_storage().nbytes()
     if held < needed:
         raise ValueError(f"{what} has a storage of {held} bytes, but its shape {tuple(shard.shape)} and strides "
