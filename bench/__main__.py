@@ -26,7 +26,7 @@ import torch
 import lamb_kernels
 
 from lamb_kernels import extension
-from lamb_kernels.ops import BACKEND_NAMES
+from lamb_kernels.backends import BACKEND_NAMES
 
 from .harness import STATE_BYTES, STATE_DTYPES, device_name, make_params, run_group
 from .presets import ALL, PRESETS, preset_shapes

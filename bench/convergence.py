@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import lamb_kernels
-from lamb_kernels.ops import BACKEND_NAMES, resolve_backend
+from lamb_kernels.backends import BACKEND_NAMES, resolve_backend
 
 from .harness import device_name
 from .report import Progress, pyplot, write_csv

@@ -20,7 +20,7 @@ import torch
 
 import lamb_kernels
 from lamb_kernels import FusedLAMB, FusedLARS
-from lamb_kernels.ops import BACKEND_NAMES, resolve_backend
+from lamb_kernels.backends import BACKEND_NAMES, resolve_backend
 
 LR = 1e-9
 LAMB_WEIGHT_DECAY = 0.01

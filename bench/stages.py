@@ -17,7 +17,7 @@ import torch
 
 import lamb_kernels
 from lamb_kernels import FusedLAMB, FusedLARS
-from lamb_kernels.ops import resolve_backend
+from lamb_kernels.backends import resolve_backend
 
 from .harness import STATE_BYTES, STATE_DTYPES, make_params, quantile, run_group, stage_bytes
 from .providers import LAMB_WEIGHT_DECAY, LARS_WEIGHT_DECAY, LR, MOMENTUM, Provider

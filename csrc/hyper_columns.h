@@ -1,5 +1,5 @@
 // Columns of the per-tensor hyperparameter tables (float32 [n_tensors, width]) that the Python side
-// builds each step. They mirror LambColumn and LarsColumn in lamb_kernels/hyper.py.
+// builds each step. They mirror LambColumn and LarsColumn in lamb_kernels/hyper_table.py.
 #pragma once
 
 namespace lamb_kernels {

@@ -37,7 +37,7 @@ TORCH_LIBRARY(lamb_kernels, m) {
   // in one pass.
   m.def("sums_of_squares(Tensor[] tensors, Tensor[]? paired, int chunk_size) -> Tensor");
   // LAMB steps 1-5 (docs/design.md section 2): moments in place; returns float32 [n_tensors, 2], per tensor
-  // ||p||^2 (before the update) and ||u||^2. hyper: float32 [n_tensors, 16] (lamb_kernels/hyper.py).
+  // ||p||^2 (before the update) and ||u||^2. hyper: float32 [n_tensors, 16] (lamb_kernels/hyper_table.py).
   // grad_sumsq: the sum of squares of every (still scaled) grad, for clipping; None when no group clips.
   m.def("lamb_moments(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
         "Tensor(c!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor hyper, Tensor? grad_sumsq, "

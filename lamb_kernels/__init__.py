@@ -4,7 +4,7 @@ fallback; float32, bfloat16 and float16 parameters, GradScaler, torch.compile an
     from lamb_kernels import FusedLAMB, FusedLARS, FusedMixedPrecisionLamb, available_backends, param_groups
 """
 from .groups import param_groups
-from .ops import available_backends
+from .backends import available_backends
 from .optimizers import FusedLAMB, FusedLARS, FusedMixedPrecisionLamb
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ kernels (shapes and dtypes without running, for torch.compile and opcheck) are w
 The ``*_scales`` lists are empty for float states; for 8-bit states (m and momentum buffers int8
 codes, v uint8) they hold each state's float32 block scales (lamb_kernels/quantization.py).
 
-`hyper` is the bucket's hyperparameter table (lamb_kernels/hyper.py); `chunk_size` the elements per
+`hyper` is the bucket's hyperparameter table (lamb_kernels/hyper_table.py); `chunk_size` the elements per
 chunk (one program, or one task of a thread). docs/design.md section 7 says what each computes.
 """
 import torch

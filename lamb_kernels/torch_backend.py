@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import LambSegment, Plan, is_dense, lamb_plan, lars_plan
+from .backend_api import LambSegment, Plan, is_dense, lamb_plan, lars_plan
 from .quantization import INT8, dequantize, quantize_stochastic
 from .rounding import round_bf16_stochastic
 
@@ -164,7 +164,7 @@ class TorchBackend:
         return self._scratch_for(lamb_plan(segments))
 
     def refresh(self, plan: Plan, hyper_changed: bool = False) -> None:
-        """A reused plan (contract.Backend.refresh): its per-step values renewed from its segments."""
+        """A reused plan (backend_api.Backend.refresh): its per-step values renewed from its segments."""
         plan.step_values = [_step_values(seg) for seg in plan.segments]
 
     def prepare_lars(self, segments) -> Plan:
@@ -251,8 +251,8 @@ class TorchBackend:
                 step_size = torch.where(found_inf.reshape(()) != 0, 0.0, step_size)
             torch._foreach_mul_(updates, list(step_size.unbind()))
             torch._foreach_add_(seg.params, updates)
-            if seg.copies:  # master weights: the model's low-precision params, from the masters
-                torch._foreach_copy_(seg.copies, seg.params)
+            if seg.low_precision_params:  # master weights: the model's low-precision params, from the masters
+                torch._foreach_copy_(seg.low_precision_params, seg.params)
 
     # -- LARS, docs/design.md section 3 ------------------------------------------------------------------
 
@@ -319,5 +319,5 @@ class TorchBackend:
             # 3. p <- p - lr d (a step size of 0 when the step is skipped)
             step_size = -lr if found_inf is None else _keep_or(found_inf, -lr, 0.0)
             torch._foreach_add_(seg.params, torch._foreach_mul(d, step_size))
-            if seg.copies:
-                torch._foreach_copy_(seg.copies, seg.params)
+            if seg.low_precision_params:
+                torch._foreach_copy_(seg.low_precision_params, seg.params)

@@ -278,7 +278,7 @@ def test_bad_arguments_are_refused_by_name(argv, option, capsys):
 
 
 def test_a_backend_that_cannot_run_here_is_refused_by_name_before_any_run(monkeypatch, tmp_path, capsys):
-    import lamb_kernels.ops as ops
+    import lamb_kernels.backends as ops
 
     monkeypatch.setattr(ops, "_unavailable_reason", lambda name, device_type: "switched off for this test")
     assert main(["--backend", "cpp", "--out", str(tmp_path / "never"), "--train-size", "64", "--batch-sizes", "64",

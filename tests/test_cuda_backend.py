@@ -9,7 +9,7 @@ import torch
 
 import lamb_kernels
 from lamb_kernels import FusedLAMB, FusedLARS, extension
-from lamb_kernels.ops import BACKEND_NAMES, resolve_backend
+from lamb_kernels.backends import BACKEND_NAMES, resolve_backend
 from tolerances import BACKENDS_ATOL, BACKENDS_RTOL, SAME_MATH_ATOL, SAME_MATH_RTOL
 
 GPU = torch.cuda.is_available()
@@ -38,7 +38,7 @@ def test_auto_takes_the_first_backend_that_can_run_without_asking_the_others(mon
         asked.append(name)
         return None
 
-    monkeypatch.setattr(lamb_kernels.ops, "_unavailable_reason", reason)
+    monkeypatch.setattr(lamb_kernels.backends, "_unavailable_reason", reason)
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
     assert resolve_backend("auto", torch.device("cpu")) == "cpp"
     assert asked == ["triton", "cpp"]

@@ -1,4 +1,4 @@
-"""The host path of a steady loop (lamb_kernels/optimizers/step_cache.py): once a full step has
+"""The host path of a steady loop (lamb_kernels/optimizers/plan_cache.py): once a full step has
 passed, a step whose parameters, state entries and grads' layouts are as they were reuses its plans.
 Each test here first takes that path (asserting it did), then changes one thing a user may change
 between steps: the step must then raise what a full step raises, leaving params and states as they
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lamb_kernels import FusedLAMB, FusedLARS
-from lamb_kernels.optimizers import step_cache
+from lamb_kernels.optimizers import plan_cache
 
 LARS_OPTIONS = dict(lr=0.2, momentum=0.9, weight_decay=1e-4)
 OPTIMIZERS = [pytest.param(FusedLAMB, {}, id="lamb"), pytest.param(FusedLARS, LARS_OPTIONS, id="lars")]
@@ -386,12 +386,12 @@ def test_a_new_hyperparameter_value_is_used_at_once(device, backend):
 # -- 3. the layouts a reused step compares --------------------------------------------------------
 
 def _layouts_implementations():
-    found = [pytest.param(step_cache.python_layouts, id="python")]
+    found = [pytest.param(plan_cache.python_layouts, id="python")]
     try:
-        step_cache.extension.load()  # (builds the C++ library if needed: its layouts are tested too)
-    except step_cache.extension.ExtensionUnavailable:
+        plan_cache.extension.load()  # (builds the C++ library if needed: its layouts are tested too)
+    except plan_cache.extension.ExtensionUnavailable:
         pass
-    module = step_cache.extension.host_module()
+    module = plan_cache.extension.host_module()
     if module is not None:
         found.append(pytest.param(module.layouts, id="c"))
     return found

@@ -12,7 +12,7 @@ import lamb_kernels
 from lamb_float64 import Float64LAMB
 from lars_float64 import Float64LARS
 from lamb_kernels import FusedLAMB, FusedLARS
-from lamb_kernels.hyper import WIDTH, LambColumn, LarsColumn
+from lamb_kernels.hyper_table import WIDTH, LambColumn, LarsColumn
 from lamb_kernels.quantization import (BLOCK, code_values, dequantize, n_blocks, quantize, quantize_stochastic,
                                        smallest_code)
 from test_states import assert_a_skipped_step_changes_nothing, grads_for, make_params, step_side_by_side
@@ -126,7 +126,7 @@ def test_native_kernels_encode_as_the_reference_bit_for_bit(backend):
     reads the decoded values."""
     if backend not in native_backends():
         pytest.skip(f"{backend} unavailable")
-    backend_object = lamb_kernels.ops.create_backend(backend)
+    backend_object = lamb_kernels.backends.create_backend(backend)
     gen = torch.Generator().manual_seed(3)
     sizes = (40000, 7)
     grads = [torch.randn(n, generator=gen) for n in sizes]
@@ -158,7 +158,7 @@ def test_native_kernels_encode_as_the_reference_bit_for_bit(backend):
 def test_native_lars_kernels_encode_as_the_reference_bit_for_bit(backend):
     if backend not in native_backends():
         pytest.skip(f"{backend} unavailable")
-    backend_object = lamb_kernels.ops.create_backend(backend)
+    backend_object = lamb_kernels.backends.create_backend(backend)
     gen = torch.Generator().manual_seed(4)
     sizes = (40000, 9)
     params = [torch.randn(n, generator=gen) for n in sizes]
@@ -511,7 +511,7 @@ def test_a_block_of_subnormal_values_is_stored_as_zeros():
 def test_native_kernels_store_subnormal_blocks_as_zeros(backend):
     if backend not in native_backends():
         pytest.skip(f"{backend} unavailable")
-    backend_object = lamb_kernels.ops.create_backend(backend)
+    backend_object = lamb_kernels.backends.create_backend(backend)
     g = torch.zeros(3 * BLOCK)
     g[:BLOCK] = torch.randn(BLOCK) * 1e-39
     g[2 * BLOCK:] = torch.randn(BLOCK)

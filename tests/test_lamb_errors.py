@@ -1,11 +1,12 @@
 """Bad input: a clear error naming the argument or parameter, params and state left untouched."""
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
 
-import lamb_kernels.ops
+import lamb_kernels.backends
 from lamb_kernels import FusedLAMB
 
 
@@ -61,7 +62,8 @@ def test_missing_triton_leaves_torch_working(monkeypatch):
     def no_triton(device_type):
         return "triton cannot be imported (test)"
 
-    monkeypatch.setattr(lamb_kernels.ops, "_triton_unavailable_reason", no_triton)
+    entry = dataclasses.replace(lamb_kernels.backends.BACKENDS["triton"], unavailable=no_triton)
+    monkeypatch.setitem(lamb_kernels.backends.BACKENDS, "triton", entry)
     assert "triton" not in lamb_kernels.available_backends("cpu")
     with pytest.raises(ValueError, match="triton cannot be imported"):
         FusedLAMB(make_params(), backend="triton")

@@ -6,7 +6,7 @@ import pytest
 
 from harness import assert_matches_reference, run_both
 
-from lamb_kernels.cpp import CHUNK as CPP_CHUNK
+from lamb_kernels.backends import CPP_CHUNK
 from tolerances import ELEMENT_ATOL, PARAM_RTOL
 
 try:

@@ -252,7 +252,7 @@ def test_public_names():
 @pytest.mark.parametrize("backend_name", ["triton", "cuda", "torch"])
 def test_cuda_step_never_synchronises_with_the_host(backend_name):
     if backend_name not in available_backends("cuda"):
-        pytest.skip(f"{backend_name} unavailable: {lamb_kernels.ops._unavailable_reason(backend_name, 'cuda')}")
+        pytest.skip(f"{backend_name} unavailable: {lamb_kernels.backends._unavailable_reason(backend_name, 'cuda')}")
     params = make_params("cuda")
     opt = FusedLAMB(params, lr=1e-2, backend=backend_name)
     train(opt, params, 2)  # first steps build tables and compile
@@ -374,10 +374,10 @@ def test_broken_triton_install_leaves_import_working(tmp_path):
     (tmp_path / "triton").mkdir()
     (tmp_path / "triton" / "__init__.py").write_text("raise RuntimeError('driver not found')\n")
     root = pathlib.Path(__file__).parent.parent
-    code = ("import lamb_kernels, lamb_kernels.ops\n"
+    code = ("import lamb_kernels, lamb_kernels.backends\n"
             "assert 'triton' not in lamb_kernels.available_backends('cpu'), lamb_kernels.available_backends('cpu')\n"
             "try:\n"
-            "    lamb_kernels.ops.resolve_backend('triton', 'cpu')\n"
+            "    lamb_kernels.backends.resolve_backend('triton', 'cpu')\n"
             "except ValueError as e:\n"
             "    assert 'RuntimeError: driver not found' in str(e), e\n"
             "else:\n"

@@ -10,7 +10,7 @@ from harness import rel_error, run_both
 from lamb_kernels import FusedLARS
 from lars_float64 import Float64LARS
 
-from lamb_kernels.cpp import CHUNK as CPP_CHUNK
+from lamb_kernels.backends import CPP_CHUNK
 from tolerances import ELEMENT_ATOL, PARAM_RTOL, UPDATE_RTOL
 
 try:

@@ -11,7 +11,7 @@ from lamb_float64 import Float64LAMB
 from lars_float64 import Float64LARS
 import lamb_kernels
 from lamb_kernels import FusedLAMB, FusedLARS, FusedMixedPrecisionLamb, available_backends
-from lamb_kernels.hyper import LarsColumn
+from lamb_kernels.hyper_table import LarsColumn
 from tolerances import BF16_RTOL, PARAM_RTOL, SAME_MATH_ATOL, SAME_MATH_RTOL
 
 LOW = (torch.bfloat16, torch.float16)
@@ -352,8 +352,8 @@ def test_compiled_step_equals_eager(device, backend, algorithm):
 
 def _op_inputs(device, dtype, master):
     """Small inputs for every operator: params (fp32 masters or `dtype`), grads in `dtype`."""
-    from lamb_kernels.hyper import lamb_hyper, lars_hyper
-    from lamb_kernels.contract import LambSegment, LarsSegment
+    from lamb_kernels.hyper_table import lamb_hyper, lars_hyper
+    from lamb_kernels.backend_api import LambSegment, LarsSegment
 
     gen = torch.Generator().manual_seed(0)
     sizes = (3, 1000)
@@ -364,10 +364,10 @@ def _op_inputs(device, dtype, master):
     lamb_seg = LambSegment(params=weights, grads=grads, exp_avgs=moments, exp_avg_sqs=[m.clone() for m in moments],
                            bias_correction1=[0.1, 0.2], bias_correction2=[0.001, 0.002], lr=0.01, beta1=0.9,
                            beta2=0.999, beta3=0.1, eps=1e-6, weight_decay=0.01, adam_w_mode=True,
-                           layer_adaptation=True, max_grad_norm=1.0, copies=copies)
+                           layer_adaptation=True, max_grad_norm=1.0, low_precision_params=copies)
     lars_seg = LarsSegment(params=weights, grads=grads, momentum_buffers=[m.clone() for m in moments],
                            first_step=[False, False], lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4,
-                           nesterov=False, trust_coeff=0.001, eps=1e-8, trust_clip=False, adaptation=True, copies=copies)
+                           nesterov=False, trust_coeff=0.001, eps=1e-8, trust_clip=False, adaptation=True, low_precision_params=copies)
     scalar = dict(grad_scale=torch.tensor([4.0], device=device), found_inf=torch.tensor([0.0], device=device))
     return lamb_seg, lamb_hyper(device).update([lamb_seg]), lars_seg, lars_hyper(device).update([lars_seg]), scalar
 
@@ -385,7 +385,7 @@ def test_opcheck_every_operator(device, backend, dtype, master):
     norms = torch.rand(2, 2, device=device) + 0.5
     plain_sgd = lars_table.clone()  # without norms no tensor may adapt
     plain_sgd[:, LarsColumn.ADAPT] = 0.0
-    w, g, m, v, c = lamb_seg.params, lamb_seg.grads, lamb_seg.exp_avgs, lamb_seg.exp_avg_sqs, lamb_seg.copies
+    w, g, m, v, c = lamb_seg.params, lamb_seg.grads, lamb_seg.exp_avgs, lamb_seg.exp_avg_sqs, lamb_seg.low_precision_params
     b = lars_seg.momentum_buffers
     # One schema per stage: the C++ operators (CPU and CUDA kernels) and the Triton ones take the same
     # arguments.
@@ -413,7 +413,7 @@ def test_cuda_graph_capture_replays_like_eager(algorithm, backend_name):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if backend_name not in available_backends("cuda"):
-        pytest.skip(f"{backend_name} unavailable: {lamb_kernels.ops._unavailable_reason(backend_name, 'cuda')}")
+        pytest.skip(f"{backend_name} unavailable: {lamb_kernels.backends._unavailable_reason(backend_name, 'cuda')}")
     cls, defaults, _ = ALGORITHMS[algorithm]
     steps = 6
     grads = make_grads(make_params(torch.bfloat16, "cuda"), steps)

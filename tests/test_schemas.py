@@ -1,6 +1,6 @@
 """The backend contract: one schema per stage (the C++ operators of csrc/ops.cpp and the Triton ones
 take the same arguments in the same order, as lamb_kernels/schemas.py writes them), and every
-backend implements the Backend protocol of lamb_kernels/contract.py."""
+backend implements the Backend protocol of lamb_kernels/backend_api.py."""
 import pytest
 import torch
 
@@ -23,8 +23,8 @@ def test_every_operator_family_follows_the_stage_schemas(backend, prefix):
 
 
 def test_every_backend_implements_the_backend_protocol():
-    from lamb_kernels.contract import Backend
-    from lamb_kernels.ops import create_backend
+    from lamb_kernels.backend_api import Backend
+    from lamb_kernels.backends import create_backend
 
     for name in lamb_kernels.available_backends("cpu"):
         backend = create_backend(name)
@@ -34,9 +34,9 @@ def test_every_backend_implements_the_backend_protocol():
 
 @pytest.mark.parametrize("optimizer", ["FusedLAMB", "FusedLARS"])
 def test_every_backend_fills_the_one_plan_type(optimizer):
-    """Each backend's prepare_* returns contract.Plan with the bucket's tensors in order: the
+    """Each backend's prepare_* returns backend_api.Plan with the bucket's tensors in order: the
     parameters as the optimizer steps them, their grads and states."""
-    from lamb_kernels.contract import Plan
+    from lamb_kernels.backend_api import Plan
 
     for name in lamb_kernels.available_backends("cpu"):
         params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((3, 4), (5,), (2, 2, 2))]

@@ -11,7 +11,7 @@ import torch
 import lamb_kernels
 from lamb_float64 import Float64LAMB
 from lamb_kernels import FusedLAMB
-from lamb_kernels.hyper import WIDTH, LambColumn
+from lamb_kernels.hyper_table import WIDTH, LambColumn
 from lamb_kernels.rounding import mix32_int, mix32_numpy, mix32_torch, round_bf16_stochastic, tensor_keys
 
 BF16 = torch.bfloat16
@@ -116,7 +116,7 @@ def test_native_kernels_round_as_the_reference_bit_for_bit(backend):
     rounding of those values, element by element, across chunks."""
     if backend not in lamb_kernels.available_backends("cpu"):
         pytest.skip(f"{backend} unavailable")
-    backend_object = lamb_kernels.ops.create_backend(backend)
+    backend_object = lamb_kernels.backends.create_backend(backend)
     op = backend_object._op("lamb_moments")
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(n, generator=gen) for n in (40000, 7)]
@@ -303,7 +303,7 @@ def assert_a_skipped_step_changes_nothing(opt, params, device):
 # -- 5. FusedLARS with bf16 momentum buffers ------------------------------------------------------
 
 from lamb_kernels import FusedLARS  # noqa: E402
-from lamb_kernels.hyper import LarsColumn  # noqa: E402
+from lamb_kernels.hyper_table import LarsColumn  # noqa: E402
 from lars_float64 import Float64LARS  # noqa: E402
 
 LARS = dict(lr=0.5, momentum=0.9, weight_decay=1e-4)
@@ -352,7 +352,7 @@ def test_native_lars_kernels_round_as_the_reference_bit_for_bit(backend):
     """A new buffer becomes d = g (no adaptation, lr 0): stored as the reference rounds g."""
     if backend not in lamb_kernels.available_backends("cpu"):
         pytest.skip(f"{backend} unavailable")
-    backend_object = lamb_kernels.ops.create_backend(backend)
+    backend_object = lamb_kernels.backends.create_backend(backend)
     gen = torch.Generator().manual_seed(4)
     sizes = (40000, 9)
     params = [torch.randn(n, generator=gen) for n in sizes]

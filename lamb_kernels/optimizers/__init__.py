@@ -1,5 +1,5 @@
 """The torch.optim.Optimizer subclasses: hyperparameters, state, validation, and the order of the
-stages. No arithmetic on parameters happens here; the backends (lamb_kernels/contract.py) do it.
+stages. No arithmetic on parameters happens here; the backends (lamb_kernels/backend_api.py) do it.
 
 - base.py: what every optimizer shares, and the outline of a step;
 - lamb.py: FusedLAMB, FusedMixedPrecisionLamb and ``lamb_step``;

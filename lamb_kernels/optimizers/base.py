@@ -6,7 +6,7 @@ A step, as `MultiTensorOptimizer._plan_step` runs it (host work, eager even unde
 1. `_params_to_step`: every group, parameter, grad and state checked; raises before any change;
 2. `_init_state`: missing state entries created, step counts advanced;
 3. `_bucket`: the parameters split into (device, dtype, backend) buckets of segments, one segment
-   per param group in a bucket (contract.py);
+   per param group in a bucket (backend_api.py);
 4. the backend's ``prepare_*`` makes each bucket's Plan;
 then `_run` (the optimizer's ``lamb_step`` or ``lars_step``) calls the backends' stages in order.
 """
@@ -17,15 +17,15 @@ import warnings
 
 import torch
 
-from ..contract import flat, is_dense
+from ..backend_api import concatenated, is_dense
 from ..distributed import (check_grad, check_not_flat, distributed_like, is_dtensor, local, sharded_grads,
                            sharding_of)
-from ..ops import ENV_VAR, check_backend_name, create_backend, resolve_backend
+from ..backends import ENV_VAR, check_backend_name, create_backend, resolve_backend
 from .checks import (check_distinct, check_distinct_groups, check_flag, check_number, check_scaler_tensor,
                      check_storage, group_key, param_label, raise_bad_grad, same_items)
 from ..quantization import dequantize, n_blocks
 from .state_storage import CODES, FLOAT_STORAGE, INT8, STATE_DTYPE, convert, scales_fit, scales_key
-from .step_cache import (BucketCache, StepCache, device_of, layouts_function, python_layouts, state_lists,
+from .plan_cache import (BucketCache, StepCache, device_of, layouts_function, python_layouts, state_lists,
                          tracked)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,7 +68,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         self._resolved = {}  # (device, $LAMB_KERNELS_BACKEND) -> backend name
         self._checked_params = {}  # id(param) -> (param, *_param_key(...)) at its last check
         self._checked_groups = {}  # id(group) -> (group, group_key(group), its params) last validated
-        self._step_cache = None  # the last full step's plans, while they hold (step_cache.py)
+        self._step_cache = None  # the last full step's plans, while they hold (plan_cache.py)
         self.reused_steps = 0  # steps that reused the plans of an earlier one (for tests and benchmarks)
         self._sharded_grads = None  # the sharded parameters of the step being planned (distributed.ShardedGrads)
 
@@ -190,7 +190,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             self._step_cache = self._remember(work, plans, grad_scale, found_inf)
         return plans
 
-    # -- a steady loop's host path (step_cache.py) ----------------------------------------------
+    # -- a steady loop's host path (plan_cache.py) ----------------------------------------------
 
     def _remember(self, work: list, plans: list, grad_scale, found_inf) -> StepCache | None:
         """The cache of a step that passed every check, or None when its plans cannot be reused: a
@@ -305,7 +305,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         master = state.get("master_param")
         if master is None:
             master = state["master_param"] = p.detach().to(STATE_DTYPE, memory_format=torch.preserve_format)
-        seg.copies.append(shard)
+        seg.low_precision_params.append(shard)
         return master if shard is p else local(master)
 
     # -- groups, state and pickling -------------------------------------------------------------
@@ -758,7 +758,7 @@ def bucket_shardings(plans, adaptive_only: bool = False) -> tuple:
                  for _, _, plan in plans]
     if not any(s is not None for bucket in shardings for s in bucket):
         return ()
-    return shardings, [flat(plan.segments, "positions") for _, _, plan in plans]
+    return shardings, [concatenated(plan.segments, "positions") for _, _, plan in plans]
 
 
 def on_device(t, device):

@@ -10,7 +10,7 @@ import operator
 import numpy as np
 import torch
 
-from ..contract import is_dense
+from ..backend_api import is_dense
 from ..distributed import local
 
 

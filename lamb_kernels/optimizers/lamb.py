@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..contract import LambSegment
+from ..backend_api import LambSegment
 from ..distributed import all_reduce_sharded_
 from .step_counts import (advance_reused, advance_step_counts, move_step_count_for, new_step_count, pack_step_counts,
                           rounding_keys)
@@ -267,7 +267,7 @@ class FusedLAMB(MultiTensorOptimizer):
     def _prepare(self, backend, segments):
         return backend.prepare_lamb(segments)
 
-    # -- reused steps (step_cache.py) ------------------------------------------------------------
+    # -- reused steps (plan_cache.py) ------------------------------------------------------------
 
     def _settings(self) -> tuple:
         return (*super()._settings(), getattr(self, "reduced_precision_dtype", None))

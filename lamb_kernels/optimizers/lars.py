@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import LarsSegment
+from ..backend_api import LarsSegment
 from ..distributed import all_reduce_sharded_, local
 from .state_storage import STATE_DTYPE, STATE_DTYPES, new_state, storage_dtype
 from .base import MultiTensorOptimizer, bucket_shardings, lr_of, on_device
@@ -237,7 +237,7 @@ class FusedLARS(MultiTensorOptimizer):
     def _prepare(self, backend, segments):
         return backend.prepare_lars(segments)
 
-    # -- reused steps (step_cache.py) ------------------------------------------------------------
+    # -- reused steps (plan_cache.py) ------------------------------------------------------------
 
     def _hyper_segment(self, group: dict) -> LarsSegment:
         return _segment_maker(group, self._bucket_state_dtype(group))()

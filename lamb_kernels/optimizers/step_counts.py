@@ -1,6 +1,6 @@
 """Per-parameter step counts (``state[p]["step"]``): created, moved next to a GradScaler's found_inf,
 advanced (by 0 on a skipped step, decided on the device), packed per bucket for reused steps
-(step_cache.py), and the per-step values derived from them: LAMB's bias corrections, and the
+(plan_cache.py), and the per-step values derived from them: LAMB's bias corrections, and the
 rounding keys of states kept in bf16 (rounding.py). LAMB counts every parameter's steps; LARS those
 of parameters whose momentum buffers are bf16."""
 from __future__ import annotations

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import to_device
+from ..backend_api import to_device
 from ..schemas import SCHEMAS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,5 +1,5 @@
 """What a backend computes: the contract between the optimizers and every backend, and the helpers the
-backends share. Backends depend on this module alone; the choice among them is in ops.py.
+backends share. Backends depend on this module alone; the choice among them is in backends.py.
 
 The optimizers split their parameters into buckets, one per (device, dtype), and hand each bucket to
 one backend object as a list of segments (one per param group present in the bucket). Per bucket and
@@ -7,7 +7,7 @@ step a backend provides:
 
 LAMB (`LambSegment`, docs/design.md section 2)
 - ``prepare_lamb(segments) -> Plan``: the bucket's tensor lists and whatever the backend needs to
-  launch (the native backends' hyperparameter table, the torch backend's scratch); once per step;
+  launch (the operator backends' hyperparameter table, the torch backend's scratch); once per step;
 - ``grad_sums_of_squares(plan) -> Tensor``: per tensor, the sum of squares of its grad (``[n_tensors]``
   fp32), for the global grad norm of step 1 (the optimizer adds them, in a fixed order, after
   summing a sharded tensor's over its ranks);
@@ -26,7 +26,7 @@ Mixed precision and GradScaler (every backend): params and grads may be float32,
 float16, arithmetic and states are float32. ``grad_scale`` (one-element fp32 tensor or None): the
 grads arrive multiplied by it; each grad element is multiplied by ``1 / grad_scale`` before use, and
 norms of grads are divided by it (so clipping sees unscaled grads). ``found_inf`` (one-element fp32
-tensor or None): when nonzero, nothing is written (params, copies, moments, buffers), decided on the
+tensor or None): when nonzero, nothing is written (params, low-precision params, moments, buffers), decided on the
 device.
 
 The norm stage and the apply stage are separate calls so the per-tensor sums can be all-reduced
@@ -47,7 +47,7 @@ class LambSegment:
     """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters.
 
     ``params`` are the weights the step reads and updates: the parameters themselves, or their fp32
-    master copies when the optimizer keeps master weights; then ``copies`` holds the model's
+    master copies when the optimizer keeps master weights; then ``low_precision_params`` holds the model's
     low-precision parameters, written from the updated masters in the same pass (else it is empty).
     A per-tensor value (bias corrections) is a list of floats, or a float32 tensor ``[n_tensors]``
     on the step counts' device when those live on a device (``capturable``); ``lr`` is a float or
@@ -78,7 +78,7 @@ class LambSegment:
     rounding_keys: Optional[object] = None
     exp_avg_scales: list = field(default_factory=list)  # int8 states: per tensor, m's block scales
     exp_avg_sq_scales: list = field(default_factory=list)  # and v's
-    copies: list = field(default_factory=list)
+    low_precision_params: list = field(default_factory=list)
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
 
@@ -90,7 +90,7 @@ class LambSegment:
 @dataclass
 class LarsSegment:
     """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters;
-    ``params`` and ``copies`` as in LambSegment."""
+    ``params`` and ``low_precision_params`` as in LambSegment."""
 
     params: list
     grads: list
@@ -110,7 +110,7 @@ class LarsSegment:
     # int8 buffers: per tensor, the buffer's block scales (empty for float buffers; a bucket of int8
     # buffers holds only groups with momentum)
     momentum_buffer_scales: list = field(default_factory=list)
-    copies: list = field(default_factory=list)
+    low_precision_params: list = field(default_factory=list)
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
 
@@ -128,7 +128,7 @@ class Plan:
     device: torch.device
     params: list
     grads: list
-    copies: list
+    low_precision_params: list
     written: list  # what the apply stage writes: params, copies, and LARS's momentum buffers
     exp_avgs: list = field(default_factory=list)  # LAMB
     exp_avg_sqs: list = field(default_factory=list)  # LAMB
@@ -137,7 +137,7 @@ class Plan:
     exp_avg_scales: list = field(default_factory=list)  # LAMB
     exp_avg_sq_scales: list = field(default_factory=list)  # LAMB
     momentum_buffer_scales: list = field(default_factory=list)  # LARS
-    hyper: Optional[torch.Tensor] = None  # native backends: the hyperparameter table (hyper.py)
+    hyper: Optional[torch.Tensor] = None  # operator backends: the hyperparameter table (hyper_table.py)
     scratch: list = field(default_factory=list)  # torch backend: per segment, fp32 tensors like seg.params
     step_values: list = field(default_factory=list)  # torch backend: per segment, the values a step changes
     kind: str = ""  # "lamb" or "lars"
@@ -145,22 +145,22 @@ class Plan:
 
 
 def _plan(segments, kind: str, **lists) -> Plan:
-    params, copies = flat(segments, "params"), flat(segments, "copies")
+    params, copies = concatenated(segments, "params"), concatenated(segments, "low_precision_params")
     sharded = any(s is not None for seg in segments for s in seg.shardings)
-    return Plan(segments=segments, device=params[0].device, params=params, grads=flat(segments, "grads"),
-                copies=copies, written=params + copies, kind=kind, sharded=sharded, **lists)
+    return Plan(segments=segments, device=params[0].device, params=params, grads=concatenated(segments, "grads"),
+                low_precision_params=copies, written=params + copies, kind=kind, sharded=sharded, **lists)
 
 
 def lamb_plan(segments) -> Plan:
     """The plan of a bucket of LambSegments, before the backend adds what it keeps."""
-    return _plan(segments, "lamb", exp_avgs=flat(segments, "exp_avgs"), exp_avg_sqs=flat(segments, "exp_avg_sqs"),
-                 exp_avg_scales=flat(segments, "exp_avg_scales"), exp_avg_sq_scales=flat(segments, "exp_avg_sq_scales"))
+    return _plan(segments, "lamb", exp_avgs=concatenated(segments, "exp_avgs"), exp_avg_sqs=concatenated(segments, "exp_avg_sqs"),
+                 exp_avg_scales=concatenated(segments, "exp_avg_scales"), exp_avg_sq_scales=concatenated(segments, "exp_avg_sq_scales"))
 
 
 def lars_plan(segments) -> Plan:
     """The plan of a bucket of LarsSegments, before the backend adds what it keeps."""
-    plan = _plan(segments, "lars", momentum_buffers=flat(segments, "momentum_buffers"),
-                 momentum_buffer_scales=flat(segments, "momentum_buffer_scales"))
+    plan = _plan(segments, "lars", momentum_buffers=concatenated(segments, "momentum_buffers"),
+                 momentum_buffer_scales=concatenated(segments, "momentum_buffer_scales"))
     plan.written += [b for b in plan.momentum_buffers if b is not None] + plan.momentum_buffer_scales
     return plan
 
@@ -188,7 +188,7 @@ class Backend(Protocol):
         """A plan of an earlier step, reused: its segments now hold this step's grads (``plan.grads``
         too) and per-tensor values (bias corrections), and with `hyper_changed` new group-wide
         hyperparameters; the backend renews what it derived from them. Its tensors are otherwise
-        the very ones it was prepared with (optimizers/step_cache.py)."""
+        the very ones it was prepared with (optimizers/plan_cache.py)."""
 
     def lars_sums_of_squares(self, plan: Plan) -> torch.Tensor: ...
 
@@ -210,7 +210,7 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def flat(segments, field_name: str) -> list:
+def concatenated(segments, field_name: str) -> list:
     """Every entry of one per-tensor field (``"params"``, ``"grads"``, ...) of `segments`, in order:
     the bucket-wide lists that the multi-tensor backends hand to one launch."""
     return [t for seg in segments for t in getattr(seg, field_name)]

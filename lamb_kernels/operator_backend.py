@@ -1,19 +1,20 @@
-"""One backend for every native operator family that follows the stage schemas (schemas.py): the
-C++ operators (``torch.ops.lamb_kernels.<stage>``, CPU) and the Triton ones
-(``torch.ops.lamb_kernels.triton_<stage>``, CUDA, or CPU tensors under the interpreter). One
-operator call per stage and bucket, whatever the number of tensors: LAMB 3 (2 without clipping),
-LARS 2 (1 when no group adapts)."""
+"""One backend for every operator family that follows the stage schemas (schemas.py): the C++ and
+CUDA operators (``torch.ops.lamb_kernels.<stage>``, dispatched by device) and the Triton ones
+(``torch.ops.lamb_kernels.triton_<stage>``, CUDA, or CPU tensors under the interpreter); which
+family a backend calls is its entry in backends.py. One operator call per stage and bucket,
+whatever the number of tensors: LAMB 3 (2 without clipping), LARS 2 (1 when no group adapts)."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
-from .contract import Plan, lamb_plan, lars_plan, mark_modified
-from .hyper import lamb_hyper, lars_hyper
+from .backend_api import Plan, lamb_plan, lars_plan, mark_modified
+from .hyper_table import lamb_hyper, lars_hyper
+from .schemas import STAGES
 
 
-class NativeBackend:
+class OperatorBackend:
     """A backend over the operator family ``torch.ops.lamb_kernels.<prefix><stage>``, each tensor
     cut into chunks of `chunk_size` elements. One object per (device, dtype) bucket of an optimizer:
     it owns that bucket's hyperparameter tables."""
@@ -21,8 +22,7 @@ class NativeBackend:
     def __init__(self, name: str, prefix: str, chunk_size: int):
         self.name = name
         self.chunk_size = chunk_size
-        self._ops = torch.ops.lamb_kernels  # (looked up per call: a test counts the calls through it)
-        self._prefix = prefix
+        self._stages = {stage: getattr(torch.ops.lamb_kernels, prefix + stage) for stage in STAGES}
         self._hyper = {}  # "lamb" / "lars" -> HyperTable on the bucket's device
 
     def _hyper_table(self, kind: str, segments, make) -> torch.Tensor:
@@ -33,11 +33,11 @@ class NativeBackend:
         return table.update(segments)
 
     def refresh(self, plan: Plan, hyper_changed: bool = False) -> None:
-        """A reused plan (contract.Backend.refresh): its table renewed from its segments' values."""
+        """A reused plan (backend_api.Backend.refresh): its table renewed from its segments' values."""
         plan.hyper = self._hyper_table(plan.kind, plan.segments, lamb_hyper if plan.kind == "lamb" else lars_hyper)
 
     def _op(self, stage: str):
-        return getattr(self._ops, self._prefix + stage)
+        return self._stages[stage]
 
     @staticmethod
     def _on_device(plan):
@@ -66,7 +66,7 @@ class NativeBackend:
     def lamb_apply_(self, plan: Plan, norms: torch.Tensor, found_inf=None) -> None:
         with self._on_device(plan):
             self._op("lamb_apply")(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.exp_avg_scales,
-                                   plan.exp_avg_sq_scales, plan.hyper, norms.contiguous(), found_inf, plan.copies,
+                                   plan.exp_avg_sq_scales, plan.hyper, norms.contiguous(), found_inf, plan.low_precision_params,
                                    self.chunk_size)
         mark_modified(plan.written)
 
@@ -89,5 +89,5 @@ class NativeBackend:
     def lars_apply_(self, plan: Plan, norms, grad_scale=None, found_inf=None) -> None:
         with self._on_device(plan):
             self._op("lars_apply")(plan.params, plan.grads, plan.momentum_buffers, plan.momentum_buffer_scales,
-                                   plan.hyper, norms, grad_scale, found_inf, plan.copies, self.chunk_size)
+                                   plan.hyper, norms, grad_scale, found_inf, plan.low_precision_params, self.chunk_size)
         mark_modified(plan.written)

@@ -17,7 +17,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from .contract import to_device
+from .backend_api import to_device
 from .rounding import key_halves
 
 WIDTH = 16
