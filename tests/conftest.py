@@ -12,21 +12,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from lamb_kernels import available_backends  # noqa: E402
-
-
-def backend_cases():
-    """(device, backend) pairs: every backend available here; CUDA cases skip without a GPU."""
-    cases = [pytest.param("cpu", name, id=f"cpu-{name}") for name in available_backends("cpu")]
-    if torch.cuda.is_available():
-        cases += [pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.gpu)
-                  for name in available_backends("cuda")]
-    else:
-        cases += [pytest.param("cuda", name, id=f"cuda-{name}",
-                               marks=[pytest.mark.gpu, pytest.mark.skip(reason="no CUDA device")])
-                  for name in ("triton", "cuda", "torch")]
-    return cases
-
 
 def pytest_collection_modifyitems(config, items):
     """Without a CUDA device the GPU tests (marked ``gpu``) are deselected, not skipped one by one:
@@ -49,11 +34,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 _GPU_TESTS = pytest.StashKey[int]()
-
-
-def pytest_generate_tests(metafunc):
-    if {"device", "backend"} <= set(metafunc.fixturenames):
-        metafunc.parametrize(("device", "backend"), backend_cases())
 
 
 # Property-based tests (test_properties.py): CI draws a fixed set of examples, the same on every

@@ -1,10 +1,28 @@
-"""Runs an optimizer and its float64 reference side by side (docs/design.md section 5)."""
+"""Runs an optimizer and its float64 reference side by side (docs/design.md section 5); and
+`on_every_backend`, the (device, backend) cases a test runs on when it runs on every backend."""
+import pytest
 import torch
 
 from lamb_float64 import Float64LAMB
-from lamb_kernels import FusedLAMB
+from lamb_kernels import FusedLAMB, available_backends
 from tolerances import PARAM_RTOL, UPDATE_RTOL
 
+
+def backend_cases():
+    """(device, backend) pairs: every backend available here; CUDA cases skip without a GPU."""
+    cases = [pytest.param("cpu", name, id=f"cpu-{name}") for name in available_backends("cpu")]
+    if torch.cuda.is_available():
+        cases += [pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.gpu)
+                  for name in available_backends("cuda")]
+    else:
+        cases += [pytest.param("cuda", name, id=f"cuda-{name}",
+                               marks=[pytest.mark.gpu, pytest.mark.skip(reason="no CUDA device")])
+                  for name in ("triton", "cuda", "torch")]
+    return cases
+
+
+# Runs a test once per (device, backend) case of backend_cases(), with ids cpu-cpp, ..., cuda-triton.
+on_every_backend = pytest.mark.parametrize(("device", "backend"), backend_cases())
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

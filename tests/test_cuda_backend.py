@@ -1,7 +1,7 @@
 """The "cuda" backend (csrc/cuda): how it is chosen, loaded and refused everywhere, and on a GPU what
 the shared suites do not reach: the scalar and vectorized variants, tensors beyond 2^31 elements,
 and its agreement with the Triton kernels. Every float64-reference suite runs it too, through
-conftest's (device, backend) cases."""
+the (device, backend) cases of `on_every_backend` (harness.py)."""
 import warnings
 
 import pytest

@@ -9,7 +9,7 @@ import torch
 
 import lamb_kernels
 import lamb_kernels.torch_backend
-from harness import rel_error
+from harness import on_every_backend, rel_error
 from lamb_float64 import Float64LAMB
 from lamb_kernels import FusedLAMB, FusedLARS, FusedMixedPrecisionLamb
 from tolerances import BACKENDS_EXTREME_RTOL, LONG_SUM_RTOL, PARAM_RTOL, SAME_MATH_ATOL, SAME_MATH_RTOL
@@ -66,6 +66,7 @@ def assert_refused(opt, params, error, match):
 # -- 1. a parameter replaced or re-laid out after its state exists ---------------------------------
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_parameter_of_another_shape_is_refused_before_any_change(device, backend, optimizer, options):
     params = make_params(device)
     opt = optimizer(params, backend=backend, **options)
@@ -80,6 +81,7 @@ def test_parameter_of_another_shape_is_refused_before_any_change(device, backend
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_state_follows_a_parameter_moved_to_channels_last(device, backend, optimizer, options):
     """``module.to(memory_format=torch.channels_last)`` after some steps: the state is copied into
     the new layout, and the run continues as if the layout had never changed."""
@@ -132,6 +134,7 @@ LARS_BAD_EDITS = [
     *[pytest.param(FusedLARS, dict(LARS_OPTIONS, dampening=0.1), edit, id=f"lars-{edit[0]}-{i}")
       for i, edit in enumerate(LARS_BAD_EDITS)],
 ])
+@on_every_backend
 def test_hyperparameter_edited_in_param_groups_is_refused_before_any_change(device, backend, optimizer, options, edit):
     name, value, error, message = edit
     params = make_params(device)
@@ -145,6 +148,7 @@ def test_hyperparameter_edited_in_param_groups_is_refused_before_any_change(devi
     opt.step()
 
 
+@on_every_backend
 def test_missing_hyperparameter_is_named(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, backend=backend)
@@ -171,6 +175,7 @@ def test_string_lr_is_refused_like_torch_optim(optimizer):
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_lr_tensor_must_have_one_element(device, backend, optimizer, options):
     options = {k: v for k, v in options.items() if k != "lr"}
     with pytest.raises(ValueError, match="lr must be a number or a one-element"):
@@ -186,6 +191,7 @@ def test_lr_tensor_must_have_one_element(device, backend, optimizer, options):
         torch.testing.assert_close(a, b, rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
 
 
+@on_every_backend
 def test_saved_groups_are_validated_before_loading(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, backend=backend)
@@ -238,6 +244,7 @@ def test_parameters_sharing_memory_are_refused(optimizer):
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_duplicate_made_after_construction_is_refused_at_the_step(device, backend, optimizer, options):
     params = make_params(device, shapes=((5,), (3, 4), (5,)))
     opt = optimizer(params, backend=backend, **options)
@@ -278,6 +285,7 @@ NON_FINITE_CASES = [
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the Triton interpreter's numpy)
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("optimizer, options, ratio", NON_FINITE_CASES)
+@on_every_backend
 def test_non_finite_trust_ratio_behaves_alike_on_every_backend(device, backend, optimizer, options, ratio):
     """docs/robustness.md: a NaN ratio propagates into the params (as in apex and timm);
     trust_ratio_bounds clamp an infinite ratio, never a NaN one. Every backend gives the torch
@@ -299,6 +307,7 @@ def test_non_finite_trust_ratio_behaves_alike_on_every_backend(device, backend, 
 # -- 7. state entries this optimizer does not use --------------------------------------------------
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_unknown_state_entries_load_as_torch_optim_keeps_them(device, backend, optimizer, options):
     params = make_params(device)
     opt = optimizer(params, backend=backend, **options)
@@ -345,6 +354,7 @@ def test_torch_backend_lamb_step_on_50m_elements_matches_float64():
     assert rel_error(p, reference.groups[0]["params"][0]) <= PARAM_RTOL
 
 
+@on_every_backend
 def test_a_refused_step_is_checked_again_in_full(device, backend):
     """The same mistake twice, with the step put right between: refused both times (found by the
     property-based tests: the first refusal used to be remembered as checked)."""
@@ -359,6 +369,7 @@ def test_a_refused_step_is_checked_again_in_full(device, backend):
     opt.step()
 
 
+@on_every_backend
 def test_state_of_another_optimizer_is_refused_on_load(device, backend):
     """A FusedLARS checkpoint into FusedLAMB: its momentum buffers would be kept as unknown entries,
     and the moments a LAMB step needs are missing: refused at the load, not at the next step."""
@@ -373,6 +384,7 @@ def test_state_of_another_optimizer_is_refused_on_load(device, backend):
     assert_unchanged(before, snapshot(lamb, lamb.param_groups[0]["params"]))
 
 
+@on_every_backend
 def test_step_count_set_by_hand_is_checked(device, backend):
     params = make_params(device, shapes=((5,), (3, 4)))
     opt = FusedLAMB([{"params": params[:1]}, {"params": params[1:]}], backend=backend)
@@ -399,6 +411,7 @@ def test_non_tensor_put_into_a_group_is_named():
 
 # -- found by review ------------------------------------------------------------------------------
 
+@on_every_backend
 def test_cpu_tensor_hyperparameters_written_in_place_are_checked_again(device, backend):
     params = make_params(device)
     lr, wd = torch.tensor(0.01), torch.tensor(0.01)
@@ -413,6 +426,7 @@ def test_cpu_tensor_hyperparameters_written_in_place_are_checked_again(device, b
     opt.step()
 
 
+@on_every_backend
 def test_a_stale_master_is_not_reused_after_a_round_trip_through_fp32(device, backend):
     p = torch.nn.Parameter(torch.randn(8, device=device).bfloat16())
     opt = FusedLARS([p], lr=0.1, backend=backend, master_weights=True)
@@ -429,6 +443,7 @@ def test_a_stale_master_is_not_reused_after_a_round_trip_through_fp32(device, ba
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_state_tensors_shared_between_parameters_are_refused(device, backend, optimizer, options):
     params = make_params(device, shapes=((5,), (5,)))
     opt = optimizer(params, backend=backend, **options)
@@ -506,6 +521,7 @@ GROUP_DUPLICATIONS = {
 @pytest.mark.parametrize("full_path", [False, True], ids=["steady", "full-path"])
 @pytest.mark.parametrize("duplicate", GROUP_DUPLICATIONS)
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_the_same_group_dict_twice_is_refused_on_every_path(device, backend, optimizer, options, duplicate, full_path):
     params = make_params(device, shapes=((5,), (3, 4), (7,)))
     opt = optimizer([{"params": params[:2]}, {"params": params[2:]}], backend=backend, **options)
@@ -521,6 +537,7 @@ def test_the_same_group_dict_twice_is_refused_on_every_path(device, backend, opt
 
 @pytest.mark.parametrize("what", ["param", "state"])
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_tensor_whose_storage_was_freed_is_refused_before_any_change(device, backend, optimizer, options, what):
     params = make_params(device)
     opt = optimizer(params, backend=backend, **options)
@@ -541,6 +558,7 @@ def test_a_tensor_whose_storage_was_freed_is_refused_before_any_change(device, b
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@on_every_backend
 def test_codes_set_by_hand_as_a_view_with_gaps_are_refused(device, backend):
     params = make_params(device, shapes=((300,), (20,)))
     opt = FusedLAMB(params, backend=backend, state_dtype="int8")
@@ -562,6 +580,7 @@ NON_FLOATING_LRS = [torch.tensor(1, dtype=torch.uint8), torch.tensor(True), torc
 
 @pytest.mark.parametrize("lr", NON_FLOATING_LRS, ids=lambda t: str(t.dtype))
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_non_floating_lr_tensor_is_refused_by_name_on_every_backend(device, backend, optimizer, options, lr):
     params = make_params(device)
     with pytest.raises(TypeError, match=rf"^lr must be a number or a one-element floating-point tensor, got a "
@@ -579,6 +598,7 @@ def test_a_non_floating_lr_tensor_is_refused_by_name_on_every_backend(device, ba
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, "int8"], ids=str)
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_an_integer_state_entry_set_by_hand_is_refused_before_any_change(device, backend, optimizer, options,
                                                                          state_dtype):
     params = make_params(device, shapes=((5,), (300,)))

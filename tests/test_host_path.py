@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from harness import on_every_backend
 from lamb_kernels import FusedLAMB, FusedLARS
 from lamb_kernels.optimizers import plan_cache
 
@@ -102,6 +103,7 @@ def _loop(device, backend, optimizer, options, steps, reuse, master=False):
 
 @pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_reused_steps_match_full_steps_bit_for_bit(device, backend, optimizer, options, master):
     reused, opt = _loop(device, backend, optimizer, options, steps=8, reuse=True, master=master)
     full, full_opt = _loop(device, backend, optimizer, options, steps=8, reuse=False, master=master)
@@ -110,6 +112,7 @@ def test_reused_steps_match_full_steps_bit_for_bit(device, backend, optimizer, o
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_steady_loop_reuses_every_step_after_the_second(device, backend, optimizer, options):
     params = make_params(device)
     opt = optimizer(params, backend=backend, **options)
@@ -119,6 +122,7 @@ def test_a_steady_loop_reuses_every_step_after_the_second(device, backend, optim
     assert opt.reused_steps == 3
 
 
+@on_every_backend
 def test_lamb_step_counts_are_views_that_save_and_load(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, backend=backend)
@@ -151,6 +155,7 @@ def _grad_sparse(params):
     (_grad_sparse, RuntimeError, r"grad of param_groups\[0\]\['params'\]\[1\] is sparse"),
 ], ids=["dtype", "shape", "sparse"])
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_bad_grad_after_reused_steps_is_refused(device, backend, optimizer, options, corrupt, error, match):
     params = make_params(device)
     opt = optimizer(params, backend=backend, **options)
@@ -163,6 +168,7 @@ def test_a_bad_grad_after_reused_steps_is_refused(device, backend, optimizer, op
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_grad_on_another_device_after_reused_steps_is_refused(device, backend, optimizer, options):
     if device == "cpu":
         pytest.skip("needs a second device type: a CPU grad's data cannot be put on another one here")
@@ -175,6 +181,7 @@ def test_a_grad_on_another_device_after_reused_steps_is_refused(device, backend,
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_grad_in_another_layout_steps_as_a_full_step(device, backend, optimizer, options):
     """A grad with the parameter's shape but other strides (a transposed copy) is copied into the
     parameter's layout by the full path: the reused plans must not hand it to the kernels."""
@@ -189,6 +196,7 @@ def test_a_grad_in_another_layout_steps_as_a_full_step(device, backend, optimize
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_grads_in_another_layout_at_every_step_step_as_full_steps(device, backend, optimizer, options):
     """Grads laid out unlike their parameter at every step (a model's backward that writes them
     transposed): each is copied into its parameter's layout, however many steps come."""
@@ -207,6 +215,7 @@ def test_grads_in_another_layout_at_every_step_step_as_full_steps(device, backen
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_parameter_replaced_in_place_is_refused(device, backend, optimizer, options):
     params = make_params(device)
     opt = optimizer(params, backend=backend, **options)
@@ -217,6 +226,7 @@ def test_a_parameter_replaced_in_place_is_refused(device, backend, optimizer, op
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_parameter_moved_to_other_memory_steps_from_there(device, backend, optimizer, options):
     def make():
         params = make_params(device)
@@ -229,6 +239,7 @@ def test_a_parameter_moved_to_other_memory_steps_from_there(device, backend, opt
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_state_replaced_by_hand_is_checked_or_used(device, backend, optimizer, options):
     key = "exp_avg" if optimizer is FusedLAMB else "momentum_buffer"
     params = make_params(device, shapes=((5,), (3, 4), (5,)))
@@ -250,6 +261,7 @@ def test_state_replaced_by_hand_is_checked_or_used(device, backend, optimizer, o
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_state_replaced_by_an_equal_tensor_is_the_one_stepped(device, backend, optimizer, options):
     """A state entry replaced by a new tensor of the same shape, dtype and layout (only its memory
     differs): the step must update the new tensor, as a full step does."""
@@ -267,6 +279,7 @@ def test_state_replaced_by_an_equal_tensor_is_the_one_stepped(device, backend, o
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_parameter_made_to_share_memory_is_refused(device, backend, optimizer, options):
     params = make_params(device, shapes=((5,), (3, 4), (5,)))
     opt = optimizer(params, backend=backend, **options)
@@ -277,6 +290,7 @@ def test_a_parameter_made_to_share_memory_is_refused(device, backend, optimizer,
                                             r"\[\d\] share memory")
 
 
+@on_every_backend
 def test_step_count_replaced_by_a_number_is_refused(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, backend=backend)
@@ -290,6 +304,7 @@ def test_step_count_replaced_by_a_number_is_refused(device, backend):
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_state_deleted_or_replaced_starts_afresh_as_in_a_full_step(device, backend, optimizer, options):
     def make():
         params = make_params(device)
@@ -303,6 +318,7 @@ def test_state_deleted_or_replaced_starts_afresh_as_in_a_full_step(device, backe
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_a_loaded_state_dict_is_the_state_stepped(device, backend, optimizer, options):
     params, other_params = make_params(device), make_params(device, seed=1)
     opt = optimizer(params, backend=backend, **options)
@@ -327,6 +343,7 @@ def test_a_loaded_state_dict_is_the_state_stepped(device, backend, optimizer, op
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_an_added_group_is_stepped(device, backend, optimizer, options):
     params = make_params(device)
     opt = optimizer(params, backend=backend, **options)
@@ -342,6 +359,7 @@ def test_an_added_group_is_stepped(device, backend, optimizer, options):
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_group_edits_after_reused_steps_are_checked(device, backend, optimizer, options):
     params = make_params(device)
     opt = optimizer(params, backend=backend, **options)
@@ -359,6 +377,7 @@ def test_group_edits_after_reused_steps_are_checked(device, backend, optimizer, 
     assert opt.param_groups[0]["params"][1] in opt.state
 
 
+@on_every_backend
 def test_momentum_switched_on_creates_buffers(device, backend):
     params = make_params(device)
     opt = FusedLARS(params, lr=0.1, momentum=0.0, backend=backend)
@@ -370,6 +389,7 @@ def test_momentum_switched_on_creates_buffers(device, backend):
     assert all("momentum_buffer" in opt.state[p] for p in params)
 
 
+@on_every_backend
 def test_a_new_hyperparameter_value_is_used_at_once(device, backend):
     """weight_decay from 0 to 0.1 turns layer adaptation on in a reused step: as a full step."""
     def make():
@@ -419,6 +439,7 @@ def test_layouts_tell_every_difference_the_checks_depend_on(layouts):
 # -- found by review ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_master_weights_switched_after_reused_steps_step_as_full_steps(device, backend, optimizer, options):
     for before in (True, False):
         def make():
@@ -433,6 +454,7 @@ def test_master_weights_switched_after_reused_steps_step_as_full_steps(device, b
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_state_aliased_in_place_is_refused_even_with_a_new_lr(device, backend, optimizer, options):
     key = "exp_avg" if optimizer is FusedLAMB else "momentum_buffer"
     params = make_params(device, shapes=((5,), (3, 4), (5,)))
@@ -446,6 +468,7 @@ def test_state_aliased_in_place_is_refused_even_with_a_new_lr(device, backend, o
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
+@on_every_backend
 def test_one_grad_shared_by_parameters_of_two_layouts(device, backend, optimizer, options):
     """p0 contiguous, p1 a transposed view of the same shape, both given the one grad tensor, laid
     out as p1: p0's copy into its own layout must be made at every step."""
@@ -464,6 +487,7 @@ def test_one_grad_shared_by_parameters_of_two_layouts(device, backend, optimizer
     assert_same(*runs)
 
 
+@on_every_backend
 def test_step_counts_of_any_one_element_shape_without_bias_correction(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, bias_correction=False, backend=backend)
@@ -474,6 +498,7 @@ def test_step_counts_of_any_one_element_shape_without_bias_correction(device, ba
     assert float(opt.state[params[0]]["step"]) == 6.0
 
 
+@on_every_backend
 def test_packed_step_counts_are_kept_by_a_later_full_step(device, backend):
     """A CUDA graph captured during a reused step advances the packed counts: a later full step
     (a plan made afresh) keeps the very tensors the state holds."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lamb_kernels
+from harness import on_every_backend
 from lamb_float64 import Float64LAMB
 from lars_float64 import Float64LARS
 from lamb_kernels import FusedLAMB, FusedLARS
@@ -224,6 +225,7 @@ def movement_error(params, make_reference, steps):
 
 
 @pytest.mark.parametrize("optimizer", [FusedLAMB, FusedLARS])
+@on_every_backend
 def test_int8_states_track_the_float64_reference(device, backend, optimizer):
     """Each stored value is within one gap (2^-3 of it) of the fp32 value it rounds, the rounding
     unbiased and independent between elements and steps: over a tensor, the errors of its movement
@@ -245,6 +247,7 @@ def test_int8_states_track_the_float64_reference(device, backend, optimizer):
             assert opt.state[p][key + "_scales"].shape == (n_blocks(p.numel()),)
 
 
+@on_every_backend
 def test_int8_states_are_deterministic_and_depend_on_the_seed(device, backend):
     first, opt1 = run(device, backend, 3)
     second, opt2 = run(device, backend, 3)
@@ -277,6 +280,7 @@ def test_backends_agree_on_int8_states(optimizer):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
+@on_every_backend
 def test_int8_state_bytes(device, backend):
     params, opt = run(device, backend, 1)
     state_bytes = sum(t.numel() * t.element_size() for p in params for k, t in opt.state[p].items()
@@ -288,6 +292,7 @@ def test_int8_state_bytes(device, backend):
 # -- 4. checkpoints and conversions ---------------------------------------------------------------
 
 @pytest.mark.parametrize("optimizer", [FusedLAMB, FusedLARS])
+@on_every_backend
 def test_an_int8_checkpoint_resumes_bit_for_bit(device, backend, optimizer):
     params, opt = run(device, backend, 3, optimizer=optimizer)
     saved = copy.deepcopy(opt.state_dict())
@@ -305,6 +310,7 @@ def test_an_int8_checkpoint_resumes_bit_for_bit(device, backend, optimizer):
 
 @pytest.mark.parametrize("saved_dtype, loaded_dtype", [(torch.float32, INT8), (INT8, torch.float32),
                                                         (torch.bfloat16, INT8), (INT8, torch.bfloat16)])
+@on_every_backend
 def test_checkpoints_load_into_another_state_dtype(device, backend, saved_dtype, loaded_dtype):
     """Converted on load through float32 values: codes from the nearest code (no step keys them),
     floats from the decoded codes, exactly (then rounded to the nearest bf16)."""
@@ -328,6 +334,7 @@ def test_checkpoints_load_into_another_state_dtype(device, backend, saved_dtype,
     target.step()
 
 
+@on_every_backend
 def test_an_apex_float32_checkpoint_loads_into_an_int8_optimizer(device, backend):
     """apex keeps its step count per group and its moments in fp32."""
     params, opt = run(device, backend, 2, state_dtype=torch.float32)
@@ -344,6 +351,7 @@ def test_an_apex_float32_checkpoint_loads_into_an_int8_optimizer(device, backend
 
 
 @pytest.mark.parametrize("optimizer", [FusedLAMB, FusedLARS])
+@on_every_backend
 def test_state_dtype_changed_between_steps_converts_the_states(device, backend, optimizer):
     params, opt = run(device, backend, 2, state_dtype=torch.float32, optimizer=optimizer)
     key = "exp_avg" if optimizer is FusedLAMB else "momentum_buffer"
@@ -357,6 +365,7 @@ def test_state_dtype_changed_between_steps_converts_the_states(device, backend, 
     assert all(opt.state[p][key].dtype == torch.float32 and key + "_scales" not in opt.state[p] for p in params)
 
 
+@on_every_backend
 def test_a_new_memory_layout_encodes_the_codes_afresh(device, backend):
     """Blocks are runs of elements in memory order: a parameter turned channels_last gets codes
     encoded in its new order, of the same values (to within a nearest rounding)."""
@@ -397,6 +406,7 @@ def test_bad_int8_checkpoints_are_refused_by_name_and_change_nothing():
         FusedLARS(make_params("cpu"), state_dtype="int4")
 
 
+@on_every_backend
 def test_int8_states_edited_by_hand_are_refused_before_any_change(device, backend):
     params, opt = run(device, backend, 1)
     opt.state[params[0]]["exp_avg_scales"] = torch.zeros(2, device=device)  # the wrong number of blocks (1)
@@ -410,6 +420,7 @@ def test_int8_states_edited_by_hand_are_refused_before_any_change(device, backen
 
 # -- 5. reused steps, capturable counts, master weights, a skipped step --------------------------
 
+@on_every_backend
 def test_reused_steps_and_capturable_counts_encode_as_full_host_steps(device, backend):
     runs = []
     for reuse, capturable in ((True, False), (False, False), (True, True)):
@@ -429,6 +440,7 @@ def test_reused_steps_and_capturable_counts_encode_as_full_host_steps(device, ba
 
 
 @pytest.mark.parametrize("optimizer", [FusedLAMB, FusedLARS])
+@on_every_backend
 def test_int8_states_with_master_weights_and_a_skipped_step(device, backend, optimizer):
     """bf16 parameters with fp32 masters and int8 states; a GradScaler's non-finite step leaves every
     code, scale, step count and parameter as it was."""
@@ -474,6 +486,7 @@ def test_a_nonzero_v_never_rounds_to_zero():
     assert (codes[x < 2.0**-31] == 1).all()
 
 
+@on_every_backend
 def test_small_elements_beside_a_large_one_get_no_outsized_update(device, backend):
     """One grad of 1 and 255 of 1e-5 in a block, the trust ratio held at 1: the small elements' per-step
     update stays within the float32 one's size (measured over 300 steps: half of it on average, 1.5

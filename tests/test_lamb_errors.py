@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lamb_kernels.backends
+from harness import on_every_backend
 from lamb_kernels import FusedLAMB
 
 
@@ -76,6 +77,7 @@ def test_unsupported_parameter_dtypes_name_the_parameter():
         FusedLAMB([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))])
 
 
+@on_every_backend
 def test_non_dense_parameter_needs_the_torch_backend(device, backend):
     base = torch.randn(6, 4, device=device)
     strided = torch.nn.Parameter(base[:, ::2])  # a view with gaps between its elements

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from harness import assert_matches_reference, run_both
+from harness import assert_matches_reference, on_every_backend, run_both
 
 from lamb_kernels.backends import CPP_CHUNK
 from tolerances import ELEMENT_ATOL, PARAM_RTOL
@@ -51,6 +51,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@on_every_backend
 def test_lamb_matches_float64_reference(device, backend, case):
     spec = CASES[case]
     result = run_both(device, backend, spec["specs"], steps=spec.get("steps", 7),
@@ -61,6 +62,7 @@ def test_lamb_matches_float64_reference(device, backend, case):
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf / inf inside the interpreter
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+@on_every_backend
 def test_non_finite_grads_propagate_like_the_reference(device, backend, bad_value):
     """No silent skip (docs/design.md section 2): a NaN makes G NaN, so nothing clips; an inf makes G inf, so every
     finite grad clips to 0. Params must follow the float64 reference, NaNs in the same places."""

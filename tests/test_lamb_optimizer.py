@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lamb_kernels
+from harness import on_every_backend
 from lamb_kernels import FusedLAMB, available_backends
 from tolerances import SAME_MATH_ATOL, SAME_MATH_RTOL
 
@@ -43,6 +44,7 @@ def assert_same_bits(a, b):
             assert torch.equal(value, state_b["state"][key][name]), (key, name)
 
 
+@on_every_backend
 def test_identical_runs_give_identical_bits(device, backend):
     runs = []
     for _ in range(2):
@@ -53,6 +55,7 @@ def test_identical_runs_give_identical_bits(device, backend):
     assert_same_bits(*runs)
 
 
+@on_every_backend
 def test_state_dict_round_trip_resumes_bit_identically(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, lr=1e-2, weight_decay=0.05, backend=backend)
@@ -86,6 +89,7 @@ def to_apex_format(state_dict):
     return apex
 
 
+@on_every_backend
 def test_loads_apex_state_dict_and_resumes_exactly(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, lr=1e-2, backend=backend)
@@ -106,6 +110,7 @@ def test_loads_apex_state_dict_and_resumes_exactly(device, backend):
     assert_same_bits(straight, snapshot(resumed, resumed_params))
 
 
+@on_every_backend
 def test_grads_are_read_never_written(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, lr=1e-2, adam_w_mode=False, backend=backend)  # L2 mode changes g inside
@@ -134,6 +139,7 @@ def test_zero_grad_follows_set_grad_none():
     assert all(p.grad is None for p in params)
 
 
+@on_every_backend
 def test_closure_hooks_and_param_groups(device, backend):
     model = torch.nn.Linear(5, 3).to(device)
     extra = torch.nn.Parameter(torch.randn(4, device=device))
@@ -159,6 +165,7 @@ def test_closure_hooks_and_param_groups(device, backend):
     assert float(opt.state[extra]["step"]) == 1 and float(opt.state[model.weight]["step"]) == 2
 
 
+@on_every_backend
 def test_optimizer_survives_deepcopy_and_pickle(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, lr=1e-2, backend=backend, set_grad_none=False)
@@ -184,6 +191,7 @@ def test_signature_and_defaults_are_apex():
         1e-3, True, (0.9, 0.999), 1e-6, 0.01, True, 1.0, True, False)
 
 
+@on_every_backend
 def test_param_without_grad_is_skipped(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, backend=backend)
@@ -194,6 +202,7 @@ def test_param_without_grad_is_skipped(device, backend):
     assert params[1] not in opt.state and torch.equal(params[1], before)
 
 
+@on_every_backend
 def test_step_bumps_autograd_versions_like_an_in_place_op(device, backend):
     """A step between forward and backward must make backward fail, as with torch.optim."""
     params = make_params(device)
@@ -265,6 +274,7 @@ def test_cuda_step_never_synchronises_with_the_host(backend_name):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@on_every_backend
 def test_grad_laid_out_unlike_its_parameter(device, backend):
     """A channels_last parameter with a contiguous grad (and the reverse) steps like the torch
     backend on plain contiguous copies."""
@@ -289,6 +299,7 @@ def test_grad_laid_out_unlike_its_parameter(device, backend):
     assert params[0].is_contiguous(memory_format=torch.channels_last)
 
 
+@on_every_backend
 def test_step_without_any_grad_or_with_only_empty_params(device, backend):
     params = [torch.nn.Parameter(torch.randn(0, device=device)), torch.nn.Parameter(torch.randn(3, device=device))]
     opt = FusedLAMB(params, backend=backend)
@@ -298,6 +309,7 @@ def test_step_without_any_grad_or_with_only_empty_params(device, backend):
     assert float(opt.state[params[0]]["step"]) == 1 and params[1] not in opt.state
 
 
+@on_every_backend
 def test_contiguous_checkpoint_resumes_a_channels_last_model(device, backend):
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(2, 3, 4, 5, generator=gen)
@@ -322,6 +334,7 @@ def test_contiguous_checkpoint_resumes_a_channels_last_model(device, backend):
     torch.testing.assert_close(run(True), run(False), rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
 
 
+@on_every_backend
 def test_checkpoint_of_other_shapes_is_refused_before_loading(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, backend=backend)
@@ -335,6 +348,7 @@ def test_checkpoint_of_other_shapes_is_refused_before_loading(device, backend):
     assert_same_bits(before, snapshot(opt, params))
 
 
+@on_every_backend
 def test_state_that_does_not_fit_its_param_is_refused_before_the_step(device, backend):
     params = make_params(device)
     opt = FusedLAMB(params, backend=backend)

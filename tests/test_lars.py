@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lamb_kernels
-from harness import rel_error, run_both
+from harness import on_every_backend, rel_error, run_both
 from lamb_kernels import FusedLARS
 from lars_float64 import Float64LARS
 
@@ -58,6 +58,7 @@ CASES = {
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # trust_clip_lr_zero: r / 0 = inf
 @pytest.mark.parametrize("case", list(CASES))
+@on_every_backend
 def test_lars_matches_float64_reference(device, backend, case):
     spec = CASES[case]
     groups, model, opt, reference = run_both(device, backend, spec["specs"], has_grad=spec.get("has_grad"),
@@ -101,6 +102,7 @@ def same_bits(a, b):
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@on_every_backend
 def test_lars_state_dict_round_trip_and_identical_reruns(device, backend):
     params = make_params(device)
     opt = FusedLARS(params, backend=backend, **RESNET)
@@ -125,6 +127,7 @@ def test_lars_state_dict_round_trip_and_identical_reruns(device, backend):
     assert same_bits(straight, snapshot(resumed, resumed_params))
 
 
+@on_every_backend
 def test_lars_reads_grads_and_keeps_no_state_without_momentum(device, backend):
     params = make_params(device)
     opt = FusedLARS(params, lr=0.1, weight_decay=1e-4, nesterov=False, backend=backend)
@@ -136,6 +139,7 @@ def test_lars_reads_grads_and_keeps_no_state_without_momentum(device, backend):
     assert not any(opt.state[p] for p in params if p in opt.state)
 
 
+@on_every_backend
 def test_empty_parameters_step_beside_others_with_and_without_momentum(device, backend):
     """Parameters with no element (a 2-D one included) in groups with and without momentum: the
     others step as they would alone, and the empty ones are left as they are."""
@@ -183,6 +187,7 @@ def test_lars_invalid_hyperparameters_name_the_argument(kwargs, match):
         FusedLARS(make_params("cpu"), **kwargs)
 
 
+@on_every_backend
 def test_lars_bad_grad_raises_before_anything_changes(device, backend):
     params = make_params(device)
     opt = FusedLARS(params, backend=backend, **RESNET)
@@ -243,6 +248,7 @@ def test_lars_launches_and_tables(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf inside the interpreter
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+@on_every_backend
 def test_lars_non_finite_grads_propagate_like_the_reference(device, backend, bad_value):
     gen = torch.Generator().manual_seed(3)
     params0 = [torch.randn(n, generator=gen) for n in (17, 4097, 33)]
@@ -260,6 +266,7 @@ def test_lars_non_finite_grads_propagate_like_the_reference(device, backend, bad
         torch.testing.assert_close(p.detach().cpu().double(), expected, rtol=PARAM_RTOL, atol=ELEMENT_ATOL, equal_nan=True)
 
 
+@on_every_backend
 def test_lars_checkpoint_of_other_shapes_is_refused(device, backend):
     params = make_params(device)
     opt = FusedLARS(params, backend=backend, **RESNET)
@@ -272,6 +279,7 @@ def test_lars_checkpoint_of_other_shapes_is_refused(device, backend):
     assert same_bits(before, snapshot(opt, params))
 
 
+@on_every_backend
 def test_step_bumps_autograd_versions_of_params_and_buffers(device, backend):
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in ODD]
     opt = FusedLARS(params, backend=backend, **RESNET)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from harness import rel_error
+from harness import on_every_backend, rel_error
 from lamb_float64 import Float64LAMB
 from lars_float64 import Float64LARS
 import lamb_kernels
@@ -61,6 +61,7 @@ def error(params, ref_params):
 
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
+@on_every_backend
 def test_low_precision_within_twice_the_torch_backend_error(device, backend, dtype, algorithm):
     """docs/design.md section 5: against float64, at most 2x the error of the torch backend in the same dtype."""
     ref = reference(algorithm, dtype)
@@ -77,6 +78,7 @@ def test_low_precision_within_twice_the_torch_backend_error(device, backend, dty
 
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
+@on_every_backend
 def test_master_weights_track_the_fp32_run(device, backend, dtype, algorithm):
     """With master weights, a low-precision model follows an fp32 run fed the same grads: the masters
     within the fp32 tolerance of docs/design.md section 5, the model params their masters rounded to nearest."""
@@ -96,6 +98,7 @@ def test_master_weights_track_the_fp32_run(device, backend, dtype, algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
+@on_every_backend
 def test_master_weights_state_dict_round_trip(device, backend, algorithm):
     """Resuming from a state_dict (masters included, kept fp32 by load_state_dict) continues the run
     bit for bit."""
@@ -158,6 +161,7 @@ def _same_state(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
+@on_every_backend
 def test_scaled_grads_are_unscaled_in_the_kernels(device, backend, algorithm):
     """Growing and shrinking power-of-two scales give the unscaled run's results."""
     params, _ = run(algorithm, device, backend, torch.float32, steps=5)
@@ -168,6 +172,7 @@ def test_scaled_grads_are_unscaled_in_the_kernels(device, backend, algorithm):
 
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
 @pytest.mark.parametrize("master_weights", [False, True], ids=["plain", "master"])
+@on_every_backend
 def test_a_non_finite_grad_skips_the_whole_step(device, backend, algorithm, master_weights):
     """found_inf: params, copies, states and step counts unchanged, bit for bit; the next clean step
     proceeds as if the bad one had never been (only its grads are missing)."""
@@ -198,6 +203,7 @@ def test_a_non_finite_grad_skips_the_whole_step(device, backend, algorithm, mast
 
 
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
+@on_every_backend
 def test_torch_grad_scaler_drives_the_step(device, backend, algorithm):
     """A real GradScaler loop on CPU (fp16 params, which torch's own unscale_ refuses): an injected
     inf halves the scale and skips the step, growth doubles it, and the result equals an unscaled
@@ -246,6 +252,7 @@ def test_bad_scaler_tensors_are_refused_by_name():
 
 
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
+@on_every_backend
 def test_tensor_lr_and_capturable_match_floats(device, backend, algorithm):
     """A tensor lr changed in place by an LR scheduler, with step counts on the parameters' device,
     gives the float-lr run's results."""
@@ -270,6 +277,7 @@ def test_tensor_lr_and_capturable_match_floats(device, backend, algorithm):
         torch.testing.assert_close(q, p, rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
 
 
+@on_every_backend
 def test_fused_mixed_precision_lamb_is_apex_shaped(device, backend):
     """apex's signature; masters for reduced_precision_dtype only, lr and step counts on the device,
     starting from `step`; the same math as FusedLAMB with master weights."""
@@ -310,6 +318,7 @@ def test_low_precision_grad_of_another_dtype_is_refused_by_name():
 
 
 @pytest.mark.parametrize("algorithm", ["lamb", "lars"])
+@on_every_backend
 def test_compiled_step_equals_eager(device, backend, algorithm):
     """torch.compile(opt.step) (inductor) over several steps of an lr schedule matches eager; the
     graph holds the backend's registered operators, not a break around them."""
@@ -374,6 +383,7 @@ def _op_inputs(device, dtype, master):
 
 @pytest.mark.parametrize("master", [False, True], ids=["plain", "master"])
 @pytest.mark.parametrize("dtype", (torch.float32, *LOW), ids=str)
+@on_every_backend
 def test_opcheck_every_operator(device, backend, dtype, master):
     """torch.library.opcheck: schemas, fake kernels and declared mutations of every operator."""
     if backend == "torch":

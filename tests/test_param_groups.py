@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lamb_float64 import Float64LAMB
-from harness import rel_error
+from harness import on_every_backend, rel_error
 from lamb_kernels import FusedLAMB, FusedLARS, param_groups
 from tolerances import PARAM_RTOL
 from lars_float64 import Float64LARS
@@ -102,6 +102,7 @@ def one_step(model, make_optimizer, make_reference):
 
 
 @pytest.mark.parametrize("model", [conv_net, transformer_block])
+@on_every_backend
 def test_groups_step_both_optimizers_like_the_references(model, backend, device):
     one_step(model().to(device), lambda groups: FusedLAMB(groups, lr=1e-2, backend=backend),
              lambda groups: Float64LAMB(groups, lr=1e-2))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lamb_kernels
+from harness import on_every_backend
 from lamb_float64 import Float64LAMB
 from lamb_kernels import FusedLAMB
 from lamb_kernels.hyper_table import WIDTH, LambColumn
@@ -139,6 +140,7 @@ def test_native_kernels_round_as_the_reference_bit_for_bit(backend):
 
 # -- 2. FusedLAMB with bf16 states ----------------------------------------------------------------
 
+@on_every_backend
 def test_bf16_states_track_the_float64_reference_within_the_derived_bound(device, backend):
     """The bound: each stored m and v is within one bf16 spacing (2^-7 relative) of the fp32 value
     it rounds, and an error carries into later steps multiplied by beta < 1, so after N steps m and v
@@ -151,6 +153,7 @@ def test_bf16_states_track_the_float64_reference_within_the_derived_bound(device
     assert all(opt.state[p]["exp_avg"].dtype == BF16 and opt.state[p]["exp_avg_sq"].dtype == BF16 for p in params)
 
 
+@on_every_backend
 def test_bf16_states_are_deterministic_and_depend_on_the_seed(device, backend):
     first, opt1 = run(device, backend, 3)
     second, opt2 = run(device, backend, 3)
@@ -176,6 +179,7 @@ def test_backends_agree_on_bf16_states():
             assert ((a - b).abs() <= a.abs() * ULP * 1.0001 + 1e-30).all(), (name, key)
 
 
+@on_every_backend
 def test_bf16_state_bytes(device, backend):
     params, opt = run(device, backend, 1)
     state_bytes = sum(t.numel() * t.element_size() for p in params for k, t in opt.state[p].items()
@@ -185,6 +189,7 @@ def test_bf16_state_bytes(device, backend):
 
 # -- 3. checkpoints -------------------------------------------------------------------------------
 
+@on_every_backend
 def test_a_bf16_checkpoint_resumes_bit_for_bit(device, backend):
     params, opt = run(device, backend, 3)
     saved = copy.deepcopy(opt.state_dict())
@@ -203,6 +208,7 @@ def test_a_bf16_checkpoint_resumes_bit_for_bit(device, backend):
 
 
 @pytest.mark.parametrize("saved_dtype, loaded_dtype", [(torch.float32, BF16), (BF16, torch.float32)])
+@on_every_backend
 def test_checkpoints_load_into_another_state_dtype(device, backend, saved_dtype, loaded_dtype):
     params, opt = run(device, backend, 2, state_dtype=saved_dtype)
     saved = copy.deepcopy(opt.state_dict())
@@ -220,6 +226,7 @@ def test_checkpoints_load_into_another_state_dtype(device, backend, saved_dtype,
     assert all(target.state[q]["exp_avg"].dtype == loaded_dtype for q in loaded)
 
 
+@on_every_backend
 def test_state_dtype_changed_between_steps_converts_the_states(device, backend):
     params, opt = run(device, backend, 2, state_dtype=torch.float32)
     before = [opt.state[p]["exp_avg"].clone() for p in params]
@@ -246,6 +253,7 @@ def test_bad_state_dtype_and_seed_are_named():
 
 # -- 4. reused steps ------------------------------------------------------------------------------
 
+@on_every_backend
 def test_reused_steps_round_as_full_steps(device, backend):
     """The rounding keys advance with the step counts on the reused path too."""
     results = []
@@ -265,6 +273,7 @@ def test_reused_steps_round_as_full_steps(device, backend):
         assert torch.equal(p, q) and torch.equal(opt_a.state[p]["exp_avg"], opt_b.state[q]["exp_avg"])
 
 
+@on_every_backend
 def test_capturable_step_counts_round_as_host_ones(device, backend):
     """Step counts on the device (capturable): the keys are computed there, with the same bits."""
     runs = [run(device, backend, 3, capturable=capturable) for capturable in (False, True)]
@@ -273,6 +282,7 @@ def test_capturable_step_counts_round_as_host_ones(device, backend):
         assert torch.equal(p, q) and torch.equal(opt_a.state[p]["exp_avg_sq"], opt_b.state[q]["exp_avg_sq"])
 
 
+@on_every_backend
 def test_bf16_states_with_master_weights_and_a_skipped_step(device, backend):
     """bf16 parameters with fp32 masters and bf16 states; a GradScaler's non-finite step leaves
     every state bit, step count and parameter as it was."""
@@ -319,6 +329,7 @@ def run_lars(device, backend, steps, state_dtype=BF16, seed=0, **options):
     return params, opt
 
 
+@on_every_backend
 def test_lars_bf16_buffers_track_the_float64_reference_within_the_derived_bound(device, backend):
     """Each stored buffer is within 2^-7 of the fp32 value it rounds, and an error carries into later
     steps multiplied by momentum < 1: after N steps a buffer, and so a step's movement, is within
@@ -370,6 +381,7 @@ def test_native_lars_kernels_round_as_the_reference_bit_for_bit(backend):
         assert torch.equal(b, round_bf16_stochastic(g, key, 0))
 
 
+@on_every_backend
 def test_lars_bf16_checkpoint_resumes_bit_for_bit_and_reused_steps_round_as_full_steps(device, backend):
     params, opt = run_lars(device, backend, 3)
     saved = copy.deepcopy(opt.state_dict())
@@ -383,6 +395,7 @@ def test_lars_bf16_checkpoint_resumes_bit_for_bit_and_reused_steps_round_as_full
         assert torch.equal(p, q) and torch.equal(opt.state[p]["momentum_buffer"], resumed.state[q]["momentum_buffer"])
 
 
+@on_every_backend
 def test_lars_float32_buffers_keep_no_step_count_and_groups_without_momentum_none(device, backend):
     params, opt = run_lars(device, backend, 2, state_dtype=torch.float32)
     assert all("step" not in opt.state[p] and opt.state[p]["momentum_buffer"].dtype == torch.float32 for p in params)
