@@ -1,6 +1,6 @@
 // The library as a Python module (`lamb_kernels._C`), with one function for the optimizers' host
 // path: `layouts`, what a step's checks depend on, read from a whole list of tensors in one call
-// (lamb_kernels/optimizers/base.py compares it with the last full check's). The ahead-of-time build
+// (lamb_kernels/optimizers/plan_cache.py compares it with the last full check's). The ahead-of-time build
 // imports this module; the just-in-time build loads the same library with torch.ops.load_library
 // and imports it from its path (lamb_kernels/extension.py).
 #include <Python.h>

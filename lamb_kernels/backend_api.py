@@ -42,7 +42,7 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LambSegment:
     """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters.
 
@@ -54,12 +54,12 @@ class LambSegment:
     a one-element tensor. Tensors reach the kernels through device-side writes into the
     hyperparameter table, so a captured CUDA graph reads their values at replay."""
 
-    params: list
-    grads: list
-    exp_avgs: list
-    exp_avg_sqs: list
-    bias_correction1: list  # per tensor: 1 - beta1^t (1.0 without bias correction)
-    bias_correction2: list  # per tensor: 1 - beta2^t
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    exp_avgs: list = field(default_factory=list)
+    exp_avg_sqs: list = field(default_factory=list)
+    bias_correction1: list = field(default_factory=list)  # per tensor: 1 - beta1^t (1.0 without bias correction)
+    bias_correction2: list = field(default_factory=list)  # per tensor: 1 - beta2^t
     lr: float
     beta1: float
     beta2: float
@@ -87,15 +87,15 @@ class LambSegment:
                        "max_grad_norm", "trust_ratio_bounds")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LarsSegment:
     """One param group's tensors inside one (device, dtype) bucket, with that group's hyperparameters;
     ``params`` and ``low_precision_params`` as in LambSegment."""
 
-    params: list
-    grads: list
-    momentum_buffers: list  # per tensor: the buffer, or None when the group has no momentum
-    first_step: list  # per tensor: True when its buffer is new (it becomes d, as in torch's SGD)
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    momentum_buffers: list = field(default_factory=list)  # per tensor: the buffer, or None when the group has no momentum
+    first_step: list = field(default_factory=list)  # per tensor: True when its buffer is new (it becomes d, as in torch's SGD)
     lr: float
     momentum: float
     dampening: float

@@ -122,14 +122,12 @@ class HyperTable:
         self.device = device
         self._static = None
         self.table = None
-        self.uploads = 0  # for tests
 
     def update(self, segments) -> torch.Tensor:
         static = _table(segments, self._columns_of)
         if self._static is None or not np.array_equal(static, self._static):
             self.table = to_device(static.copy(), self.device)  # a copy: its tensor entries are written below
             self._static = static
-            self.uploads += 1
         for first, last, column, value in _tensor_writes(segments, self._columns_of):
             value = value.to(device=self.device, dtype=torch.float32)
             self.table[first:last, column] = value.reshape(-1) if value.numel() > 1 else value.reshape(())

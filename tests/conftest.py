@@ -47,3 +47,22 @@ else:
     settings.register_profile("ci", max_examples=150, derandomize=True, deadline=None, suppress_health_check=_SLOW)
     settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=_SLOW)
     settings.load_profile("ci")
+
+
+@pytest.fixture
+def reused_steps(monkeypatch):
+    """``reused_steps(opt)``: how many steps of `opt` reused the plans of an earlier one (the library
+    keeps no counter: this wraps lamb_kernels.optimizers.plan_cache.reuse, which the step calls)."""
+    from lamb_kernels.optimizers import plan_cache
+
+    counts = {}
+    reuse = plan_cache.reuse
+
+    def counting_reuse(opt, *args):
+        plans = reuse(opt, *args)
+        if plans is not None:
+            counts[id(opt)] = counts.get(id(opt), 0) + 1
+        return plans
+
+    monkeypatch.setattr(plan_cache, "reuse", counting_reuse)
+    return lambda opt: counts.get(id(opt), 0)

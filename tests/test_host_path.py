@@ -10,7 +10,7 @@ import torch
 
 from harness import on_every_backend
 from lamb_kernels import FusedLAMB, FusedLARS
-from lamb_kernels.optimizers import plan_cache
+from lamb_kernels.optimizers import validation
 
 LARS_OPTIONS = dict(lr=0.2, momentum=0.9, weight_decay=1e-4)
 OPTIMIZERS = [pytest.param(FusedLAMB, {}, id="lamb"), pytest.param(FusedLARS, LARS_OPTIONS, id="lars")]
@@ -30,11 +30,12 @@ def set_grads(params, seed):
 
 def warm(opt, params, steps=3):
     """Steps until the plans are reused (the first step creates state, the second plans the loop),
-    and asserts the last one reused them."""
+    and asserts the last one reused them (it kept the cache it found: a full step makes a new one)."""
     for step in range(steps):
         set_grads(params, 100 + step)
+        cache = opt._step_cache
         opt.step()
-    assert opt.reused_steps >= 1 and opt._step_cache is not None
+    assert cache is not None and opt._step_cache is cache
 
 
 def snapshot(opt, params):
@@ -104,22 +105,22 @@ def _loop(device, backend, optimizer, options, steps, reuse, master=False):
 @pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
 @on_every_backend
-def test_reused_steps_match_full_steps_bit_for_bit(device, backend, optimizer, options, master):
+def test_reused_steps_match_full_steps_bit_for_bit(device, backend, optimizer, options, master, reused_steps):
     reused, opt = _loop(device, backend, optimizer, options, steps=8, reuse=True, master=master)
     full, full_opt = _loop(device, backend, optimizer, options, steps=8, reuse=False, master=master)
-    assert opt.reused_steps >= 2 and full_opt.reused_steps == 0
+    assert reused_steps(opt) >= 2 and reused_steps(full_opt) == 0
     assert_same(snapshot(full_opt, full), snapshot(opt, reused))
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
 @on_every_backend
-def test_a_steady_loop_reuses_every_step_after_the_second(device, backend, optimizer, options):
+def test_a_steady_loop_reuses_every_step_after_the_second(device, backend, optimizer, options, reused_steps):
     params = make_params(device)
     opt = optimizer(params, backend=backend, **options)
     for step in range(5):
         set_grads(params, step)
         opt.step()
-    assert opt.reused_steps == 3
+    assert reused_steps(opt) == 3
 
 
 @on_every_backend
@@ -262,7 +263,7 @@ def test_state_replaced_by_hand_is_checked_or_used(device, backend, optimizer, o
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
 @on_every_backend
-def test_state_replaced_by_an_equal_tensor_is_the_one_stepped(device, backend, optimizer, options):
+def test_state_replaced_by_an_equal_tensor_is_the_one_stepped(device, backend, optimizer, options, reused_steps):
     """A state entry replaced by a new tensor of the same shape, dtype and layout (only its memory
     differs): the step must update the new tensor, as a full step does."""
     def make():
@@ -270,12 +271,12 @@ def test_state_replaced_by_an_equal_tensor_is_the_one_stepped(device, backend, o
         return optimizer(params, backend=backend, **options), params
 
     def replace(opt, params):
-        for key in opt._STATE_TENSORS:
+        for key in opt.DECLARATION.tensors:
             if key in opt.state[params[1]]:
                 opt.state[params[1]][key] = opt.state[params[1]][key].clone()
 
     opt = assert_steps_as_a_full_step(make, replace, seed=22)
-    assert opt.reused_steps == 1  # (warm's step; the last one is planned afresh)
+    assert reused_steps(opt) == 1  # (warm's step; the last one is planned afresh)
 
 
 @pytest.mark.parametrize("optimizer, options", OPTIMIZERS)
@@ -406,12 +407,12 @@ def test_a_new_hyperparameter_value_is_used_at_once(device, backend):
 # -- 3. the layouts a reused step compares --------------------------------------------------------
 
 def _layouts_implementations():
-    found = [pytest.param(plan_cache.python_layouts, id="python")]
+    found = [pytest.param(validation.python_layouts, id="python")]
     try:
-        plan_cache.extension.load()  # (builds the C++ library if needed: its layouts are tested too)
-    except plan_cache.extension.ExtensionUnavailable:
+        validation.extension.load()  # (builds the C++ library if needed: its layouts are tested too)
+    except validation.extension.ExtensionUnavailable:
         pass
-    module = plan_cache.extension.host_module()
+    module = validation.extension.host_module()
     if module is not None:
         found.append(pytest.param(module.layouts, id="c"))
     return found

@@ -1,5 +1,6 @@
-"""FusedLAMB (apex's signature) and FusedMixedPrecisionLamb: their hyperparameters and state, and
-`lamb_step`, the one place the order of LAMB's stages lives (docs/design.md section 2)."""
+"""FusedLAMB (apex's signature) and FusedMixedPrecisionLamb: their arguments, and LAMB's
+declaration (declaration.py): its hyperparameters, its state, its segments, and its stage function
+(`lamb_step`, stages.py)."""
 from __future__ import annotations
 
 import math
@@ -7,38 +8,10 @@ import math
 import torch
 
 from ..backend_api import LambSegment
-from ..distributed import all_reduce_sharded_
-from .step_counts import (advance_reused, advance_step_counts, move_step_count_for, new_step_count, pack_step_counts,
-                          rounding_keys)
-from .state_storage import STATE_DTYPE, STATE_DTYPES, new_state, scales_key, storage_dtype
-from .base import MultiTensorOptimizer, bucket_shardings, lr_of, on_device
-from .checks import as_int as _as_int, check_flag, check_number, check_seed, check_state_dtype, hyperparameter
-
-
-def _validate_lamb_group(group: dict, where: str = "") -> None:
-    """Raise naming the hyperparameter that is out of range (ValueError) or of the wrong type
-    (TypeError); `where` names the group."""
-    for name in ("lr", "eps", "weight_decay"):
-        check_number(name, hyperparameter(group, name, where), where)
-    betas = hyperparameter(group, "betas", where)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
-    check_number("betas[0]", betas[0], where, hi=1.0, hi_open=True)
-    check_number("betas[1]", betas[1], where, hi=1.0, hi_open=True)
-    if hyperparameter(group, "max_grad_norm", where) is not None:
-        check_number("max_grad_norm", group["max_grad_norm"], where)
-    for name in ("bias_correction", "grad_averaging", "adam_w_mode", "use_nvlamb"):
-        check_flag(name, hyperparameter(group, name, where), where)
-    check_flag("layer_adaptation", group.get("layer_adaptation"), where, none_ok=True)
-    check_flag("capturable", group.get("capturable", False), where)
-    check_state_dtype(group.get("state_dtype", STATE_DTYPE), STATE_DTYPES, where)
-    check_seed(group.get("seed", 0), where)
-    bounds = group.get("trust_ratio_bounds")
-    if bounds is not None:
-        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
-            raise ValueError(f"{where}trust_ratio_bounds must be a pair (lo, hi), got {bounds!r}")
-        check_number("trust_ratio_bounds[0]", bounds[0], where)
-        check_number("trust_ratio_bounds[1]", bounds[1], where, lo=float(bounds[0]))
+from .checks import as_int as _as_int, check_number
+from .declaration import COMMON, Declaration, Flag, Number, Pair, StateEntry, group_state_dtype, lr_of
+from .optimizer import MultiTensorOptimizer
+from .stages import lamb_step
 
 
 def _clip_threshold(max_grad_norm) -> float:
@@ -46,6 +19,71 @@ def _clip_threshold(max_grad_norm) -> float:
     if max_grad_norm is None or not 0 < float(max_grad_norm) < math.inf:
         return 0.0
     return float(max_grad_norm)
+
+
+def _segment_values(group: dict) -> dict:
+    """The group-wide values of a LambSegment of `group` (backend_api.py)."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    wd = float(group["weight_decay"])
+    adaptation = group.get("layer_adaptation")
+    if adaptation is None:
+        adaptation = bool(group["use_nvlamb"]) or wd != 0
+    bounds = group.get("trust_ratio_bounds") or (0.0, math.inf)
+    return dict(
+        lr=lr_of(group), beta1=beta1, beta2=beta2, beta3=1.0 - beta1 if group["grad_averaging"] else 1.0,
+        eps=float(group["eps"]), weight_decay=wd, adam_w_mode=bool(group["adam_w_mode"]),
+        layer_adaptation=bool(adaptation), max_grad_norm=_clip_threshold(group["max_grad_norm"]),
+        trust_ratio_bounds=(float(bounds[0]), float(bounds[1])),
+    )
+
+
+def _corrections(group: dict, counts) -> tuple:
+    """(1 - beta1^t, 1 - beta2^t) per tensor of step count t: `counts` a list of floats (the result:
+    lists of floats, a value computed once when all counts agree) or a tensor on the step counts'
+    device (the result: float32 tensors, computed there in float64 and rounded once, as the host
+    rounds). 1.0 without bias correction. (t is 0 only when a GradScaler skipped a first step:
+    nothing reads it then.)"""
+    n = len(counts)
+    if not group["bias_correction"]:
+        return [1.0] * n, [1.0] * n
+    beta1, beta2 = (float(b) for b in group["betas"])
+    if isinstance(counts, list):
+        if n and min(counts) == max(counts):
+            t = max(counts[0], 1.0)
+            return [1.0 - beta1 ** t] * n, [1.0 - beta2 ** t] * n
+        return [1.0 - beta1 ** max(t, 1.0) for t in counts], [1.0 - beta2 ** max(t, 1.0) for t in counts]
+    t = counts.to(torch.float64).clamp(min=1.0)
+    return (1.0 - torch.pow(beta1, t)).to(torch.float32), (1.0 - torch.pow(beta2, t)).to(torch.float32)
+
+
+LAMB = Declaration(
+    hyperparameters=(
+        Number("lr"), Number("eps"), Number("weight_decay"), Pair("betas", "(beta1, beta2)", hi=1.0, hi_open=True),
+        Number("max_grad_norm", none_ok=True), Flag("bias_correction"), Flag("grad_averaging"),
+        Flag("adam_w_mode"), Flag("use_nvlamb"), *COMMON,
+        Pair("trust_ratio_bounds", "(lo, hi)", ordered=True, none_ok=True, absent=None),
+    ),
+    rule=lambda group, where: None,
+    entries=(
+        StateEntry("step", counter=True, required=True),
+        StateEntry("exp_avg", signed=True, required=True, segment_field="exp_avgs", scales_field="exp_avg_scales"),
+        StateEntry("exp_avg_sq", signed=False, required=True, segment_field="exp_avg_sqs",
+                   scales_field="exp_avg_sq_scales"),
+    ),
+    keeps=lambda group: ("exp_avg", "exp_avg_sq"),
+    counts_steps=lambda group: True,
+    first_values=(),
+    segment=LambSegment,
+    segment_values=_segment_values,
+    bucket_state_dtype=group_state_dtype,
+    bias_corrections=_corrections,
+    structure=lambda group: (),
+    # The grad norm's ||g||^2 when a group clips; else the first all-reduce, ||p||^2 and ||u||^2,
+    # comes after the moments are written.
+    sums_before_writes=lambda groups: int(any(_clip_threshold(group["max_grad_norm"]) > 0 for group in groups)),
+    prepare="prepare_lamb",
+    run=lamb_step,
+)
 
 
 class FusedLAMB(MultiTensorOptimizer):
@@ -155,11 +193,7 @@ class FusedLAMB(MultiTensorOptimizer):
     grads are unscaled in the kernels, and a non-finite grad skips the whole step on the device.
     """
 
-    _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")
-    _SIGNED = {"exp_avg": True, "exp_avg_sq": False}
-    _STATE_KEYS = (*_STATE_TENSORS, "step", "exp_avg_scales", "exp_avg_sq_scales")
-    _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")
-    _validate_group = staticmethod(_validate_lamb_group)
+    DECLARATION = LAMB
 
     def __init__(
         self,
@@ -194,10 +228,6 @@ class FusedLAMB(MultiTensorOptimizer):
         self.set_grad_none = set_grad_none
         super().__init__(params, defaults, backend, master_weights)
 
-    @staticmethod
-    def _new_step_count(p: torch.Tensor, group: dict) -> torch.Tensor:
-        return new_step_count(p, group)
-
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         """As torch.optim's; without ``set_to_none`` (None), the constructor's ``set_grad_none`` decides:
         True sets the grads to None, False zeroes them (apex's behaviour)."""
@@ -215,184 +245,6 @@ class FusedLAMB(MultiTensorOptimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("set_grad_none", True)
-
-    def _init_state(self, work: list, found_inf) -> list:
-        """Moments for the parameters stepping for the first time; every step count advanced (by 0
-        where a GradScaler found a non-finite grad, decided on the device). Returns per parameter
-        (its state, whether it is new)."""
-        states = []
-        for group, params in work:
-            group_states = []
-            for p, _, _, _, state in params:
-                new = not state
-                if new:
-                    state = self.state[p]
-                    state["step"] = self._new_step_count(p, group)
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        new_state(p, self._state_dtype(group, key), scales_key(key), state, key)
-                move_step_count_for(found_inf, p, state)
-                group_states.append((state, new))
-            advance_step_counts([state["step"] for state, _ in group_states], found_inf)
-            states.append(group_states)
-        return states
-
-    def _bucket(self, work: list, states: list) -> dict:
-        """Per group, one LambSegment per bucket it has parameters in, with each tensor's bias
-        corrections from its (advanced) step count."""
-        buckets = {}
-        for (group, params), group_states in zip(work, states):
-            make_segment = _segment_maker(group)
-            state_dtype = group.get("state_dtype", STATE_DTYPE)
-            segments_of_group, seg_of = {}, []
-            for (p, name, position, shard, _), (state, _) in zip(params, group_states):
-                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment,
-                                        state_dtype)
-                seg.params.append(self._weights(p, shard, state, seg))
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                seg.exp_avgs.append(exp_avg if shard is p else exp_avg._local_tensor)
-                seg.exp_avg_sqs.append(exp_avg_sq if shard is p else exp_avg_sq._local_tensor)
-                if "exp_avg_scales" in state and exp_avg.dtype == torch.int8:  # 8-bit states (never sharded)
-                    seg.exp_avg_scales.append(state["exp_avg_scales"])
-                    seg.exp_avg_sq_scales.append(state["exp_avg_sq_scales"])
-                seg_of.append(seg)
-            _add_bias_corrections(self, group, [state["step"] for state, _ in group_states], seg_of,
-                                  list(segments_of_group.values()))
-        return buckets
-
-    def _state_dtype(self, group, key: str) -> torch.dtype:
-        if group is None or key not in self._SIGNED:
-            return STATE_DTYPE
-        return storage_dtype(group.get("state_dtype", STATE_DTYPE), self._SIGNED[key])
-
-    def _prepare(self, backend, segments):
-        return backend.prepare_lamb(segments)
-
-    # -- reused steps (plan_cache.py) ------------------------------------------------------------
-
-    def _settings(self) -> tuple:
-        return (*super()._settings(), getattr(self, "reduced_precision_dtype", None))
-
-    def _hyper_segment(self, group: dict) -> LambSegment:
-        return _segment_maker(group)()
-
-    def _reusable(self, states: list) -> bool:
-        return not any(new for group_states in states for _, new in group_states)
-
-    def _remember_step_counts(self, cache) -> bool:
-        return pack_step_counts(cache)
-
-    def _advance_reused(self, cache, found_inf) -> None:
-        advance_reused(self, cache, found_inf, corrections=_corrections)
-
-    @staticmethod
-    def _run(plans: list, grad_scale, found_inf, sharded_grads=None) -> None:
-        lamb_step(plans, grad_scale, found_inf, sharded_grads)
-
-    def _sums_before_writes(self) -> int:
-        # The grad norm's ||g||^2 when a group clips; else the first all-reduce, ||p||^2 and ||u||^2,
-        # comes after the moments are written.
-        return int(any(_clip_threshold(group["max_grad_norm"]) > 0 for group in self.param_groups))
-
-
-def _segment_maker(group: dict):
-    """A function that makes an empty LambSegment with `group`'s hyperparameters."""
-    beta1, beta2 = (float(b) for b in group["betas"])
-    wd = float(group["weight_decay"])
-    adaptation = group.get("layer_adaptation")
-    if adaptation is None:
-        adaptation = bool(group["use_nvlamb"]) or wd != 0
-    bounds = group.get("trust_ratio_bounds") or (0.0, math.inf)
-    lr = lr_of(group)
-    state_dtype = group.get("state_dtype", STATE_DTYPE)
-
-    def make_segment():
-        return LambSegment(
-            params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], bias_correction1=[], bias_correction2=[], lr=lr,
-            beta1=beta1, beta2=beta2, beta3=1.0 - beta1 if group["grad_averaging"] else 1.0,
-            eps=float(group["eps"]), weight_decay=wd, adam_w_mode=bool(group["adam_w_mode"]),
-            layer_adaptation=bool(adaptation), max_grad_norm=_clip_threshold(group["max_grad_norm"]),
-            trust_ratio_bounds=(float(bounds[0]), float(bounds[1])), state_dtype=state_dtype,
-        )
-
-    return make_segment
-
-
-def _add_bias_corrections(optimizer, group: dict, steps: list, seg_of: list, segments: list) -> None:
-    """Each tensor's 1 - beta^t into its segment (`steps`: the group's step counts; `seg_of`: per
-    tensor, its segment): floats when the group's step counts are on the CPU, else one float32
-    tensor per segment computed on the step counts' device (no sync); and for bf16 states, each
-    tensor's rounding key from its count (step_counts.rounding_keys)."""
-    on_host = not group.get("capturable") and all(t.device.type == "cpu" for t in steps)
-    for seg in segments:
-        rounds = seg.state_dtype != torch.float32
-        if not group["bias_correction"] and not rounds:  # (no count is read: any one-element count is fine)
-            seg.bias_correction1 = seg.bias_correction2 = [1.0] * len(seg.params)
-            continue
-        counts = torch.cat([step.reshape(1) for step, owner in zip(steps, seg_of) if owner is seg])
-        counts = counts.tolist() if on_host else counts
-        seg.bias_correction1, seg.bias_correction2 = _corrections(group, counts)
-        seg.rounding_keys = rounding_keys(optimizer, group, seg, counts, on_host)
-
-
-def _corrections(group: dict, counts) -> tuple:
-    """(1 - beta1^t, 1 - beta2^t) per tensor of step count t: `counts` a list of floats (the result:
-    lists of floats, a value computed once when all counts agree) or a tensor on the step counts'
-    device (the result: float32 tensors, computed there in float64 and rounded once, as the host
-    rounds). 1.0 without bias correction. (t is 0 only when a GradScaler skipped a first step:
-    nothing reads it then.)"""
-    n = len(counts)
-    if not group["bias_correction"]:
-        return [1.0] * n, [1.0] * n
-    beta1, beta2 = (float(b) for b in group["betas"])
-    if isinstance(counts, list):
-        if n and min(counts) == max(counts):
-            t = max(counts[0], 1.0)
-            return [1.0 - beta1 ** t] * n, [1.0 - beta2 ** t] * n
-        return [1.0 - beta1 ** max(t, 1.0) for t in counts], [1.0 - beta2 ** max(t, 1.0) for t in counts]
-    t = counts.to(torch.float64).clamp(min=1.0)
-    return (1.0 - torch.pow(beta1, t)).to(torch.float32), (1.0 - torch.pow(beta2, t)).to(torch.float32)
-
-
-def lamb_step(plans, grad_scale, found_inf, sharded_grads=None) -> None:
-    """One LAMB step on every bucket: the only place the order of its stages lives (docs/design.md
-    section 2). `plans`: (backend, (device, dtype, backend name), plan) per bucket; `sharded_grads`:
-    the optimizer's sharded parameters (distributed.ShardedGrads), None when it has none."""
-    # 1. Global grad norm over every parameter with a grad, in all groups; skipped when no group
-    # clips. Bucket sums are added in a fixed order, so reruns give the same bits. Under a
-    # GradScaler these are sums over the scaled grads: the kernels divide the norm by the scale.
-    # Sharded tensors' sums are summed over their ranks first (lamb_kernels/distributed.py), in the
-    # step's first all-reduce, which also finds a sharded parameter with a grad on some ranks only
-    # before anything is written: without clipping, it carries only that.
-    shardings = bucket_shardings(plans)
-    clips = any(_plan_clips(plan) for _, _, plan in plans)
-    per_tensor = [backend.grad_sums_of_squares(plan) for backend, _, plan in plans] if clips else []
-    if sharded_grads is not None:
-        sharded_grads.all_reduce_(per_tensor, shardings if clips else ())
-    elif clips and shardings:
-        all_reduce_sharded_(per_tensor, *shardings)
-    grad_sumsq = None
-    if clips:
-        sums = [sums.sum() for sums in per_tensor]
-        grad_sumsq = sums[0]
-        for partial in sums[1:]:
-            grad_sumsq = grad_sumsq + partial.to(grad_sumsq.device)
-
-    # 2-5 on every bucket, then the per-tensor ||p||^2, ||u||^2 of sharded tensors summed over
-    # their ranks, then 6-7.
-    norms, founds = [], []
-    for backend, (device, *_), plan in plans:
-        scale, found = on_device(grad_scale, device), on_device(found_inf, device)
-        norms.append(backend.lamb_moments_(plan, None if grad_sumsq is None else grad_sumsq.to(device), scale, found))
-        founds.append(found)
-    if shardings:
-        all_reduce_sharded_(norms, *shardings)
-    for (backend, _, plan), bucket_norms, found in zip(plans, norms, founds):
-        backend.lamb_apply_(plan, bucket_norms, found)
-
-
-def _plan_clips(plan) -> bool:
-    """Whether any group in a LAMB plan clips (every backend's plan keeps its segments)."""
-    return any(seg.max_grad_norm > 0 for seg in plan.segments)
 
 
 def _state_dict_from_apex(state_dict: dict) -> dict:
@@ -520,10 +372,8 @@ class FusedMixedPrecisionLamb(FusedLAMB):
                 group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=group["params"][0].device)
 
     def _wants_master(self, p: torch.Tensor) -> bool:
+        # (apex's rule: master weights for the parameters of reduced_precision_dtype only)
         return self.reduced_precision_dtype is not None and p.dtype == self.reduced_precision_dtype
-
-    def _new_step_count(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        return super()._new_step_count(p, group).fill_(self.initial_step)
 
     def __getstate__(self):
         state = super().__getstate__()

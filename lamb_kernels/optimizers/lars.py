@@ -1,34 +1,78 @@
-"""FusedLARS (timm's signature, apex's LARC clipping): its hyperparameters and state, and
-`lars_step`, the one place the order of LARS's stages lives (docs/design.md section 3)."""
+"""FusedLARS (timm's signature, apex's LARC clipping): its arguments, and LARS's declaration
+(declaration.py): its hyperparameters, its state, its segments, and its stage function
+(`lars_step`, stages.py)."""
 from __future__ import annotations
 
 import torch
 
 from ..backend_api import LarsSegment
-from ..distributed import all_reduce_sharded_, local
-from .state_storage import STATE_DTYPE, STATE_DTYPES, new_state, storage_dtype
-from .base import MultiTensorOptimizer, bucket_shardings, lr_of, on_device
-from .checks import as_int as _as_int, check_flag, check_number, check_seed, check_state_dtype, hyperparameter
-from .step_counts import (advance_reused, advance_step_counts, move_step_count_for, new_step_count, pack_step_counts,
-                          rounding_keys)
+from .checks import as_int as _as_int
+from .declaration import COMMON, Declaration, Flag, Number, StateEntry, lr_of
+from .optimizer import MultiTensorOptimizer
+from .stages import lars_step
+from .state import STATE_DTYPE
 
 
-def _validate_lars_group(group: dict, where: str = "") -> None:
-    """Raise naming the hyperparameter that is out of range (ValueError) or of the wrong type
-    (TypeError); `where` names the group."""
-    for name in ("lr", "momentum", "dampening", "weight_decay", "trust_coeff", "eps"):
-        check_number(name, hyperparameter(group, name, where), where)
-    for name in ("nesterov", "trust_clip", "always_adapt"):
-        check_flag(name, hyperparameter(group, name, where), where)
-    check_flag("layer_adaptation", group.get("layer_adaptation"), where, none_ok=True)
-    check_flag("capturable", group.get("capturable", False), where)
-    check_state_dtype(group.get("state_dtype", STATE_DTYPE), STATE_DTYPES, where)
-    check_seed(group.get("seed", 0), where)
+def _nesterov_needs_momentum(group: dict, where: str) -> None:
     if group["nesterov"] and (float(group["momentum"]) <= 0 or float(group["dampening"]) != 0):
         raise ValueError(
             f"{where}nesterov=True needs momentum > 0 and dampening == 0, got momentum="
             f"{group['momentum']!r}, dampening={group['dampening']!r}"
         )
+
+
+def _adapts(group: dict) -> bool:
+    """Whether a group's parameters get the trust ratio (and so their norms are taken)."""
+    adaptation = group.get("layer_adaptation")
+    if adaptation is None:
+        return float(group["weight_decay"]) != 0 or bool(group["always_adapt"])
+    return bool(adaptation)
+
+
+def _has_momentum(group: dict) -> bool:
+    return float(group["momentum"]) != 0
+
+
+def _segment_values(group: dict) -> dict:
+    """The group-wide values of a LarsSegment of `group` (backend_api.py)."""
+    return dict(
+        lr=lr_of(group), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+        weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+        trust_coeff=float(group["trust_coeff"]), eps=float(group["eps"]), trust_clip=bool(group["trust_clip"]),
+        adaptation=_adapts(group),
+    )
+
+
+def _buffer_dtype(group: dict):
+    """What a group's buckets keep buffers in: a group without momentum has none, and joins float32's."""
+    return group.get("state_dtype", STATE_DTYPE) if _has_momentum(group) else STATE_DTYPE
+
+
+LARS = Declaration(
+    hyperparameters=(
+        Number("lr"), Number("momentum"), Number("dampening"), Number("weight_decay"), Number("trust_coeff"),
+        Number("eps"), Flag("nesterov"), Flag("trust_clip"), Flag("always_adapt"), *COMMON,
+    ),
+    rule=_nesterov_needs_momentum,
+    entries=(
+        StateEntry("momentum_buffer", signed=True, segment_field="momentum_buffers",
+                   scales_field="momentum_buffer_scales"),
+        # bf16 and int8 buffers only: a step count seeds their rounding
+        StateEntry("step", counter=True),
+    ),
+    keeps=lambda group: ("momentum_buffer",) if _has_momentum(group) else (),
+    counts_steps=lambda group: _buffer_dtype(group) != STATE_DTYPE,
+    first_values=("momentum_buffer",),  # a new buffer becomes d in its first step, as in torch's SGD
+    segment=LarsSegment,
+    segment_values=_segment_values,
+    bucket_state_dtype=_buffer_dtype,
+    bias_corrections=None,
+    structure=lambda group: (_has_momentum(group),),
+    # ||p||^2 and ||g||^2 when a group adapts; else the step all-reduces nothing before its writes.
+    sums_before_writes=lambda groups: 2 if any(_adapts(group) for group in groups) else 0,
+    prepare="prepare_lars",
+    run=lars_step,
+)
 
 
 class FusedLARS(MultiTensorOptimizer):
@@ -132,11 +176,7 @@ class FusedLARS(MultiTensorOptimizer):
     grads are unscaled in the kernels, and a non-finite grad skips the whole step on the device.
     """
 
-    _STATE_TENSORS = ("momentum_buffer", "master_param")
-    _SIGNED = {"momentum_buffer": True}
-    _STATE_KEYS = (*_STATE_TENSORS, "step", "momentum_buffer_scales")  # (a step count only with bf16 or int8 buffers)
-    _REQUIRED_STATE = ()
-    _validate_group = staticmethod(_validate_lars_group)
+    DECLARATION = LARS
 
     def __init__(
         self,
@@ -164,144 +204,3 @@ class FusedLARS(MultiTensorOptimizer):
             foreach=foreach, capturable=capturable, state_dtype=state_dtype, seed=_as_int(seed),
         )
         super().__init__(params, defaults, backend, master_weights)
-
-    def _init_state(self, work: list, found_inf) -> list:
-        """A momentum buffer for each parameter of a group with momentum that has none. Returns per
-        parameter (its state, whether its buffer is new): a new buffer becomes d in the first step,
-        as in torch's SGD."""
-        states = []
-        for group, params in work:
-            momentum = float(group["momentum"]) != 0
-            dtype = self._state_dtype(group, "momentum_buffer")
-            counted = momentum and dtype != STATE_DTYPE  # bf16 buffers: a step count seeds their rounding
-            group_states = []
-            for p, _, _, _, state in params:
-                if state is None:  # (as torch's SGD: no state dict for a parameter that keeps nothing)
-                    state = self.state[p] if momentum or counted or self._wants_master(p) else {}
-                new = momentum and state.get("momentum_buffer") is None
-                if new:
-                    # Under a GradScaler that first step may be skipped on the device: the buffer
-                    # then starts from zeros, which momentum * 0 + d reads as d again (exactly when
-                    # dampening is 0).
-                    if dtype == torch.int8:  # (zero codes and scales: nothing reads them before the first step)
-                        new_state(p, dtype, "momentum_buffer_scales", state, "momentum_buffer")
-                    else:
-                        make = torch.empty_like if found_inf is None else torch.zeros_like
-                        state["momentum_buffer"] = make(p, dtype=dtype, memory_format=torch.preserve_format)
-                if counted:
-                    if state.get("step") is None:
-                        state["step"] = new_step_count(p, group)
-                    move_step_count_for(found_inf, p, state)
-                group_states.append((state, new))
-            if counted:
-                advance_step_counts([state["step"] for state, _ in group_states], found_inf)
-            states.append(group_states)
-        return states
-
-    def _state_dtype(self, group, key: str) -> torch.dtype:
-        if group is None or key != "momentum_buffer":
-            return STATE_DTYPE
-        return storage_dtype(group.get("state_dtype", STATE_DTYPE), signed=True)
-
-    @staticmethod
-    def _bucket_state_dtype(group: dict):
-        """A bucket holds one buffer dtype: a group without momentum has no buffer, and joins float32's."""
-        return group.get("state_dtype", STATE_DTYPE) if float(group["momentum"]) != 0 else STATE_DTYPE
-
-    def _bucket(self, work: list, states: list) -> dict:
-        """Per group, one LarsSegment per bucket it has parameters in."""
-        buckets = {}
-        for (group, params), group_states in zip(work, states):
-            state_dtype = self._bucket_state_dtype(group)
-            make_segment = _segment_maker(group, state_dtype)
-            momentum = float(group["momentum"]) != 0
-            segments_of_group, steps = {}, {}
-            for (p, name, position, shard, _), (state, new) in zip(params, group_states):
-                seg = self._segment_for(p, name, position, shard, segments_of_group, buckets, make_segment,
-                                        state_dtype)
-                seg.params.append(self._weights(p, shard, state, seg))
-                buffer = state["momentum_buffer"] if momentum else None
-                seg.momentum_buffers.append(buffer if buffer is None or shard is p else local(buffer))
-                if buffer is not None and buffer.dtype == torch.int8:  # 8-bit buffers (never sharded)
-                    seg.momentum_buffer_scales.append(state["momentum_buffer_scales"])
-                seg.first_step.append(new)
-                if state_dtype != STATE_DTYPE:
-                    steps.setdefault(id(seg), []).append(state["step"])
-            for seg in segments_of_group.values():
-                if seg.state_dtype != STATE_DTYPE:
-                    counts = torch.cat([t.reshape(1) for t in steps[id(seg)]])
-                    on_host = not group.get("capturable") and counts.device.type == "cpu"
-                    seg.rounding_keys = rounding_keys(self, group, seg, counts.tolist() if on_host else counts, on_host)
-        return buckets
-
-    def _prepare(self, backend, segments):
-        return backend.prepare_lars(segments)
-
-    # -- reused steps (plan_cache.py) ------------------------------------------------------------
-
-    def _hyper_segment(self, group: dict) -> LarsSegment:
-        return _segment_maker(group, self._bucket_state_dtype(group))()
-
-    def _structure(self, group: dict) -> tuple:
-        return (*super()._structure(group), float(group["momentum"]) != 0)
-
-    def _reusable(self, states: list) -> bool:
-        return not any(new for group_states in states for _, new in group_states)
-
-    def _remember_step_counts(self, cache) -> bool:
-        return pack_step_counts(cache, counted=lambda bucket: bucket.key[3] != STATE_DTYPE)
-
-    def _advance_reused(self, cache, found_inf) -> None:
-        advance_reused(self, cache, found_inf)
-
-    @staticmethod
-    def _run(plans: list, grad_scale, found_inf, sharded_grads=None) -> None:
-        lars_step(plans, grad_scale, found_inf, sharded_grads)
-
-    def _sums_before_writes(self) -> int:
-        # ||p||^2 and ||g||^2 when a group adapts; else the step all-reduces nothing.
-        return 2 if any(_adapts(group) for group in self.param_groups) else 0
-
-
-def _adapts(group: dict) -> bool:
-    """Whether a group's parameters get the trust ratio (and so their norms are taken)."""
-    adaptation = group.get("layer_adaptation")
-    if adaptation is None:
-        return float(group["weight_decay"]) != 0 or bool(group["always_adapt"])
-    return bool(adaptation)
-
-
-def _segment_maker(group: dict, state_dtype: torch.dtype = STATE_DTYPE):
-    """A function that makes an empty LarsSegment with `group`'s hyperparameters."""
-    wd = float(group["weight_decay"])
-    adaptation = _adapts(group)
-    lr = lr_of(group)
-
-    def make_segment():
-        return LarsSegment(
-            params=[], grads=[], momentum_buffers=[], first_step=[], lr=lr, momentum=float(group["momentum"]),
-            dampening=float(group["dampening"]), weight_decay=wd, nesterov=bool(group["nesterov"]),
-            trust_coeff=float(group["trust_coeff"]), eps=float(group["eps"]), trust_clip=bool(group["trust_clip"]),
-            adaptation=bool(adaptation), state_dtype=state_dtype,
-        )
-
-    return make_segment
-
-
-def lars_step(plans, grad_scale, found_inf, sharded_grads=None) -> None:
-    """One LARS step on every bucket: the only place the order of its stages lives (docs/design.md
-    section 3). `plans` and `sharded_grads` as in lamb_step."""
-    # Per-tensor ||p||^2, ||g||^2 of every bucket (none without adaptation in the bucket: no pass
-    # over memory for norms), those of sharded tensors summed over their ranks, then the update.
-    # That all-reduce, the step's first, also finds a sharded parameter with a grad on some ranks
-    # only, before anything is written; without adaptation, it carries only that.
-    norms = [backend.lars_sums_of_squares(plan) if any(seg.adaptation for seg in plan.segments) else None
-             for backend, _, plan in plans]
-    reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
-    shardings = tuple([part[i] for i in reduced] for part in bucket_shardings(plans, adaptive_only=True))
-    if sharded_grads is not None:
-        sharded_grads.all_reduce_([norms[i] for i in reduced], shardings)
-    elif shardings:
-        all_reduce_sharded_([norms[i] for i in reduced], *shardings)
-    for (backend, (device, *_), plan), bucket_norms in zip(plans, norms):
-        backend.lars_apply_(plan, bucket_norms, on_device(grad_scale, device), on_device(found_inf, device))

@@ -1,25 +1,13 @@
-"""Per-parameter step counts (``state[p]["step"]``): created, moved next to a GradScaler's found_inf,
-advanced (by 0 on a skipped step, decided on the device), packed per bucket for reused steps
-(plan_cache.py), and the per-step values derived from them: LAMB's bias corrections, and the
-rounding keys of states kept in bf16 (rounding.py). LAMB counts every parameter's steps; LARS those
-of parameters whose momentum buffers are bf16."""
+"""Per-parameter step counts (``state[p]["step"]``, created by state.py) advanced (by 0 on a skipped
+step, decided on the device), packed per bucket for reused steps (plan_cache.py), and the per-step
+values derived from them on a reused step: LAMB's bias corrections, and the rounding keys of states
+kept in bf16 or int8 (rounding.py). LAMB counts every parameter's steps; LARS those of parameters
+whose momentum buffers are bf16 or int8 (their declarations' ``counts_steps``)."""
 from __future__ import annotations
 
 import torch
 
 from ..rounding import mixed_positions as _mix_positions, tensor_keys
-
-
-def new_step_count(p: torch.Tensor, group: dict) -> torch.Tensor:
-    # On the CPU, where reading it costs no sync; with capturable, on the parameter's device.
-    return torch.zeros((), dtype=torch.float32, device=p.device if group.get("capturable") else "cpu")
-
-
-def move_step_count_for(found_inf, p: torch.Tensor, state: dict) -> None:
-    """A GradScaler's found_inf on a device decides whether step counts advance: they move to the
-    parameter's device (once), so that decision never waits on the host, as in torch's fused optimizers."""
-    if found_inf is not None and found_inf.device.type != "cpu" and state["step"].device != p.device:
-        state["step"] = state["step"].to(p.device)
 
 
 def advance_step_counts(steps: list, found_inf) -> None:
