@@ -181,12 +181,12 @@ def test_a_stale_build_lock_is_removed_not_waited_on(tmp_path):
     (With no compiler the build then fails fast, and the step falls back to torch.)"""
     code = """
         import os, time, warnings
-        from lamb_kernels import extension
+        from lamb_kernels import build_cache, extension
         extension._prebuilt_library = lambda: None
-        work = extension.cache_directory() / f"{extension.LIBRARY_NAME}_{extension._build_key()}" / "build"
+        work = build_cache.cache_directory() / f"{extension.LIBRARY_NAME}_{extension._build_key()}" / "build"
         work.mkdir(parents=True)
         (work / "lock").touch()
-        old = time.time() - extension.STALE_LOCK_SECONDS - 60
+        old = time.time() - build_cache.STALE_LOCK_SECONDS - 60
         os.utime(work / "lock", (old, old))
         warnings.simplefilter("ignore")
         print(extension.unavailable_reason() is not None, (work / "lock").exists())
