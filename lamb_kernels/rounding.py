@@ -8,7 +8,7 @@ to the lower neighbour, so the stored value is unbiased: its expectation is the 
 The random bits come from a counter-based hash, not a random generator's state, so a step's bits
 depend only on (seed, step count, parameter position, element index, which state): reruns and
 every backend give the same bits for the same fp32 values. Every implementation follows this
-module: csrc/optimizer_math.h (C++ and CUDA), lamb_kernels/triton/multi_tensor.py (Triton) and
+module: csrc/optimizer_math.h (C++ and CUDA), lamb_kernels/triton/low_precision_states.py (Triton) and
 `round_bf16_stochastic` below (the torch backend, and the tests' reference).
 
 - ``mix32(x)``: a 32-bit integer hash (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15;
