@@ -8,7 +8,7 @@ to the lower neighbour, so the stored value is unbiased: its expectation is the 
 The random bits come from a counter-based hash, not a random generator's state, so a step's bits
 depend only on (seed, step count, parameter position, element index, which state): reruns and
 every backend give the same bits for the same fp32 values. Every implementation follows this
-module: csrc/optimizer_math.h (C++ and CUDA), lamb_kernels/triton/multi_tensor.py (Triton) and
+module: csrc/optimizer_math.h (C++ and CUDA), lamb_kernels/triton/low_precision_states.py (Triton) and
 `round_bf16_stochastic` below (the torch backend, and the tests' reference).
 
 - ``mix32(x)``: a 32-bit integer hash (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15;
@@ -28,46 +28,37 @@ import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
-_M1, _M2 = 0x7FEB352D, 0x846CA68B
-
-
-def mix32_int(x: int) -> int:
-    """mix32 of one Python int (taken mod 2^32)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * _M1) & MASK32
-    x ^= x >> 15
-    x = (x * _M2) & MASK32
-    return x ^ (x >> 16)
-
-
-def mix32_numpy(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.uint32).copy()
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint32(16)
-        x *= np.uint32(_M1)
-        x ^= x >> np.uint32(15)
-        x *= np.uint32(_M2)
-        x ^= x >> np.uint32(16)
-    return x
-
-
+# mix32's multipliers. The second is written as the signed value with its low 32 bits (0x846CA68B - 2^32)
+# so that int32 tensors take it as it is; only a product's low 32 bits are ever used.
+_M1, _M2 = 0x7FEB352D, 0x846CA68B - (1 << 32)
 _GOLDEN = 0x9E3779B9
+
+
+def mix32(x):
+    """mix32 of a Python int, elementwise of a numpy array, or of a torch integer tensor.
+
+    An int, a numpy array or an int64 tensor gives values in [0, 2^32) (an int, an int64 array, an
+    int64 tensor); an int32 tensor holds uint32 bit patterns and gives them (the element hash of
+    `element_random16` stays in int32, which runs several times faster than int64).
+
+    One sequence serves every type because only the low 32 bits of each step matter: a product's low
+    32 bits do not depend on the bits above them, whether those are kept (Python ints), wrap away
+    (int32 and int64 tensors, int64 arrays) or are signs (a negative multiplier, two's complement);
+    each right shift is masked to the bits below 32 that it brings down (which also makes an int32
+    tensor's arithmetic shift a logical one); and the result is masked to 32 bits at the end."""
+    if isinstance(x, np.ndarray):
+        x = x.astype(np.int64)  # (signed, for the signed multiplier; products wrap silently in arrays)
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _M2
+    x = x ^ ((x >> 16) & 0xFFFF)
+    return x if torch.is_tensor(x) and x.dtype == torch.int32 else x & MASK32
 
 
 def _signed(c: int) -> int:
     """A uint32 constant as the int32 with its bits."""
     return c - (1 << 32) if c >= 1 << 31 else c
-
-
-def _mix32_int32(x: torch.Tensor) -> torch.Tensor:
-    """mix32 on int32 tensors holding uint32 bit patterns: products wrap modulo 2^32 (two's
-    complement), and shifts are made logical by masking."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _signed(_M1)
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _signed(_M2)
-    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def _to_int32(x: torch.Tensor) -> torch.Tensor:
@@ -76,14 +67,9 @@ def _to_int32(x: torch.Tensor) -> torch.Tensor:
     return (x - ((x >> 31) << 32)).to(torch.int32)
 
 
-def mix32_torch(x: torch.Tensor) -> torch.Tensor:
-    """mix32 of an int64 tensor holding values in [0, 2^32); int64 results in [0, 2^32)."""
-    return _mix32_int32(_to_int32(x)).to(torch.int64) & MASK32
-
-
 def mixed_positions(positions) -> np.ndarray:
     """mix32 of each parameter position (uint32): computed once, when a segment is made."""
-    return np.asarray([mix32_int(int(p)) for p in positions], dtype=np.uint32)
+    return mix32(np.asarray(positions, dtype=np.int64)).astype(np.uint32)
 
 
 def tensor_keys(seed: int, steps, mixed: np.ndarray):
@@ -94,9 +80,9 @@ def tensor_keys(seed: int, steps, mixed: np.ndarray):
         counts = steps.to(torch.int64) & MASK32
         if not torch.is_tensor(mixed):
             mixed = torch.from_numpy(mixed.astype(np.int64)).to(steps.device)
-        return mix32_torch((seed & MASK32) ^ mix32_torch(counts ^ mixed))
+        return mix32((seed & MASK32) ^ mix32(counts ^ mixed))
     counts = np.asarray(steps, dtype=np.float64).astype(np.int64).astype(np.uint32)
-    return mix32_numpy(np.uint32(seed & MASK32) ^ mix32_numpy(counts ^ mixed)).tolist()
+    return mix32(np.uint32(seed & MASK32) ^ mix32(counts ^ mixed)).tolist()
 
 
 def key_halves(keys):
@@ -115,7 +101,7 @@ def element_random16(key: int | torch.Tensor, n: int, state: int, device) -> tor
     each element's 32 bits) or 1 (v: the high half)."""
     index = _to_int32(torch.arange(n, device=device, dtype=torch.int64))
     key = _to_int32(key if torch.is_tensor(key) else torch.tensor(key, dtype=torch.int64, device=device))
-    random = _mix32_int32(key ^ (index * _signed(_GOLDEN)))
+    random = mix32(key ^ (index * _signed(_GOLDEN)))
     return random & 0xFFFF if state == 0 else (random >> 16) & 0xFFFF
 
 

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from lamb_kernels import extension
+from lamb_kernels import build_cache, extension
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NAME = extension.LIBRARY_NAME
@@ -28,7 +28,7 @@ PRELUDE = """
     import warnings
     import torch
     import lamb_kernels
-    from lamb_kernels import FusedLAMB, extension
+    from lamb_kernels import FusedLAMB, build_cache, extension
     extension._prebuilt_library = lambda: None  # as if no ahead-of-time build were installed
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *_: print("warning:", str(message).replace(chr(10), " "))
@@ -63,7 +63,7 @@ def built_library() -> pathlib.Path:
         extension.load()
     except extension.ExtensionUnavailable as exc:
         pytest.skip(f"the C++ extension did not build here: {exc}")
-    library = cache_folder(extension.cache_directory()) / f"{NAME}.so"
+    library = cache_folder(build_cache.cache_directory()) / f"{NAME}.so"
     if not library.exists():
         pytest.skip("no just-in-time library in the cache here (an ahead-of-time one was loaded)")
     return library
@@ -102,7 +102,7 @@ def test_a_library_cut_short_in_the_cache_is_rebuilt_with_one_warning(tmp_path, 
     ours = warning_lines(result.stdout)
     assert len(ours) == 1 and str(folder / f"{NAME}.so") in ours[0] and "cut short" in ours[0], result.stdout
     assert "has been rebuilt" in ours[0] and result.stdout.splitlines()[-1] == "['cpp']", result.stdout
-    assert extension._library_damage(folder / f"{NAME}.so") is None
+    assert build_cache.library_damage(folder / f"{NAME}.so") is None
 
 
 @pytest.mark.parametrize("damage", ["cut short", "zeroed block"])
@@ -169,8 +169,8 @@ def test_a_cached_library_is_on_disk_before_its_name_appears(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "fsync", recorded_flush)
     monkeypatch.setattr(os, "replace", recorded_rename)
-    path = extension._cached_or_built(NAME, "test", "a copy of the library",
-                                      lambda work: shutil.copyfile(built_library, work / f"{NAME}.so"))
+    path = build_cache.cached_or_built(NAME, "test", "a copy of the library",
+                                       lambda work: shutil.copyfile(built_library, work / f"{NAME}.so"))
     folder = tmp_path / f"{NAME}_test"
     assert path == str(folder / "build" / f"{NAME}.so")
     renames = [(index, event) for index, event in enumerate(events) if event[0] == "rename"]
@@ -178,7 +178,7 @@ def test_a_cached_library_is_on_disk_before_its_name_appears(tmp_path, monkeypat
     for index, (_, source, _) in renames:
         assert ("flush", source) in events[:index], events
     assert events[-1] == ("flush", str(folder)), events
-    assert extension._library_damage(folder / f"{NAME}.so") is None
+    assert build_cache.library_damage(folder / f"{NAME}.so") is None
 
 
 def test_a_lock_left_by_a_killed_build_is_not_waited_on(tmp_path, monkeypatch):
@@ -211,7 +211,7 @@ def test_a_build_stuck_past_the_limit_is_not_waited_for(tmp_path, monkeypatch):
     with open(folder / "build.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         result = run_python(f"""
-            extension.STALE_LOCK_SECONDS = 3
+            build_cache.STALE_LOCK_SECONDS = 3
             open({str(torch_lock)!r}, "w").close()
             print(step("auto"))
         """, tmp_path)

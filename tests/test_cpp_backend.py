@@ -12,9 +12,8 @@ import torch
 
 import lamb_kernels
 import lamb_kernels.backends
-import lamb_kernels.hyper_table
 from lamb_kernels import FusedLAMB, FusedLARS, extension
-from lamb_kernels.hyper_table import LambColumn, LarsColumn, lamb_table, lars_table
+from lamb_kernels.hyper_table import LarsColumn, lamb_table, lars_table
 from lamb_kernels.backend_api import LambSegment, LarsSegment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -181,12 +180,12 @@ def test_a_stale_build_lock_is_removed_not_waited_on(tmp_path):
     (With no compiler the build then fails fast, and the step falls back to torch.)"""
     code = """
         import os, time, warnings
-        from lamb_kernels import extension
+        from lamb_kernels import build_cache, extension
         extension._prebuilt_library = lambda: None
-        work = extension.cache_directory() / f"{extension.LIBRARY_NAME}_{extension._build_key()}" / "build"
+        work = build_cache.cache_directory() / f"{extension.LIBRARY_NAME}_{extension._build_key()}" / "build"
         work.mkdir(parents=True)
         (work / "lock").touch()
-        old = time.time() - extension.STALE_LOCK_SECONDS - 60
+        old = time.time() - build_cache.STALE_LOCK_SECONDS - 60
         os.utime(work / "lock", (old, old))
         warnings.simplefilter("ignore")
         print(extension.unavailable_reason() is not None, (work / "lock").exists())
@@ -237,17 +236,6 @@ def test_the_extension_builds_wherever_a_compiler_exists():
     if shutil.which(compiler) is None:
         pytest.skip(f"no C++ compiler ({compiler}) on this machine")
     assert CPP, lamb_kernels.backends._unavailable_reason("cpp", "cpu")
-
-
-def test_csrc_hyperparameter_columns_match_python():
-    import re
-
-    header = (extension.CSRC / "hyper_columns.h").read_text()
-    for enum, prefix in ((LambColumn, "kLamb"), (LarsColumn, "kLars")):
-        declared = {name: int(value) for name, value in re.findall(rf"{prefix}(\w+) = (\d+)", header)}
-        expected = {"".join(part.capitalize() for part in column.name.split("_")): column.value for column in enum}
-        expected["Columns"] = lamb_kernels.hyper_table.WIDTH
-        assert declared == expected
 
 
 @needs_cpp

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lamb_kernels
-from lamb_kernels import FusedLAMB, FusedLARS, extension
+from lamb_kernels import FusedLAMB, FusedLARS, build_cache, extension
 from lamb_kernels.backends import BACKEND_NAMES, resolve_backend
 from tolerances import BACKENDS_ATOL, BACKENDS_RTOL, SAME_MATH_ATOL, SAME_MATH_RTOL
 
@@ -52,7 +52,7 @@ def test_a_failed_cuda_build_warns_once_and_raises_with_the_builds_error(monkeyp
     monkeypatch.setattr(extension, "_cuda_outcome", None)
     monkeypatch.setattr(extension, "_device_arch", lambda: "99")
     monkeypatch.setattr(extension, "_cuda_build_key", lambda arch: "test")
-    monkeypatch.setattr(extension, "cache_directory", lambda: tmp_path)
+    monkeypatch.setattr(build_cache, "cache_directory", lambda: tmp_path)
     monkeypatch.setattr(extension, "build_cuda", broken_build)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -62,6 +62,7 @@ def test_a_failed_cuda_build_warns_once_and_raises_with_the_builds_error(monkeyp
         assert "no such architecture sm_99" in extension.cuda_unavailable_reason()
     ours = [w for w in caught if "CUDA C++ backend is unavailable" in str(w.message)]
     assert len(ours) == 1, [str(w.message) for w in caught]
+    assert (tmp_path / f"{extension.CUDA_LIBRARY_NAME}_test").is_dir()  # the build ran in the patched cache
     assert not list(tmp_path.glob("*/*.so"))  # nothing half-built where a later process would load it
 
 

@@ -5,6 +5,7 @@ precision, the backends against each other, checkpoints across state dtypes, and
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from harness import on_every_backend
 from lamb_float64 import Float64LAMB
 from lamb_kernels import FusedLAMB
 from lamb_kernels.hyper_table import WIDTH, LambColumn
-from lamb_kernels.rounding import mix32_int, mix32_numpy, mix32_torch, round_bf16_stochastic, tensor_keys
+from lamb_kernels.rounding import mix32, round_bf16_stochastic, tensor_keys
 
 BF16 = torch.bfloat16
 SHAPES = ((33, 7), (129,), (5,), (2, 3, 4))
@@ -70,12 +71,29 @@ def assert_within_movement(params, make_reference, steps, bound):
 
 # -- 1. the rounding ------------------------------------------------------------------------------
 
-def test_mix32_is_one_function_in_python_numpy_and_torch():
+def mix32_reference(x: int) -> int:
+    """mix32 as rounding.py's docstring states it, on one int, every step reduced modulo 2^32."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_mix32_is_one_function_for_ints_numpy_and_torch():
+    """The same values from Python ints, numpy arrays, int64 tensors and int32 tensors of bit patterns,
+    over values whose 64-bit products wrap as well as small ones."""
     values = [0, 1, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
-    expected = [mix32_int(v) for v in values]
+    values += np.random.default_rng(0).integers(0, 2**32, 4096, dtype=np.int64).tolist()
+    expected = [mix32_reference(v) for v in values]
     assert expected[:3] == [0, 1753845952, 2435775735]  # (pinned: the C++, CUDA and Triton copies follow it)
-    assert mix32_numpy(values).tolist() == expected
-    assert mix32_torch(torch.tensor(values, dtype=torch.int64)).tolist() == expected
+    assert [mix32(v) for v in values] == expected
+    assert mix32(np.array(values, dtype=np.int64)).tolist() == expected
+    assert mix32(np.array(values, dtype=np.uint32)).tolist() == expected
+    assert mix32(torch.tensor(values, dtype=torch.int64)).tolist() == expected
+    bit_patterns = torch.tensor([v - 2**32 if v >= 2**31 else v for v in values], dtype=torch.int32)
+    assert (mix32(bit_patterns).to(torch.int64) & 0xFFFFFFFF).tolist() == expected
 
 
 def test_stochastic_rounding_is_unbiased_and_within_one_ulp():
@@ -101,8 +119,7 @@ def test_stochastic_rounding_keeps_specials_and_exact_values():
 
 
 def test_keys_depend_on_seed_step_and_position():
-    mixed = [mix32_int(p) for p in range(3)]
-    import numpy as np
+    mixed = [mix32(p) for p in range(3)]
     base = tensor_keys(0, [1.0, 1.0, 1.0], np.array(mixed, dtype=np.uint32))
     assert len(set(base)) == 3
     assert tensor_keys(1, [1.0] * 3, np.array(mixed, dtype=np.uint32)) != base
@@ -247,7 +264,6 @@ def test_bad_state_dtype_and_seed_are_named():
         FusedLAMB(make_params("cpu"), seed=-1)
     with pytest.raises(TypeError, match=r"seed must be an int"):
         FusedLARS(make_params("cpu"), seed="1")
-    import numpy as np
     assert type(FusedLAMB(make_params("cpu"), seed=np.int64(5)).param_groups[0]["seed"]) is int
 
 

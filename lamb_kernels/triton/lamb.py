@@ -24,10 +24,10 @@ import triton.language as tl
 
 from ..hyper_table import WIDTH, LambColumn
 from ..schemas import SCHEMAS
-from .multi_tensor import (block_absmax, check_code_scales, chunk_opening, column_pointer, decode_codes,
-                           element_random, encode_codes, launch, load_code_scales, load_codes, load_f32, per_element,
-                           round_bf16_stochastic, rounding_key, scalar_or, scales_pointer, store_block_scales,
-                           store_codes, store_rounded, table_for)
+from .low_precision_states import (block_absmax, check_code_scales, decode_codes, element_random, encode_codes,
+                                   load_code_scales, load_codes, per_element, round_bf16_stochastic, rounding_key,
+                                   scales_pointer, store_block_scales, store_codes)
+from .multi_tensor import chunk_opening, column_pointer, launch, load_f32, scalar_or, store_rounded, table_for
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper_table.py).
 _LR = tl.constexpr(LambColumn.LR.value)
