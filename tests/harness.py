@@ -90,3 +90,20 @@ def assert_matches_reference(groups, model, opt, reference):
                 assert err <= PARAM_RTOL, f"{where}: {key} error {err:.2e}"
             err = rel_error(p.detach().cpu() - p0, ref_p - p0.double())
             assert err <= UPDATE_RTOL, f"{where}: update error {err:.2e}"
+
+
+def count_table_builds(monkeypatch):
+    """``builds(table)``: how many times each Triton multi-tensor table (lamb_kernels/triton/
+    multi_tensor.py) built its chunk map and its pointer table, {"chunks": n, "pointers": n}, from
+    now on in this test (the library keeps no counter: this wraps the two build methods)."""
+    from lamb_kernels.triton import multi_tensor
+
+    builds = {}
+    for kind, method in (("chunks", "_build_chunk_map"), ("pointers", "_build_pointers")):
+        def counting(table, *args, _build=getattr(multi_tensor.MultiTensorTable, method), _kind=kind):
+            counts = builds.setdefault(id(table), {"chunks": 0, "pointers": 0})
+            counts[_kind] += 1
+            return _build(table, *args)
+
+        monkeypatch.setattr(multi_tensor.MultiTensorTable, method, counting)
+    return lambda table: builds.get(id(table), {"chunks": 0, "pointers": 0})

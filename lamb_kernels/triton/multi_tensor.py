@@ -207,13 +207,12 @@ class MultiTensorTable:
 
     `update` is called every step; it rebuilds the chunk map only when the tensor sizes change and
     the pointer table only when an address changes (a new grad tensor, a reloaded state), so in a
-    steady training loop both are built once. `builds` counts the rebuilds, for tests.
+    steady training loop both are built once.
     """
 
     def __init__(self, device: torch.device, chunk: int = CHUNK):
         self.device = device
         self.chunk = chunk  # elements per chunk: one program each
-        self.builds = {"chunks": 0, "pointers": 0}
         self.bases = None  # per column, the tensor whose address the offsets start from (this call's)
         self.pinned = False  # used while a CUDA graph was captured: its tensors must outlive the graph
         self._kept = []  # a pinned table's replaced tensors, which a captured graph may still read
@@ -234,20 +233,22 @@ class MultiTensorTable:
         # the columns' addresses decide the offsets.)
         addresses = tuple(t.data_ptr() for column in columns for t in column)
         if addresses != self._addresses:
-            offsets = np.zeros((len(columns), len(columns[0])), dtype=np.int64)
-            # (Chunks start at multiples of `chunk` elements: those must keep 16-byte alignment too.)
-            aligned = os.environ.get(VECTORIZE_VAR, "1") != "0" and self.chunk % 8 == 0
-            for k, (column, base) in enumerate(zip(columns, self.bases)):
-                for j, t in enumerate(column):
-                    if t.numel():
-                        offsets[k, j] = (t.data_ptr() - base.data_ptr()) // t.element_size()
-                        aligned = aligned and t.data_ptr() % 16 == 0
-            self._retire("pointers")
-            self.pointers = to_device(offsets.T.copy(), self.device)  # row-major [n_tensors, n_columns]
-            self.n_columns = len(columns)
-            self.align = aligned
-            self._addresses = addresses
-            self.builds["pointers"] += 1
+            self._build_pointers(columns, addresses)
+
+    def _build_pointers(self, columns, addresses) -> None:
+        offsets = np.zeros((len(columns), len(columns[0])), dtype=np.int64)
+        # (Chunks start at multiples of `chunk` elements: those must keep 16-byte alignment too.)
+        aligned = os.environ.get(VECTORIZE_VAR, "1") != "0" and self.chunk % 8 == 0
+        for k, (column, base) in enumerate(zip(columns, self.bases)):
+            for j, t in enumerate(column):
+                if t.numel():
+                    offsets[k, j] = (t.data_ptr() - base.data_ptr()) // t.element_size()
+                    aligned = aligned and t.data_ptr() % 16 == 0
+        self._retire("pointers")
+        self.pointers = to_device(offsets.T.copy(), self.device)  # row-major [n_tensors, n_columns]
+        self.n_columns = len(columns)
+        self.align = aligned
+        self._addresses = addresses
 
     def _build_chunk_map(self, numels) -> None:
         sizes = np.array(numels, dtype=np.int64)
@@ -264,7 +265,6 @@ class MultiTensorTable:
         self.chunk_offset = to_device(chunk_index * self.chunk, self.device)
         self.tensor_chunks = to_device(tensor_chunks, self.device)
         self._numels = numels
-        self.builds["chunks"] += 1
 
     def _retire(self, *names) -> None:
         if self.pinned:
