@@ -82,10 +82,6 @@ class LambSegment:
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
 
-    # The group-wide values (a reused step copies them when a group's hyperparameters change).
-    HYPERPARAMETERS = ("lr", "beta1", "beta2", "beta3", "eps", "weight_decay", "adam_w_mode", "layer_adaptation",
-                       "max_grad_norm", "trust_ratio_bounds")
-
 
 @dataclass(kw_only=True)
 class LarsSegment:
@@ -113,9 +109,6 @@ class LarsSegment:
     low_precision_params: list = field(default_factory=list)
     shardings: list = field(default_factory=list)  # per tensor: distributed.Sharding or None
     positions: list = field(default_factory=list)  # per tensor: (group, index), the same on every rank
-
-    HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coeff", "eps", "trust_clip",
-                       "adaptation")
 
 
 @dataclass(eq=False)

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .checks import check_flag, check_number, check_seed, check_state_dtype
+from .checks import check_flag, check_number, check_seed, check_state_dtype, hyperparameter
 from .state import STATE_DTYPE, STATE_DTYPES, scales_key
 
 _REQUIRED = object()  # a hyperparameter every group has (the constructor's defaults fill it)
@@ -158,26 +158,17 @@ class Declaration:
         # Every entry a step reads: what its checks look at, on the full path and on a reused one.
         object.__setattr__(self, "state_keys", (*tensors, "step", *map(scales_key, coded)))
 
-    def entry(self, key: str) -> StateEntry:
-        return next(e for e in self.entries if e.key == key)
-
 
 def check_group(declaration: Declaration, group: dict, where: str = "") -> None:
     """Raise naming the hyperparameter of `group` that is out of range (ValueError), of the wrong
     type (TypeError) or missing; `where` names the group."""
     for hyper in declaration.hyperparameters:
         if hyper.absent is _REQUIRED:
-            if hyper.name not in group:
-                raise ValueError(f"{where}the hyperparameter {hyper.name!r} is missing")
-            value = group[hyper.name]
+            value = hyperparameter(group, hyper.name, where)
         else:
             value = group.get(hyper.name, hyper.absent)
         hyper.check(value, where)
     declaration.rule(group, where)
-
-
-def group_state_dtype(group: dict | None):
-    return STATE_DTYPE if group is None else group.get("state_dtype", STATE_DTYPE)
 
 
 def lr_of(group: dict):

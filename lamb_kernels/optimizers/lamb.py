@@ -9,9 +9,10 @@ import torch
 
 from ..backend_api import LambSegment
 from .checks import as_int as _as_int, check_number
-from .declaration import COMMON, Declaration, Flag, Number, Pair, StateEntry, group_state_dtype, lr_of
+from .declaration import COMMON, Declaration, Flag, Number, Pair, StateEntry, lr_of
 from .optimizer import MultiTensorOptimizer
 from .stages import lamb_step
+from .state import state_dtype_of
 
 
 def _clip_threshold(max_grad_norm) -> float:
@@ -75,7 +76,7 @@ LAMB = Declaration(
     first_values=(),
     segment=LambSegment,
     segment_values=_segment_values,
-    bucket_state_dtype=group_state_dtype,
+    bucket_state_dtype=state_dtype_of,
     bias_corrections=_corrections,
     structure=lambda group: (),
     # The grad norm's ||g||^2 when a group clips; else the first all-reduce, ||p||^2 and ||u||^2,

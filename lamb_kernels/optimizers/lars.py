@@ -10,7 +10,7 @@ from .checks import as_int as _as_int
 from .declaration import COMMON, Declaration, Flag, Number, StateEntry, lr_of
 from .optimizer import MultiTensorOptimizer
 from .stages import lars_step
-from .state import STATE_DTYPE
+from .state import STATE_DTYPE, state_dtype_of
 
 
 def _nesterov_needs_momentum(group: dict, where: str) -> None:
@@ -45,7 +45,7 @@ def _segment_values(group: dict) -> dict:
 
 def _buffer_dtype(group: dict):
     """What a group's buckets keep buffers in: a group without momentum has none, and joins float32's."""
-    return group.get("state_dtype", STATE_DTYPE) if _has_momentum(group) else STATE_DTYPE
+    return state_dtype_of(group) if _has_momentum(group) else STATE_DTYPE
 
 
 LARS = Declaration(

@@ -33,7 +33,7 @@ import torch
 
 from ..backends import ENV_VAR
 from .declaration import lr_of
-from .state import STATE_DTYPE
+from .state import state_dtype_of
 from .step_counts import advance_reused, pack_step_counts
 from .validation import check_every_step, layouts_function, remember_groups
 
@@ -138,7 +138,7 @@ def plan_settings(opt) -> tuple:
 def group_structure(declaration, group: dict) -> tuple:
     """What of a group's hyperparameters decides its state and segments' shape (not only their
     values): a change takes the full path."""
-    return (bool(group.get("capturable")), group.get("state_dtype", STATE_DTYPE), *declaration.structure(group))
+    return (bool(group.get("capturable")), state_dtype_of(group), *declaration.structure(group))
 
 
 def remember(opt, work: list, plans: list, grad_scale, found_inf) -> StepCache | None:

@@ -35,13 +35,18 @@ def storage_dtype(state_dtype, signed: bool) -> torch.dtype:
     return CODE_DTYPES[signed] if state_dtype == INT8 else state_dtype
 
 
+def state_dtype_of(group: dict):
+    """A group's ``state_dtype`` (float32 where the group does not say)."""
+    return group.get("state_dtype", STATE_DTYPE)
+
+
 def entry_dtype(declaration, group: dict | None, key: str) -> torch.dtype:
     """The dtype the state entry `key` of a parameter of `group` is kept in: the group's
     ``state_dtype`` for an entry that follows it (codes' dtype for "int8"), else float32."""
     signed = declaration.signed.get(key)
     if group is None or signed is None:
         return STATE_DTYPE
-    return storage_dtype(group.get("state_dtype", STATE_DTYPE), signed)
+    return storage_dtype(state_dtype_of(group), signed)
 
 
 # -- created ----------------------------------------------------------------------------------------
