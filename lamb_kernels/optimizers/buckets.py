@@ -66,17 +66,12 @@ def _add_step_values(optimizer, declaration, group: dict, steps: dict, segments:
     """Each tensor's per-step values into its segment, from its (advanced) step count: the bias
     corrections (floats when the group's step counts are on the CPU, else one float32 tensor per
     segment computed on their device: no sync) and, for bf16 and int8 states, its rounding key
-    (step_counts.rounding_keys)."""
+    (step_counts.rounding_keys), as a reused step renews them (step_counts.advance_reused)."""
     counted = [t for segment_steps in steps.values() for t in segment_steps]
     on_host = not group.get("capturable") and all(t.device.type == "cpu" for t in counted)
     corrections = declaration.bias_corrections
     for seg in segments:
-        rounds = seg.state_dtype != STATE_DTYPE
-        if corrections is not None and not rounds and not group.get("bias_correction"):
-            # (no count is read: any one-element count is fine)
-            seg.bias_correction1 = seg.bias_correction2 = [1.0] * len(seg.params)
-            continue
-        if corrections is None and not rounds:
+        if corrections is None and seg.state_dtype == STATE_DTYPE:
             continue
         seg_counts = torch.cat([t.reshape(1) for t in steps[id(seg)]])
         seg_counts = seg_counts.tolist() if on_host else seg_counts
