@@ -33,17 +33,19 @@ CPP_CHUNK = CUDA_CHUNK = 16384
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """One backend: `unavailable(device_type)` says why it cannot run there (None: it can), loading
-    or importing it if needed; `create()` makes a backend object, one per bucket of an optimizer
-    (it keeps that bucket's tables); `operators`: the operator family it calls
-    (``torch.ops.lamb_kernels.<operators><stage>``), None for pure torch."""
+    """One backend. `devices`: the device types it runs on (None: any), and `elsewhere` why it does
+    not run on another (``{device_type}`` names it); `unavailable(device_type)`: why it cannot run
+    on one of its devices here (None: it can), loading or importing it if needed. `operators`: the
+    operator family it calls (``torch.ops.lamb_kernels.<operators><stage>``), None for pure torch;
+    `load()` builds or imports those operators and returns their chunk size (elements per chunk)."""
 
     name: str
-    devices: tuple
+    devices: Optional[tuple]
+    elsewhere: str
     any_layout: bool  # steps parameters with gaps in memory (the others need dense ones)
     unavailable: Callable[[str], Optional[str]]
-    create: Callable[[], object]
     operators: Optional[str] = None
+    load: Optional[Callable[[], int]] = None
 
 
 def _triton_unavailable(device_type: str) -> str | None:
@@ -57,24 +59,18 @@ def _triton_unavailable(device_type: str) -> str | None:
         if not torch.cuda.is_available():
             return "no CUDA device"
         return None
-    if device_type == "cpu":
-        if not triton_backend.INTERPRETED:
-            return "on CPU tensors triton runs only under its interpreter (set TRITON_INTERPRET=1 before import)"
-        return None
-    return f"no triton support for device type {device_type!r}"
+    if not triton_backend.INTERPRETED:
+        return "on CPU tensors triton runs only under its interpreter (set TRITON_INTERPRET=1 before import)"
+    return None
 
 
 def _cpp_unavailable(device_type: str) -> str | None:
-    if device_type != "cpu":
-        return "the C++ operators run on CPU tensors only"
     from . import extension  # builds the operators on first use, or loads them from the cache
 
     return extension.unavailable_reason()
 
 
 def _cuda_unavailable(device_type: str) -> str | None:
-    if device_type != "cuda":
-        return "the CUDA kernels run on CUDA tensors only"
     if not torch.version.cuda:
         return "this torch is built without CUDA"
     if not torch.cuda.is_available():
@@ -84,47 +80,34 @@ def _cuda_unavailable(device_type: str) -> str | None:
     return extension.cuda_unavailable_reason()
 
 
-def _operator_backend(name: str, prefix: str, chunk: int, load=None):
-    def create():
-        from .operator_backend import OperatorBackend
-
-        if load is not None:
-            load()
-        return OperatorBackend(name, prefix, chunk)
-
-    return create
-
-
-def _create_triton():
-    from .operator_backend import OperatorBackend
+def _load_triton() -> int:
     from .triton import CHUNK  # (importing it registers the triton_* operators)
 
-    return OperatorBackend("triton", "triton_", CHUNK)
+    return CHUNK
 
 
-def _create_torch():
-    from .torch_backend import TorchBackend
-
-    return TorchBackend()
-
-
-def _load_cpp():
+def _load_cpp() -> int:
     from . import extension
 
     extension.load()
+    return CPP_CHUNK
 
 
-def _load_cuda():
+def _load_cuda() -> int:
     from . import extension
 
     extension.load_cuda()
+    return CUDA_CHUNK
 
 
 BACKENDS = {
-    "triton": BackendEntry("triton", ("cuda", "cpu"), False, _triton_unavailable, _create_triton, "triton_"),
-    "cuda": BackendEntry("cuda", ("cuda",), False, _cuda_unavailable, _operator_backend("cuda", "", CUDA_CHUNK, _load_cuda), ""),
-    "cpp": BackendEntry("cpp", ("cpu",), False, _cpp_unavailable, _operator_backend("cpp", "", CPP_CHUNK, _load_cpp), ""),
-    "torch": BackendEntry("torch", ("any",), True, lambda device_type: None, _create_torch),
+    "triton": BackendEntry("triton", ("cuda", "cpu"), "no triton support for device type {device_type!r}", False,
+                           _triton_unavailable, "triton_", _load_triton),
+    "cuda": BackendEntry("cuda", ("cuda",), "the CUDA kernels run on CUDA tensors only", False, _cuda_unavailable,
+                         "", _load_cuda),
+    "cpp": BackendEntry("cpp", ("cpu",), "the C++ operators run on CPU tensors only", False, _cpp_unavailable,
+                        "", _load_cpp),
+    "torch": BackendEntry("torch", None, "", True, lambda device_type: None),
 }
 BACKEND_NAMES = tuple(BACKENDS)
 
@@ -138,6 +121,8 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
     entry = BACKENDS.get(name)
     if entry is None:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKEND_NAMES)}")
+    if entry.devices is not None and device_type not in entry.devices:
+        return entry.elsewhere.format(device_type=device_type)
     return entry.unavailable(device_type)
 
 
@@ -214,4 +199,11 @@ def backend_for_layout(name: str, dense: bool, chosen_automatically: bool) -> st
 
 def create_backend(name: str):
     """A fresh backend object; one per bucket of an optimizer (it keeps that bucket's tables)."""
-    return BACKENDS[name].create()
+    entry = BACKENDS[name]
+    if entry.operators is None:
+        from .torch_backend import TorchBackend
+
+        return TorchBackend()
+    from .operator_backend import OperatorBackend
+
+    return OperatorBackend(name, entry.operators, entry.load())
