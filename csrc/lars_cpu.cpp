@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
 
 namespace lamb_kernels {
 namespace {
@@ -100,6 +101,79 @@ void apply_chunk(Momentum mode, bool nesterov, int64_t begin, int64_t n, P* p, c
   run(nesterov, begin, n, p, g, buf, scales, copy, s, key);
 }
 
+// The apply pass's task (multi_tensor_cpu.h): per chunk, its tensor's trust ratio from `norms` (two
+// floats per tensor, ||p||^2 and ||g||^2, read when the task runs: lars_update fills a group's first),
+// then the element loop of that tensor's choices.
+ChunkTask apply_task(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     at::TensorList buffer_scales, at::TensorList copies, at::ScalarType buffer_type, bool codes,
+                     const float* h, const float* norms, const std::optional<at::Tensor>& grad_scale,
+                     float inv_scale) {
+  ChunkTask task;
+  dispatch_params_and_copies(params, copies, [&](auto param_type, auto copy_type) {
+    using P = typename decltype(param_type)::type;
+    using C = typename decltype(copy_type)::type;
+    dispatch_element(element_type(grads), [&](auto grad_type) {
+      using G = typename decltype(grad_type)::type;
+      dispatch_state(buffer_type, [&](auto buffer_element) {
+        using B = typename decltype(buffer_element)::type;
+        std::vector<B*> b_data;
+        for (const at::Tensor& b : momentum_buffers) b_data.push_back(b.numel() ? b.mutable_data_ptr<B>() : nullptr);
+        std::vector<float*> s_data;
+        for (const at::Tensor& scale : buffer_scales) {
+          s_data.push_back(scale.numel() ? scale.mutable_data_ptr<float>() : nullptr);
+        }
+        dispatch_bool(grad_scale.has_value(), [&](auto scaled) {
+          constexpr bool kScaled = decltype(scaled)::value;
+          task = [=, p_data = mutable_pointers<P>(params), g_data = const_pointers<G>(grads),
+                  c_data = copy_pointers<C>(copies)](int64_t, const Chunk& chunk) {
+            const int64_t t = chunk.tensor;
+            const float* ht = h + t * kLarsColumns;
+            const bool adapt = ht[kLarsAdapt] != 0;
+            const float ratio = adapt ? lars_trust_ratio(ht, norms + 2 * t, inv_scale) : 1.0f;
+            const Momentum mode = ht[kLarsHasMomentum] == 0 ? Momentum::kNone
+                                  : ht[kLarsFirstStep] != 0 ? Momentum::kFirstStep
+                                                            : Momentum::kLater;
+            P* p = p_data[t] + chunk.begin;
+            const G* g = g_data[t] + chunk.begin;
+            B* buf = mode == Momentum::kNone ? nullptr : b_data[t] + chunk.begin;
+            float* scales = mode == Momentum::kNone || !codes ? nullptr : s_data[t] + chunk.begin / kCodeBlock;
+            C* copy = nullptr;
+            if constexpr (kWritesCopy<C>) copy = c_data[t] + chunk.begin;
+            const LarsScalars scalars{ht[kLarsLr], ratio, ht[kLarsWeightDecay], ht[kLarsMomentum],
+                                      ht[kLarsOneMinusDampening], inv_scale};
+            auto run = adapt ? apply_chunk<P, G, C, B, kScaled, true> : apply_chunk<P, G, C, B, kScaled, false>;
+            run(mode, ht[kLarsNesterov] != 0, chunk.begin, chunk.size, p, g, buf, scales, copy, scalars,
+                rounding_key(ht, kLarsKeyLo));
+          };
+        });
+      });
+    });
+  });
+  return task;
+}
+
+// The checks of lars_apply's and lars_update's arguments; returns the buffers' dtype and whether they
+// are 8-bit codes.
+std::pair<at::ScalarType, bool> check_lars(const char* op, at::TensorList params, at::TensorList grads,
+                                           at::TensorList momentum_buffers, at::TensorList buffer_scales,
+                                           const at::Tensor& hyper, at::TensorList copies, int64_t chunk_size) {
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  check_lists(op, {{"params", params}, {"grads", grads}});
+  check_copies(op, params, copies);
+  check_hyper(op, hyper, n_tensors, kLarsColumns);
+  const float* h = hyper.const_data_ptr<float>();
+  TORCH_CHECK(static_cast<int64_t>(momentum_buffers.size()) == n_tensors, op, ": momentum_buffers has ",
+              momentum_buffers.size(), " tensors, params has ", n_tensors);
+  // A tensor without momentum has an empty placeholder in momentum_buffers.
+  auto has_buffer = [&](int64_t t) { return h[t * kLarsColumns + kLarsHasMomentum] != 0; };
+  const at::ScalarType buffer_type = check_momentum_buffers(op, params, momentum_buffers, at::kCPU, has_buffer);
+  const bool codes =
+      check_scales(op, "buffer_scales", momentum_buffers, buffer_scales, at::kCPU, chunk_size, has_buffer);
+  return {buffer_type, codes};
+}
+
+bool adapts(const float* h, int64_t t) { return h[t * kLarsColumns + kLarsAdapt] != 0; }
+
 }  // namespace
 
 void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -108,67 +182,50 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList copies, int64_t chunk_size) {
   const char* op = "lars_apply";
   const int64_t n_tensors = static_cast<int64_t>(params.size());
-  check_lists(op, {{"params", params}, {"grads", grads}});
-  check_copies(op, params, copies);
-  check_hyper(op, hyper, n_tensors, kLarsColumns);
+  const auto [buffer_type, codes] =
+      check_lars(op, params, grads, momentum_buffers, buffer_scales, hyper, copies, chunk_size);
   if (norms.has_value()) check_norms(op, *norms, n_tensors);
   const float* h = hyper.const_data_ptr<float>();
-  TORCH_CHECK(static_cast<int64_t>(momentum_buffers.size()) == n_tensors, op, ": momentum_buffers has ",
-              momentum_buffers.size(), " tensors, params has ", n_tensors);
   for (int64_t t = 0; t < n_tensors; ++t) {
-    TORCH_CHECK(h[t * kLarsColumns + kLarsAdapt] == 0 || norms.has_value(), op, ": params[", t,
-                "] adapts, but no norms were given");
+    TORCH_CHECK(!adapts(h, t) || norms.has_value(), op, ": params[", t, "] adapts, but no norms were given");
   }
-  // A tensor without momentum has an empty placeholder in momentum_buffers.
-  const at::ScalarType buffer_type = check_momentum_buffers(
-      op, params, momentum_buffers, at::kCPU, [&](int64_t t) { return h[t * kLarsColumns + kLarsHasMomentum] != 0; });
-  auto has_buffer = [&](int64_t t) { return h[t * kLarsColumns + kLarsHasMomentum] != 0; };
-  const bool codes =
-      check_scales(op, "buffer_scales", momentum_buffers, buffer_scales, at::kCPU, chunk_size, has_buffer);
+  const float inv_scale = inverse_grad_scale(op, grad_scale);
+  if (skips_step(op, found_inf)) return;
+  parallel_over_chunks(chunk_map(params, chunk_size),
+                       apply_task(params, grads, momentum_buffers, buffer_scales, copies, buffer_type, codes, h,
+                                  norms.has_value() ? norms->const_data_ptr<float>() : nullptr, grad_scale,
+                                  inv_scale));
+}
+
+void lars_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     at::TensorList buffer_scales, const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf, at::TensorList copies, bool adaptive,
+                     int64_t chunk_size, int64_t cache_bytes) {
+  const char* op = "lars_update";
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  const auto [buffer_type, codes] =
+      check_lars(op, params, grads, momentum_buffers, buffer_scales, hyper, copies, chunk_size);
+  const float* h = hyper.const_data_ptr<float>();
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    TORCH_CHECK(!adapts(h, t) || adaptive, op, ": params[", t, "] adapts, but adaptive is false");
+  }
   const float inv_scale = inverse_grad_scale(op, grad_scale);
   if (skips_step(op, found_inf)) return;
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
-  const float* norm_data = norms.has_value() ? norms->const_data_ptr<float>() : nullptr;
-  dispatch_params_and_copies(params, copies, [&](auto param_type, auto copy_type) {
-    using P = typename decltype(param_type)::type;
-    using C = typename decltype(copy_type)::type;
-    dispatch_element(element_type(grads), [&](auto grad_type) {
-      using G = typename decltype(grad_type)::type;
-      dispatch_state(buffer_type, [&](auto buffer_element) {
-      using B = typename decltype(buffer_element)::type;
-      std::vector<B*> b_data;
-      for (const at::Tensor& b : momentum_buffers) b_data.push_back(b.numel() ? b.mutable_data_ptr<B>() : nullptr);
-      std::vector<float*> s_data;
-      for (const at::Tensor& scale : buffer_scales) s_data.push_back(scale.numel() ? scale.mutable_data_ptr<float>() : nullptr);
-      dispatch_bool(grad_scale.has_value(), [&](auto scaled) {
-        constexpr bool kScaled = decltype(scaled)::value;
-        const std::vector<P*> p_data = mutable_pointers<P>(params);
-        const std::vector<const G*> g_data = const_pointers<G>(grads);
-        const std::vector<C*> c_data = copy_pointers<C>(copies);
-        parallel_over_chunks(chunks, [&](int64_t, const Chunk& chunk) {
-          const int64_t t = chunk.tensor;
-          const float* ht = h + t * kLarsColumns;
-          const bool adapt = ht[kLarsAdapt] != 0;
-          const float ratio = adapt ? lars_trust_ratio(ht, norm_data + 2 * t, inv_scale) : 1.0f;
-          const Momentum mode = ht[kLarsHasMomentum] == 0 ? Momentum::kNone
-                                : ht[kLarsFirstStep] != 0 ? Momentum::kFirstStep
-                                                          : Momentum::kLater;
-          P* p = p_data[t] + chunk.begin;
-          const G* g = g_data[t] + chunk.begin;
-          B* buf = mode == Momentum::kNone ? nullptr : b_data[t] + chunk.begin;
-          float* scales = mode == Momentum::kNone || !codes ? nullptr : s_data[t] + chunk.begin / kCodeBlock;
-          C* copy = nullptr;
-          if constexpr (kWritesCopy<C>) copy = c_data[t] + chunk.begin;
-          const LarsScalars scalars{ht[kLarsLr], ratio, ht[kLarsWeightDecay], ht[kLarsMomentum],
-                                    ht[kLarsOneMinusDampening], inv_scale};
-          auto run = adapt ? apply_chunk<P, G, C, B, kScaled, true> : apply_chunk<P, G, C, B, kScaled, false>;
-          run(mode, ht[kLarsNesterov] != 0, chunk.begin, chunk.size, p, g, buf, scales, copy, scalars,
-              rounding_key(ht, kLarsKeyLo));
-        });
-      });
-      });
-    });
-  });
+  std::vector<float> partials(2 * chunks.size()), norms(2 * n_tensors);
+  // The norms pass reads the tensors that adapt only (none without `adaptive`).
+  const ChunkTask squares = sums_of_squares_task(params, grads, partials.data());
+  ChunkTask norms_of_adapting;
+  if (adaptive) {
+    norms_of_adapting = [&](int64_t c, const Chunk& chunk) {
+      if (adapts(h, chunk.tensor)) squares(c, chunk);
+    };
+  }
+  const ChunkTask apply = apply_task(params, grads, momentum_buffers, buffer_scales, copies, buffer_type, codes, h,
+                                     norms.data(), grad_scale, inv_scale);
+  run_in_cache_groups(
+      chunks, cache_groups(chunks, {params, grads}, cache_bytes), norms_of_adapting,
+      [&](ChunkRange group) { range_sums(partials, chunks, group, 2, norms.data()); }, apply);
 }
 
 }  // namespace lamb_kernels

@@ -31,6 +31,16 @@ SquaresColumn squares_column(at::TensorList tensors) {
 
 }  // namespace
 
+ChunkTask sums_of_squares_task(at::TensorList tensors, std::optional<at::TensorList> paired, float* partials) {
+  const int64_t width = paired.has_value() ? 2 : 1;
+  const SquaresColumn first = squares_column(tensors);
+  const SquaresColumn second = paired.has_value() ? squares_column(*paired) : SquaresColumn{};
+  return [=](int64_t c, const Chunk& chunk) {
+    partials[width * c] = first.sum(first.data[chunk.tensor], chunk.begin, chunk.size);
+    if (width == 2) partials[width * c + 1] = second.sum(second.data[chunk.tensor], chunk.begin, chunk.size);
+  };
+}
+
 at::Tensor sums_of_squares_cpu(at::TensorList tensors, std::optional<at::TensorList> paired, int64_t chunk_size) {
   const int64_t width = paired.has_value() ? 2 : 1;
   if (paired.has_value()) {
@@ -40,13 +50,7 @@ at::Tensor sums_of_squares_cpu(at::TensorList tensors, std::optional<at::TensorL
   }
   const std::vector<Chunk> chunks = chunk_map(tensors, chunk_size);
   std::vector<float> partials(width * chunks.size());
-  const SquaresColumn columns[2] = {squares_column(tensors),
-                                    paired.has_value() ? squares_column(*paired) : SquaresColumn{}};
-  parallel_over_chunks(chunks, [&](int64_t c, const Chunk& chunk) {
-    for (int64_t k = 0; k < width; ++k) {
-      partials[width * c + k] = columns[k].sum(columns[k].data[chunk.tensor], chunk.begin, chunk.size);
-    }
-  });
+  parallel_over_chunks(chunks, sums_of_squares_task(tensors, paired, partials.data()));
   at::Tensor sums = per_tensor_sums(partials, chunks, static_cast<int64_t>(tensors.size()), width);
   return paired.has_value() ? sums : sums.reshape({-1});
 }

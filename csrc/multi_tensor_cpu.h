@@ -16,6 +16,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -72,14 +74,62 @@ std::vector<C*> copy_pointers(at::TensorList copies) {
   }
 }
 
-// Calls f(chunk_index, chunk) for every chunk, the chunks shared out among torch's threads.
+// The work of one pass on one chunk: task(chunk_index, chunk). Built once per call, after the
+// dispatch on element types, so that one schedule (below) runs the passes of any types.
+using ChunkTask = std::function<void(int64_t, const Chunk&)>;
+
+// Chunks [first, last) of a chunk map.
+struct ChunkRange {
+  int64_t first, last;
+};
+
+// Calls f(chunk_index, chunk) for every chunk of `range`, the chunks shared out among torch's threads:
+// each thread takes one run of consecutive chunks, the same run for the same range and thread count
+// (at::parallel_for's static split), so a second pass over a range finds each thread's chunks in its
+// own caches. `reverse`: each thread walks its run from the last chunk back, starting with the chunks
+// it touched last in the pass before, those most likely still in cache.
 template <typename F>
-void parallel_over_chunks(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      f(c, chunks[c]);
+void parallel_over_range(const std::vector<Chunk>& chunks, ChunkRange range, bool reverse, const F& f) {
+  at::parallel_for(range.first, range.last, 1, [&](int64_t first, int64_t last) {
+    if (reverse) {
+      for (int64_t c = last - 1; c >= first; --c) f(c, chunks[c]);
+    } else {
+      for (int64_t c = first; c < last; ++c) f(c, chunks[c]);
     }
   });
+}
+
+template <typename F>
+void parallel_over_chunks(const std::vector<Chunk>& chunks, const F& f) {
+  parallel_over_range(chunks, {0, static_cast<int64_t>(chunks.size())}, false, f);
+}
+
+// The cache-aware schedule (docs/benchmark.md, "The schedule"): the tensors of a call in groups of
+// consecutive tensors, each group's bytes (over `lists`, the lists its passes read) at most
+// `cache_bytes`, or one tensor alone when it is larger; as ranges of the chunk map, whose chunks are
+// in tensor order. A step runs its first pass on a group, then its second on the same group while
+// the group's tensors are still in the last-level cache, and only then goes to the next group.
+inline std::vector<ChunkRange> cache_groups(const std::vector<Chunk>& chunks,
+                                            std::initializer_list<at::TensorList> lists, int64_t cache_bytes) {
+  std::vector<ChunkRange> groups;
+  int64_t bytes = 0, tensor = -1;
+  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c) {
+    if (chunks[c].tensor == tensor) {
+      groups.back().last = c + 1;
+      continue;
+    }
+    tensor = chunks[c].tensor;
+    int64_t own = 0;
+    for (const at::TensorList& list : lists) own += list[tensor].numel() * list[tensor].element_size();
+    if (groups.empty() || bytes + own > cache_bytes) {
+      groups.push_back({c, c + 1});
+      bytes = own;
+    } else {
+      groups.back().last = c + 1;
+      bytes += own;
+    }
+  }
+  return groups;
 }
 
 // The lanes added pairwise in a fixed order.
@@ -103,19 +153,32 @@ inline void for_each_lane(int64_t n, const F& f) {
   for (int64_t lane = 0; i + lane < n; ++lane) f(i + lane, lane);
 }
 
-// The largest magnitude of x[0:n), NaN when one is NaN (as torch's amax). Lanes of plain maxima and
-// of NaN flags, kept apart, so that the loop vectorizes.
+// The cache-aware schedule's loop: per group, `first` on its chunks (none when `first` is empty), then
+// `between(group)` on the calling thread (the group's norms), then `second` on its chunks, each
+// thread's run in reverse.
+template <typename Between>
+void run_in_cache_groups(const std::vector<Chunk>& chunks, const std::vector<ChunkRange>& groups,
+                         const ChunkTask& first, const Between& between, const ChunkTask& second) {
+  for (const ChunkRange& group : groups) {
+    if (first) parallel_over_range(chunks, group, false, first);
+    between(group);
+    parallel_over_range(chunks, group, true, second);
+  }
+}
+
+// The largest magnitude of x[0:n), NaN when one is NaN (as torch's amax). The maximum of the bit
+// patterns with the sign cleared: for magnitudes the order of the patterns is the order of the
+// values, and every NaN's pattern is above infinity's; an integer maximum, which vectorizes (a
+// float one with NaN checks does not).
 inline float block_absmax(const float* __restrict__ x, int64_t n) {
-  float largest[kLanes] = {};
-  int32_t nan[kLanes] = {};
+  uint32_t largest[kLanes] = {};
   for_each_lane(n, [&](int64_t i, int64_t lane) {
-    const float a = std::fabs(x[i]);
-    largest[lane] = a > largest[lane] ? a : largest[lane];
-    nan[lane] |= is_nan(a);
+    const uint32_t bits = float_bits(x[i]) & 0x7fffffffU;
+    largest[lane] = bits > largest[lane] ? bits : largest[lane];
   });
-  float result = 0.0f;
-  for (int64_t lane = 0; lane < kLanes; ++lane) result = nan[lane] ? std::nanf("") : absmax(result, largest[lane]);
-  return result;
+  uint32_t result = 0;
+  for (int64_t lane = 0; lane < kLanes; ++lane) result = largest[lane] > result ? largest[lane] : result;
+  return result > 0x7f800000U ? std::nanf("") : bits_float(result);
 }
 
 // Sum of squares of x[0:n). The range is walked as kStreams interleaved sub-ranges: a single
@@ -146,19 +209,31 @@ float sum_of_squares(const T* __restrict__ x, int64_t n) {
 
 // Per-chunk partial sums [n_chunks, width] -> per-tensor sums [n_tensors, width], each tensor's
 // chunks added in ascending order in double and rounded once (a tensor may have thousands of chunks).
-inline at::Tensor per_tensor_sums(const std::vector<float>& partials, const std::vector<Chunk>& chunks,
-                                  int64_t n_tensors, int64_t width) {
-  std::vector<double> sums(n_tensors * width, 0.0);
-  for (size_t c = 0; c < chunks.size(); ++c) {
+// The same for the tensors of a range of whole tensors, into out[tensor * width + k]: the sums of the
+// cache-aware schedule, which has the bits of the streaming passes'.
+inline void range_sums(const std::vector<float>& partials, const std::vector<Chunk>& chunks, ChunkRange range,
+                       int64_t width, float* out) {
+  if (range.first == range.last) return;
+  const int64_t first_tensor = chunks[range.first].tensor;
+  std::vector<double> sums((chunks[range.last - 1].tensor - first_tensor + 1) * width, 0.0);
+  for (int64_t c = range.first; c < range.last; ++c) {
     for (int64_t k = 0; k < width; ++k) {
-      sums[chunks[c].tensor * width + k] += partials[c * width + k];
+      sums[(chunks[c].tensor - first_tensor) * width + k] += partials[c * width + k];
     }
   }
-  at::Tensor out = at::empty({n_tensors, width}, at::TensorOptions().dtype(at::kFloat));
-  float* data = out.data_ptr<float>();
-  for (int64_t i = 0; i < n_tensors * width; ++i) data[i] = static_cast<float>(sums[i]);
+  for (size_t i = 0; i < sums.size(); ++i) out[first_tensor * width + static_cast<int64_t>(i)] = static_cast<float>(sums[i]);
+}
+
+inline at::Tensor per_tensor_sums(const std::vector<float>& partials, const std::vector<Chunk>& chunks,
+                                  int64_t n_tensors, int64_t width) {
+  at::Tensor out = at::zeros({n_tensors, width}, at::TensorOptions().dtype(at::kFloat));
+  range_sums(partials, chunks, {0, static_cast<int64_t>(chunks.size())}, width, out.data_ptr<float>());
   return out;
 }
+
+// The task of sums_of_squares (multi_tensor_cpu.cpp): chunk c's sum of squares of `tensors` into
+// partials[c], or with `paired` its two sums into partials[2c], partials[2c + 1].
+ChunkTask sums_of_squares_task(at::TensorList tensors, std::optional<at::TensorList> paired, float* partials);
 
 // The value of an optional one-element CPU float32 tensor (grad_sumsq, grad_scale, found_inf), read
 // once per call, before the parallel loop.

@@ -19,6 +19,15 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList buffer_scales, const at::Tensor& hyper, const std::optional<at::Tensor>& norms,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     at::TensorList copies, int64_t chunk_size);
+void lamb_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                     const at::Tensor& hyper, const std::optional<at::Tensor>& grad_sumsq,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     at::TensorList copies, int64_t chunk_size, int64_t cache_bytes);
+void lars_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     at::TensorList buffer_scales, const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf, at::TensorList copies, bool adaptive,
+                     int64_t chunk_size, int64_t cache_bytes);
 
 // Element types: params, grads and the lists of sums_of_squares may be float32, bfloat16 or float16,
 // one dtype per list (fp32 master weights with bf16 grads, say); the optimizer states are float32,
@@ -52,6 +61,18 @@ TORCH_LIBRARY(lamb_kernels, m) {
   m.def("lars_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(e!)[] buffer_scales, Tensor hyper, Tensor? norms, Tensor? grad_scale, Tensor? found_inf, "
         "Tensor(c!)[] copies, int chunk_size) -> ()");
+  // The update operators: a whole step of a bucket whose tensors are not sharded (no all-reduce of
+  // norms between its passes), lamb_moments then lamb_apply (LAMB steps 2-7), or the norms and
+  // lars_apply (LARS), with the bits of those operators. On CPU they run by cache groups: per group
+  // of tensors of at most `cache_bytes` (multi_tensor_cpu.h), the first pass, the group's norms,
+  // then the second pass while the group is still in cache; elsewhere the two passes in turn.
+  // lars_update's `adaptive`: some tensor adapts (else its norms pass is skipped).
+  m.def("lamb_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(e!)[] exp_avg_scales, Tensor(f!)[] exp_avg_sq_scales, Tensor hyper, Tensor? grad_sumsq, "
+        "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)[] copies, int chunk_size, int cache_bytes) -> ()");
+  m.def("lars_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(e!)[] buffer_scales, Tensor hyper, Tensor? grad_scale, Tensor? found_inf, Tensor(c!)[] copies, "
+        "bool adaptive, int chunk_size, int cache_bytes) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lamb_kernels, CPU, m) {
@@ -59,6 +80,8 @@ TORCH_LIBRARY_IMPL(lamb_kernels, CPU, m) {
   m.impl("lamb_moments", &lamb_moments_cpu);
   m.impl("lamb_apply", &lamb_apply_cpu);
   m.impl("lars_apply", &lars_apply_cpu);
+  m.impl("lamb_update", &lamb_update_cpu);
+  m.impl("lars_update", &lars_update_cpu);
 }
 
 }  // namespace lamb_kernels

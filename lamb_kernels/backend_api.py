@@ -14,13 +14,18 @@ LAMB (`LambSegment`, docs/design.md section 2)
 - ``lamb_moments_(plan, grad_sumsq, grad_scale, found_inf) -> Tensor``: steps 1-5 (moments
   updated in place) and the per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||u||^2), with
   p taken before the update; ``grad_sumsq`` is None when no group clips;
-- ``lamb_apply_(plan, norms, found_inf)``: steps 6-7, u recomputed from the moments.
+- ``lamb_apply_(plan, norms, found_inf)``: steps 6-7, u recomputed from the moments;
+- ``lamb_update_(plan, grad_sumsq, grad_scale, found_inf)``: steps 1-7 of a bucket with no sharded
+  tensor, with the bits of lamb_moments_ then lamb_apply_ (the C++ operators run it by cache groups,
+  docs/benchmark.md "The schedule").
 
 LARS (`LarsSegment`, docs/design.md section 3)
 - ``prepare_lars(segments) -> Plan``;
 - ``lars_sums_of_squares(plan) -> Tensor``: per-tensor sums of squares ``[n_tensors, 2]`` = (||p||^2, ||g||^2);
 - ``lars_apply_(plan, norms, grad_scale, found_inf)``: trust ratio, weight decay, momentum and the
-  update.
+  update;
+- ``lars_update_(plan, grad_scale, found_inf)``: the whole step of a bucket with no sharded tensor, the
+  norms (when a group adapts) then lars_apply_, with their bits.
 
 Mixed precision and GradScaler (every backend): params and grads may be float32, bfloat16 or
 float16, arithmetic and states are float32. ``grad_scale`` (one-element fp32 tensor or None): the
@@ -30,7 +35,8 @@ tensor or None): when nonzero, nothing is written (params, low-precision params,
 device.
 
 The norm stage and the apply stage are separate calls so the per-tensor sums can be all-reduced
-across ranks between them when parameters are sharded (lamb_kernels/distributed.py). Every tensor
+across ranks between them when parameters are sharded (lamb_kernels/distributed.py); a bucket with
+no sharded tensor takes the update stage instead, one call. Every tensor
 a backend sees is a plain tensor: a DTensor's local shard.
 """
 from __future__ import annotations
@@ -175,6 +181,9 @@ class Backend(Protocol):
 
     def lamb_apply_(self, plan: Plan, norms: torch.Tensor, found_inf: Optional[torch.Tensor] = None) -> None: ...
 
+    def lamb_update_(self, plan: Plan, grad_sumsq: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor] = None,
+                     found_inf: Optional[torch.Tensor] = None) -> None: ...
+
     def prepare_lars(self, segments: list) -> Plan: ...
 
     def refresh(self, plan: Plan, hyper_changed: bool = False) -> None:
@@ -187,6 +196,9 @@ class Backend(Protocol):
 
     def lars_apply_(self, plan: Plan, norms: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor] = None,
                     found_inf: Optional[torch.Tensor] = None) -> None: ...
+
+    def lars_update_(self, plan: Plan, grad_scale: Optional[torch.Tensor] = None,
+                     found_inf: Optional[torch.Tensor] = None) -> None: ...
 
 
 def is_dense(t: torch.Tensor) -> bool:

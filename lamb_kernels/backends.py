@@ -15,8 +15,10 @@ Each is imported or built only when it is asked for, so a missing or broken one 
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -29,6 +31,48 @@ ENV_VAR = "LAMB_KERNELS_BACKEND"
 # in packs of 8 when the launch is 16-byte aligned; enough blocks to fill the GPU on a BERT-sized
 # bucket, few enough that the per-chunk partial sums stay small.
 CPP_CHUNK = CUDA_CHUNK = 16384
+
+# The update stages' cache groups on CPU (docs/benchmark.md, "The schedule"): the bytes a group of
+# tensors may hold, $LAMB_KERNELS_CACHE_BYTES when set, else this share of the last-level cache.
+CACHE_ENV_VAR = "LAMB_KERNELS_CACHE_BYTES"
+CACHE_SHARE = 1.0
+CACHE_FALLBACK = 32 << 20  # when the machine does not say
+
+
+@functools.lru_cache(maxsize=None)
+def last_level_cache_bytes() -> int:
+    """The size of the CPU's largest cache, from Linux's sysfs (the last level: an L3 shared by the
+    cores), else from sysconf, else CACHE_FALLBACK."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    if not sizes:
+        try:
+            sizes.append(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    return max((size for size in sizes if size > 0), default=CACHE_FALLBACK)
+
+
+def cache_group_bytes() -> int:
+    """The `cache_bytes` of the update operators: $LAMB_KERNELS_CACHE_BYTES (a byte count; 0 puts each
+    tensor in a group of its own), else CACHE_SHARE of the last-level cache."""
+    value = os.environ.get(CACHE_ENV_VAR)
+    if value is not None:
+        try:
+            return max(0, int(value))
+        except ValueError:
+            raise ValueError(f"${CACHE_ENV_VAR} must be a number of bytes, got {value!r}") from None
+    return int(last_level_cache_bytes() * CACHE_SHARE)
 
 
 @dataclass(frozen=True)
@@ -206,4 +250,4 @@ def create_backend(name: str):
         return TorchBackend()
     from .operator_backend import OperatorBackend
 
-    return OperatorBackend(name, entry.operators, entry.load())
+    return OperatorBackend(name, entry.operators, entry.load(), cache_group_bytes())

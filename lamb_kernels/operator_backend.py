@@ -2,7 +2,9 @@
 CUDA operators (``torch.ops.lamb_kernels.<stage>``, dispatched by device) and the Triton ones
 (``torch.ops.lamb_kernels.triton_<stage>``, CUDA, or CPU tensors under the interpreter); which
 family a backend calls is its entry in backends.py. One operator call per stage and bucket,
-whatever the number of tensors: LAMB 3 (2 without clipping), LARS 2 (1 when no group adapts)."""
+whatever the number of tensors: LAMB 3 (2 without clipping), LARS 2 (1 when no group adapts); a
+bucket with no sharded tensor takes the update stage, one call for both passes (LAMB 2 with clipping,
+1 without; LARS 1)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +21,10 @@ class OperatorBackend:
     cut into chunks of `chunk_size` elements. One object per (device, dtype) bucket of an optimizer:
     it owns that bucket's hyperparameter tables."""
 
-    def __init__(self, name: str, prefix: str, chunk_size: int):
+    def __init__(self, name: str, prefix: str, chunk_size: int, cache_bytes: int = 0):
         self.name = name
         self.chunk_size = chunk_size
+        self.cache_bytes = cache_bytes  # the update stages' cache groups (schemas.py)
         self._stages = {stage: getattr(torch.ops.lamb_kernels, prefix + stage) for stage in STAGES}
         self._hyper = {}  # "lamb" / "lars" -> HyperTable on the bucket's device
 
@@ -70,6 +73,13 @@ class OperatorBackend:
                                    self.chunk_size)
         mark_modified(plan.written)
 
+    def lamb_update_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> None:
+        with self._on_device(plan):
+            self._op("lamb_update")(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.exp_avg_scales,
+                                    plan.exp_avg_sq_scales, plan.hyper, grad_sumsq, grad_scale, found_inf,
+                                    plan.low_precision_params, self.chunk_size, self.cache_bytes)
+        mark_modified(plan.written + plan.exp_avgs + plan.exp_avg_sqs + plan.exp_avg_scales + plan.exp_avg_sq_scales)
+
     # -- LARS, docs/design.md section 3 ----------------------------------------------------------
 
     def prepare_lars(self, segments) -> Plan:
@@ -90,4 +100,12 @@ class OperatorBackend:
         with self._on_device(plan):
             self._op("lars_apply")(plan.params, plan.grads, plan.momentum_buffers, plan.momentum_buffer_scales,
                                    plan.hyper, norms, grad_scale, found_inf, plan.low_precision_params, self.chunk_size)
+        mark_modified(plan.written)
+
+    def lars_update_(self, plan: Plan, grad_scale=None, found_inf=None) -> None:
+        adaptive = any(seg.adaptation for seg in plan.segments)
+        with self._on_device(plan):
+            self._op("lars_update")(plan.params, plan.grads, plan.momentum_buffers, plan.momentum_buffer_scales,
+                                    plan.hyper, grad_scale, found_inf, plan.low_precision_params, adaptive,
+                                    self.chunk_size, self.cache_bytes)
         mark_modified(plan.written)

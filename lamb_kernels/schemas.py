@@ -17,6 +17,17 @@ kernels (shapes and dtypes without running, for torch.compile and opcheck) are w
                Tensor(e!)[] buffer_scales, Tensor hyper, Tensor? norms, Tensor? grad_scale,
                Tensor? found_inf, Tensor(c!)[] copies, int chunk_size) -> ()
         LARS, docs/design.md section 3
+    lamb_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,
+                Tensor(e!)[] exp_avg_scales, Tensor(f!)[] exp_avg_sq_scales, Tensor hyper,
+                Tensor? grad_sumsq, Tensor? grad_scale, Tensor? found_inf, Tensor(d!)[] copies,
+                int chunk_size, int cache_bytes) -> ()
+        LAMB steps 1-7 of a bucket without sharded tensors: lamb_moments then lamb_apply, their bits
+    lars_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers,
+                Tensor(e!)[] buffer_scales, Tensor hyper, Tensor? grad_scale, Tensor? found_inf,
+                Tensor(c!)[] copies, bool adaptive, int chunk_size, int cache_bytes) -> ()
+        LARS of a bucket without sharded tensors: the norms (when `adaptive`) then lars_apply
+        The update stages run on CPU by cache groups of at most `cache_bytes` (docs/benchmark.md,
+        "The schedule"); the CUDA and Triton families run the two passes in turn.
 
 The ``*_scales`` lists are empty for float states; for 8-bit states (m and momentum buffers int8
 codes, v uint8) they hold each state's float32 block scales (lamb_kernels/quantization.py).
@@ -38,6 +49,12 @@ SCHEMAS = {
     "lars_apply": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(e!)[] buffer_scales, "
                   "Tensor hyper, Tensor? norms, Tensor? grad_scale, Tensor? found_inf, Tensor(c!)[] copies, "
                   "int chunk_size) -> ()",
+    "lamb_update": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+                   "Tensor(e!)[] exp_avg_scales, Tensor(f!)[] exp_avg_sq_scales, Tensor hyper, Tensor? grad_sumsq, "
+                   "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)[] copies, int chunk_size, int cache_bytes) -> ()",
+    "lars_update": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(e!)[] buffer_scales, "
+                   "Tensor hyper, Tensor? grad_scale, Tensor? found_inf, Tensor(c!)[] copies, bool adaptive, "
+                   "int chunk_size, int cache_bytes) -> ()",
 }
 STAGES = tuple(SCHEMAS)
 
@@ -59,8 +76,18 @@ def _lars_apply(params, grads, momentum_buffers, buffer_scales, hyper, norms, gr
     return None
 
 
+def _lamb_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, hyper, grad_sumsq, grad_scale,
+                 found_inf, copies, chunk_size, cache_bytes):
+    return None
+
+
+def _lars_update(params, grads, momentum_buffers, buffer_scales, hyper, grad_scale, found_inf, copies, adaptive,
+                 chunk_size, cache_bytes):
+    return None
+
+
 FAKES = {"sums_of_squares": _sums_of_squares, "lamb_moments": _lamb_moments, "lamb_apply": _lamb_apply,
-         "lars_apply": _lars_apply}
+         "lars_apply": _lars_apply, "lamb_update": _lamb_update, "lars_update": _lars_update}
 
 
 def register_fakes(prefix: str) -> None:

@@ -256,6 +256,10 @@ class TorchBackend:
 
     # -- LARS, docs/design.md section 3 ------------------------------------------------------------------
 
+    def lamb_update_(self, plan: Plan, grad_sumsq, grad_scale=None, found_inf=None) -> None:
+        """Steps 1-7 of a bucket with no sharded tensor: the two stages in turn."""
+        self.lamb_apply_(plan, self.lamb_moments_(plan, grad_sumsq, grad_scale, found_inf), found_inf)
+
     def lars_sums_of_squares(self, plan: Plan) -> torch.Tensor:
         return torch.stack([_sums_of_squares(plan.params), _sums_of_squares(plan.grads)], dim=1)
 
@@ -321,3 +325,8 @@ class TorchBackend:
             torch._foreach_add_(seg.params, torch._foreach_mul(d, step_size))
             if seg.low_precision_params:
                 torch._foreach_copy_(seg.low_precision_params, seg.params)
+
+    def lars_update_(self, plan: Plan, grad_scale=None, found_inf=None) -> None:
+        """A step of a bucket with no sharded tensor: the norms (when a group adapts), then the update."""
+        adaptive = any(seg.adaptation for seg in plan.segments)
+        self.lars_apply_(plan, self.lars_sums_of_squares(plan) if adaptive else None, grad_scale, found_inf)

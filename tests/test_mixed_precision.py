@@ -12,6 +12,7 @@ from lars_float64 import Float64LARS
 import lamb_kernels
 from lamb_kernels import FusedLAMB, FusedLARS, FusedMixedPrecisionLamb, available_backends
 from lamb_kernels.hyper_table import LarsColumn
+from lamb_kernels.schemas import STAGES
 from tolerances import BF16_RTOL, PARAM_RTOL, SAME_MATH_ATOL, SAME_MATH_RTOL
 
 LOW = (torch.bfloat16, torch.float16)
@@ -355,7 +356,7 @@ def test_compiled_step_equals_eager(device, backend, algorithm):
     targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     if backend != "torch":
         prefix = "lamb_kernels.triton_" if backend == "triton" else "lamb_kernels."
-        update = {"lamb": "lamb_apply", "lars": "lars_apply"}[algorithm]
+        update = {"lamb": "lamb_update", "lars": "lars_update"}[algorithm]
         assert any(t.startswith(prefix) and update in t for t in targets), targets
 
 
@@ -400,7 +401,7 @@ def test_opcheck_every_operator(device, backend, dtype, master):
     # One schema per stage: the C++ operators (CPU and CUDA kernels) and the Triton ones take the same
     # arguments.
     prefix, chunk = ("", 256) if backend in ("cpp", "cuda") else ("triton_", 256)
-    op = {stage: getattr(ops, prefix + stage) for stage in ("sums_of_squares", "lamb_moments", "lamb_apply", "lars_apply")}
+    op = {stage: getattr(ops, prefix + stage) for stage in STAGES}
     calls = [
         (op["sums_of_squares"], (g, None, chunk)), (op["sums_of_squares"], (w, g, chunk)),
         (op["lamb_moments"], (w, g, m, v, [], [], lamb_table, torch.tensor([9.0], device=device), s["grad_scale"],
@@ -409,7 +410,12 @@ def test_opcheck_every_operator(device, backend, dtype, master):
         (op["lamb_apply"], (w, m, v, [], [], lamb_table, norms, s["found_inf"], c, chunk)),
         (op["lars_apply"], (w, g, b, [], lars_table, norms, s["grad_scale"], s["found_inf"], c, chunk)),
         (op["lars_apply"], (w, g, b, [], plain_sgd, None, None, None, c, chunk)),
+        (op["lamb_update"], (w, g, m, v, [], [], lamb_table, torch.tensor([9.0], device=device), s["grad_scale"],
+                             s["found_inf"], c, chunk, 1 << 20)),
+        (op["lars_update"], (w, g, b, [], lars_table, s["grad_scale"], s["found_inf"], c, True, chunk, 0)),
+        (op["lars_update"], (w, g, b, [], plain_sgd, None, None, c, False, chunk, 0)),
     ]
+    assert {o for o, _ in calls} == set(op.values())  # every stage's operator is checked
     for op, args in calls:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

@@ -52,17 +52,27 @@ def lamb_step(plans, grad_scale, found_inf, sharded_grads=None) -> None:
         for partial in sums[1:]:
             grad_sumsq = grad_sumsq + partial.to(grad_sumsq.device)
 
-    # 2-5 on every bucket, then the per-tensor ||p||^2, ||u||^2 of sharded tensors summed over
-    # their ranks, then 6-7.
-    norms, founds = [], []
-    for backend, (device, *_), plan in plans:
+    # A bucket with no sharded tensor: steps 2-7 in one update stage. The others: 2-5, then the
+    # per-tensor ||p||^2, ||u||^2 of sharded tensors summed over their ranks, then 6-7.
+    staged, norms, founds = [], [], []
+    for i, (backend, (device, *_), plan) in enumerate(plans):
         scale, found = scaler_value_on(grad_scale, device), scaler_value_on(found_inf, device)
-        norms.append(backend.lamb_moments_(plan, None if grad_sumsq is None else grad_sumsq.to(device), scale, found))
+        bucket_sumsq = None if grad_sumsq is None else grad_sumsq.to(device)
+        if not plan.sharded:
+            backend.lamb_update_(plan, bucket_sumsq, scale, found)
+            continue
+        staged.append(i)
+        norms.append(backend.lamb_moments_(plan, bucket_sumsq, scale, found))
         founds.append(found)
-    if shardings:
-        all_reduce_sharded_(norms, *shardings)
-    for (backend, _, plan), bucket_norms, found in zip(plans, norms, founds):
+    if staged:
+        all_reduce_sharded_(norms, *(_only(part, staged) for part in shardings))
+    for i, bucket_norms, found in zip(staged, norms, founds):
+        backend, _, plan = plans[i]
         backend.lamb_apply_(plan, bucket_norms, found)
+
+
+def _only(per_bucket, indices) -> list:
+    return [per_bucket[i] for i in indices]
 
 
 def _plan_clips(plan) -> bool:
@@ -73,17 +83,23 @@ def _plan_clips(plan) -> bool:
 def lars_step(plans, grad_scale, found_inf, sharded_grads=None) -> None:
     """One LARS step on every bucket: the only place the order of its stages lives (docs/design.md
     section 3). `plans` and `sharded_grads` as in lamb_step."""
-    # Per-tensor ||p||^2, ||g||^2 of every bucket (none without adaptation in the bucket: no pass
-    # over memory for norms), those of sharded tensors summed over their ranks, then the update.
+    # A bucket with no sharded tensor: one update stage (its norms, when a group adapts, then the
+    # update). The others: per-tensor ||p||^2, ||g||^2 (none without adaptation in the bucket: no
+    # pass over memory for norms), those of sharded tensors summed over their ranks, then the update.
     # That all-reduce, the step's first, also finds a sharded parameter with a grad on some ranks
     # only, before anything is written; without adaptation, it carries only that.
-    norms = [backend.lars_sums_of_squares(plan) if any(seg.adaptation for seg in plan.segments) else None
-             for backend, _, plan in plans]
-    reduced = [i for i, bucket_norms in enumerate(norms) if bucket_norms is not None]
-    shardings = tuple([part[i] for i in reduced] for part in bucket_shardings(plans, adaptive_only=True))
+    staged = [i for i, (_, _, plan) in enumerate(plans) if plan.sharded]
+    norms = {i: plans[i][0].lars_sums_of_squares(plans[i][2]) for i in staged
+             if any(seg.adaptation for seg in plans[i][2].segments)}
+    reduced = list(norms)
+    shardings = tuple(_only(part, reduced) for part in bucket_shardings(plans, adaptive_only=True))
     if sharded_grads is not None:
         sharded_grads.all_reduce_([norms[i] for i in reduced], shardings)
     elif shardings:
         all_reduce_sharded_([norms[i] for i in reduced], *shardings)
-    for (backend, (device, *_), plan), bucket_norms in zip(plans, norms):
-        backend.lars_apply_(plan, bucket_norms, scaler_value_on(grad_scale, device), scaler_value_on(found_inf, device))
+    for i, (backend, (device, *_), plan) in enumerate(plans):
+        scale, found = scaler_value_on(grad_scale, device), scaler_value_on(found_inf, device)
+        if plan.sharded:
+            backend.lars_apply_(plan, norms.get(i), scale, found)
+        else:
+            backend.lars_update_(plan, scale, found)

@@ -296,3 +296,21 @@ def lamb_apply(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg
     launch(_lamb_apply_kernel, table, hyper, norms.contiguous(), scalar_or(found_inf, hyper), N_HYPER=N_HYPER,
            N_COLS=len(columns), COPY_COL=3 if copies else -1, SCALES_COL=len(columns) - 2 if scales else -1,
            HAS_FOUND_INF=found_inf is not None)
+
+
+@torch.library.custom_op("lamb_kernels::triton_lamb_update",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales",
+                                       "copies"),
+                         schema=SCHEMAS["lamb_update"])
+def lamb_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                exp_avg_sqs: list[torch.Tensor], exp_avg_scales: list[torch.Tensor],
+                exp_avg_sq_scales: list[torch.Tensor], hyper: torch.Tensor, grad_sumsq: Optional[torch.Tensor],
+                grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], copies: list[torch.Tensor],
+                chunk_size: int, cache_bytes: int) -> None:
+    """The `lamb_update` stage (lamb_kernels/schemas.py): the moments kernel, then the apply kernel
+    (`cache_bytes` orders the C++ operators' passes on CPU; here the passes run in turn)."""
+    norms = lamb_moments(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, hyper, grad_sumsq,
+                         grad_scale, found_inf, chunk_size)
+    lamb_apply(params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, hyper, norms, found_inf, copies,
+               chunk_size)
+

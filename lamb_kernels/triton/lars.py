@@ -22,7 +22,7 @@ from ..schemas import SCHEMAS
 from .low_precision_states import (block_absmax, check_code_scales, decode_codes, element_random, encode_codes,
                                    load_code_scales, load_codes, per_element, round_bf16_stochastic, rounding_key,
                                    scales_pointer, store_block_scales, store_codes)
-from .multi_tensor import chunk_opening, column_pointer, launch, load_f32, scalar_or, store_rounded, table_for
+from .multi_tensor import sums_of_squares, chunk_opening, column_pointer, launch, load_f32, scalar_or, store_rounded, table_for
 
 # Columns of the per-tensor hyperparameter table (lamb_kernels/hyper_table.py).
 _LR = tl.constexpr(LarsColumn.LR.value)
@@ -178,3 +178,17 @@ def lars_apply(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_b
            scalar_or(grad_scale, hyper), scalar_or(found_inf, hyper), N_HYPER=N_HYPER, N_COLS=len(columns),
            COPY_COL=3 if copies else -1, SCALES_COL=len(columns) - 1 if scales else -1,
            ADAPTIVE=norms is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+
+
+@torch.library.custom_op("lamb_kernels::triton_lars_update",
+                         mutates_args=("params", "momentum_buffers", "buffer_scales", "copies"),
+                         schema=SCHEMAS["lars_update"])
+def lars_update(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
+                buffer_scales: list[torch.Tensor], hyper: torch.Tensor, grad_scale: Optional[torch.Tensor],
+                found_inf: Optional[torch.Tensor], copies: list[torch.Tensor], adaptive: bool, chunk_size: int,
+                cache_bytes: int) -> None:
+    """The `lars_update` stage (lamb_kernels/schemas.py): the norms of params and grads when `adaptive`,
+    then the apply kernel (`cache_bytes` as in triton_lamb_update)."""
+    norms = sums_of_squares(params, grads, chunk_size) if adaptive else None
+    lars_apply(params, grads, momentum_buffers, buffer_scales, hyper, norms, grad_scale, found_inf, copies, chunk_size)
+
