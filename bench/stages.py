@@ -2,7 +2,11 @@
 shows at once which stage falls short of the memory bandwidth.
 
 LAMB: "grad norm" (the per-tensor sums of squares of the grads), "moments" (steps 1-5 and the
-per-tensor norms), "apply" (steps 6-7); LARS: "norms", "apply" (docs/design.md sections 2-4). Each
+per-tensor norms), "apply" (steps 6-7); LARS: "norms", "apply" (docs/design.md sections 2-4). Then
+"update": the one operator call that replaces the passes after the grad norm in a bucket with no
+sharded tensor (lamb_update, lars_update), on CPU by cache groups (docs/benchmark.md, "The
+schedule"), charged the bytes of the passes it replaces: its GB/s beside theirs shows what the
+schedule saves (before: moments then apply, or norms then apply; after: update). Each
 stage is charged its bytes from docs/design.md section 4; its median time gives GB/s and the
 percentage of a copy of as many elements timed in the same run; on CUDA the kernels each stage
 launches are counted. The stages run interleaved with the copy and with each other, as the step
@@ -29,6 +33,20 @@ COLUMNS = (
     "p20_ms", "p80_ms", "gb_per_s", "copy_gb_per_s", "pct_of_copy", "launches", "lamb_kernels", "torch",
     "triton", "python",
 )
+
+
+UPDATE = "update"
+
+
+def stages_of(algorithm, clipping) -> list:
+    """The stages timed, in order: a step's streaming passes (harness.stage_bytes), then the update."""
+    return [*stage_bytes(algorithm, clipping), UPDATE]
+
+
+def bytes_of_stages(algorithm, clipping, *args) -> dict:
+    """Bytes per parameter of each timed stage; the update is charged those of the passes it replaces."""
+    bytes_of = stage_bytes(algorithm, clipping, *args)
+    return {**bytes_of, UPDATE: sum(b for stage, b in bytes_of.items() if stage != "grad norm")}
 
 
 class _Stages:
@@ -72,9 +90,19 @@ class _Stages:
         for (backend, _, plan), norms in zip(self.plans, self.norms):
             backend.lars_apply_(plan, norms)
 
+    def _update(self):
+        for backend, _, plan in self.plans:
+            if isinstance(self.opt, FusedLAMB):
+                grad_sumsq = self.grad_sumsq
+                backend.lamb_update_(plan, None if grad_sumsq is None else grad_sumsq.to(plan.device))
+            else:
+                backend.lars_update_(plan)
+
     def step_of(self, stage: str):
         """The stage as a call, under no_grad as in a step (the params are leaves that require grad)."""
-        if stage == "grad norm":
+        if stage == UPDATE:
+            call = self._update
+        elif stage == "grad norm":
             call = self._grad_norm
         elif stage == "moments":
             call = self._moments
@@ -88,7 +116,7 @@ class _Stages:
 def stage_providers(algorithm, device, backends, clipping, master_weights, state_dtype=torch.float32) -> list:
     """A copy of as many elements first, then one provider per (backend, stage)."""
     providers = [Provider("copy", algorithm, "copy", version=torch.__version__)]
-    stages = list(stage_bytes(algorithm, clipping))
+    stages = stages_of(algorithm, clipping)
     for backend in backends:
         try:
             resolve_backend(backend, torch.device(device))
@@ -111,7 +139,7 @@ def stage_providers(algorithm, device, backends, clipping, master_weights, state
 def stage_rows(outcomes, *, preset, algorithm, params, clipping, master_weights, context, state_bytes=4) -> list:
     numel = sum(p.numel() for p in params)
     itemsize = params[0].element_size()
-    bytes_of = stage_bytes(algorithm, clipping, itemsize, master_weights, state_bytes)
+    bytes_of = bytes_of_stages(algorithm, clipping, itemsize, master_weights, state_bytes)
     copy = next(o for o in outcomes if o.provider.role == "copy")
     copy_gbps = 2 * itemsize * numel / quantile(copy.times, 0.5) / 1e9 if copy.status == "ok" else None
     rows = []
