@@ -83,7 +83,7 @@ void moments_chunk_codes(const Chunk& chunk, const P* __restrict__ p, const G* _
   const LambUpdate update(h);
   const uint32_t key = rounding_key(h, kLambKeyLo);
   float acc_p[kLanes] = {}, acc_u[kLanes] = {};
-  alignas(64) float new_m[kCodeBlock], new_v[kCodeBlock];
+  alignas(64) float new_m[kCodeBlock], new_v[kCodeBlock], u[kCodeBlock];
   for (int64_t first = 0; first < chunk.size; first += kCodeBlock) {
     const int64_t n = std::min(kCodeBlock, chunk.size - first);
     const int64_t block = first / kCodeBlock;
@@ -92,7 +92,7 @@ void moments_chunk_codes(const Chunk& chunk, const P* __restrict__ p, const G* _
     const G* __restrict__ gb = g + first;
     int8_t* __restrict__ mb = m + first;
     uint8_t* __restrict__ vb = v + first;
-    float* __restrict__ u = u_out + first;
+    float* __restrict__ u_kept = u_out + first;
     for (int64_t i = 0; i < n; ++i) {
       float grad = static_cast<float>(gb[i]);
       if constexpr (kScaled) grad = grad * inv_scale;
@@ -114,8 +114,11 @@ void moments_chunk_codes(const Chunk& chunk, const P* __restrict__ p, const G* _
       u[i] = update(static_cast<float>(pb[i]), decode_signed(m_code, m_largest),
                     decode_unsigned(v_code, v_largest));  // 4-5.
     }
+    // (u goes to u_out here, not in the loop above: a store through a pointer there costs that
+    // loop its vectorization)
     for_each_lane(n, [&](int64_t i, int64_t lane) {
       const float param = static_cast<float>(pb[i]);
+      u_kept[i] = u[i];
       acc_p[lane] += param * param;
       acc_u[lane] += u[i] * u[i];
     });

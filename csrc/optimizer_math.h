@@ -135,7 +135,7 @@ LAMB_KERNELS_HD int32_t encode_magnitude(float x, float scale, CodeFormat f, uin
   const bool scaled = scale > 0;
   const float inverse = divide(1.0f, scaled ? scale : 1.0f);
   const float quotient = scaled ? magnitude(x) * inverse : 0.0f;
-  const float y = (quotient > 0) & (quotient < f.least) ? f.least : quotient;
+  const float y = quotient > 0 && quotient < f.least ? f.least : quotient;
   const bool small = y < f.smallest;
   const uint32_t below = static_cast<uint32_t>(static_cast<int32_t>((small ? y : 0.0f) * f.below));
   const uint32_t t = small ? below : float_bits(y) - (f.offset << 20);
