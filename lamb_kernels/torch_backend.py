@@ -155,9 +155,9 @@ class TorchBackend:
         (lists of them, per param) torch_chunks can take; None for any other (the reference path)."""
         if seg.state_dtype == torch.float32 or not seg.params or not torch_chunks.usable(seg.params, *tensor_lists):
             return None
-        device = seg.params[0].device
-        if device not in self._workspaces:
-            self._workspaces[device] = torch_chunks.Workspace(device)
+        device, size = seg.params[0].device, torch_chunks.largest_chunk(seg.params)
+        if device not in self._workspaces or self._workspaces[device].size < size:
+            self._workspaces[device] = torch_chunks.Workspace(device, size)
         return self._workspaces[device]
 
     def _scratch_for(self, plan: Plan) -> Plan:

@@ -25,7 +25,10 @@ from .backend_api import is_dense
 from .quantization import BLOCK, INT8, SMALLEST_NORMAL, _format, _memory_order
 from .rounding import _GOLDEN, _M1, _M2, MASK32, _signed, _to_int32
 
-CHUNK = 1 << 18  # elements per chunk, a multiple of BLOCK: 1 MiB per float32 or int32 buffer
+# Elements per chunk, a multiple of BLOCK: 2 MiB per float32 or int32 buffer, the dozen a chunk
+# touches within a 32 MiB L3 cache. (2^18 to 2^20 measured within noise of each other on a 2-core
+# EPYC; fewer, longer operator calls wait less on a core another process holds.)
+CHUNK = 1 << 19
 _HIGH_HALF = _signed(0xFFFF0000)
 _SIGN_BIT = _signed(0x80000000)
 _BF16_MAX = float.fromhex("0x1.fep127")  # bfloat16's largest finite value (fp32 bits 0x7F7F0000)
@@ -75,6 +78,11 @@ def chunks(numels: tuple) -> tuple:
                        p[-1].offset + p[-1].stop - p[-1].start) for p in found)
 
 
+def largest_chunk(tensors) -> int:
+    """The size of the largest of these tensors' chunks (a Workspace's buffers take it)."""
+    return max((chunk.size for chunk in chunks(tuple(t.numel() for t in tensors))), default=BLOCK)
+
+
 def usable(*tensor_lists) -> bool:
     """Whether the tensors of these lists (per tensor, one of each list) can be taken a chunk at a
     time: on the CPU, dense, of one shape and strides (so memory order pairs their elements), and not
@@ -92,19 +100,22 @@ def usable(*tensor_lists) -> bool:
 
 
 class Workspace:
-    """The buffers of one device, CHUNK elements each, reused by every chunk of every step."""
+    """The buffers of one device, reused by every chunk of every step: `size` elements each, the
+    largest chunk's (at most CHUNK; less for small models)."""
 
-    def __init__(self, device):
-        def buffer(dtype=torch.float32, size=CHUNK):
+    def __init__(self, device, size: int):
+        self.size = size
+
+        def buffer(dtype=torch.float32, size=size):
             return torch.empty(size, dtype=dtype, device=device)
 
         self.values = (buffer(), buffer())  # m and v (LAMB); the buffer and d (LARS)
         self.y, self.below = buffer(), buffer()  # encode_'s scratch; the grads (LAMB)
         self.old_codes = (buffer(torch.int32), buffer(torch.int32))  # of m and v, or of the buffer
         self.x, self.random, self.codes, self.t = (buffer(torch.int32) for _ in range(4))
-        self.scales = (buffer(size=CHUNK // BLOCK), buffer(size=CHUNK // BLOCK))  # the old ones, of m and v
-        # index * 0x9E3779B9 (mod 2^32) of indices 0 to CHUNK - 1: the hash's input but for the key
-        self.golden = torch.arange(CHUNK, dtype=torch.int32, device=device).mul_(_signed(_GOLDEN))
+        self.scales = (buffer(size=size // BLOCK), buffer(size=size // BLOCK))  # the old ones, of m and v
+        # index * 0x9E3779B9 (mod 2^32) of indices 0 to size - 1: the hash's input but for the key
+        self.golden = torch.arange(size, dtype=torch.int32, device=device).mul_(_signed(_GOLDEN))
 
 
 def flat(tensors) -> list:

@@ -39,7 +39,7 @@ def wide_range(n, seed=0):
 
 def random_bits(sizes, keys, state, shift=0):
     """Per tensor, the random bits of `state` that torch_chunks gives (shifted left by `shift`)."""
-    ws, out = Workspace("cpu"), [torch.empty(n, dtype=torch.int32) for n in sizes]
+    ws, out = Workspace("cpu", CHUNK), [torch.empty(n, dtype=torch.int32) for n in sizes]
     for chunk in chunks(tuple(sizes)):
         hash_(chunk, int32_keys(keys), ws)
         scatter(chunk, out, random_(ws.x[: chunk.size], ws.random[: chunk.size], state, shift))
@@ -62,7 +62,7 @@ def test_random_bits_are_the_references_across_chunks_and_shared_chunks(state):
 def test_bf16_rounding_is_the_references(key, state):
     low_payload_nans = torch.tensor([0x7F800001, 0x7FFFFFFF, -1], dtype=torch.int32).view(torch.float32)
     x = torch.cat([wide_range(1000), torch.tensor(SPECIALS), low_payload_nans])
-    ws, n = Workspace("cpu"), x.numel()
+    ws, n = Workspace("cpu", CHUNK), x.numel()
     chunk = chunks((n,))[0]
     hash_(chunk, int32_keys([key]), ws)
     values = ws.values[0][: chunk.size]
@@ -93,7 +93,7 @@ def blocks_of_every_kind(signed):
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_and_scales_are_the_references(signed, key):
     x = blocks_of_every_kind(signed)
-    ws, n, state = Workspace("cpu"), x.numel(), 0 if signed else 1
+    ws, n, state = Workspace("cpu", CHUNK), x.numel(), 0 if signed else 1
     chunk = chunks((n,))[0]
     values = ws.values[0][: chunk.size]
     values[:n].copy_(x)
@@ -124,7 +124,7 @@ def test_every_code_decodes_as_the_reference(signed):
     assert torch.equal(decoded.view(torch.int32), dequantize(codes, scales).view(torch.int32))
 
 
-SHAPES = [(300,), (10, 100), (7,), (600, 500), (768,), (3, 5, 7), (1,), (50, 40)]  # one over CHUNK elements
+SHAPES = [(300,), (10, 100), (7,), (CHUNK // 512 + 7, 512), (768,), (3, 5, 7), (1,), (50, 40)]  # one over CHUNK
 VARIANTS = {
     "lamb": {"plain": {}, "options": dict(weight_decay=0.01, adam_w_mode=False, max_grad_norm=1.0),
              "no-averaging": dict(weight_decay=0.01, grad_averaging=False, bias_correction=False)},
