@@ -5,7 +5,9 @@ Pure PyTorch (``torch._foreach_*`` over each param group), runs on every device,
 ``.item()`` and never branches on a tensor's value, so it queues work without waiting on the device.
 Grads are read, never written: where a step changes the gradient (unscaling, clipping, L2 decay) it
 works on an fp32 copy. Low-precision params and grads: every op computes in fp32 (the states are
-fp32) and rounds once when it writes a low-precision parameter.
+fp32) and rounds once when it writes a low-precision parameter. bf16 and 8-bit states on the CPU go
+through torch_chunks.py, a chunk at a time with the same bits (the reference path below, per tensor,
+takes the other devices, torch.compile, and tensors of differing memory layouts).
 
 A GradScaler's non-finite grad (``found_inf``) skips the step with no branch: the grads become 0,
 and the factors that would change the moments, buffers and params become exactly 1 (or 0 for the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import torch_chunks
 from .backend_api import LambSegment, Plan, is_dense, lamb_plan, lars_plan
 from .quantization import INT8, dequantize, quantize_stochastic
 from .rounding import round_bf16_stochastic
@@ -67,21 +70,27 @@ def _keep_or(found_inf, value, skipped):
     return torch.where(found_inf.reshape(()) != 0, skipped, value)
 
 
-def _lamb_updates_(seg: LambSegment, out: list, bias_corrections) -> list:
+def _lamb_updates_(seg: LambSegment, out: list, bias_corrections, workspace=None) -> list:
     """Steps 4-5 into `out`: u = (m / bc1) / (sqrt(v / bc2) + eps), plus wd * p in AdamW mode, from
-    the stored moments (8-bit ones decoded).
+    the stored moments (8-bit ones decoded, a chunk at a time with a `workspace`: torch_chunks.py).
 
     Every op is in place on `out`: on CPU a freshly allocated param-sized temporary costs about ten
     times the arithmetic (page faults), so the quotient is formed as m * (1 / denominator).
     """
     int8 = seg.state_dtype == INT8
-    torch._foreach_copy_(out, _decoded(seg.exp_avg_sqs, seg.exp_avg_sq_scales) if int8 else seg.exp_avg_sqs)
+    if int8 and workspace is not None:
+        torch_chunks.decoded_into_(out, seg.exp_avg_sqs, seg.exp_avg_sq_scales, False, workspace)
+    else:
+        torch._foreach_copy_(out, _decoded(seg.exp_avg_sqs, seg.exp_avg_sq_scales) if int8 else seg.exp_avg_sqs)
     bias_correction1, bias_correction2 = bias_corrections
     torch._foreach_div_(out, bias_correction2)
     torch._foreach_sqrt_(out)
     torch._foreach_add_(out, seg.eps)
     torch._foreach_reciprocal_(out)
-    torch._foreach_mul_(out, _decoded(seg.exp_avgs, seg.exp_avg_scales) if int8 else seg.exp_avgs)
+    if int8 and workspace is not None:
+        torch_chunks.decoded_into_(out, seg.exp_avgs, seg.exp_avg_scales, True, workspace)
+    else:
+        torch._foreach_mul_(out, _decoded(seg.exp_avgs, seg.exp_avg_scales) if int8 else seg.exp_avgs)
     torch._foreach_div_(out, bias_correction1)
     if seg.adam_w_mode and seg.weight_decay != 0:
         torch._foreach_add_(out, seg.params, alpha=seg.weight_decay)
@@ -139,6 +148,17 @@ class TorchBackend:
 
     def __init__(self):
         self._scratch = {}
+        self._workspaces = {}  # device -> torch_chunks.Workspace
+
+    def _workspace(self, seg, *tensor_lists):
+        """The chunk buffers (torch_chunks.py) for a segment of bf16 or 8-bit states whose tensors
+        (lists of them, per param) torch_chunks can take; None for any other (the reference path)."""
+        if seg.state_dtype == torch.float32 or not seg.params or not torch_chunks.usable(seg.params, *tensor_lists):
+            return None
+        device, size = seg.params[0].device, torch_chunks.largest_chunk(seg.params)
+        if device not in self._workspaces or self._workspaces[device].size < size:
+            self._workspaces[device] = torch_chunks.Workspace(device, size)
+        return self._workspaces[device]
 
     def _scratch_for(self, plan: Plan) -> Plan:
         """The plan with its scratch tensors (those of parameters no longer stepped are let go) and
@@ -210,22 +230,26 @@ class TorchBackend:
             # 3. Moments (bf16 and 8-bit states: in fp32 copies, stored back with stochastic rounding;
             # the update below reads the stored values, as the apply stage will).
             bf16, int8 = seg.state_dtype == torch.bfloat16, seg.state_dtype == INT8
-            exp_avgs = _fp32_values(seg.exp_avgs, seg.exp_avg_scales, seg.state_dtype)
-            exp_avg_sqs = _fp32_values(seg.exp_avg_sqs, seg.exp_avg_sq_scales, seg.state_dtype)
-            torch._foreach_mul_(exp_avgs, beta1)
-            torch._foreach_add_(exp_avgs, grads, alpha=seg.beta3)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - seg.beta2)
-            if bf16:
-                for i, key in enumerate(seg.rounding_keys):
-                    seg.exp_avgs[i].copy_(round_bf16_stochastic(exp_avgs[i], key, 0))
-                    seg.exp_avg_sqs[i].copy_(round_bf16_stochastic(exp_avg_sqs[i], key, 1))
-            if int8:
-                _store_codes_(seg.exp_avgs, seg.exp_avg_scales, exp_avgs, seg.rounding_keys, 0, True, found_inf)
-                _store_codes_(seg.exp_avg_sqs, seg.exp_avg_sq_scales, exp_avg_sqs, seg.rounding_keys, 1, False,
-                              found_inf)
+            workspace = self._workspace(seg, grads, seg.exp_avgs, seg.exp_avg_sqs, scratch)
+            if workspace is not None:  # the same bits, a chunk at a time (torch_chunks.py)
+                torch_chunks.lamb_moments_(seg, grads, beta1, beta2, found_inf, workspace)
+            else:
+                exp_avgs = _fp32_values(seg.exp_avgs, seg.exp_avg_scales, seg.state_dtype)
+                exp_avg_sqs = _fp32_values(seg.exp_avg_sqs, seg.exp_avg_sq_scales, seg.state_dtype)
+                torch._foreach_mul_(exp_avgs, beta1)
+                torch._foreach_add_(exp_avgs, grads, alpha=seg.beta3)
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - seg.beta2)
+                if bf16:
+                    for i, key in enumerate(seg.rounding_keys):
+                        seg.exp_avgs[i].copy_(round_bf16_stochastic(exp_avgs[i], key, 0))
+                        seg.exp_avg_sqs[i].copy_(round_bf16_stochastic(exp_avg_sqs[i], key, 1))
+                if int8:
+                    _store_codes_(seg.exp_avgs, seg.exp_avg_scales, exp_avgs, seg.rounding_keys, 0, True, found_inf)
+                    _store_codes_(seg.exp_avg_sqs, seg.exp_avg_sq_scales, exp_avg_sqs, seg.rounding_keys, 1, False,
+                                  found_inf)
             # 4-5. The update, only to measure it here; the apply stage recomputes it.
-            updates = _lamb_updates_(seg, scratch, bias_corrections)
+            updates = _lamb_updates_(seg, scratch, bias_corrections, workspace)
             norms.append(torch.stack([_sums_of_squares(seg.params), _sums_of_squares(updates)], dim=1))
         return torch.cat(norms)
 
@@ -235,7 +259,8 @@ class TorchBackend:
             count = len(seg.params)
             seg_norms = norms[first : first + count].sqrt()
             first += count
-            updates = _lamb_updates_(seg, scratch, bias_corrections)
+            workspace = self._workspace(seg, seg.exp_avgs, seg.exp_avg_sqs, scratch)
+            updates = _lamb_updates_(seg, scratch, bias_corrections, workspace)
             if seg.layer_adaptation:
                 # 6. Trust ratio ||p|| / ||u||, from norms of p taken before this step's update.
                 param_norm, update_norm = seg_norms[:, 0], seg_norms[:, 1]
@@ -293,7 +318,12 @@ class TorchBackend:
             # 2. Momentum: a new buffer is d itself; later buf <- momentum buf + (1 - dampening) d.
             # (bf16 buffers: in fp32 copies, stored back with stochastic rounding, the step taken
             # from the stored values.)
-            if seg.momentum != 0:
+            step_size = -lr if found_inf is None else _keep_or(found_inf, -lr, 0.0)  # (of step 3)
+            workspace = self._workspace(seg, d, seg.momentum_buffers) if seg.momentum != 0 else None
+            if workspace is not None:  # steps 2-3, the same bits a chunk at a time (torch_chunks.py)
+                momentum = seg.momentum if found_inf is None else _keep_or(found_inf, seg.momentum, 1.0)
+                torch_chunks.lars_momentum_(seg, d, momentum, step_size, found_inf, workspace)
+            elif seg.momentum != 0:
                 bf16, int8 = seg.state_dtype == torch.bfloat16, seg.state_dtype == INT8
                 buffers = _fp32_values(seg.momentum_buffers, seg.momentum_buffer_scales, seg.state_dtype)
                 momentum = seg.momentum if found_inf is None else _keep_or(found_inf, seg.momentum, 1.0)
@@ -321,8 +351,8 @@ class TorchBackend:
                 else:
                     d = buffers
             # 3. p <- p - lr d (a step size of 0 when the step is skipped)
-            step_size = -lr if found_inf is None else _keep_or(found_inf, -lr, 0.0)
-            torch._foreach_add_(seg.params, torch._foreach_mul(d, step_size))
+            if workspace is None:
+                torch._foreach_add_(seg.params, torch._foreach_mul(d, step_size))
             if seg.low_precision_params:
                 torch._foreach_copy_(seg.low_precision_params, seg.params)
 
