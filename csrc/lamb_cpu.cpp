@@ -352,7 +352,7 @@ void lamb_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   if (skips_step(op, found_inf)) return;
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
   const std::vector<ChunkRange> groups = cache_groups(chunks, {params, grads, exp_avgs, exp_avg_sqs}, cache_bytes);
-  // The u of a group whose elements' u take at most a quarter of cache_bytes is kept in a scratch
+  // The u of a group whose elements' u take at most half of cache_bytes is kept in a scratch
   // buffer by the moments pass, for the apply pass to read from cache: kept[c], chunk c's place in
   // it (null for the chunks of larger groups, whose apply pass recomputes u).
   std::vector<float*> kept(chunks.size(), nullptr);
@@ -360,7 +360,7 @@ void lamb_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   for (const ChunkRange& group : groups) {
     int64_t size = 0;
     for (int64_t c = group.first; c < group.last; ++c) size += chunks[c].size;
-    if (4 * size * static_cast<int64_t>(sizeof(float)) <= cache_bytes) largest = std::max(largest, size);
+    if (2 * size * static_cast<int64_t>(sizeof(float)) <= cache_bytes) largest = std::max(largest, size);
   }
   std::vector<float> scratch(largest);
   for (const ChunkRange& group : groups) {
