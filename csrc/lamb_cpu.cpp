@@ -63,7 +63,7 @@ void moments_chunk(const Chunk& chunk, const P* __restrict__ p, const G* __restr
   const int64_t n = chunk.size;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t lane = 0; lane < kLanes; ++lane) element(i + lane, lane);
+    for (int64_t lane = 0; lane < kLanes; ++lane) element(i + lane, lane);  // vectorized: tests/test_vectorization.py
   }
   for (int64_t lane = 0; i + lane < n; ++lane) element(i + lane, lane);
   partial[0] = lane_total(acc_p);
@@ -93,7 +93,7 @@ void moments_chunk_codes(const Chunk& chunk, const P* __restrict__ p, const G* _
     int8_t* __restrict__ mb = m + first;
     uint8_t* __restrict__ vb = v + first;
     float* __restrict__ u_kept = u_out + first;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {  // vectorized: tests/test_vectorization.py
       float grad = static_cast<float>(gb[i]);
       if constexpr (kScaled) grad = grad * inv_scale;
       float exp_avg = decode_signed(mb[i], m_scale), exp_avg_sq = decode_unsigned(vb[i], v_scale);
@@ -105,7 +105,7 @@ void moments_chunk_codes(const Chunk& chunk, const P* __restrict__ p, const G* _
     m_scales[block] = m_largest;
     v_scales[block] = v_largest;
     const uint32_t first_index = static_cast<uint32_t>(chunk.begin + first);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {  // vectorized: tests/test_vectorization.py
       const uint32_t random = element_random(key, first_index + static_cast<uint32_t>(i));
       const int8_t m_code = encode_signed(new_m[i], m_largest, (random & 0xffffU) << 4);
       const uint8_t v_code = encode_unsigned(new_v[i], v_largest, (random >> 16) << 4);
@@ -136,7 +136,7 @@ void apply_chunk_codes(const Chunk& chunk, P* __restrict__ p, const int8_t* __re
   for (int64_t first = 0; first < chunk.size; first += kCodeBlock) {
     const int64_t n = std::min(kCodeBlock, chunk.size - first);
     const float m_scale = m_scales[first / kCodeBlock], v_scale = v_scales[first / kCodeBlock];
-    for (int64_t e = first; e < first + n; ++e) {
+    for (int64_t e = first; e < first + n; ++e) {  // vectorized: tests/test_vectorization.py
       const float param = static_cast<float>(p[e]);
       const float next = param - step_size * update(param, decode_signed(m[e], m_scale),
                                                     decode_unsigned(v[e], v_scale));  // 7.
@@ -154,7 +154,7 @@ void apply_chunk(const Chunk& chunk, P* __restrict__ p, const S* __restrict__ m,
   const float step_size = lamb_step_size(h, norms);  // 6.
   const LambUpdate update(h);
   const int64_t n = chunk.size;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {  // vectorized: tests/test_vectorization.py
     const float param = static_cast<float>(p[i]);
     const float next = param - step_size * update(param, static_cast<float>(m[i]), static_cast<float>(v[i]));  // 7.
     p[i] = static_cast<P>(next);
@@ -169,7 +169,7 @@ template <typename P, typename C>
 void apply_chunk_from_u(const Chunk& chunk, P* __restrict__ p, const float* __restrict__ u, C* __restrict__ copy,
                         const float* h, const float* norms) {
   const float step_size = lamb_step_size(h, norms);  // 6.
-  for (int64_t i = 0; i < chunk.size; ++i) {
+  for (int64_t i = 0; i < chunk.size; ++i) {  // vectorized: tests/test_vectorization.py
     const float next = static_cast<float>(p[i]) - step_size * u[i];  // 7.
     p[i] = static_cast<P>(next);
     if constexpr (kWritesCopy<C>) copy[i] = static_cast<C>(next);

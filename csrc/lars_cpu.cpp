@@ -32,7 +32,7 @@ void apply_chunk_codes(int64_t begin, int64_t n, P* __restrict__ p, const G* __r
     P* __restrict__ pb = p + first;
     const G* __restrict__ gb = g + first;
     int8_t* __restrict__ bb = buf + first;
-    for (int64_t i = 0; i < len; ++i) {
+    for (int64_t i = 0; i < len; ++i) {  // vectorized: tests/test_vectorization.py
       d[i] = lars_direction<kScaled, kAdapt>(static_cast<float>(pb[i]), static_cast<float>(gb[i]), s);  // 1.
       // 2. (a new buffer is not read)
       const float old = kMomentum == Momentum::kLater ? decode_signed(bb[i], scale) : 0.0f;
@@ -41,7 +41,7 @@ void apply_chunk_codes(int64_t begin, int64_t n, P* __restrict__ p, const G* __r
     const float new_scale = block_scale(block_absmax(next_buf, len));
     scales[first / kCodeBlock] = new_scale;
     const uint32_t first_index = static_cast<uint32_t>(begin + first);
-    for (int64_t i = 0; i < len; ++i) {
+    for (int64_t i = 0; i < len; ++i) {  // vectorized: tests/test_vectorization.py
       const uint32_t random16 = element_random(key, first_index + static_cast<uint32_t>(i)) & 0xffffU;
       const int8_t code = encode_signed(next_buf[i], new_scale, random16 << 4);
       bb[i] = code;
@@ -65,7 +65,7 @@ void apply_chunk(int64_t begin, int64_t n, P* __restrict__ p, const G* __restric
     return;
   }
   constexpr bool kRound = std::is_same_v<B, at::BFloat16> && kMomentum != Momentum::kNone;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {  // vectorized: tests/test_vectorization.py
     float b = 0.0f;
     if constexpr (kMomentum == Momentum::kLater) b = static_cast<float>(buf[i]);  // a new buffer is not read
     uint32_t random16 = 0;
