@@ -355,22 +355,26 @@ void lamb_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   // The u of a group whose elements' u take at most half of cache_bytes is kept in a scratch
   // buffer by the moments pass, for the apply pass to read from cache: kept[c], chunk c's place in
   // it (null for the chunks of larger groups, whose apply pass recomputes u).
-  std::vector<float*> kept(chunks.size(), nullptr);
+  auto elements = [&](ChunkRange group) {
+    int64_t n = 0;
+    for (int64_t c = group.first; c < group.last; ++c) n += chunks[c].size;
+    return n;
+  };
+  auto keeps_u = [&](ChunkRange group) {
+    return 2 * elements(group) * static_cast<int64_t>(sizeof(float)) <= cache_bytes;
+  };
   int64_t largest = 0;
   for (const ChunkRange& group : groups) {
-    int64_t size = 0;
-    for (int64_t c = group.first; c < group.last; ++c) size += chunks[c].size;
-    if (2 * size * static_cast<int64_t>(sizeof(float)) <= cache_bytes) largest = std::max(largest, size);
+    if (keeps_u(group)) largest = std::max(largest, elements(group));
   }
   std::vector<float> scratch(largest);
+  std::vector<float*> kept(chunks.size(), nullptr);
   for (const ChunkRange& group : groups) {
-    int64_t offset = 0;
-    for (int64_t c = group.first; c < group.last; ++c) offset += chunks[c].size;
-    if (offset > largest) continue;
-    offset = 0;
+    if (!keeps_u(group)) continue;
+    float* next = scratch.data();
     for (int64_t c = group.first; c < group.last; ++c) {
-      kept[c] = scratch.data() + offset;
-      offset += chunks[c].size;
+      kept[c] = next;
+      next += chunks[c].size;
     }
   }
   std::vector<float> partials(2 * chunks.size()), norms(2 * params.size());

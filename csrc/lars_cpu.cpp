@@ -174,6 +174,13 @@ std::pair<at::ScalarType, bool> check_lars(const char* op, at::TensorList params
 
 bool adapts(const float* h, int64_t t) { return h[t * kLarsColumns + kLarsAdapt] != 0; }
 
+// A tensor that adapts needs its norms: `given` says whether this call has them, `missing` why not.
+void check_norms_for_adapting(const char* op, const float* h, int64_t n_tensors, bool given, const char* missing) {
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    TORCH_CHECK(!adapts(h, t) || given, op, ": params[", t, "] adapts, but ", missing);
+  }
+}
+
 }  // namespace
 
 void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -186,9 +193,7 @@ void lars_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       check_lars(op, params, grads, momentum_buffers, buffer_scales, hyper, copies, chunk_size);
   if (norms.has_value()) check_norms(op, *norms, n_tensors);
   const float* h = hyper.const_data_ptr<float>();
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    TORCH_CHECK(!adapts(h, t) || norms.has_value(), op, ": params[", t, "] adapts, but no norms were given");
-  }
+  check_norms_for_adapting(op, h, n_tensors, norms.has_value(), "no norms were given");
   const float inv_scale = inverse_grad_scale(op, grad_scale);
   if (skips_step(op, found_inf)) return;
   parallel_over_chunks(chunk_map(params, chunk_size),
@@ -206,9 +211,7 @@ void lars_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const auto [buffer_type, codes] =
       check_lars(op, params, grads, momentum_buffers, buffer_scales, hyper, copies, chunk_size);
   const float* h = hyper.const_data_ptr<float>();
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    TORCH_CHECK(!adapts(h, t) || adaptive, op, ": params[", t, "] adapts, but adaptive is false");
-  }
+  check_norms_for_adapting(op, h, n_tensors, adaptive, "adaptive is false");
   const float inv_scale = inverse_grad_scale(op, grad_scale);
   if (skips_step(op, found_inf)) return;
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);

@@ -156,6 +156,11 @@ def lamb_plan(segments) -> Plan:
                  exp_avg_scales=concatenated(segments, "exp_avg_scales"), exp_avg_sq_scales=concatenated(segments, "exp_avg_sq_scales"))
 
 
+def adapts(plan: Plan) -> bool:
+    """Whether any group of a LARS plan takes the trust ratio: the bucket's norms pass runs only then."""
+    return any(seg.adaptation for seg in plan.segments)
+
+
 def lars_plan(segments) -> Plan:
     """The plan of a bucket of LarsSegments, before the backend adds what it keeps."""
     plan = _plan(segments, "lars", momentum_buffers=concatenated(segments, "momentum_buffers"),

@@ -11,9 +11,14 @@ import contextlib
 
 import torch
 
-from .backend_api import Plan, lamb_plan, lars_plan, mark_modified
+from .backend_api import Plan, adapts, lamb_plan, lars_plan, mark_modified
 from .hyper_table import lamb_hyper, lars_hyper
 from .schemas import STAGES
+
+
+def _lamb_states(plan: Plan) -> list:
+    """What LAMB's moments pass writes: m, v and (8-bit states) their block scales."""
+    return plan.exp_avgs + plan.exp_avg_sqs + plan.exp_avg_scales + plan.exp_avg_sq_scales
 
 
 class OperatorBackend:
@@ -63,7 +68,7 @@ class OperatorBackend:
             norms = self._op("lamb_moments")(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs,
                                              plan.exp_avg_scales, plan.exp_avg_sq_scales, plan.hyper, grad_sumsq,
                                              grad_scale, found_inf, self.chunk_size)
-        mark_modified(plan.exp_avgs + plan.exp_avg_sqs + plan.exp_avg_scales + plan.exp_avg_sq_scales)
+        mark_modified(_lamb_states(plan))
         return norms
 
     def lamb_apply_(self, plan: Plan, norms: torch.Tensor, found_inf=None) -> None:
@@ -78,7 +83,7 @@ class OperatorBackend:
             self._op("lamb_update")(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.exp_avg_scales,
                                     plan.exp_avg_sq_scales, plan.hyper, grad_sumsq, grad_scale, found_inf,
                                     plan.low_precision_params, self.chunk_size, self.cache_bytes)
-        mark_modified(plan.written + plan.exp_avgs + plan.exp_avg_sqs + plan.exp_avg_scales + plan.exp_avg_sq_scales)
+        mark_modified(plan.written + _lamb_states(plan))
 
     # -- LARS, docs/design.md section 3 ----------------------------------------------------------
 
@@ -103,9 +108,8 @@ class OperatorBackend:
         mark_modified(plan.written)
 
     def lars_update_(self, plan: Plan, grad_scale=None, found_inf=None) -> None:
-        adaptive = any(seg.adaptation for seg in plan.segments)
         with self._on_device(plan):
             self._op("lars_update")(plan.params, plan.grads, plan.momentum_buffers, plan.momentum_buffer_scales,
-                                    plan.hyper, grad_scale, found_inf, plan.low_precision_params, adaptive,
+                                    plan.hyper, grad_scale, found_inf, plan.low_precision_params, adapts(plan),
                                     self.chunk_size, self.cache_bytes)
         mark_modified(plan.written)

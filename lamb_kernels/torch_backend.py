@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import torch_chunks
-from .backend_api import LambSegment, Plan, is_dense, lamb_plan, lars_plan
+from .backend_api import LambSegment, Plan, adapts, is_dense, lamb_plan, lars_plan
 from .quantization import INT8, dequantize, quantize_stochastic
 from .rounding import round_bf16_stochastic
 
@@ -358,5 +358,4 @@ class TorchBackend:
 
     def lars_update_(self, plan: Plan, grad_scale=None, found_inf=None) -> None:
         """A step of a bucket with no sharded tensor: the norms (when a group adapts), then the update."""
-        adaptive = any(seg.adaptation for seg in plan.segments)
-        self.lars_apply_(plan, self.lars_sums_of_squares(plan) if adaptive else None, grad_scale, found_inf)
+        self.lars_apply_(plan, self.lars_sums_of_squares(plan) if adapts(plan) else None, grad_scale, found_inf)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend_api import concatenated
+from ..backend_api import adapts, concatenated
 from ..distributed import all_reduce_sharded_
 
 
@@ -89,8 +89,7 @@ def lars_step(plans, grad_scale, found_inf, sharded_grads=None) -> None:
     # That all-reduce, the step's first, also finds a sharded parameter with a grad on some ranks
     # only, before anything is written; without adaptation, it carries only that.
     staged = [i for i, (_, _, plan) in enumerate(plans) if plan.sharded]
-    norms = {i: plans[i][0].lars_sums_of_squares(plans[i][2]) for i in staged
-             if any(seg.adaptation for seg in plans[i][2].segments)}
+    norms = {i: plans[i][0].lars_sums_of_squares(plans[i][2]) for i in staged if adapts(plans[i][2])}
     reduced = list(norms)
     shardings = tuple(_only(part, reduced) for part in bucket_shardings(plans, adaptive_only=True))
     if sharded_grads is not None:
