@@ -2,6 +2,7 @@
 
     python -m bench.distributed                         # bert-base shapes, 2 and 4 ranks
     python -m bench.distributed --world-sizes 2 --preset tiny --steps 3
+    python -m bench.distributed --state-dtype int8       # FusedLAMB / FusedLARS with 8-bit states
 
 For each world size, that many processes (one gloo process group) shard one module holding the
 preset's parameters with ``fully_shard`` (FSDP2: each tensor split on its first dimension), give
@@ -10,8 +11,11 @@ lamb_kernels backend, beside timm's ``Lamb`` / ``Lars`` when timm can be importe
 sharding, every norm a DTensor collective) and torch's ``AdamW`` / ``SGD`` with momentum (no norms,
 no collective) on the same sharded parameters. A step's time is the slowest rank's, between two
 barriers; the all-reduces a step makes are counted as they are dispatched (``dist.all_reduce``'s
-``c10d::allreduce_`` and DTensor's ``_c10d_functional::all_reduce``). Prints a table last; writes
-distributed.csv and distributed.png into --out.
+``c10d::allreduce_`` and DTensor's ``_c10d_functional::all_reduce``), and so are the bytes of the
+optimizer's state tensors on the largest rank (step counts left out). ``--state-dtype`` sets our
+optimizers' ``state_dtype`` (bf16, or 8-bit codes with a float32 scale per 256 elements: a sharded
+parameter whose shards cannot hold whole blocks keeps float32 states, docs/states.md). Prints a
+table last; writes distributed.csv and distributed.png into --out.
 
 On one machine the ranks share its cores and memory bandwidth: the times say what the step costs on
 this machine at that world size (and how many collectives it makes), not how it scales on a cluster.
@@ -33,7 +37,8 @@ from .presets import PRESETS, preset_shapes
 from .report import pyplot, write_csv
 
 COLUMNS = ("date", "preset", "world_size", "algorithm", "provider", "status", "reason", "tensors", "params",
-           "steps", "median_ms", "p20_ms", "p80_ms", "ratio_to_yardstick", "all_reduces_per_step",
+           "steps", "state_dtype", "median_ms", "p20_ms", "p80_ms", "ratio_to_yardstick", "all_reduces_per_step",
+           "state_bytes_per_rank",
            "device_name", "threads_per_rank", "lamb_kernels", "torch", "python")
 
 
@@ -47,6 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--algorithms", default="lamb,lars", help="comma-separated: lamb, lars")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per provider (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (default: 2)")
+    parser.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16", "int8"),
+                        help="state_dtype of FusedLAMB (m and v) and FusedLARS (the momentum buffer)")
     parser.add_argument("--out", default="out/distributed", help="folder for the CSV and PNG (default: out/distributed)")
     args = parser.parse_args(argv)
     if args.preset not in PRESETS:
@@ -67,19 +74,21 @@ def parse_args(argv=None):
     return args
 
 
-def providers(algorithm: str, backends) -> list:
+def providers(algorithm: str, backends, state_dtype: str = "float32") -> list:
     """(name, role, make(params) -> optimizer or a reason it cannot run)."""
     import lamb_kernels
 
+    dtype = state_dtype if state_dtype == "int8" else getattr(torch, state_dtype)
     out = []
     for backend in backends:
         if algorithm == "lamb":
             out.append((f"lamb_kernels FusedLAMB ({backend})", "ours",
-                        lambda ps, b=backend: lamb_kernels.FusedLAMB(ps, lr=1e-3, weight_decay=0.01, backend=b)))
+                        lambda ps, b=backend: lamb_kernels.FusedLAMB(ps, lr=1e-3, weight_decay=0.01, backend=b,
+                                                                     state_dtype=dtype)))
         else:
             out.append((f"lamb_kernels FusedLARS ({backend})", "ours",
                         lambda ps, b=backend: lamb_kernels.FusedLARS(ps, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                                                                     backend=b)))
+                                                                     backend=b, state_dtype=dtype)))
     try:
         from timm.optim import Lamb, Lars
     except Exception as exc:  # not installed, or broken: a row that says why
@@ -128,6 +137,18 @@ def _count_all_reduces(step) -> int:
 ALL_REDUCE_OPS = ("c10d::allreduce_", "_c10d_functional::all_reduce")
 
 
+def state_bytes(opt) -> int:
+    """Bytes of an optimizer's state tensors on this rank (a DTensor's local shard; step counts left
+    out)."""
+    total = 0
+    for state in opt.state.values():
+        for key, t in state.items():
+            if torch.is_tensor(t) and key != "step":
+                t = getattr(t, "_local_tensor", t)
+                total += t.numel() * t.element_size()
+    return total
+
+
 def _rank(rank, world, port, args, result_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -147,7 +168,7 @@ def _rank(rank, world, port, args, result_path):
     rows = []
     for algorithm in args.algorithms:
         results = []
-        for name, role, make in providers(algorithm, args.backends):
+        for name, role, make in providers(algorithm, args.backends, args.state_dtype):
             row = dict(algorithm=algorithm, provider=name, role=role, status="ok", reason="")
             opt = make(params)
             if isinstance(opt, str):
@@ -158,6 +179,9 @@ def _rank(rank, world, port, args, result_path):
                 for _ in range(args.warmup):
                     opt.step()
                 row["all_reduces_per_step"] = _count_all_reduces(opt.step)
+                held = torch.tensor([state_bytes(opt)], dtype=torch.float64)
+                dist.all_reduce(held, op=dist.ReduceOp.MAX)
+                row["state_bytes_per_rank"] = int(held)
                 times = []
                 for _ in range(args.steps):
                     dist.barrier()
@@ -207,11 +231,13 @@ def summarise(rows, *, world, args, context) -> list:
         yardstick = next((row for row in group if row["role"] == "yardstick" and row["status"] == "ok"), None)
         for row in group:
             line = dict(context, preset=args.preset, world_size=world, algorithm=algorithm, provider=row["provider"],
-                        status=row["status"], reason=row["reason"], steps=args.steps)
+                        status=row["status"], reason=row["reason"], steps=args.steps,
+                        state_dtype=args.state_dtype if row["role"] == "ours" else "float32")
             if row["status"] == "ok":
                 times = row["times"]
                 line.update(median_ms=quantile(times, 0.5) * 1e3, p20_ms=quantile(times, 0.2) * 1e3,
-                            p80_ms=quantile(times, 0.8) * 1e3, all_reduces_per_step=row["all_reduces_per_step"])
+                            p80_ms=quantile(times, 0.8) * 1e3, all_reduces_per_step=row["all_reduces_per_step"],
+                            state_bytes_per_rank=row["state_bytes_per_rank"])
                 if yardstick is not None:
                     line["ratio_to_yardstick"] = quantile(times, 0.5) / quantile(yardstick["times"], 0.5)
             out.append(line)
@@ -219,7 +245,8 @@ def summarise(rows, *, world, args, context) -> list:
 
 
 def table(rows) -> str:
-    lines = [f"{'ranks':>5}  {'algorithm':<9} {'provider':<34} {'median ms':>10} {'x yardstick':>11} {'all-reduces':>11}"]
+    lines = [f"{'ranks':>5}  {'algorithm':<9} {'provider':<34} {'median ms':>10} {'x yardstick':>11} {'all-reduces':>11}"
+             f" {'state MB/rank':>13}"]
     for row in rows:
         if row["status"] != "ok":
             lines.append(f"{row['world_size']:>5}  {row['algorithm']:<9} {row['provider']:<34} {row['status']}: "
@@ -227,7 +254,8 @@ def table(rows) -> str:
             continue
         ratio = row.get("ratio_to_yardstick")
         lines.append(f"{row['world_size']:>5}  {row['algorithm']:<9} {row['provider']:<34} {row['median_ms']:>10.2f} "
-                     f"{'' if ratio is None else f'{ratio:.2f}':>11} {row['all_reduces_per_step']:>11}")
+                     f"{'' if ratio is None else f'{ratio:.2f}':>11} {row['all_reduces_per_step']:>11}"
+                     f" {row['state_bytes_per_rank'] / 1e6:>13.1f}")
     return "\n".join(lines)
 
 

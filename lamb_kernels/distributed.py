@@ -68,6 +68,67 @@ def _split(p):
     return Sharding(p.device_mesh, dims) if dims else None
 
 
+def split_dims(p) -> tuple:
+    """(mesh dimension, tensor dimension) of each placement that splits DTensor p (Shard, and FSDP
+    over tensor parallel's _StridedShard), in mesh order."""
+    return tuple((mesh_dim, placement.dim) for mesh_dim, placement in enumerate(p.placements)
+                 if not placement.is_replicate())
+
+
+def code_blocks_cut(p, block: int):
+    """Where the 8-bit block layout of DTensor p cuts its shape (docs/states.md, "Sharded
+    parameters"), or None when p's shards cannot hold whole blocks the same way at every world size
+    (its 8-bit states are then kept in float32).
+
+    The kernels cut a tensor's states into blocks of `block` elements in memory order; on a DTensor
+    they see the local shard, so a block must never cross a shard boundary, and the block scales are
+    a DTensor with p's mesh and placements, of shape ``(*shape[:cut], prod(shape[cut:]) // block)``,
+    whose local part is the local shard's blocks in order. With k the last tensor dimension p is split
+    on, that holds at every world size, uneven and empty shards included, when
+    - p is split on no dimension (replicated): cut 0, the scales ``(n_blocks,)``;
+    - the elements after dimension k number a multiple of `block` (FSDP2's Shard(0) of a weight whose
+      rows are): cut k + 1, and a shard boundary is always a block boundary;
+    - or k is the last of two or more dimensions, a multiple of `block` long and split by one Shard
+      (tensor parallel's rowwise weights): cut k, blocks of `block` along it; each rank's part of it
+      must then be a multiple of `block` too (`check_code_blocks` refuses the others by name).
+    The scales then split as p splits (the same sizes on the dimensions split), and the whole
+    scales, flattened, are those of the same tensor in one process: blocks of the tensor's memory
+    order, which a single process's checkpoint and a resharded one share bit for bit."""
+    dims = split_dims(p)
+    if not dims:
+        return 0
+    shape = tuple(p.shape)
+    k = max(dim for _, dim in dims)
+    inner = 1
+    for size in shape[k + 1:]:
+        inner *= size
+    if inner % block == 0:
+        return k + 1
+    on_k = [mesh_dim for mesh_dim, dim in dims if dim == k]
+    if (k == len(shape) - 1 and k >= 1 and shape[k] % block == 0 and len(on_k) == 1
+            and type(p.placements[on_k[0]]).__name__ == "Shard"):
+        return k
+    return None
+
+
+def check_code_blocks(p, block: int, label: str) -> None:
+    """Raises, naming p, when its 8-bit blocks run along a split last dimension (`code_blocks_cut`)
+    that some rank holds a part of that is not a multiple of `block` elements long."""
+    cut = code_blocks_cut(p, block)
+    on_cut = [mesh_dim for mesh_dim, dim in split_dims(p) if dim == cut] if cut else []
+    if not on_cut:  # (blocks along a dimension that is not split: every shard boundary is a block's)
+        return
+    mesh_dim = on_cut[0]
+    size, ranks = p.shape[cut], p.device_mesh.size(mesh_dim)
+    part = -(-size // ranks)
+    if part % block:
+        raise ValueError(
+            f"{label} ({tuple(p.shape)}) is split on its last dimension over {ranks} ranks, {part} elements "
+            f"each: 8-bit states keep one scale per {block} elements along it, and a rank's part must hold "
+            f"whole blocks (a multiple of {block}). Use a tensor-parallel degree that splits it so, or "
+            "state_dtype=torch.bfloat16 for this parameter's group")
+
+
 def check_not_flat(p, label: str) -> None:
     """Parameters that are slices of a flat buffer have no per-layer norms: refused by name."""
     if getattr(p, "_fsdp_flattened", False):

@@ -72,3 +72,31 @@ class CountingAllReduce:
 
     def __exit__(self, *exc):
         dist.all_reduce = self._original
+
+
+def train_steps(model, opt, steps, loss_of) -> None:
+    """One optimizer step per step number, on loss_of(model, step)."""
+    for step in steps:
+        loss_of(model, step).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def save_checkpoint(model, opt, path: str) -> None:
+    """The model's and the optimizer's state dicts with torch.distributed.checkpoint (every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+
+
+def load_checkpoint(model, opt, path: str) -> None:
+    """`save_checkpoint`'s checkpoint into the model and the optimizer, at any world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])

@@ -388,12 +388,20 @@ def test_no_ratios_against_a_yardstick_that_failed():
 
 def test_distributed_benchmark_on_the_tiny_preset(tmp_path):
     """python -m bench.distributed end to end at 2 ranks: a row per provider, the all-reduces a step
-    makes (LAMB 2 with clipping, LARS 1, torch's AdamW and SGD none), the CSV and the chart."""
+    makes (LAMB 2 with clipping, LARS 1, torch's AdamW and SGD none), the state bytes, the CSV and
+    the chart."""
     import bench.distributed
 
     rows = bench.distributed.main(["--preset", "tiny", "--world-sizes", "2", "--steps", "2", "--warmup", "1",
-                                   "--backends", "cpp,torch", "--out", str(tmp_path)])
+                                   "--backends", "cpp,torch", "--state-dtype", "int8", "--out", str(tmp_path)])
     ran = {(row["algorithm"], row["provider"]): row for row in rows if row["status"] == "ok"}
+    # The largest rank's states: tiny's shards cannot hold whole 8-bit blocks (rows of 33, 1-D
+    # tensors), so they stay float32: 1118 elements on rank 0 (32 x 33 + 17 + 4 + 1 + 2 x 20).
+    assert ran[("lamb", "lamb_kernels FusedLAMB (cpp)")]["state_bytes_per_rank"] == 1118 * 8
+    assert ran[("lamb", "torch AdamW")]["state_bytes_per_rank"] == 1118 * 8
+    assert ran[("lars", "lamb_kernels FusedLARS (torch)")]["state_bytes_per_rank"] == 1118 * 4
+    assert ran[("lamb", "lamb_kernels FusedLAMB (cpp)")]["state_dtype"] == "int8"
+    assert ran[("lamb", "torch AdamW")]["state_dtype"] == "float32"
     assert ran[("lamb", "lamb_kernels FusedLAMB (cpp)")]["all_reduces_per_step"] == 2
     assert ran[("lamb", "lamb_kernels FusedLAMB (torch)")]["all_reduces_per_step"] == 2
     assert ran[("lars", "lamb_kernels FusedLARS (cpp)")]["all_reduces_per_step"] == 1

@@ -19,7 +19,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch without distributed support", allow_module_level=True)
 
-from distributed_harness import CountingAllReduce, full, rel_error, spawn  # noqa: E402
+from distributed_harness import CountingAllReduce, full, load_checkpoint, rel_error, save_checkpoint, spawn, train_steps  # noqa: E402
 
 import lamb_kernels  # noqa: E402
 from lamb_kernels import FusedLAMB, FusedLARS  # noqa: E402
@@ -257,10 +257,6 @@ def checkpoint_run(rank, world, directory, optimizer_name, backend, saved_world)
     by rank 0. Else: a new model and optimizer, the checkpoint (saved at `saved_world` ranks) loaded,
     steps 3-4, compared with the saved results: bit for bit at the same world size, within
     docs/design.md section 5 at another."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-
     torch.manual_seed(0)
     model = shard(OddNet(), "fsdp", world)
     optimizer = FusedLAMB if optimizer_name == "lamb" else FusedLARS
@@ -268,21 +264,14 @@ def checkpoint_run(rank, world, directory, optimizer_name, backend, saved_world)
     opt = optimizer(model.parameters(), backend=backend, **options)
 
     def train(steps):
-        for step in steps:
-            loss_of(model, step).backward()
-            opt.step()
-            opt.zero_grad()
+        train_steps(model, opt, steps, loss_of)
 
     checkpoint = os.path.join(directory, "checkpoint")
     if saved_world is None:
         train(range(3))
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=checkpoint)
+        save_checkpoint(model, opt, checkpoint)
     else:
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(state, checkpoint_id=checkpoint)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
+        load_checkpoint(model, opt, checkpoint)
     train(range(3, STEPS))
     results = {}
     for name, p in model.named_parameters():
@@ -546,7 +535,8 @@ def test_norms_are_summed_by_tensor_when_buckets_differ_between_ranks():
 def bf16_states_on_dtensors(rank, world):
     """bf16 states of sharded parameters: created as DTensors of bf16 shards, and converted there
     when a group's state_dtype changes between steps (LAMB's m and v, LARS's buffers); 8-bit states
-    refused for them, and an 8-bit checkpoint of a plain parameter loaded into sharded float32 states."""
+    of a parameter whose shards cannot hold whole blocks kept in float32, and an 8-bit checkpoint of
+    a plain parameter loaded into sharded float32 states."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -568,16 +558,12 @@ def bf16_states_on_dtensors(rank, world):
                     state = opt.state[p][key]
                     assert state.dtype == torch.bfloat16 and state.to_local().dtype == torch.bfloat16, (key, backend)
                     assert torch.isfinite(state.to_local().float()).all()
-                # 8-bit states are refused for sharded parameters, by name, before anything changes.
-                before = {key: opt.state[p][key].to_local().clone() for key in keys}
+                # 8-bit states of a parameter whose rows (4 elements) cannot hold whole blocks of
+                # 256 in every shard: kept in float32 (tests/test_sharded_int8.py has the coded ones).
                 opt.param_groups[0]["state_dtype"] = "int8"
-                try:
-                    opt.step()
-                except NotImplementedError as error:
-                    assert "state_dtype='int8'" in str(error) and "sharded" in str(error), error
-                else:
-                    raise AssertionError("int8 states of a DTensor parameter were not refused")
-                assert all(torch.equal(opt.state[p][key].to_local(), before[key]) for key in keys)
+                opt.step()
+                assert all(opt.state[p][key].dtype == torch.float32 for key in keys), backend
+                assert not any(key.endswith("_scales") for key in opt.state[p]), backend
     # A full int8 checkpoint (one process) loads into sharded float32 states: decoded whole, then
     # each rank keeps its own part (blocks of 256 do not follow the shards).
     from lamb_kernels.quantization import dequantize
@@ -598,5 +584,5 @@ def bf16_states_on_dtensors(rank, world):
         assert key + "_scales" not in loader.state[sharded]
 
 
-def test_bf16_states_of_sharded_parameters_and_int8_refused():
+def test_bf16_states_of_sharded_parameters_and_int8_kept_in_float32_without_whole_blocks():
     spawn(bf16_states_on_dtensors, 2)

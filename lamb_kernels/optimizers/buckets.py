@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import local, sharding_of
-from .state import CODES, STATE_DTYPE, scales_key
+from .state import CODES, STATE_DTYPE, kept_state_dtype, local_scales, scales_key
 from .step_counts import rounding_keys
 
 
@@ -28,11 +28,12 @@ def segments_by_bucket(optimizer, declaration, work: list, states: list) -> dict
     parameter; the backends see plain tensors only (a DTensor's local shard)."""
     buckets = {}
     for (group, params), group_states in zip(work, states):
-        state_dtype = declaration.bucket_state_dtype(group)
+        group_state_dtype = declaration.bucket_state_dtype(group)
         values = declaration.segment_values(group)
         keeps, counts = declaration.keeps(group), declaration.counts_steps(group)
         segments_of_group, steps = {}, {}
         for (p, name, position, shard, _), (state, new) in zip(params, group_states):
+            state_dtype = group_state_dtype if shard is p else kept_state_dtype(group_state_dtype, p)
             key = (p.device, p.dtype, name, state_dtype)
             seg = segments_of_group.get(key)
             if seg is None:
@@ -52,8 +53,8 @@ def segments_by_bucket(optimizer, declaration, work: list, states: list) -> dict
                     continue
                 t = state[entry.key] if entry.key in keeps else None
                 getattr(seg, entry.segment_field).append(t if t is None or shard is p else local(t))
-                if t is not None and t.dtype in CODES:  # 8-bit states (never sharded)
-                    getattr(seg, entry.scales_field).append(state[scales_key(entry.key)])
+                if t is not None and t.dtype in CODES:  # 8-bit states: this rank's scales
+                    getattr(seg, entry.scales_field).append(local_scales(state[scales_key(entry.key)]))
             if declaration.first_values:  # (whether each tensor's state is new: its first value is set)
                 seg.first_step.append(new)
             if counts:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..backend_api import is_dense
-from ..distributed import distributed_like, is_dtensor, local
-from ..quantization import CODE_DTYPES, INT8, dequantize, n_blocks, quantize
+from ..distributed import DTensor, code_blocks_cut, distributed_like, is_dtensor, local
+from ..quantization import BLOCK, CODE_DTYPES, INT8, dequantize, n_blocks, quantize
 from .checks import check_storage
 
 STATE_DTYPE = torch.float32  # moments, momentum buffers and master weights, whatever the parameter dtype
@@ -40,13 +40,72 @@ def state_dtype_of(group: dict):
     return group.get("state_dtype", STATE_DTYPE)
 
 
-def entry_dtype(declaration, group: dict | None, key: str) -> torch.dtype:
-    """The dtype the state entry `key` of a parameter of `group` is kept in: the group's
-    ``state_dtype`` for an entry that follows it (codes' dtype for "int8"), else float32."""
+def codes_fit(p) -> bool:
+    """Whether p's states can be 8-bit codes: a plain tensor's always; a DTensor's when its shards hold
+    whole blocks at every world size (distributed.code_blocks_cut), else they are kept in float32."""
+    return not is_dtensor(p) or code_blocks_cut(p, BLOCK) is not None
+
+
+def kept_state_dtype(state_dtype, p):
+    """What p's states are kept in when its group's (or bucket's) is `state_dtype`."""
+    return STATE_DTYPE if state_dtype == INT8 and not codes_fit(p) else state_dtype
+
+
+def entry_dtype(declaration, group: dict | None, key: str, p) -> torch.dtype:
+    """The dtype the state entry `key` of parameter p of `group` is kept in: the group's
+    ``state_dtype`` for an entry that follows it (codes' dtype for "int8", float32 where p's shards
+    cannot hold whole blocks), else float32."""
     signed = declaration.signed.get(key)
     if group is None or signed is None:
         return STATE_DTYPE
-    return storage_dtype(state_dtype_of(group), signed)
+    return storage_dtype(kept_state_dtype(state_dtype_of(group), p), signed)
+
+
+# -- 8-bit codes of DTensor parameters: blocks within each rank's shard -----------------------------
+
+def blocks_shape(shape, cut: int) -> tuple:
+    """The shape of the block scales of a tensor of `shape` cut at `cut` (code_blocks_cut)."""
+    numel = 1
+    for size in shape[cut:]:
+        numel *= size
+    return (n_blocks(numel),) if cut == 0 else (*shape[:cut], numel // BLOCK)
+
+
+def _like(p, local_value: torch.Tensor, shape) -> torch.Tensor:
+    """`local_value` as this rank's part of a DTensor of `shape` with p's mesh and placements."""
+    strides, stride = [], 1
+    for size in reversed(shape):
+        strides.insert(0, stride)
+        stride *= max(size, 1)
+    return DTensor.from_local(local_value, p.device_mesh, p.placements, run_check=False,
+                              shape=torch.Size(shape), stride=tuple(strides))
+
+
+def sharded_scales(p, scales: torch.Tensor) -> torch.Tensor:
+    """The block scales of DTensor p's codes as a DTensor with its mesh and placements, from this
+    rank's (`scales`: 1-D, the local shard's blocks in order)."""
+    cut = code_blocks_cut(p, BLOCK)
+    return _like(p, scales.view(blocks_shape(local(p).shape, cut)), blocks_shape(p.shape, cut))
+
+
+def local_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Block scales as the kernels read them: 1-D, this rank's."""
+    return local(scales).view(-1) if is_dtensor(scales) else scales
+
+
+def decoded(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 values of codes and their scales (a DTensor's: each rank decodes its shard)."""
+    if not is_dtensor(codes):
+        return dequantize(codes, scales.float().reshape(-1))
+    return _like(codes, dequantize(local(codes), local_scales(scales)), tuple(codes.shape))
+
+
+def encoded(p, values: torch.Tensor, signed: bool) -> tuple:
+    """(codes, scales) of float32 `values` laid out as p, rounded to the nearest code."""
+    if not is_dtensor(p):
+        return quantize(values, signed)
+    codes, scales = quantize(local(values), signed)
+    return _like(p, codes, tuple(p.shape)), sharded_scales(p, scales)
 
 
 # -- created ----------------------------------------------------------------------------------------
@@ -55,7 +114,8 @@ def zero_entry(p: torch.Tensor, dtype: torch.dtype, state: dict, key: str) -> No
     """A zero state entry for p in `dtype` (p's memory layout), and its zero scales for codes."""
     state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     if dtype in CODES:
-        state[scales_key(key)] = torch.zeros(n_blocks(p.numel()), dtype=torch.float32, device=p.device)
+        scales = torch.zeros(n_blocks(local(p).numel()), dtype=torch.float32, device=p.device)
+        state[scales_key(key)] = sharded_scales(p, scales) if is_dtensor(p) else scales
 
 
 def new_step_count(p: torch.Tensor, group: dict, start: float = 0.0) -> torch.Tensor:
@@ -95,7 +155,7 @@ def create_missing(optimizer, declaration, work: list, found_inf) -> list:
                         state["step"] = new_step_count(p, group, optimizer.initial_step)
                 elif entry.key in keeps and state.get(entry.key) is None:
                     new = True
-                    dtype = entry_dtype(declaration, group, entry.key)
+                    dtype = entry_dtype(declaration, group, entry.key, p)
                     if entry.key in declaration.first_values and dtype not in CODES:
                         make = torch.empty_like if found_inf is None else torch.zeros_like
                         state[entry.key] = make(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -115,11 +175,21 @@ def create_missing(optimizer, declaration, work: list, found_inf) -> list:
 # -- checked ----------------------------------------------------------------------------------------
 
 def scales_fit(codes: torch.Tensor, scales, placed: bool = True) -> bool:
-    """Whether `scales` are the block scales codes need: float32 [n_blocks]; with `placed` (not for a
-    saved state, which loading places), contiguous on the codes' device."""
-    shaped = (torch.is_tensor(scales) and scales.dtype == torch.float32 and scales.dim() == 1
-              and scales.numel() == n_blocks(codes.numel()))
-    return shaped and (not placed or (scales.device == codes.device and scales.is_contiguous()))
+    """Whether `scales` are the block scales codes need: float32, one per block; with `placed` (not
+    for a saved state, which loading places) as the kernels read them: for plain codes 1-D and
+    contiguous on their device, for a DTensor's a DTensor as `sharded_scales` makes it."""
+    if not (torch.is_tensor(scales) and scales.dtype == torch.float32 and scales.dim() >= 1
+            and scales.numel() == n_blocks(codes.numel())):
+        return False
+    if not placed:
+        return True
+    if not is_dtensor(codes):
+        return not is_dtensor(scales) and scales.dim() == 1 and scales.device == codes.device and scales.is_contiguous()
+    cut = code_blocks_cut(codes, BLOCK)
+    return (cut is not None and is_dtensor(scales) and scales.device_mesh == codes.device_mesh
+            and tuple(scales.placements) == tuple(codes.placements) and tuple(scales.shape) == blocks_shape(codes.shape, cut)
+            and local(scales).device == local(codes).device and local(scales).is_contiguous()
+            and local(scales).numel() == n_blocks(local(codes).numel()))
 
 
 def check_entry(declaration, key: str, value, entry: dict, what: str, placed: bool) -> None:
@@ -145,9 +215,11 @@ def check_entry(declaration, key: str, value, entry: dict, what: str, placed: bo
     scales = entry.get(scales_key(key))
     if not scales_fit(value, scales, placed=placed):
         shown = f"{tuple(scales.shape)} {scales.dtype}" if torch.is_tensor(scales) else repr(scales)
+        cut = code_blocks_cut(value, BLOCK) if placed and is_dtensor(value) else 0
+        wanted = (f"a DTensor with the codes' mesh and placements, of shape {blocks_shape(value.shape, cut)}"
+                  if cut else f"of shape ({n_blocks(value.numel())},)")
         raise ValueError(f"{what} holds 8-bit codes, so the state needs {scales_key(key)!r}: float32 block "
-                         f"scales of shape ({n_blocks(value.numel())},)"
-                         f"{', contiguous, on ' + str(value.device) if placed else ''}, got {shown}")
+                         f"scales {wanted}{', contiguous, on ' + str(value.device) if placed else ''}, got {shown}")
     check_storage(scales, f"the scales of {what}")
 
 
@@ -179,7 +251,7 @@ def conversions(declaration, p: torch.Tensor, state: dict, backend_name: str, la
             continue
         if torch.is_tensor(t):  # (what a load checks of a saved entry, and more: see `check_entry`)
             check_entry(declaration, key, t, state, f"the {key!r} state of {label}", placed=True)
-        expected = entry_dtype(declaration, group, key)
+        expected = entry_dtype(declaration, group, key, p)
         if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device or not _sharded_alike(t, p):
             fits = False
         elif t.dtype != expected and (t.dtype in FLOAT_STORAGE or t.dtype in CODES or expected in CODES):
@@ -213,7 +285,7 @@ def _raise_bad_state(declaration, p: torch.Tensor, state: dict, label: str):
 def float_value(state: dict, key: str) -> torch.Tensor:
     """A state entry's values as a float tensor (codes decoded to float32) in its own layout."""
     t = state[key]
-    return dequantize(t, state[scales_key(key)]) if t.dtype in CODES else t
+    return decoded(t, state[scales_key(key)]) if t.dtype in CODES else t
 
 
 def convert(p: torch.Tensor, state: dict, key: str, dtype: torch.dtype | None) -> None:
@@ -227,20 +299,27 @@ def convert(p: torch.Tensor, state: dict, key: str, dtype: torch.dtype | None) -
         state.pop(scales_key(key), None)
         return
     values = torch.empty_like(p, dtype=torch.float32).copy_(float_value(state, key))
-    state[key], state[scales_key(key)] = quantize(values, dtype == torch.int8)
+    state[key], state[scales_key(key)] = encoded(p, values, dtype == torch.int8)
 
 
 def placed(declaration, p: torch.Tensor, saved: dict, capturable, group: dict | None = None) -> dict:
     """A saved state as this optimizer keeps it (see `_loaded_value`), its step count an fp32
     tensor on the CPU (on the parameter's device when capturable), its param-shaped tensors in
     the parameter's memory layout and the group's state dtype."""
-    if is_dtensor(p):  # a full state dict's 8-bit codes: decoded whole (blocks do not follow shards)
+    if is_dtensor(p):  # a full state dict's 8-bit codes: each rank keeps its blocks, or decodes them
         saved = dict(saved)
         for key in declaration.signed:
             codes, scales = saved.get(key), saved.get(scales_key(key))
-            if (torch.is_tensor(codes) and not is_dtensor(codes) and codes.dtype in CODES
+            if not (torch.is_tensor(codes) and not is_dtensor(codes) and codes.dtype in CODES
                     and torch.is_tensor(scales)):
-                saved[key] = dequantize(codes, scales.float())
+                continue
+            if entry_dtype(declaration, group, key, p) in CODES and codes.is_contiguous():
+                # (the whole scales, flattened, are the blocks of the tensor's memory order: code_blocks_cut)
+                saved[key] = distributed_like(p, codes.to(p.device))
+                whole = scales.float().to(p.device).reshape(blocks_shape(p.shape, code_blocks_cut(p, BLOCK)))
+                saved[scales_key(key)] = distributed_like(p, whole)
+            else:
+                saved[key] = decoded(codes, scales)
                 del saved[scales_key(key)]
     state = {key: _loaded_value(declaration, p, key, value) for key, value in saved.items()}
     if "step" in state:
@@ -250,9 +329,7 @@ def placed(declaration, p: torch.Tensor, saved: dict, capturable, group: dict | 
         t = state.get(key)
         if not torch.is_tensor(t):
             continue
-        expected = entry_dtype(declaration, group, key)
-        if expected in CODES and is_dtensor(p):
-            continue  # (8-bit states of sharded parameters: the step refuses them, by name)
+        expected = entry_dtype(declaration, group, key, p)
         if t.dtype != expected or local(t).stride() != local(p).stride():
             convert(p, state, key, expected)
         elif expected not in CODES:
@@ -271,8 +348,9 @@ def _loaded_value(declaration, p: torch.Tensor, key, value):
         value = value.to(device=p.device, copy=True)
         # A full state dict's entry for a sharded parameter: each rank keeps its own part.
         return distributed_like(p, value) if is_dtensor(p) and not is_dtensor(value) else value
-    if key in map(scales_key, declaration.signed):
-        return value.to(device=p.device, copy=True)
+    if key in map(scales_key, declaration.signed):  # (whole scales of a sharded run: flattened, the same blocks)
+        value = value.to(device=p.device, copy=True)
+        return value if is_dtensor(value) else value.reshape(-1)
     if p.is_floating_point() and value.is_floating_point():
         return value.to(device=p.device, dtype=p.dtype, copy=True)
     return value.to(device=p.device, copy=True)

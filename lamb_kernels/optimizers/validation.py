@@ -20,12 +20,12 @@ import torch
 from .. import extension
 from ..backend_api import is_dense
 from ..backends import ENV_VAR, backend_for_layout, resolve_backend
-from ..distributed import check_grad, is_dtensor, local, sharding_of
+from ..distributed import check_code_blocks, check_grad, is_dtensor, local, sharding_of
 from .checks import (check_distinct, check_distinct_groups, check_storage, group_key,
                      param_label, raise_bad_grad, same_items)
 from .declaration import check_group
 from .state import convert, conversions
-from ..quantization import INT8
+from ..quantization import BLOCK, INT8
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -170,10 +170,8 @@ def params_to_step(opt) -> list:
             shard = local(p)  # (looked up once: the host work per tensor is the step's cost on small ones)
             if shard is not p or is_dtensor(g):
                 label = param_label(group_index, param_index, group)
-                if group.get("state_dtype") == INT8:
-                    raise NotImplementedError(
-                        f"{label} is sharded (a DTensor): state_dtype='int8' (8-bit blockwise states) is not "
-                        "supported for sharded parameters yet; use torch.bfloat16 or torch.float32 for its group")
+                if declaration.bucket_state_dtype(group) == INT8:
+                    check_code_blocks(p, BLOCK, label)
                 check_grad(p, label)
                 sharding_of(p, label)  # raises for a placement the step cannot handle
             state = opt.state.get(p)
