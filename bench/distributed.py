@@ -38,7 +38,7 @@ from .report import pyplot, write_csv
 
 COLUMNS = ("date", "preset", "world_size", "algorithm", "provider", "status", "reason", "tensors", "params",
            "steps", "state_dtype", "median_ms", "p20_ms", "p80_ms", "ratio_to_yardstick", "all_reduces_per_step",
-           "state_bytes_per_rank",
+           "state_bytes_per_rank", "coded_share",
            "device_name", "threads_per_rank", "lamb_kernels", "torch", "python")
 
 
@@ -137,6 +137,18 @@ def _count_all_reduces(step) -> int:
 ALL_REDUCE_OPS = ("c10d::allreduce_", "_c10d_functional::all_reduce")
 
 
+def coded_elements(opt) -> tuple:
+    """(elements of this rank's parameters whose states are 8-bit codes, elements with any state)."""
+    coded = total = 0
+    for p, state in opt.state.items():
+        tensors = [t for key, t in state.items() if torch.is_tensor(t) and key != "step"]
+        if tensors:
+            n = getattr(p, "_local_tensor", p).numel()
+            total += n
+            coded += n if any(t.dtype in (torch.int8, torch.uint8) for t in tensors) else 0
+    return coded, total
+
+
 def state_bytes(opt) -> int:
     """Bytes of an optimizer's state tensors on this rank (a DTensor's local shard; step counts left
     out)."""
@@ -182,6 +194,9 @@ def _rank(rank, world, port, args, result_path):
                 held = torch.tensor([state_bytes(opt)], dtype=torch.float64)
                 dist.all_reduce(held, op=dist.ReduceOp.MAX)
                 row["state_bytes_per_rank"] = int(held)
+                counts = torch.tensor(coded_elements(opt), dtype=torch.float64)
+                dist.all_reduce(counts)  # (every rank's elements)
+                row["coded_share"] = float(counts[0] / counts[1]) if counts[1] else 0.0
                 times = []
                 for _ in range(args.steps):
                     dist.barrier()
@@ -237,7 +252,7 @@ def summarise(rows, *, world, args, context) -> list:
                 times = row["times"]
                 line.update(median_ms=quantile(times, 0.5) * 1e3, p20_ms=quantile(times, 0.2) * 1e3,
                             p80_ms=quantile(times, 0.8) * 1e3, all_reduces_per_step=row["all_reduces_per_step"],
-                            state_bytes_per_rank=row["state_bytes_per_rank"])
+                            state_bytes_per_rank=row["state_bytes_per_rank"], coded_share=row["coded_share"])
                 if yardstick is not None:
                     line["ratio_to_yardstick"] = quantile(times, 0.5) / quantile(yardstick["times"], 0.5)
             out.append(line)

@@ -17,6 +17,7 @@ need no collective. States of a DTensor parameter are DTensors with its mesh and
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -70,63 +71,72 @@ def _split(p):
 
 def split_dims(p) -> tuple:
     """(mesh dimension, tensor dimension) of each placement that splits DTensor p (Shard, and FSDP
-    over tensor parallel's _StridedShard), in mesh order."""
+    over tensor parallel's _StridedShard), in mesh order. (Partial has no tensor dimension:
+    `sharding_of` refuses it.)"""
     return tuple((mesh_dim, placement.dim) for mesh_dim, placement in enumerate(p.placements)
-                 if not placement.is_replicate())
+                 if not placement.is_replicate() and getattr(placement, "dim", None) is not None)
 
 
 def code_blocks_cut(p, block: int):
     """Where the 8-bit block layout of DTensor p cuts its shape (docs/states.md, "Sharded
-    parameters"), or None when p's shards cannot hold whole blocks the same way at every world size
-    (its 8-bit states are then kept in float32).
+    parameters"), or None when p's shards cannot hold whole blocks (its 8-bit states are then kept
+    in float32, or refused by name at the step: `check_code_blocks`).
 
     The kernels cut a tensor's states into blocks of `block` elements in memory order; on a DTensor
     they see the local shard, so a block must never cross a shard boundary, and the block scales are
     a DTensor with p's mesh and placements, of shape ``(*shape[:cut], prod(shape[cut:]) // block)``,
     whose local part is the local shard's blocks in order. With k the last tensor dimension p is split
-    on, that holds at every world size, uneven and empty shards included, when
+    on, and the local shard dense in row-major order (FSDP2 and distribute_tensor make it so), that
+    holds, uneven and empty shards included, when
     - p is split on no dimension (replicated): cut 0, the scales ``(n_blocks,)``;
     - the elements after dimension k number a multiple of `block` (FSDP2's Shard(0) of a weight whose
-      rows are): cut k + 1, and a shard boundary is always a block boundary;
-    - or k is the last of two or more dimensions, a multiple of `block` long and split by one Shard
-      (tensor parallel's rowwise weights): cut k, blocks of `block` along it; each rank's part of it
-      must then be a multiple of `block` too (`check_code_blocks` refuses the others by name).
+      rows are): cut k + 1, at every world size, and a shard boundary is always a block boundary;
+    - or k is the last of two or more dimensions, a multiple of `block` long, split by one Shard
+      (tensor parallel's rowwise weights), and every rank's part of it is a multiple of `block` too:
+      cut k, blocks of `block` along it (another split is refused by name).
     The scales then split as p splits (the same sizes on the dimensions split), and the whole
     scales, flattened, are those of the same tensor in one process: blocks of the tensor's memory
     order, which a single process's checkpoint and a resharded one share bit for bit."""
-    dims = split_dims(p)
+    if not local(p).is_contiguous():  # (blocks follow memory order, the scales the shape's order)
+        return None
+    return _layout(tuple(p.shape), tuple(p.placements), tuple(p.device_mesh.shape), block)[0]
+
+
+def check_code_blocks(p, block: int, label: str) -> None:
+    """Raises, naming p, when its 8-bit blocks would run along a split last dimension that some rank
+    holds a part of that is not a multiple of `block` elements long (`code_blocks_cut`)."""
+    why = _layout(tuple(p.shape), tuple(p.placements), tuple(p.device_mesh.shape), block)[1]
+    if why:
+        raise ValueError(f"{label} ({tuple(p.shape)}) {why}. Use a tensor-parallel degree that splits it so, or "
+                         "state_dtype=torch.bfloat16 for this parameter's group")
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(shape: tuple, placements: tuple, mesh_shape: tuple, block: int) -> tuple:
+    """(cut or None, why a layout that would hold whole blocks at other splits is refused here, or
+    None): `code_blocks_cut` and `check_code_blocks` both read it (a model's parameters share a few
+    shapes and placements: cached)."""
+    dims = [(mesh_dim, placement.dim) for mesh_dim, placement in enumerate(placements)
+            if not placement.is_replicate() and getattr(placement, "dim", None) is not None]
     if not dims:
-        return 0
-    shape = tuple(p.shape)
+        return 0, None
     k = max(dim for _, dim in dims)
     inner = 1
     for size in shape[k + 1:]:
         inner *= size
     if inner % block == 0:
-        return k + 1
+        return k + 1, None
     on_k = [mesh_dim for mesh_dim, dim in dims if dim == k]
-    if (k == len(shape) - 1 and k >= 1 and shape[k] % block == 0 and len(on_k) == 1
-            and type(p.placements[on_k[0]]).__name__ == "Shard"):
-        return k
-    return None
-
-
-def check_code_blocks(p, block: int, label: str) -> None:
-    """Raises, naming p, when its 8-bit blocks run along a split last dimension (`code_blocks_cut`)
-    that some rank holds a part of that is not a multiple of `block` elements long."""
-    cut = code_blocks_cut(p, block)
-    on_cut = [mesh_dim for mesh_dim, dim in split_dims(p) if dim == cut] if cut else []
-    if not on_cut:  # (blocks along a dimension that is not split: every shard boundary is a block's)
-        return
-    mesh_dim = on_cut[0]
-    size, ranks = p.shape[cut], p.device_mesh.size(mesh_dim)
-    part = -(-size // ranks)
+    if not (k == len(shape) - 1 and k >= 1 and shape[k] % block == 0 and len(on_k) == 1
+            and type(placements[on_k[0]]).__name__ == "Shard"):
+        return None, None
+    ranks = mesh_shape[on_k[0]]
+    part = -(-shape[k] // ranks)
     if part % block:
-        raise ValueError(
-            f"{label} ({tuple(p.shape)}) is split on its last dimension over {ranks} ranks, {part} elements "
-            f"each: 8-bit states keep one scale per {block} elements along it, and a rank's part must hold "
-            f"whole blocks (a multiple of {block}). Use a tensor-parallel degree that splits it so, or "
-            "state_dtype=torch.bfloat16 for this parameter's group")
+        return None, (f"is split on its last dimension over {ranks} ranks, {part} elements each: 8-bit states "
+                      f"keep one scale per {block} elements along it, and a rank's part must hold whole blocks "
+                      f"(a multiple of {block})")
+    return k, None
 
 
 def check_not_flat(p, label: str) -> None:

@@ -402,6 +402,7 @@ def test_distributed_benchmark_on_the_tiny_preset(tmp_path):
     assert ran[("lars", "lamb_kernels FusedLARS (torch)")]["state_bytes_per_rank"] == 1118 * 4
     assert ran[("lamb", "lamb_kernels FusedLAMB (cpp)")]["state_dtype"] == "int8"
     assert ran[("lamb", "torch AdamW")]["state_dtype"] == "float32"
+    assert ran[("lamb", "lamb_kernels FusedLAMB (cpp)")]["coded_share"] == 0.0
     assert ran[("lamb", "lamb_kernels FusedLAMB (cpp)")]["all_reduces_per_step"] == 2
     assert ran[("lamb", "lamb_kernels FusedLAMB (torch)")]["all_reduces_per_step"] == 2
     assert ran[("lars", "lamb_kernels FusedLARS (cpp)")]["all_reduces_per_step"] == 1

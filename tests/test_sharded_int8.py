@@ -170,7 +170,7 @@ def test_int8_states_add_no_all_reduce_and_skip_an_inf_on_every_rank():
 
 # -- checkpoints -------------------------------------------------------------------------------------
 
-def checkpoint_run(rank, world, directory, name, saved_world, state_dtype):
+def checkpoint_run(rank, world, directory, name, saved_world, state_dtype, layout="fsdp"):
     """saved_world None: 2 steps with int8 states (the float dtype `state_dtype` with "from_float"),
     a DCP checkpoint, the whole states written by rank 0, 2 more steps, their params written. Else: a
     new model and optimizer of the checkpoint's state dtype, the checkpoint loaded (states equal to
@@ -180,7 +180,7 @@ def checkpoint_run(rank, world, directory, name, saved_world, state_dtype):
     saved_dtype = torch.float32 if state_dtype == "from_float" else "int8"
     target = "int8" if state_dtype == "from_float" else state_dtype
     torch.manual_seed(0)
-    model = shard(CodedNet(), "fsdp", world)
+    model = shard(CodedNet() if layout == "fsdp" else MLP(width=WIDTH, hidden=2 * WIDTH), layout, world)
     opt = make(name, model.parameters(), "cpp" if "cpp" in BACKENDS else "torch", state_dtype=saved_dtype)
 
     def train(steps):
@@ -210,7 +210,8 @@ def checkpoint_run(rank, world, directory, name, saved_world, state_dtype):
             torch.save(results, os.path.join(directory, "params.pt"))
             torch.save(start, os.path.join(directory, "start.pt"))
         return
-    kinds = {k: v.dtype for k, v in opt.state[model.c.weight].items()}
+    weight = model.c.weight if layout == "fsdp" else model.layers[2].weight  # (rowwise under fsdp_tp)
+    kinds = {k: v.dtype for k, v in opt.state[weight].items()}
     want = {"int8": torch.int8, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}[target]
     assert kinds[min(CODED & kinds.keys())] == want, (rank, kinds)  # (exp_avg, or momentum_buffer)
     saved, start = (torch.load(os.path.join(directory, f)) for f in ("params.pt", "start.pt"))
@@ -229,6 +230,15 @@ def test_dcp_checkpoint_resumes_bit_for_bit_and_reshards(tmp_path, name):
     spawn(checkpoint_run, 2, str(tmp_path), name, 4, "int8")  # 4 -> 2
 
 
+def test_dcp_checkpoints_of_tensor_parallel_and_hsdp_resume_bit_for_bit(tmp_path):
+    """Colwise and rowwise weights under FSDP (_StridedShard, and blocks along a split last
+    dimension), HSDP's replicated dimension: the same world size."""
+    for layout in ("fsdp_tp", "hsdp"):
+        folder = str(tmp_path / layout)
+        spawn(checkpoint_run, 4, folder, "lamb", None, "int8", layout)
+        spawn(checkpoint_run, 4, folder, "lamb", 4, "int8", layout)
+
+
 def test_dcp_checkpoint_reshards_2_to_4_and_changes_state_dtype(tmp_path):
     spawn(checkpoint_run, 2, str(tmp_path), "lamb", None, "int8")
     spawn(checkpoint_run, 4, str(tmp_path), "lamb", 2, "int8")  # 2 -> 4
@@ -239,14 +249,14 @@ def test_dcp_checkpoint_reshards_2_to_4_and_changes_state_dtype(tmp_path):
     spawn(checkpoint_run, 4, str(tmp_path), "lars", 2, "from_float")
 
 
-def full_state_dicts(rank, world):
+def full_state_dicts(rank, world, layout="fsdp"):
     """One process's int8 state dict loads into sharded parameters, each rank keeping its blocks
     (codes and scales bit for bit); a sharded optimizer's state, gathered, loads into one process
     bit for bit; a 1-D parameter's codes (float32 when sharded) are decoded."""
     for name in ("lamb", "lars"):
         torch.manual_seed(0)
-        single = CodedNet()
-        model = shard(copy.deepcopy(single), "fsdp", world)
+        single = CodedNet() if layout == "fsdp" else MLP(width=WIDTH, hidden=2 * WIDTH)
+        model = shard(copy.deepcopy(single), layout, world)
         one = make(name, single.parameters(), BACKENDS[0])
         for step in range(2):
             loss_of(single, step).backward()
@@ -273,15 +283,35 @@ def full_state_dicts(rank, world):
 
 def test_full_state_dicts_load_into_sharded_parameters_and_back():
     spawn(full_state_dicts, 2)
+    spawn(full_state_dicts, 4, "fsdp_tp")  # colwise and rowwise weights under FSDP
 
 
-def refusals(rank, world):
-    """A rowwise weight whose last dimension splits into parts that are not multiples of 256 (768
-    over 4 ranks: 192) is refused by name, before any change."""
+def layouts_and_refusals(rank, world):
+    """A replicated DTensor (blocks over the whole tensor) and one split on a middle dimension get
+    codes; a Partial one in an int8 group is refused by name as in a float group; a rowwise weight
+    whose last dimension splits into parts that are not multiples of 256 (768 over 4 ranks: 192) is
+    refused by name, before any change."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
+    for placement, shape, scales in ((Replicate(), (600,), (3,)), (Shard(1), (4, 8, 256), (4, 8, 1))):
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(shape, generator=torch.Generator().manual_seed(0)),
+                                                 mesh, [placement]))
+        p.grad = distribute_tensor(torch.randn(shape, generator=torch.Generator().manual_seed(1)), mesh, [placement])
+        opt = FusedLAMB([p], lr=0.01, state_dtype="int8", backend=BACKENDS[0])
+        opt.step()
+        codes, block_scales = opt.state[p]["exp_avg"], opt.state[p]["exp_avg_scales"]
+        assert codes.dtype == torch.int8 and block_scales.shape == scales, (placement, block_scales.shape)
+        assert block_scales.placements == p.placements and torch.isfinite(values(opt.state[p], "exp_avg")).all()
+    partial = torch.nn.Parameter(DTensor.from_local(torch.ones(4, 256), mesh, [Partial()]))
+    partial.grad = DTensor.from_local(torch.ones(4, 256), mesh, [Partial()])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] has the placement Partial"):
+        FusedLAMB([partial], lr=0.01, state_dtype="int8", backend=BACKENDS[0])
+    opt = FusedLAMB([torch.nn.Parameter(torch.ones(2))], lr=0.01, state_dtype="int8", backend=BACKENDS[0])
+    opt.param_groups[0]["params"].append(partial)  # (a group edited after the constructor)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] has the placement Partial"):
+        opt.step()
     p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 768), mesh, [Shard(1)]))
     p.grad = distribute_tensor(torch.randn(4, 768), mesh, [Shard(1)])
     opt = FusedLAMB([p], lr=0.01, state_dtype="int8", backend=BACKENDS[0])
@@ -299,5 +329,5 @@ def refusals(rank, world):
     assert opt.state[q]["exp_avg"].dtype == torch.int8 and opt.state[q]["exp_avg_scales"].shape == (4, 4)
 
 
-def test_rowwise_weights_whose_parts_are_not_whole_blocks_are_refused_by_name():
-    spawn(refusals, 4)
+def test_replicated_and_middle_dimension_layouts_and_the_refusals_by_name():
+    spawn(layouts_and_refusals, 4)

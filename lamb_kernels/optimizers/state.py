@@ -215,9 +215,14 @@ def check_entry(declaration, key: str, value, entry: dict, what: str, placed: bo
     scales = entry.get(scales_key(key))
     if not scales_fit(value, scales, placed=placed):
         shown = f"{tuple(scales.shape)} {scales.dtype}" if torch.is_tensor(scales) else repr(scales)
-        cut = code_blocks_cut(value, BLOCK) if placed and is_dtensor(value) else 0
+        sharded = placed and is_dtensor(value)
+        cut = code_blocks_cut(value, BLOCK) if sharded else 0
+        if cut is None:
+            raise ValueError(f"{what} holds 8-bit codes, but the shards of its parameter cannot hold whole blocks of "
+                             f"{BLOCK} (docs/states.md, 'Sharded parameters'): its states are kept in float32; "
+                             "set float values")
         wanted = (f"a DTensor with the codes' mesh and placements, of shape {blocks_shape(value.shape, cut)}"
-                  if cut else f"of shape ({n_blocks(value.numel())},)")
+                  if sharded else f"of shape ({n_blocks(value.numel())},)")
         raise ValueError(f"{what} holds 8-bit codes, so the state needs {scales_key(key)!r}: float32 block "
                          f"scales {wanted}{', contiguous, on ' + str(value.device) if placed else ''}, got {shown}")
     check_storage(scales, f"the scales of {what}")

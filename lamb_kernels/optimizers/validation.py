@@ -170,10 +170,10 @@ def params_to_step(opt) -> list:
             shard = local(p)  # (looked up once: the host work per tensor is the step's cost on small ones)
             if shard is not p or is_dtensor(g):
                 label = param_label(group_index, param_index, group)
-                if declaration.bucket_state_dtype(group) == INT8:
-                    check_code_blocks(p, BLOCK, label)
                 check_grad(p, label)
                 sharding_of(p, label)  # raises for a placement the step cannot handle
+                if declaration.bucket_state_dtype(group) == INT8:
+                    check_code_blocks(p, BLOCK, label)
             state = opt.state.get(p)
             known = opt._checked_params.get(id(p))  # (by id: a tensor's hash is a Python call)
             name = opt._resolved.get((p.device, env))
