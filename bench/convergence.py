@@ -3,6 +3,8 @@
     python -m bench.convergence --quick                  # one seed, no LR grid: under 3 minutes on 2 cores
     python -m bench.convergence                          # the full study: 3 seeds, a 5-point LR grid
     python -m bench.convergence --optimizers FusedLAMB,AdamW --batch-sizes 32,256,2048 --seeds 2
+    python -m bench.convergence --task mlm               # a small BERT, masked-LM loss (convergence_mlm.py)
+    python -m bench.convergence --task mlm --quick       # its smoke test: under 3 minutes on 2 cores
 
 A compact CNN (bench/convergence_data.py) learns to name ten shapes in noisy 16x16 images generated from fixed
 seeds. For every optimizer and batch size it trains for the same number of epochs, so a batch 64
@@ -45,6 +47,8 @@ from lamb_kernels.backends import BACKEND_NAMES, resolve_backend
 from .harness import device_name
 from .report import Progress, pyplot, write_csv
 from .convergence_data import PatchCNN, make_shapes
+from . import convergence_mlm
+from .training import train_epochs
 
 BASE_BATCH = 64  # the batch size at which the base learning rates below were chosen
 DATA_SEEDS = {"train": 1, "validation": 2, "test": 3}  # fixed: every run sees the same images
@@ -160,6 +164,8 @@ def train(study: Study, run: Run) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same bits however many workers share the machine
     try:
+        if isinstance(study, convergence_mlm.MlmStudy):
+            return convergence_mlm.train(study, run)
         return _train(study, run)
     finally:
         torch.set_num_threads(threads)
@@ -180,22 +186,8 @@ def _train(study: Study, run: Run) -> dict:
         optimizer, functools.partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps,
                                      power=study.decay_power))
     shuffle = torch.Generator().manual_seed(run.seed)
-    status, train_loss = "ok", float("nan")
-    for _ in range(study.epochs):
-        order = torch.randperm(study.train_size, generator=shuffle)
-        epoch_loss = torch.zeros(())
-        for step in range(steps_per_epoch):
-            batch = order[step * run.batch_size:(step + 1) * run.batch_size]
-            loss = F.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            epoch_loss += loss.detach()
-        train_loss = float(epoch_loss) / steps_per_epoch
-        if not math.isfinite(train_loss):
-            status = "diverged"  # later epochs could not recover NaN weights
-            break
+    status, train_loss = train_epochs(optimizer, schedule, study.epochs, study.train_size, run.batch_size,
+                                      lambda batch: F.cross_entropy(model(images[batch]), labels[batch]), shuffle)
     val_acc, val_loss = _evaluate(model, *data["validation"])
     test_acc, test_loss = _evaluate(model, *data["test"])
     fused = run.optimizer in ("FusedLAMB", "FusedLARS")
@@ -222,6 +214,7 @@ def summarise(rows) -> list:
         as_scaled = by_multiplier.get(1.0)  # the scaling rule's LR itself, when the grid has it
         summary.append(dict(
             optimizer=optimizer, batch_size=batch_size, rule=chosen[0]["rule"], lr_multiplier=multiplier,
+            test_loss_min=min(r["test_loss"] for r in chosen), test_loss_max=max(r["test_loss"] for r in chosen),
             lr=chosen[0]["lr"], steps=chosen[0]["steps"], lr_grid=" ".join(f"{m:g}" for m in sorted(by_multiplier)),
             backend=chosen[0]["backend"], seeds=" ".join(str(r["seed"]) for r in chosen),
             diverged=sum(r["status"] == "diverged" for r in chosen),
@@ -232,7 +225,8 @@ def summarise(rows) -> list:
             test_acc_at_x1_mean=statistics.fmean(r["test_acc"] for r in as_scaled) if as_scaled else None,
             final_train_loss_mean=statistics.fmean(r["final_train_loss"] for r in chosen),
             test_loss_mean=statistics.fmean(r["test_loss"] for r in chosen)))
-    return sorted(summary, key=lambda s: (list(RECIPES).index(s["optimizer"]), s["batch_size"]))
+    order = list(dict.fromkeys([*RECIPES, *convergence_mlm.RECIPES]))
+    return sorted(summary, key=lambda s: (order.index(s["optimizer"]), s["batch_size"]))
 
 
 RUN_COLUMNS = (
@@ -244,7 +238,7 @@ RUN_COLUMNS = (
 SUMMARY_COLUMNS = (
     "date", "optimizer", "rule", "batch_size", "steps", "lr_grid", "lr_multiplier", "lr", "seeds", "diverged",
     "val_acc_mean", "test_acc_mean", "test_acc_std", "test_acc_min", "test_acc_max", "test_acc_at_x1_mean", "final_train_loss_mean",
-    "test_loss_mean", "epochs", "warmup_fraction", "decay_power", "train_size", "noise", "backend", "lamb_kernels",
+    "test_loss_mean", "test_loss_min", "test_loss_max", "epochs", "warmup_fraction", "decay_power", "train_size", "noise", "backend", "lamb_kernels",
     "torch", "python", "machine",
 )
 COLOURS = {"FusedLAMB": "#dd8452", "AdamW": "#4c72b0", "FusedLARS": "#c44e52", "SGD": "#55a868",
@@ -252,10 +246,11 @@ COLOURS = {"FusedLAMB": "#dd8452", "AdamW": "#4c72b0", "FusedLARS": "#c44e52", "
            "FusedLARS-int8": "#8c8c8c"}
 
 
-def write_png(summary, path, title) -> str | None:
-    """Test accuracy and final training loss against batch size, a line per optimizer at its chosen
-    LR multiple with a band spanning the seeds, and dashed, the accuracy at the scaling rule's LR
-    itself when the grid has more than that. Returns why not, when matplotlib is missing."""
+def write_png(summary, path, title, held_out_loss: bool = False) -> str | None:
+    """Test accuracy and final training loss (`held_out_loss`: the test loss, with its band) against
+    batch size, a line per optimizer at its chosen LR multiple with a band spanning the seeds, and
+    dashed, the accuracy at the scaling rule's LR itself when the grid has more than that. Returns why
+    not, when matplotlib is missing."""
     plt, why_not = pyplot()
     if plt is None:
         return why_not
@@ -268,7 +263,12 @@ def write_png(summary, path, title) -> str | None:
         acc_ax.plot(batches, [100 * s["test_acc_mean"] for s in points], "o-", color=colour, label=label)
         acc_ax.fill_between(batches, [100 * s["test_acc_min"] for s in points],
                             [100 * s["test_acc_max"] for s in points], color=colour, alpha=0.2)
-        loss_ax.plot(batches, [s["final_train_loss_mean"] for s in points], "o-", color=colour, label=label)
+        if held_out_loss:
+            loss_ax.plot(batches, [s["test_loss_mean"] for s in points], "o-", color=colour, label=label)
+            loss_ax.fill_between(batches, [s["test_loss_min"] for s in points], [s["test_loss_max"] for s in points],
+                                 color=colour, alpha=0.2)
+        else:
+            loss_ax.plot(batches, [s["final_train_loss_mean"] for s in points], "o-", color=colour, label=label)
         if any(s["lr_grid"] != "1" for s in points) and all(s["test_acc_at_x1_mean"] is not None for s in points):
             acc_ax.plot(batches, [100 * s["test_acc_at_x1_mean"] for s in points], "--", color=colour, alpha=0.7,
                         label=f"{optimizer} at the rule's LR (x1)")
@@ -276,8 +276,10 @@ def write_png(summary, path, title) -> str | None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (same epochs for every size)")
         ax.grid(True, alpha=0.3)
-    acc_ax.set_ylabel("test accuracy, % (mean; band: min to max over seeds)")
-    loss_ax.set_ylabel("training loss, last epoch (mean over seeds)")
+    acc_ax.set_ylabel(("masked-token accuracy on the test split" if held_out_loss else "test accuracy")
+                      + ", % (mean; band: min to max over seeds)")
+    loss_ax.set_ylabel("test split MLM loss (mean; band: min to max)" if held_out_loss
+                       else "training loss, last epoch (mean over seeds)")
     loss_ax.set_yscale("log")
     acc_ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -293,8 +295,14 @@ def _worker_init() -> None:
 
 def run_study(study: Study, progress: Progress | None = None) -> list:
     """Every run of the study, in a fixed order whatever order they finish in."""
+    ends = (min(study.batch_sizes), max(study.batch_sizes))
+
+    def wanted(batch_size, multiplier, seed):  # (the MLM study: its grid at the ends, with the first seed)
+        return (not getattr(study, "grid_at_ends", False) or multiplier == 1.0
+                or (batch_size in ends and seed == study.seeds[0]))
+
     runs = [Run(o, b, m, s) for o in study.optimizers for b in study.batch_sizes for m in study.lr_grid
-            for s in study.seeds]
+            for s in study.seeds if wanted(b, m, s)]
     weight = {run: study.train_size // run.batch_size * study.epochs for run in runs}  # steps
     progress = progress or Progress(sum(weight.values()))
     results = {}
@@ -340,10 +348,15 @@ def _ints(value: str) -> tuple:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.convergence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="shapes", choices=("shapes", "mlm"),
+                        help="shapes: the CNN on noisy shapes (default); mlm: a small BERT's masked-LM loss on the "
+                             "standard library's docstrings (bench/convergence_mlm.py), its own defaults below")
     parser.add_argument("--quick", action="store_true", help="one seed and no LR grid (the scaling rule's LR only)")
     parser.add_argument("--out", default=os.path.join("out", "convergence"),
                         help="folder for runs.csv, summary.csv, settings.json and convergence.png (default: out/convergence)")
-    parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"comma-separated: {', '.join(RECIPES)}")
+    parser.add_argument("--optimizers", default=None,
+                        help=f"comma-separated: {', '.join(RECIPES)} (default: {','.join(DEFAULT_OPTIMIZERS)}); "
+                             f"--task mlm: {', '.join(convergence_mlm.RECIPES)} (default: all)")
     parser.add_argument("--state-dtypes", default="float32",
                         help="comma-separated state dtypes of FusedLAMB and FusedLARS to study side by side: "
                              "float32, bfloat16, int8 (bfloat16 adds FusedLAMB-bf16 and FusedLARS-bf16, int8 "
@@ -353,8 +366,11 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=None, help="training seeds 0..N-1 (default: 3; --quick: 1)")
     parser.add_argument("--lr-grid", type=_floats, default=None,
                         help="comma-separated multiples of each point's scaled LR (default: 0.25,0.5,1,2,4; --quick: 1)")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs at every batch size (default: 10)")
-    parser.add_argument("--train-size", type=int, default=16384, help="training images (default: 16384)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs at every batch size (default: 10; --task mlm: {MLM['epochs']}, --quick {MLM_QUICK['epochs']})")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training images (default: 16384); --task mlm: training sequences of 32 tokens "
+                             f"(default: all of the training split, --quick {MLM_QUICK['train_size']})")
     parser.add_argument("--noise", type=float, default=0.25, help="pixel noise standard deviation (default: 0.25)")
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps in warmup (default: 0.1)")
     parser.add_argument("--decay-power", type=float, default=1.0,
@@ -364,8 +380,12 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=None,
                         help="processes training at once, one thread each (default: the CPU cores available)")
     args = parser.parse_args(argv)
+    if args.task == "mlm":
+        return _mlm_study(parser, args)
+    args.epochs = 10 if args.epochs is None else args.epochs
+    args.train_size = 16384 if args.train_size is None else args.train_size
     preset = QUICK if args.quick else FULL
-    optimizers = tuple(name.strip() for name in args.optimizers.split(",") if name.strip())
+    optimizers = tuple(name.strip() for name in (args.optimizers or ",".join(DEFAULT_OPTIMIZERS)).split(",") if name.strip())
     state_dtypes = [name.strip() for name in args.state_dtypes.split(",") if name.strip()]
     if not state_dtypes or any(name not in ("float32", *STATE_SUFFIXES) for name in state_dtypes):
         parser.error(f"--state-dtypes: choose from float32, bfloat16, int8, got {args.state_dtypes!r}")
@@ -410,8 +430,55 @@ def parse_args(argv=None):
     return study, args.out
 
 
+# The MLM study's defaults (bench/convergence_mlm.py): sequences of 32 tokens, the whole training
+# split (None), batch 8 to 512 sequences (64x), 2 seeds, an LR grid at the smallest and largest batch
+# (its other multiples with the first seed only); --quick: one seed, the rules' LRs, 512 sequences.
+MLM = dict(batch_sizes=(8, 32, 128, 512), seeds=2, lr_grid=(0.5, 1.0, 2.0), epochs=3, train_size=None)
+MLM_QUICK = dict(batch_sizes=(8, 32, 128), seeds=1, lr_grid=(1.0,), epochs=2, train_size=512)
+
+
+def _mlm_study(parser, args):
+    preset = MLM_QUICK if args.quick else MLM
+    names = tuple(n.strip() for n in (args.optimizers or ",".join(convergence_mlm.RECIPES)).split(",") if n.strip())
+    unknown = [n for n in names if n not in convergence_mlm.RECIPES]
+    if unknown or not names:
+        parser.error(f"--optimizers: unknown {', '.join(unknown) or '(none given)'} for --task mlm; choose from "
+                     f"{', '.join(convergence_mlm.RECIPES)}")
+    batch_sizes = args.batch_sizes if args.batch_sizes is not None else preset["batch_sizes"]
+    lr_grid = tuple(sorted({1.0, *(args.lr_grid if args.lr_grid is not None else preset["lr_grid"])}))
+    from . import mlm_data
+
+    available = mlm_data.sequences("train").shape[0]
+    train_size = args.train_size if args.train_size is not None else preset["train_size"] or available
+    epochs = args.epochs if args.epochs is not None else preset["epochs"]
+    seeds = args.seeds if args.seeds is not None else preset["seeds"]
+    workers = args.workers if args.workers is not None else _cores()
+    checks = (("--batch-sizes", batch_sizes and all(1 <= b <= train_size for b in batch_sizes),
+               f"each must be between 1 and --train-size ({train_size})"),
+              ("--train-size", 1 <= train_size <= available, f"must be between 1 and {available} (the training split)"),
+              ("--lr-grid", all(m > 0 and math.isfinite(m) for m in lr_grid), "multiples must be positive"),
+              ("--epochs", epochs >= 1, "must be at least 1"), ("--seeds", seeds >= 1, "must be at least 1"),
+              ("--workers", workers >= 1, "must be at least 1"),
+              ("--backend", args.backend == "auto" or args.backend in BACKEND_NAMES,
+               f"choose auto or one of {', '.join(BACKEND_NAMES)}"))
+    for option, ok, why in checks:
+        if not ok:
+            parser.error(f"{option}: {why}")
+    return convergence_mlm.MlmStudy(
+        optimizers=names, batch_sizes=tuple(sorted(set(batch_sizes))), seeds=tuple(range(seeds)), lr_grid=lr_grid,
+        epochs=epochs, train_size=train_size, warmup_fraction=args.warmup, backend=args.backend,
+        workers=workers), args.out
+
+
 def settings(study: Study, argv) -> dict:
     """Everything a run depends on, for settings.json."""
+    if isinstance(study, convergence_mlm.MlmStudy):
+        from . import mlm_data
+
+        return dict(asdict(study), task="mlm", command=["python", "-m", "bench.convergence", *argv],
+                    base_batch=convergence_mlm.BASE_BATCH, corpus=mlm_data.fingerprint(),
+                    recipes={name: asdict(recipe) for name, recipe in convergence_mlm.RECIPES.items()},
+                    model=convergence_mlm.model(0).config.to_dict(), threads_per_run=1)
     return dict(asdict(study), command=["python", "-m", "bench.convergence", *argv], base_batch=BASE_BATCH,
                 recipes={name: asdict(recipe) for name, recipe in RECIPES.items()}, momentum=MOMENTUM,
                 data=dict(seeds=DATA_SEEDS, sizes=dict(train=study.train_size, validation=VALIDATION_SIZE,
@@ -422,7 +489,7 @@ def settings(study: Study, argv) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     study, out = parse_args(argv)
-    if {"FusedLAMB", "FusedLARS"} & set(study.optimizers):
+    if any(name.startswith("Fused") for name in study.optimizers):
         try:
             # Fails before any run when the backend cannot run here; and builds the C++ operators
             # once, in this process, rather than in every worker at the same time.
@@ -433,9 +500,10 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     rows = run_study(study)
+    mlm = isinstance(study, convergence_mlm.MlmStudy)
     context = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   epochs=study.epochs, train_size=study.train_size, noise=study.noise,
-                   warmup_fraction=study.warmup_fraction, decay_power=study.decay_power,
+                   epochs=study.epochs, train_size=study.train_size, noise=None if mlm else study.noise,
+                   warmup_fraction=study.warmup_fraction, decay_power=1.0 if mlm else study.decay_power,
                    lamb_kernels=lamb_kernels.__version__, torch=torch.__version__, python=platform.python_version(),
                    machine=device_name("cpu"))
     rows = [dict(context, **row) for row in rows]
@@ -444,11 +512,13 @@ def main(argv=None) -> int:
     write_csv(summary, os.path.join(out, "summary.csv"), SUMMARY_COLUMNS)
     with open(os.path.join(out, "settings.json"), "w", encoding="utf-8") as f:
         json.dump(dict(settings(study, argv), **context), f, indent=2)
-    title = (f"PatchCNN on 10 noisy shapes: {study.train_size} training images, {study.epochs} epochs at every batch size,"
-             f" {len(study.seeds)} seed(s), LR grid x{'/'.join(f'{m:g}' for m in study.lr_grid)} chosen on validation"
+    task = (f"BERT (2 layers, hidden 128) masked LM on the standard library's docstrings: {study.train_size} training "
+            f"sequences of 32 tokens" if mlm else f"PatchCNN on 10 noisy shapes: {study.train_size} training images")
+    title = (f"{task}, {study.epochs} epochs at every batch size, {len(study.seeds)} seed(s), LR grid "
+             f"x{'/'.join(f'{m:g}' for m in study.lr_grid)}{' at the ends' if mlm else ''} chosen on validation"
              f"\n{context['machine']}, torch {context['torch']}, lamb_kernels {context['lamb_kernels']},"
              f" {context['date'][:10]}")
-    why_not = write_png(summary, os.path.join(out, "convergence.png"), title)
+    why_not = write_png(summary, os.path.join(out, "convergence.png"), title, held_out_loss=mlm)
     print(_table(summary))
     print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s; wrote {out}/runs.csv, summary.csv, settings.json"
           + (f", convergence.png" if why_not is None else f" (no chart: {why_not})"))
