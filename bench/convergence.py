@@ -48,19 +48,11 @@ from .harness import device_name
 from .report import Progress, pyplot, write_csv
 from .convergence_data import PatchCNN, make_shapes
 from . import convergence_mlm
-from .training import train_epochs
+from .training import Recipe, lr_factor, train_epochs, warmup_then_decay  # noqa: F401 (lr_factor: the tests')
 
 BASE_BATCH = 64  # the batch size at which the base learning rates below were chosen
 DATA_SEEDS = {"train": 1, "validation": 2, "test": 3}  # fixed: every run sees the same images
 VALIDATION_SIZE, TEST_SIZE = 2048, 4096
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one optimizer is built and how its learning rate grows with the batch."""
-    rule: str  # "sqrt" or "linear"
-    base_lr: float  # at BASE_BATCH
-    weight_decay: float
 
 
 RECIPES = {
@@ -100,18 +92,7 @@ def build_optimizer(name: str, model: torch.nn.Module, lr: float, backend: str):
 
 def scaled_lr(name: str, batch_size: int) -> float:
     """The recipe's base LR scaled from BASE_BATCH to batch_size by its rule."""
-    recipe = RECIPES[name]
-    ratio = batch_size / BASE_BATCH
-    return recipe.base_lr * (math.sqrt(ratio) if recipe.rule == "sqrt" else ratio)
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, power: float) -> float:
-    """Multiplier of the peak LR at 0-based `step`: linear warmup to 1 over warmup_steps, then
-    polynomial decay towards 0 at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    remaining = max(total_steps - warmup_steps, 1)
-    return max(1.0 - (step - warmup_steps) / remaining, 0.0) ** power
+    return RECIPES[name].lr(batch_size, BASE_BATCH)
 
 
 @dataclass(frozen=True)
@@ -181,10 +162,7 @@ def _train(study: Study, run: Run) -> dict:
     optimizer = build_optimizer(run.optimizer, model, lr, study.backend)
     steps_per_epoch = study.train_size // run.batch_size  # the last partial batch is dropped
     total_steps = study.epochs * steps_per_epoch
-    warmup_steps = max(1, round(study.warmup_fraction * total_steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps,
-                                     power=study.decay_power))
+    schedule, warmup_steps = warmup_then_decay(optimizer, total_steps, study.warmup_fraction, study.decay_power)
     shuffle = torch.Generator().manual_seed(run.seed)
     status, train_loss = train_epochs(optimizer, schedule, study.epochs, study.train_size, run.batch_size,
                                       lambda batch: F.cross_entropy(model(images[batch]), labels[batch]), shuffle)

@@ -14,8 +14,6 @@ best mean validation loss chosen per point; the test split is never used to choo
 """
 from __future__ import annotations
 
-import functools
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -26,17 +24,10 @@ import lamb_kernels
 from lamb_kernels.backends import resolve_backend
 
 from . import mlm_data
-from .training import train_epochs
+from .training import Recipe, train_epochs, warmup_then_decay
 
 BASE_BATCH = 8  # sequences of 32 tokens: the batch at which the base LRs were chosen
 EVAL_SEQUENCES = 512  # per held-out split (16,384 tokens, about 2,450 masked)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    rule: str
-    base_lr: float
-    weight_decay: float
 
 
 RECIPES = {
@@ -76,9 +67,7 @@ def model(seed: int):
 
 
 def scaled_lr(name: str, batch_size: int) -> float:
-    recipe = RECIPES[name]
-    ratio = batch_size / BASE_BATCH
-    return recipe.base_lr * (math.sqrt(ratio) if recipe.rule == "sqrt" else ratio)
+    return RECIPES[name].lr(batch_size, BASE_BATCH)
 
 
 def build_optimizer(name: str, net, lr: float, backend: str):
@@ -112,12 +101,6 @@ def evaluate(net, split: str) -> tuple:
     return float((logits.argmax(-1) == targets).float().mean()), float(loss)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return max(1.0 - (step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0)
-
-
 def train(study: MlmStudy, run) -> dict:
     """One run on one CPU thread: its row of runs.csv (val_acc and test_acc: masked-token accuracy)."""
     started = time.perf_counter()
@@ -127,9 +110,7 @@ def train(study: MlmStudy, run) -> dict:
     optimizer = build_optimizer(run.optimizer, net, lr, study.backend)
     steps_per_epoch = sequences.shape[0] // run.batch_size
     total_steps = study.epochs * steps_per_epoch
-    warmup_steps = max(1, round(study.warmup_fraction * total_steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps))
+    schedule, warmup_steps = warmup_then_decay(optimizer, total_steps, study.warmup_fraction)
     generator = torch.Generator().manual_seed(run.seed)  # (the order of the sequences, then each batch's masks)
     status, train_loss = train_epochs(
         optimizer, schedule, study.epochs, sequences.shape[0], run.batch_size,

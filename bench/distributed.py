@@ -137,28 +137,18 @@ def _count_all_reduces(step) -> int:
 ALL_REDUCE_OPS = ("c10d::allreduce_", "_c10d_functional::all_reduce")
 
 
-def coded_elements(opt) -> tuple:
-    """(elements of this rank's parameters whose states are 8-bit codes, elements with any state)."""
-    coded = total = 0
+def state_footprint(opt) -> tuple:
+    """(bytes of the optimizer's state tensors on this rank, a DTensor's local shard, step counts left
+    out; elements of this rank's parameters whose states are 8-bit codes; elements with any state)."""
+    held = coded = total = 0
     for p, state in opt.state.items():
-        tensors = [t for key, t in state.items() if torch.is_tensor(t) and key != "step"]
+        tensors = [getattr(t, "_local_tensor", t) for key, t in state.items() if torch.is_tensor(t) and key != "step"]
+        held += sum(t.numel() * t.element_size() for t in tensors)
         if tensors:
             n = getattr(p, "_local_tensor", p).numel()
             total += n
             coded += n if any(t.dtype in (torch.int8, torch.uint8) for t in tensors) else 0
-    return coded, total
-
-
-def state_bytes(opt) -> int:
-    """Bytes of an optimizer's state tensors on this rank (a DTensor's local shard; step counts left
-    out)."""
-    total = 0
-    for state in opt.state.values():
-        for key, t in state.items():
-            if torch.is_tensor(t) and key != "step":
-                t = getattr(t, "_local_tensor", t)
-                total += t.numel() * t.element_size()
-    return total
+    return held, coded, total
 
 
 def _rank(rank, world, port, args, result_path):
@@ -191,10 +181,11 @@ def _rank(rank, world, port, args, result_path):
                 for _ in range(args.warmup):
                     opt.step()
                 row["all_reduces_per_step"] = _count_all_reduces(opt.step)
-                held = torch.tensor([state_bytes(opt)], dtype=torch.float64)
+                footprint = state_footprint(opt)
+                held = torch.tensor([footprint[0]], dtype=torch.float64)
                 dist.all_reduce(held, op=dist.ReduceOp.MAX)
                 row["state_bytes_per_rank"] = int(held)
-                counts = torch.tensor(coded_elements(opt), dtype=torch.float64)
+                counts = torch.tensor(footprint[1:], dtype=torch.float64)
                 dist.all_reduce(counts)  # (every rank's elements)
                 row["coded_share"] = float(counts[0] / counts[1]) if counts[1] else 0.0
                 times = []

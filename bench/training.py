@@ -1,9 +1,42 @@
-"""The training loop both convergence studies share (bench/convergence.py, bench/convergence_mlm.py)."""
+"""What both convergence studies share (bench/convergence.py, bench/convergence_mlm.py): an
+optimizer's recipe and its scaled learning rate, the warmup-then-decay schedule, the training loop."""
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one optimizer is built and how its learning rate grows with the batch."""
+    rule: str  # "sqrt" or "linear"
+    base_lr: float  # at the study's base batch
+    weight_decay: float
+
+    def lr(self, batch_size: int, base_batch: int) -> float:
+        """The base LR scaled from base_batch to batch_size by the rule."""
+        ratio = batch_size / base_batch
+        return self.base_lr * (math.sqrt(ratio) if self.rule == "sqrt" else ratio)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, power: float = 1.0) -> float:
+    """Multiplier of the peak LR at 0-based `step`: linear warmup to 1 over warmup_steps, then
+    polynomial decay towards 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    remaining = max(total_steps - warmup_steps, 1)
+    return max(1.0 - (step - warmup_steps) / remaining, 0.0) ** power
+
+
+def warmup_then_decay(optimizer, total_steps: int, warmup_fraction: float, power: float = 1.0) -> tuple:
+    """(the LambdaLR scheduler of `lr_factor`, its warmup steps: at least 1)."""
+    warmup_steps = max(1, round(warmup_fraction * total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps, power=power))
+    return schedule, warmup_steps
 
 
 def train_epochs(optimizer, schedule, epochs: int, size: int, batch_size: int, batch_loss, generator) -> tuple:

@@ -319,8 +319,8 @@ def placed(declaration, p: torch.Tensor, saved: dict, capturable, group: dict | 
                     and torch.is_tensor(scales)):
                 continue
             if entry_dtype(declaration, group, key, p) in CODES and codes.is_contiguous():
-                # (the whole scales, flattened, are the blocks of the tensor's memory order: code_blocks_cut)
-                saved[key] = distributed_like(p, codes.to(p.device))
+                # (the whole scales, flattened, are the blocks of the tensor's memory order: code_blocks_cut;
+                # the codes are split as every whole entry is, by `_loaded_value`)
                 whole = scales.float().to(p.device).reshape(blocks_shape(p.shape, code_blocks_cut(p, BLOCK)))
                 saved[scales_key(key)] = distributed_like(p, whole)
             else:
