@@ -382,30 +382,41 @@ def parse_args(argv=None):
     seeds = args.seeds if args.seeds is not None else len(preset["seeds"])
     lr_grid = args.lr_grid if args.lr_grid is not None else preset["lr_grid"]
     workers = args.workers if args.workers is not None else _cores()
-    checks = (
-        ("--batch-sizes", len(batch_sizes) > 0, "give at least one"),
-        ("--lr-grid", len(lr_grid) > 0, "give at least one multiple"),
+    _refuse(parser, (
         ("--train-size", args.train_size >= 1, "must be at least 1"),
-        ("--batch-sizes", all(1 <= b <= args.train_size for b in batch_sizes),
-         f"each must be between 1 and --train-size ({args.train_size})"),
-        ("--seeds", seeds >= 1, "must be at least 1"),
-        ("--lr-grid", all(m > 0 and math.isfinite(m) for m in lr_grid), "multiples must be positive"),
-        ("--epochs", args.epochs >= 1, "must be at least 1"),
+        *_common_checks(args, batch_sizes, args.train_size, lr_grid, seeds, args.epochs, workers),
         ("--noise", args.noise >= 0 and math.isfinite(args.noise), "must be non-negative"),
-        ("--warmup", 0 <= args.warmup <= 1, "must be a fraction between 0 and 1"),
         ("--decay-power", args.decay_power > 0 and math.isfinite(args.decay_power), "must be positive"),
-        ("--workers", workers >= 1, "must be at least 1"),
-        ("--backend", args.backend == "auto" or args.backend in BACKEND_NAMES,
-         f"choose auto or one of {', '.join(BACKEND_NAMES)}"),
-    )
-    for option, ok, why in checks:
-        if not ok:
-            parser.error(f"{option}: {why}")
+    ))
     study = Study(optimizers=optimizers, batch_sizes=tuple(sorted(set(batch_sizes))), seeds=tuple(range(seeds)),
                   lr_grid=tuple(sorted(set(lr_grid))), epochs=args.epochs, train_size=args.train_size,
                   noise=args.noise, warmup_fraction=args.warmup, decay_power=args.decay_power,
                   backend=args.backend, workers=workers)
     return study, args.out
+
+
+def _common_checks(args, batch_sizes, train_size, lr_grid, seeds, epochs, workers) -> tuple:
+    """(option, whether it is right, why not) for what both studies check alike."""
+    return (
+        ("--batch-sizes", len(batch_sizes) > 0, "give at least one"),
+        ("--lr-grid", len(lr_grid) > 0, "give at least one multiple"),
+        ("--batch-sizes", all(1 <= b <= train_size for b in batch_sizes),
+         f"each must be between 1 and --train-size ({train_size})"),
+        ("--seeds", seeds >= 1, "must be at least 1"),
+        ("--lr-grid", all(m > 0 and math.isfinite(m) for m in lr_grid), "multiples must be positive"),
+        ("--epochs", epochs >= 1, "must be at least 1"),
+        ("--warmup", 0 <= args.warmup <= 1, "must be a fraction between 0 and 1"),
+        ("--workers", workers >= 1, "must be at least 1"),
+        ("--backend", args.backend == "auto" or args.backend in BACKEND_NAMES,
+         f"choose auto or one of {', '.join(BACKEND_NAMES)}"),
+    )
+
+
+def _refuse(parser, checks) -> None:
+    """parser.error for the first check that fails, naming its option."""
+    for option, ok, why in checks:
+        if not ok:
+            parser.error(f"{option}: {why}")
 
 
 # The MLM study's defaults (bench/convergence_mlm.py): sequences of 32 tokens, the whole training
@@ -431,17 +442,10 @@ def _mlm_study(parser, args):
     epochs = args.epochs if args.epochs is not None else preset["epochs"]
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
     workers = args.workers if args.workers is not None else _cores()
-    checks = (("--batch-sizes", batch_sizes and all(1 <= b <= train_size for b in batch_sizes),
-               f"each must be between 1 and --train-size ({train_size})"),
-              ("--train-size", 1 <= train_size <= available, f"must be between 1 and {available} (the training split)"),
-              ("--lr-grid", all(m > 0 and math.isfinite(m) for m in lr_grid), "multiples must be positive"),
-              ("--epochs", epochs >= 1, "must be at least 1"), ("--seeds", seeds >= 1, "must be at least 1"),
-              ("--workers", workers >= 1, "must be at least 1"),
-              ("--backend", args.backend == "auto" or args.backend in BACKEND_NAMES,
-               f"choose auto or one of {', '.join(BACKEND_NAMES)}"))
-    for option, ok, why in checks:
-        if not ok:
-            parser.error(f"{option}: {why}")
+    _refuse(parser, (
+        ("--train-size", 1 <= train_size <= available, f"must be between 1 and {available} (the training split)"),
+        *_common_checks(args, batch_sizes, train_size, lr_grid, seeds, epochs, workers),
+    ))
     return convergence_mlm.MlmStudy(
         optimizers=names, batch_sizes=tuple(sorted(set(batch_sizes))), seeds=tuple(range(seeds)), lr_grid=lr_grid,
         epochs=epochs, train_size=train_size, warmup_fraction=args.warmup, backend=args.backend,

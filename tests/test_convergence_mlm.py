@@ -64,7 +64,7 @@ def test_lr_rules_sqrt_for_lamb_linear_for_adamw_and_lars():
         assert convergence_mlm.scaled_lr(name, 64 * base) == pytest.approx(factor * convergence_mlm.RECIPES[name].base_lr)
 
 
-def test_defaults_span_64x_and_the_grid_runs_only_at_the_ends():
+def test_defaults_span_64x_and_the_grid_runs_only_at_the_ends(capsys):
     full, _ = parse_args(["--task", "mlm"])
     quick, _ = parse_args(["--task", "mlm", "--quick"])
     assert max(full.batch_sizes) / min(full.batch_sizes) >= 64 and len(full.seeds) >= 2 and len(full.lr_grid) >= 3
@@ -85,9 +85,10 @@ def test_defaults_span_64x_and_the_grid_runs_only_at_the_ends():
     assert sorted((r.batch_size, r.lr_multiplier) for r in calls) == [
         (8, 0.5), (8, 1.0), (8, 2.0), (16, 1.0), (32, 0.5), (32, 1.0), (32, 2.0)]
     for argv, message in ((["--optimizers", "SGD"], "unknown SGD"), (["--train-size", "0"], "--train-size"),
-                          (["--batch-sizes", "99999"], "--batch-sizes")):
+                          (["--batch-sizes", "99999"], "--batch-sizes"), (["--warmup", "2"], "--warmup")):
         with pytest.raises(SystemExit):
             parse_args(["--task", "mlm", *argv])
+        assert message in capsys.readouterr().err, argv
 
 
 def test_a_tiny_study_is_deterministic_and_writes_its_files(tmp_path):
