@@ -69,14 +69,6 @@ def _split(p):
     return Sharding(p.device_mesh, dims) if dims else None
 
 
-def split_dims(p) -> tuple:
-    """(mesh dimension, tensor dimension) of each placement that splits DTensor p (Shard, and FSDP
-    over tensor parallel's _StridedShard), in mesh order. (Partial has no tensor dimension:
-    `sharding_of` refuses it.)"""
-    return tuple((mesh_dim, placement.dim) for mesh_dim, placement in enumerate(p.placements)
-                 if not placement.is_replicate() and getattr(placement, "dim", None) is not None)
-
-
 def code_blocks_cut(p, block: int):
     """Where the 8-bit block layout of DTensor p cuts its shape (docs/states.md, "Sharded
     parameters"), or None when p's shards cannot hold whole blocks (its 8-bit states are then kept
@@ -116,6 +108,8 @@ def _layout(shape: tuple, placements: tuple, mesh_shape: tuple, block: int) -> t
     """(cut or None, why a layout that would hold whole blocks at other splits is refused here, or
     None): `code_blocks_cut` and `check_code_blocks` both read it (a model's parameters share a few
     shapes and placements: cached)."""
+    # (mesh dimension, tensor dimension) of each placement that splits: Shard, and FSDP over tensor
+    # parallel's _StridedShard. (Partial has no tensor dimension: `sharding_of` refuses it.)
     dims = [(mesh_dim, placement.dim) for mesh_dim, placement in enumerate(placements)
             if not placement.is_replicate() and getattr(placement, "dim", None) is not None]
     if not dims:
