@@ -371,9 +371,10 @@ def test_a_new_memory_layout_encodes_the_codes_afresh(device, backend):
     encoded in its new order, of the same values (to within a nearest rounding)."""
     if backend == "torch":
         pytest.skip("the torch backend keeps any layout")
-    params = [torch.nn.Parameter(torch.randn(4, 6, 5, 3, device=device))]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 6, 5, 3, generator=gen).to(device))]
     opt = FusedLAMB(params, backend=backend, lr=0.05, state_dtype=INT8)
-    params[0].grad = torch.randn_like(params[0])
+    params[0].grad = torch.randn(params[0].shape, generator=gen).to(device)
     opt.step()
     values = dequantize(opt.state[params[0]]["exp_avg"], opt.state[params[0]]["exp_avg_scales"])
     params[0].data = params[0].data.to(memory_format=torch.channels_last)
@@ -384,8 +385,10 @@ def test_a_new_memory_layout_encodes_the_codes_afresh(device, backend):
     opt.step()
     state = opt.state[params[0]]
     assert state["exp_avg"].stride() == params[0].stride() and state["exp_avg"] is not converted[0]
+    # two roundings: the new layout's encoding (to the nearest, half a gap) and the step's (stochastic,
+    # under one gap); the bound was one gap, which 1 draw in 60 exceeded (0.1265)
     torch.testing.assert_close(dequantize(state["exp_avg"], state["exp_avg_scales"]), 0.9 * values,
-                               rtol=SPACING, atol=1e-9)
+                               rtol=(1 + SPACING / 2) * (1 + SPACING) - 1, atol=1e-9)
 
 
 def test_bad_int8_checkpoints_are_refused_by_name_and_change_nothing():
