@@ -355,33 +355,22 @@ void lamb_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   if (skips_step(op, found_inf)) return;
   const std::vector<Chunk> chunks = chunk_map(params, chunk_size);
   const std::vector<ChunkRange> groups = cache_groups(chunks, {params, grads, exp_avgs, exp_avg_sqs}, cache_bytes);
-  // The u of a group that fits in cache_bytes with its u (4 bytes an element more) is kept in a
-  // scratch buffer by the moments pass, for the apply pass to read from cache: kept[c], chunk c's
-  // place in it (null for the chunks of other groups, whose apply pass recomputes u). A tensor larger
-  // than the cache keeps none: its u would go to memory and back, and evict the tensor's p, which the
-  // apply pass reads (bert-base's 768x3072 matrices: a step 1.4x slower, docs/benchmark.md).
+  // The u of a group whose elements' u take at most half of cache_bytes is kept in a scratch
+  // buffer by the moments pass, for the apply pass to read from cache: kept[c], chunk c's place in
+  // it (null for the chunks of larger groups, whose apply pass recomputes u).
   auto elements = [&](ChunkRange group) {
     int64_t n = 0;
     for (int64_t c = group.first; c < group.last; ++c) n += chunks[c].size;
     return n;
   };
   auto keeps_u = [&](ChunkRange group) {
-    int64_t bytes = 0;
-    for (int64_t t = chunks[group.first].tensor; t <= chunks[group.last - 1].tensor; ++t) {
-      for (const at::TensorList& list : {params, grads, exp_avgs, exp_avg_sqs}) {
-        bytes += list[t].numel() * list[t].element_size();
-      }
-    }
-    return bytes + elements(group) * static_cast<int64_t>(sizeof(float)) <= cache_bytes;
+    return 2 * elements(group) * static_cast<int64_t>(sizeof(float)) <= cache_bytes;
   };
   int64_t largest = 0;
   for (const ChunkRange& group : groups) {
     if (keeps_u(group)) largest = std::max(largest, elements(group));
   }
-  // kept from call to call (per calling thread): a fresh buffer each step would be zeroed and
-  // faulted in again
-  thread_local std::vector<float> scratch;
-  if (static_cast<int64_t>(scratch.size()) < largest) scratch.resize(largest);
+  std::vector<float> scratch(largest);
   std::vector<float*> kept(chunks.size(), nullptr);
   for (const ChunkRange& group : groups) {
     if (!keeps_u(group)) continue;
