@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
