@@ -41,6 +41,15 @@ def spawn(fn, world: int, *args, backend: str = "gloo") -> None:
     mp.spawn(_entry, args=(fn, world, free_port(), backend, args), nprocs=world, join=True)
 
 
+def in_turn(rank, world, fn, runs) -> None:
+    """fn(rank, world, *args) for each args of `runs`, in one process group (one spawn, where each
+    run would start its processes anew), a barrier after each: what one run's rank 0 writes, the next
+    run's ranks may read."""
+    for args in runs:
+        fn(rank, world, *args)
+        dist.barrier()
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     err = float((actual - expected).norm())

@@ -19,7 +19,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch without distributed support", allow_module_level=True)
 
-from distributed_harness import CountingAllReduce, full, load_checkpoint, rel_error, save_checkpoint, spawn, train_steps  # noqa: E402
+from distributed_harness import (CountingAllReduce, full, in_turn, load_checkpoint, rel_error,  # noqa: E402
+                                 save_checkpoint, spawn, train_steps)
 
 import lamb_kernels  # noqa: E402
 from lamb_kernels import FusedLAMB, FusedLARS  # noqa: E402
@@ -292,18 +293,11 @@ def checkpoint_run(rank, world, directory, optimizer_name, backend, saved_world)
             assert rel_error(value, saved[key]) <= PARAM_RTOL, (rank, key, rel_error(value, saved[key]))
 
 
-def saved_then_loaded(rank, world, directory, optimizer_name, backend):
-    """checkpoint_run's save, then its load at the same world size, in one process group (a fresh
-    model and optimizer for the load, after a barrier: rank 0 writes the saved run's params)."""
-    checkpoint_run(rank, world, directory, optimizer_name, backend, None)
-    torch.distributed.barrier()
-    checkpoint_run(rank, world, directory, optimizer_name, backend, world)
-
-
 @pytest.mark.parametrize("optimizer_name", ["lamb", "lars"])
 def test_checkpoint_resumes_bit_for_bit_and_reshards(tmp_path, optimizer_name):
     backend = BACKENDS[0]
-    spawn(saved_then_loaded, 4, str(tmp_path), optimizer_name, backend)  # the same world size: bit for bit
+    spawn(in_turn, 4, checkpoint_run, [(str(tmp_path), optimizer_name, backend, None),  # saved, then loaded
+                                       (str(tmp_path), optimizer_name, backend, 4)])  # at the same world size
     spawn(checkpoint_run, 2, str(tmp_path), optimizer_name, backend, 4)  # resharded, 4 -> 2
 
 

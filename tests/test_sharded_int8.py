@@ -19,7 +19,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch without distributed support", allow_module_level=True)
 
-from distributed_harness import CountingAllReduce, full, load_checkpoint, save_checkpoint, spawn, train_steps  # noqa: E402
+from distributed_harness import (CountingAllReduce, full, in_turn, load_checkpoint, save_checkpoint, spawn,  # noqa: E402
+                                 train_steps)
 
 import lamb_kernels  # noqa: E402
 from lamb_kernels import FusedLAMB, FusedLARS  # noqa: E402
@@ -223,19 +224,11 @@ def checkpoint_run(rank, world, directory, name, saved_world, state_dtype, layou
             assert moved <= BOUND, (rank, n, moved)
 
 
-def checkpoint_runs(rank, world, runs):
-    """checkpoint_run for each of `runs` (its arguments after rank and world) in turn, in one process
-    group: a fresh model and optimizer each, and a barrier between (rank 0 writes a run's files)."""
-    for run in runs:
-        checkpoint_run(rank, world, *run)
-        dist.barrier()
-
-
 @pytest.mark.parametrize("name", ["lamb", "lars"])
 def test_dcp_checkpoint_resumes_bit_for_bit_and_reshards(tmp_path, name):
     folder = str(tmp_path)
     # saved, then loaded at the same world size: bit for bit
-    spawn(checkpoint_runs, 4, [(folder, name, None, "int8"), (folder, name, 4, "int8")])
+    spawn(in_turn, 4, checkpoint_run, [(folder, name, None, "int8"), (folder, name, 4, "int8")])
     spawn(checkpoint_run, 2, folder, name, 4, "int8")  # 4 -> 2
 
 
@@ -244,17 +237,15 @@ def test_dcp_checkpoints_of_tensor_parallel_and_hsdp_resume_bit_for_bit(tmp_path
     dimension), HSDP's replicated dimension: the same world size."""
     runs = [(str(tmp_path / layout), "lamb", saved_world, "int8", layout)
             for layout in ("fsdp_tp", "hsdp") for saved_world in (None, 4)]
-    for folder in {run[0] for run in runs}:
-        os.makedirs(folder)
-    spawn(checkpoint_runs, 4, runs)
+    spawn(in_turn, 4, checkpoint_run, runs)
 
 
 def test_dcp_checkpoint_reshards_2_to_4_and_changes_state_dtype(tmp_path):
     folder = str(tmp_path)
     spawn(checkpoint_run, 2, folder, "lamb", None, "int8")
-    spawn(checkpoint_runs, 4, [(folder, "lamb", 2, "int8"),  # 2 -> 4
-                               (folder, "lamb", 2, torch.float32),  # int8 -> float32 across it
-                               (folder, "lamb", 2, torch.bfloat16)])
+    spawn(in_turn, 4, checkpoint_run, [(folder, "lamb", 2, "int8"),  # 2 -> 4
+                                       (folder, "lamb", 2, torch.float32),  # int8 -> float32 across it
+                                       (folder, "lamb", 2, torch.bfloat16)])
     (tmp_path / "checkpoint").rename(tmp_path / "int8-checkpoint")
     spawn(checkpoint_run, 2, folder, "lars", None, "from_float")  # float32 -> int8 across it
     spawn(checkpoint_run, 4, folder, "lars", 2, "from_float")
