@@ -91,16 +91,21 @@ def code_blocks_cut(p, block: int):
     order, which a single process's checkpoint and a resharded one share bit for bit."""
     if not local(p).is_contiguous():  # (blocks follow memory order, the scales the shape's order)
         return None
-    return _layout(tuple(p.shape), tuple(p.placements), tuple(p.device_mesh.shape), block)[0]
+    return _layout_of(p, block)[0]
 
 
 def check_code_blocks(p, block: int, label: str) -> None:
     """Raises, naming p, when its 8-bit blocks would run along a split last dimension that some rank
     holds a part of that is not a multiple of `block` elements long (`code_blocks_cut`)."""
-    why = _layout(tuple(p.shape), tuple(p.placements), tuple(p.device_mesh.shape), block)[1]
+    why = _layout_of(p, block)[1]
     if why:
         raise ValueError(f"{label} ({tuple(p.shape)}) {why}. Use a tensor-parallel degree that splits it so, or "
                          "state_dtype=torch.bfloat16 for this parameter's group")
+
+
+def _layout_of(p, block: int) -> tuple:
+    """`_layout` of DTensor p (its arguments hashable)."""
+    return _layout(tuple(p.shape), tuple(p.placements), tuple(p.device_mesh.shape), block)
 
 
 @functools.lru_cache(maxsize=4096)
