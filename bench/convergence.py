@@ -48,7 +48,7 @@ from .harness import device_name
 from .report import Progress, pyplot, write_csv
 from .convergence_data import PatchCNN, make_shapes
 from . import convergence_mlm
-from .training import Recipe, lr_factor, train_epochs, warmup_then_decay  # noqa: F401 (lr_factor: the tests')
+from .training import Recipe, lr_factor, run_row, train_epochs, warmup_then_decay  # noqa: F401 (lr_factor: the tests')
 
 BASE_BATCH = 64  # the batch size at which the base learning rates below were chosen
 DATA_SEEDS = {"train": 1, "validation": 2, "test": 3}  # fixed: every run sees the same images
@@ -164,18 +164,13 @@ def _train(study: Study, run: Run) -> dict:
     total_steps = study.epochs * steps_per_epoch
     schedule, warmup_steps = warmup_then_decay(optimizer, total_steps, study.warmup_fraction, study.decay_power)
     shuffle = torch.Generator().manual_seed(run.seed)
-    status, train_loss = train_epochs(optimizer, schedule, study.epochs, study.train_size, run.batch_size,
-                                      lambda batch: F.cross_entropy(model(images[batch]), labels[batch]), shuffle)
-    val_acc, val_loss = _evaluate(model, *data["validation"])
-    test_acc, test_loss = _evaluate(model, *data["test"])
+    outcome = train_epochs(optimizer, schedule, study.epochs, study.train_size, run.batch_size,
+                           lambda batch: F.cross_entropy(model(images[batch]), labels[batch]), shuffle)
     fused = run.optimizer in ("FusedLAMB", "FusedLARS")
-    return dict(asdict(run), rule=RECIPES[run.optimizer].rule, base_lr=RECIPES[run.optimizer].base_lr,
-                weight_decay=RECIPES[run.optimizer].weight_decay, lr=lr, steps=total_steps,
-                momentum=MOMENTUM if run.optimizer in ("FusedLARS", "SGD") else None,
-                backend=resolve_backend(study.backend, torch.device("cpu")) if fused else "torch.optim",
-                warmup_steps=warmup_steps, status=status, final_train_loss=train_loss, val_acc=val_acc,
-                val_loss=val_loss, test_acc=test_acc, test_loss=test_loss,
-                seconds=time.perf_counter() - started)
+    return run_row(run, RECIPES[run.optimizer], lr=lr, steps=total_steps, warmup_steps=warmup_steps, outcome=outcome,
+                   validation=_evaluate(model, *data["validation"]), test=_evaluate(model, *data["test"]),
+                   backend=resolve_backend(study.backend, torch.device("cpu")) if fused else "torch.optim",
+                   momentum=MOMENTUM if run.optimizer in ("FusedLARS", "SGD") else None, started=started)
 
 
 def summarise(rows) -> list:

@@ -15,7 +15,7 @@ best mean validation loss chosen per point; the test split is never used to choo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ import lamb_kernels
 from lamb_kernels.backends import resolve_backend
 
 from . import mlm_data
-from .training import Recipe, train_epochs, warmup_then_decay
+from .training import Recipe, run_row, train_epochs, warmup_then_decay
 
 BASE_BATCH = 8  # sequences of 32 tokens: the batch at which the base LRs were chosen
 EVAL_SEQUENCES = 512  # per held-out split (16,384 tokens, about 2,450 masked)
@@ -112,17 +112,12 @@ def train(study: MlmStudy, run) -> dict:
     total_steps = study.epochs * steps_per_epoch
     schedule, warmup_steps = warmup_then_decay(optimizer, total_steps, study.warmup_fraction)
     generator = torch.Generator().manual_seed(run.seed)  # (the order of the sequences, then each batch's masks)
-    status, train_loss = train_epochs(
+    outcome = train_epochs(
         optimizer, schedule, study.epochs, sequences.shape[0], run.batch_size,
         lambda batch: F.cross_entropy(*masked_logits(net, *mlm_data.mask(sequences[batch], generator))), generator)
     net.eval()
-    val_acc, val_loss = evaluate(net, "validation")
-    test_acc, test_loss = evaluate(net, "test")
     fused = run.optimizer.startswith("Fused")
-    return dict(asdict(run), rule=RECIPES[run.optimizer].rule, base_lr=RECIPES[run.optimizer].base_lr,
-                weight_decay=RECIPES[run.optimizer].weight_decay, lr=lr, steps=total_steps,
-                momentum=0.9 if run.optimizer == "FusedLARS" else None,
-                backend=resolve_backend(study.backend, torch.device("cpu")) if fused else "torch.optim (fused)",
-                warmup_steps=warmup_steps, status=status, final_train_loss=train_loss, val_acc=val_acc,
-                val_loss=val_loss, test_acc=test_acc, test_loss=test_loss,
-                seconds=time.perf_counter() - started)
+    return run_row(run, RECIPES[run.optimizer], lr=lr, steps=total_steps, warmup_steps=warmup_steps, outcome=outcome,
+                   validation=evaluate(net, "validation"), test=evaluate(net, "test"),
+                   backend=resolve_backend(study.backend, torch.device("cpu")) if fused else "torch.optim (fused)",
+                   momentum=0.9 if run.optimizer == "FusedLARS" else None, started=started)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -60,3 +61,15 @@ def train_epochs(optimizer, schedule, epochs: int, size: int, batch_size: int, b
         if not math.isfinite(train_loss):
             return "diverged", train_loss
     return "ok", train_loss
+
+
+def run_row(run, recipe: Recipe, *, lr: float, steps: int, warmup_steps: int, outcome: tuple, validation: tuple,
+            test: tuple, backend: str, momentum, started: float) -> dict:
+    """A run's row of runs.csv: the run and its recipe, its LR and steps, `outcome` (train_epochs'
+    status and last epoch's loss), its (accuracy, loss) on the validation and test splits, and the
+    seconds since `started` (a time.perf_counter() reading)."""
+    status, train_loss = outcome
+    return dict(asdict(run), rule=recipe.rule, base_lr=recipe.base_lr, weight_decay=recipe.weight_decay, lr=lr,
+                steps=steps, momentum=momentum, backend=backend, warmup_steps=warmup_steps, status=status,
+                final_train_loss=train_loss, val_acc=validation[0], val_loss=validation[1], test_acc=test[0],
+                test_loss=test[1], seconds=time.perf_counter() - started)

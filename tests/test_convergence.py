@@ -304,3 +304,22 @@ def test_state_dtypes_study_fused_lamb_with_each():
         assert build_optimizer(name, torch.nn.Linear(3, 2), 0.1, "torch").param_groups[0]["state_dtype"] == "int8"
     assert build_optimizer("FusedLARS", torch.nn.Linear(3, 2), 0.1, "torch").param_groups[0]["state_dtype"] == \
         torch.float32
+
+
+def test_a_runs_row_takes_each_figure_from_its_own_place():
+    """bench/training.run_row, which both studies' runs use: each split's accuracy and loss, the outcome
+    and the recipe in their own columns, and every run column the studies do not add themselves."""
+    from bench.training import run_row
+
+    run = Run("AdamW", 128, 2.0, 1)
+    row = run_row(run, RECIPES["AdamW"], lr=0.05, steps=40, warmup_steps=4, outcome=("diverged", 7.5),
+                  validation=(0.25, 1.5), test=(0.75, 2.5), backend="torch.optim", momentum=None, started=0.0)
+    assert (row["val_acc"], row["val_loss"], row["test_acc"], row["test_loss"]) == (0.25, 1.5, 0.75, 2.5)
+    assert (row["status"], row["final_train_loss"], row["lr"], row["steps"], row["warmup_steps"]) == ("diverged", 7.5,
+                                                                                                     0.05, 40, 4)
+    assert (row["rule"], row["base_lr"], row["weight_decay"]) == (RECIPES["AdamW"].rule, RECIPES["AdamW"].base_lr,
+                                                                  RECIPES["AdamW"].weight_decay)
+    assert (row["optimizer"], row["batch_size"], row["lr_multiplier"], row["seed"]) == ("AdamW", 128, 2.0, 1)
+    study_columns = {"date", "epochs", "warmup_fraction", "decay_power", "train_size", "noise", "lamb_kernels", "torch",
+                     "python", "machine"}  # (main() adds them to every row)
+    assert set(RUN_COLUMNS) - study_columns == set(row) and row["seconds"] > 0
